@@ -1,0 +1,160 @@
+"""``ms1-service``: the command line.
+
+::
+
+    ms1-service --config F [run] [--once] [FILE ...]   run the pipeline (default command)
+    ms1-service --config F check                       validate, print the effective config
+    ms1-service samples [--count N] [--invalid-every K] [-o OUT.jsonl]
+
+Exit status: 0 ok; 1 something was left undelivered (``--once``) or the service
+failed; 2 the configuration or the command line is wrong (one line on stderr
+naming file, section and key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from ms1 import __version__, pluginmanager, samples
+from ms1.config import Config
+from ms1.errors import ConfigError, Ms1Error
+from ms1.pipeline import Components, Service
+
+log = logging.getLogger("ms1")
+
+COMMANDS = ("run", "check", "samples")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ms1-service",
+        description="Forward invoice metadata from MS1 e-mails to MS4 in batches.")
+    parser.add_argument("--config", "-c", default=os.environ.get("MS1_CONFIG"),
+                        help="INI config file (default: $MS1_CONFIG)")
+    parser.add_argument("--version", action="version", version=f"ms1 {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run the pipeline (the default command)")
+    run.add_argument("--once", action="store_true",
+                     help="process what the source holds, wait for delivery, print a "
+                          "summary and exit (non-zero if anything is left undelivered)")
+    run.add_argument("files", nargs="*", help="EmailMessage files (*.json, *.jsonl) for "
+                                              "the files source")
+    sub.add_parser("check", help="validate the config and print it, API key redacted")
+    smp = sub.add_parser("samples", help="write generated sample e-mails as JSON lines")
+    smp.add_argument("--count", type=int, default=1000)
+    smp.add_argument("--invalid-every", type=int, default=10)
+    smp.add_argument("--prefix", default="INV")
+    smp.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    return parser
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    """Insert ``run`` where the first non-global argument stands, unless a command is given."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c"):
+            i += 2
+            continue
+        if arg.startswith("--config=") or arg in ("-h", "--help", "--version"):
+            i += 1
+            continue
+        if arg in COMMANDS:
+            return argv
+        return [*argv[:i], "run", *argv[i:]]
+    return [*argv, "run"]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr, level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"ms1-service: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(_with_default_command(list(sys.argv[1:] if argv is None
+                                                           else argv)))
+    if args.command == "samples":
+        return _samples(args)
+    if not args.config:
+        return _fail("no config file: give --config FILE or set $MS1_CONFIG", EXIT_USAGE)
+    pm = pluginmanager.make_plugin_manager()
+    try:
+        config = pluginmanager.load(pm, args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    if args.command == "check":
+        sys.stdout.write(config.render())
+        return EXIT_OK
+    _setup_logging(config.get_str("ms1", "log_level"))
+    try:
+        return _run(config, pm, args.files, once=args.once)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except Ms1Error as exc:
+        return _fail(str(exc), EXIT_FAILED)
+
+
+def _run(config: Config, pm: object, files: Sequence[str], *, once: bool) -> int:
+    import pluggy
+
+    assert isinstance(pm, pluggy.PluginManager)
+    components = Components.build(pm, config, files)
+    service = Service(config, pm, components, once=once)
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: draining", signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        service.start()
+        if once:
+            summary = service.run_once(config.get_float("ms1", "once_timeout"))
+            print(summary.render())
+        else:
+            while not stop_requested.wait(0.5):
+                if not service.alive():
+                    log.critical("a pipeline thread died; shutting down")
+                    break
+            summary = service.shutdown(config.get_float("ms1", "shutdown_timeout"))
+            log.info("stopped: %s", summary.render().replace("\n", "; "))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        components.close()
+    if not summary.ok:
+        return EXIT_FAILED
+    return EXIT_OK if service.alive() or once or stop_requested.is_set() else EXIT_FAILED
+
+
+def _samples(args: argparse.Namespace) -> int:
+    generated = samples.generate(args.count, invalid_every=args.invalid_every,
+                                 prefix=args.prefix)
+    if args.output == "-":
+        out = sys.stdout.buffer
+        for sample in generated:
+            out.write(sample.data + b"\n")
+        out.flush()
+    else:
+        samples.write_jsonl(args.output, generated)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

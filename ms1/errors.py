@@ -1,0 +1,57 @@
+"""The one exception tree of ms1.
+
+Lower layers (configparser, json, httpx, redis-py) raise their own exceptions;
+ms1 translates them at its boundary with ``raise Ms1Error(...) from exc`` so
+callers only ever catch these.
+"""
+
+from __future__ import annotations
+
+
+class Ms1Error(Exception):
+    """Base class of every error ms1 raises on purpose."""
+
+
+class ConfigError(Ms1Error):
+    """The configuration is unusable. ``str()`` is one line naming file, section and key.
+
+    The CLI prints it and exits with status 2.
+    """
+
+    def __init__(
+        self, problem: str, *, path: str | None = None, section: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.problem = problem
+        self.path = path
+        self.section = section
+        self.key = key
+        where = []
+        if path:
+            where.append(path)
+        if section is not None:
+            where.append(f"[{section}]" + (f" {key}" if key else ""))
+        super().__init__(": ".join([*where, problem]))
+
+
+class PluginNotFoundError(ConfigError):
+    """The config names a component (source, policy, queue, ...) that no installed plugin provides."""
+
+
+class QueueError(Ms1Error):
+    """The queue backend could not complete an operation (the data is still where it was)."""
+
+
+class SourceError(Ms1Error):
+    """The source could not be read or acknowledged."""
+
+
+class TransportError(Ms1Error):
+    """The transport could not get an answer from MS4 (connection error, timeout).
+
+    The batch was not acknowledged by MS4 and stays queued.
+    """
+
+
+class ShutdownTimeout(Ms1Error):
+    """Stopping took longer than ``shutdown_timeout``; undelivered batches stay queued."""

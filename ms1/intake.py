@@ -1,0 +1,118 @@
+"""Stage 2: intake — processing and batching, where an inbound e-mail gets acked.
+
+:class:`Intake` is driven by the one batching thread. For each inbound
+message it runs :func:`~ms1.processor.unified_email_processor`; an accepted
+payload goes to the batch policy, a rejected e-mail to the dead letters. An
+inbound message is acknowledged to its source only once it is safe: its batch
+is in the outbound queue, or its dead letter is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+from ms1.batching import BatchPolicy
+from ms1.deadletters import DeadLetterStore
+from ms1.errors import Ms1Error
+from ms1.model import Batch, DeadLetter, InboundMessage, Item
+from ms1.pluginmanager import Observers
+from ms1.processor import Accepted, unified_email_processor
+from ms1.queue import QueueBackend
+from ms1.source import Source
+from ms1.stats import RunStats
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    """Turns inbound messages into enqueued batches and dead letters. One thread only."""
+
+    def __init__(
+        self, *, source: Source, policy: BatchPolicy, queue: QueueBackend,
+        dead_letters: DeadLetterStore, observers: Observers, stats: RunStats,
+        abort: threading.Event, retry_delay: float = 1.0,
+    ) -> None:
+        self._source = source
+        self._policy = policy
+        self._queue = queue
+        self._dead_letters = dead_letters
+        self._observers = observers
+        self._stats = stats
+        self._abort = abort
+        self._retry_delay = retry_delay
+
+    def handle(self, messages: Sequence[InboundMessage]) -> None:
+        """Process a chunk of messages; close and enqueue every batch that fills up."""
+        letters: list[DeadLetter] = []
+        policy = self._policy
+        self._stats.add("emails_read", len(messages))
+        for message in messages:
+            result = unified_email_processor(message.data)
+            if isinstance(result, Accepted):
+                item = Item(result.payload, result.invoice_id, result.message_id, message.ref)
+                reason = policy.oversize(item)
+                if reason is None:
+                    for batch in policy.add(item):
+                        self._enqueue(batch)
+                    continue
+                letters.append(DeadLetter(
+                    reason=reason, stage="batching", payload=item.payload,
+                    message_id=item.message_id, invoice_id=item.invoice_id,
+                    source_ref=message.ref))
+            else:
+                letters.append(DeadLetter(
+                    reason=result.reason, stage="processor", payload=message.data,
+                    message_id=result.message_id, source_ref=message.ref))
+        if letters:
+            self._dead_letter(letters)
+
+    def deadline(self) -> float | None:
+        """When the open batch must be flushed (``time.monotonic()``), or None."""
+        return self._policy.deadline()
+
+    def tick(self, now: float) -> None:
+        """Flush the open batch if it has waited ``max_wait``."""
+        deadline = self._policy.deadline()
+        if deadline is not None and deadline <= now:
+            self.flush()
+
+    def flush(self) -> None:
+        """Close and enqueue the partial batch (source ran dry, or shutdown)."""
+        batch = self._policy.flush()
+        if batch is not None:
+            self._enqueue(batch)
+
+    def _enqueue(self, batch: Batch) -> None:
+        self._persist(lambda: self._queue.put(batch), f"enqueue batch {batch.id}")
+        self._ack(batch.refs)
+        self._stats.add("batches_enqueued")
+        self._stats.add("invoices_enqueued", len(batch))
+        self._observers.notify("ms1_batch_enqueued", batch=batch)
+
+    def _dead_letter(self, letters: list[DeadLetter]) -> None:
+        self._persist(lambda: self._dead_letters.add(letters),
+                      f"store {len(letters)} dead letters")
+        self._ack([letter.source_ref for letter in letters if letter.source_ref])
+        self._stats.add("rejected", len(letters))
+        self._stats.add("dead_lettered", len(letters))
+        for letter in letters:
+            log.info("rejected %s (%s): %s", letter.message_id or "e-mail without message_id",
+                     letter.source_ref, letter.reason)
+            self._observers.notify("ms1_payload_rejected", letter=letter)
+
+    def _ack(self, refs: Sequence[str]) -> None:
+        if refs:
+            self._persist(lambda: self._source.ack(refs), f"ack {len(refs)} inbound e-mails")
+
+    def _persist(self, action: Callable[[], None], what: str) -> None:
+        """Run ``action`` until it succeeds: the data is held here until it is safe."""
+        while True:
+            try:
+                action()
+                return
+            except Ms1Error as exc:
+                log.error("cannot %s (%s); retrying in %.1f s", what, exc, self._retry_delay)
+            if self._abort.wait(self._retry_delay):
+                raise Ms1Error(f"shutdown deadline passed before we could {what}")

@@ -1,0 +1,133 @@
+"""The records that travel through the pipeline.
+
+They are small frozen dataclasses; payloads are the MS4 objects already
+serialised to compact JSON bytes by the processor, and are never re-encoded:
+a request body is a byte join of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+BATCH_PATH = "/batch-metadata"
+UNIT_PATH = "/metadata"
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """One e-mail as a source hands it over: ``data`` is the EmailMessage JSON.
+
+    ``ref`` identifies it for the source's ``ack`` (a stream entry id, ``file:line``).
+    """
+
+    ref: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A payload the processor accepted, on its way into a batch."""
+
+    payload: bytes
+    invoice_id: str
+    message_id: str
+    ref: str
+
+
+def _batch_id(path: str, payloads: tuple[bytes, ...]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(path.encode())
+    for payload in payloads:
+        digest.update(b"\n")
+        digest.update(payload)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One MS4 request's worth of payloads.
+
+    ``id`` is derived from the content, so the same batch has the same id on
+    every retry, redelivery and even after being rebuilt from the same inbound
+    entries following a crash: it is sent as ``Idempotency-Key``.
+    ``refs`` are the inbound refs of the payloads; they matter only inside the
+    process that built the batch and are not stored by queue backends.
+    """
+
+    path: str
+    payloads: tuple[bytes, ...]
+    invoice_ids: tuple[str, ...]
+    message_ids: tuple[str, ...]
+    id: str = ""
+    created_at: float = field(default_factory=time.time)
+    refs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", _batch_id(self.path, self.payloads))
+
+    @classmethod
+    def of(cls, path: str, items: list[Item] | tuple[Item, ...]) -> Batch:
+        return cls(
+            path=path,
+            payloads=tuple(i.payload for i in items),
+            invoice_ids=tuple(i.invoice_id for i in items),
+            message_ids=tuple(i.message_id for i in items),
+            refs=tuple(i.ref for i in items),
+        )
+
+    @property
+    def array(self) -> bool:
+        """True when the body is a JSON array (``/batch-metadata``), False for one object."""
+        return self.path != UNIT_PATH
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def body(self) -> bytes:
+        if not self.array:
+            return self.payloads[0]
+        return b"[" + b",".join(self.payloads) + b"]"
+
+    def split(self) -> tuple[Batch, Batch]:
+        """Halve the batch (to isolate the object MS4 rejected); each half has its own id."""
+        if len(self.payloads) < 2:
+            raise ValueError("a batch of one object cannot be split")
+        mid = len(self.payloads) // 2
+        return self._slice(0, mid), self._slice(mid, len(self.payloads))
+
+    def _slice(self, start: int, stop: int) -> Batch:
+        return Batch(
+            path=self.path,
+            payloads=self.payloads[start:stop],
+            invoice_ids=self.invoice_ids[start:stop],
+            message_ids=self.message_ids[start:stop],
+            created_at=self.created_at,
+            refs=self.refs[start:stop],
+        )
+
+    def __repr__(self) -> str:
+        return f"Batch(id={self.id!r}, path={self.path!r}, size={len(self.payloads)})"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Something that will never reach MS4 as it is, with the reason why.
+
+    ``stage`` says where it was stopped: ``processor`` (invalid e-mail),
+    ``batching`` (too large for any batch) or ``ms4`` (MS4 rejected it with 400;
+    ``ms4_answer`` holds MS4's text). ``payload`` is the MS4 object or, when it
+    never became one, the raw e-mail.
+    """
+
+    reason: str
+    stage: str
+    payload: bytes
+    message_id: str | None = None
+    invoice_id: str | None = None
+    source_ref: str | None = None
+    ms4_answer: str | None = None
+    at: float = field(default_factory=time.time)
+    id: str = ""

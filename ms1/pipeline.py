@@ -1,0 +1,256 @@
+"""The service: builds the components from the config and runs the stage threads.
+
+Threads (all named, all watching the same events)::
+
+    reader ──inbox──> batcher (Intake) ──QueueBackend──> sender-1 .. sender-N
+
+Three events steer shutdown: ``intake_stop`` (stop reading; the batcher then
+flushes the partial batch and ends), ``senders_stop`` (take no new batch) and
+``abort`` (the deadline passed: give in-flight batches back to the queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as stdqueue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from ms1 import pluginmanager
+from ms1.batching import BatchPolicy
+from ms1.config import Config
+from ms1.deadletters import DeadLetterStore
+from ms1.errors import Ms1Error
+from ms1.intake import Intake
+from ms1.model import InboundMessage
+from ms1.pluginmanager import Observers
+from ms1.queue import QueueBackend, QueueStats
+from ms1.sender import Sender
+from ms1.source import Source
+from ms1.stats import RunStats
+from ms1.transport import Transport
+
+log = logging.getLogger(__name__)
+
+_EOF: list[InboundMessage] = []  # sentinel: identity-compared
+
+
+@dataclass(frozen=True)
+class Components:
+    """The five swappable parts, as built by the plugins."""
+
+    source: Source
+    policy: BatchPolicy
+    queue: QueueBackend
+    dead_letters: DeadLetterStore
+    transport: Transport
+
+    @classmethod
+    def build(cls, pm: pluggy.PluginManager, config: Config,
+              inputs: Sequence[str] = ()) -> Components:
+        built: list[Any] = []
+        try:
+            for kind, extra in (("source", {"inputs": list(inputs)}), ("batch_policy", {}),
+                                ("queue", {}), ("dead_letters", {}), ("transport", {})):
+                built.append(pluginmanager.build(pm, config, kind, **extra))
+        except BaseException:
+            for component in reversed(built):
+                component.close()
+            raise
+        transport = built[4]
+        transport.set_api_key(config.api_key)
+        return cls(*built)
+
+    def close(self) -> None:
+        for part in (self.source, self.transport, self.queue, self.dead_letters, self.policy):
+            try:
+                part.close()
+            except Exception:
+                log.exception("closing %s failed", type(part).__name__)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a ``--once`` run did; ``undelivered`` is what was still queued at the end."""
+
+    stats: dict[str, int]
+    elapsed: float
+    undelivered: QueueStats
+    queue_name: str
+    queue_durable: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.undelivered.empty
+
+    def render(self) -> str:
+        s = self.stats
+        delivered = s.get("invoices_delivered", 0)
+        rate = delivered / self.elapsed if self.elapsed > 0 else 0.0
+        lines = [
+            f"e-mails read: {s.get('emails_read', 0)}, rejected: {s.get('rejected', 0)}",
+            f"batches enqueued: {s.get('batches_enqueued', 0)} "
+            f"({s.get('invoices_enqueued', 0)} invoices), "
+            f"delivered: {s.get('batches_delivered', 0)} batches "
+            f"({delivered} invoices), dead-lettered: {s.get('dead_lettered', 0)}",
+            f"elapsed: {self.elapsed:.2f} s, {rate:,.0f} invoices/s",
+        ]
+        if not self.ok:
+            u = self.undelivered
+            where = (f"queue {self.queue_name!r} (durable: delivered by the next run)"
+                     if self.queue_durable else
+                     f"in-memory queue {self.queue_name!r}: LOST when this process exits")
+            lines.append(f"UNDELIVERED: {u.ready + u.in_flight} batches ({u.invoices} "
+                         f"invoices) still in {where}")
+        return "\n".join(lines)
+
+
+class Service:
+    """One ms1 process: ``start()``, then ``run_once()`` or ``wait()`` + ``shutdown()``."""
+
+    def __init__(
+        self, config: Config, pm: pluggy.PluginManager, components: Components,
+        *, once: bool = False,
+    ) -> None:
+        self.config = config
+        self.pm = pm
+        self.parts = components
+        self.once = once
+        self.stats = RunStats()
+        self.observers = Observers(pm)
+        self.intake_stop = threading.Event()
+        self.senders_stop = threading.Event()
+        self.abort = threading.Event()
+        self._inbox: stdqueue.Queue[list[InboundMessage]] = stdqueue.Queue(maxsize=8)
+        self._threads: list[threading.Thread] = []
+        self._started = 0.0
+        self._read_chunk = config.get_int("source", "read_chunk")
+        self.intake = Intake(
+            source=components.source, policy=components.policy, queue=components.queue,
+            dead_letters=components.dead_letters, observers=self.observers,
+            stats=self.stats, abort=self.abort)
+        self._batcher_done = threading.Event()
+
+    # --- threads ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+        log.info("ms1 starting: source=%s policy=%s queue=%s transport=%s senders=%d",
+                 self.parts.source.name, self.parts.policy.name, self.parts.queue.name,
+                 self.parts.transport.name, self.config.get_int("send", "threads"))
+        self._spawn("reader", self._read_loop)
+        self._spawn("batcher", self._batch_loop)
+        for n in range(self.config.get_int("send", "threads")):
+            sender = Sender(
+                name=f"sender-{n + 1}", queue=self.parts.queue, transport=self.parts.transport,
+                dead_letters=self.parts.dead_letters, observers=self.observers,
+                stats=self.stats, stop=self.senders_stop, abort=self.abort,
+                retry_initial=self.config.get_float("send", "retry_initial"),
+                retry_max=self.config.get_float("send", "retry_max"))
+            self._spawn(sender.name, sender.run)
+        self.observers.notify("ms1_service_started", config=self.config)
+
+    def _spawn(self, name: str, target: Any) -> None:
+        thread = threading.Thread(target=self._guard, args=(name, target), name=name,
+                                  daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _guard(self, name: str, target: Any) -> None:
+        try:
+            target()
+        except Exception:
+            log.critical("thread %s died; stopping the service", name, exc_info=True)
+            self.abort.set()
+            self.intake_stop.set()
+            self.senders_stop.set()
+
+    def _read_loop(self) -> None:
+        source = self.parts.source
+        try:
+            while not self.intake_stop.is_set():
+                try:
+                    messages = source.read(self._read_chunk, timeout=0.2)
+                except Ms1Error as exc:
+                    log.error("cannot read from source %s (%s); retrying", source.name, exc)
+                    self.intake_stop.wait(1.0)
+                    continue
+                if messages:
+                    self._hand_over(messages)
+                elif source.exhausted or self.once:
+                    break
+        finally:
+            self._hand_over(_EOF, force=True)
+
+    def _hand_over(self, messages: list[InboundMessage], force: bool = False) -> None:
+        while True:
+            try:
+                self._inbox.put(messages, timeout=0.2)
+                return
+            except stdqueue.Full:
+                if self.abort.is_set() and not force:
+                    raise Ms1Error("aborted while handing over a chunk") from None
+
+    def _batch_loop(self) -> None:
+        intake = self.intake
+        try:
+            while True:
+                deadline = intake.deadline()
+                wait = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+                try:
+                    chunk = self._inbox.get(timeout=max(wait, 0.0))
+                except stdqueue.Empty:
+                    chunk = None
+                if chunk is _EOF:
+                    intake.flush()
+                    return
+                if chunk:
+                    intake.handle(chunk)
+                intake.tick(time.monotonic())
+        finally:
+            self._batcher_done.set()
+
+    # --- running and stopping ---------------------------------------------------
+
+    def alive(self) -> bool:
+        """True while every pipeline thread that should be running is running."""
+        return all(t.is_alive() for t in self._threads) and not self.abort.is_set()
+
+    def run_once(self, timeout: float) -> Summary:
+        """Process what the source holds, wait until all is delivered (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        self._batcher_done.wait(max(0.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline and not self.abort.is_set():
+            if self._batcher_done.is_set() and self.parts.queue.stats().empty:
+                break
+            time.sleep(0.01)
+        return self.shutdown(max(0.1, min(5.0, deadline - time.monotonic())))
+
+    def shutdown(self, timeout: float) -> Summary:
+        """Stop intake, flush, let senders finish (drain a non-durable queue) within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        self.intake_stop.set()
+        self._batcher_done.wait(max(0.0, deadline - time.monotonic()))
+        if not self.parts.queue.durable:
+            while time.monotonic() < deadline and not self.parts.queue.stats().empty:
+                if self.abort.is_set():
+                    break
+                time.sleep(0.01)
+        self.senders_stop.set()
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            log.warning("shutdown deadline passed: giving in-flight batches back to the queue")
+            self.abort.set()
+            for thread in self._threads:
+                thread.join(5.0)
+        elapsed = time.perf_counter() - self._started
+        summary = Summary(self.stats.snapshot(), elapsed, self.parts.queue.stats(),
+                          self.parts.queue.name, self.parts.queue.durable)
+        self.observers.notify("ms1_service_stopped")
+        return summary

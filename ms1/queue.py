@@ -1,0 +1,135 @@
+"""Stage 3: the outbound queue, the durable buffer between batching and sending.
+
+A :class:`QueueBackend` stores batches until MS4 accepted them. Senders
+``get`` a :class:`Delivery`, and the sender module decides its fate: ``ack``
+(MS4 answered 202, or every object is in the dead letters), ``replace`` (a
+400 split it into parts), or ``release`` (give it back undelivered, on
+shutdown). Built in: :class:`MemoryQueue`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ms1.model import Batch
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A batch handed to one sender. ``token`` is the backend's handle; ``attempts``
+    counts deliveries of this batch including this one."""
+
+    batch: Batch
+    token: str
+    attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """``ready``: batches waiting for a sender; ``in_flight``: handed out, not yet acked."""
+
+    ready: int
+    in_flight: int
+    invoices: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return self.ready == 0 and self.in_flight == 0
+
+
+class QueueBackend(ABC):
+    """Contract of a queue backend plugin. Every method is called from many threads."""
+
+    name: str = "?"
+    #: whether batches survive the end of this process (decides what shutdown waits for)
+    durable: bool = False
+
+    @abstractmethod
+    def put(self, batch: Batch) -> None:
+        """Store the batch; when this returns it is safe (durably, for a durable backend)."""
+
+    @abstractmethod
+    def get(self, consumer: str, timeout: float) -> Delivery | None:
+        """Hand one batch to ``consumer``, waiting at most ``timeout`` s; None if none came."""
+
+    @abstractmethod
+    def ack(self, delivery: Delivery) -> None:
+        """The batch is done (delivered or dead-lettered): forget it."""
+
+    @abstractmethod
+    def replace(self, delivery: Delivery, parts: Sequence[Batch]) -> None:
+        """Atomically store ``parts`` and ack ``delivery`` (a batch split after a 400)."""
+
+    @abstractmethod
+    def release(self, delivery: Delivery) -> None:
+        """Give the batch back undelivered; it will be handed out again."""
+
+    @abstractmethod
+    def stats(self) -> QueueStats:
+        """Current counts, for ``--once``, status and metrics."""
+
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
+        """Release connections. Batches not acked stay queued (if durable)."""
+
+
+class MemoryQueue(QueueBackend):
+    """In-process queue (like dramatiq's StubBroker): FIFO, thread-safe, not durable."""
+
+    name = "memory"
+    durable = False
+
+    def __init__(self) -> None:
+        self._ready: deque[tuple[Batch, int]] = deque()
+        self._in_flight: dict[str, tuple[Batch, int]] = {}
+        self._cond = threading.Condition()
+        self._seq = 0
+
+    def put(self, batch: Batch) -> None:
+        with self._cond:
+            self._ready.append((batch, 0))
+            self._cond.notify()
+
+    def get(self, consumer: str, timeout: float) -> Delivery | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._ready:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            batch, attempts = self._ready.popleft()
+            self._seq += 1
+            token = f"{consumer}/{self._seq}"
+            self._in_flight[token] = (batch, attempts + 1)
+            return Delivery(batch, token, attempts + 1)
+
+    def ack(self, delivery: Delivery) -> None:
+        with self._cond:
+            self._in_flight.pop(delivery.token, None)
+            self._cond.notify_all()
+
+    def replace(self, delivery: Delivery, parts: Sequence[Batch]) -> None:
+        with self._cond:
+            self._in_flight.pop(delivery.token, None)
+            # parts go first: they are older than anything queued after the original
+            for part in reversed(parts):
+                self._ready.appendleft((part, 0))
+            self._cond.notify_all()
+
+    def release(self, delivery: Delivery) -> None:
+        with self._cond:
+            entry = self._in_flight.pop(delivery.token, None)
+            if entry is not None:
+                self._ready.appendleft(entry)
+                self._cond.notify_all()
+
+    def stats(self) -> QueueStats:
+        with self._cond:
+            invoices = sum(len(b) for b, _ in self._ready)
+            invoices += sum(len(b) for b, _ in self._in_flight.values())
+            return QueueStats(len(self._ready), len(self._in_flight), invoices)

@@ -1,0 +1,162 @@
+"""Stage 4: the sender threads — where a batch gets acked.
+
+Each :class:`Sender` takes a batch from the queue, sends it through the
+transport and settles it by MS4's answer:
+
+=====================  ========================================================
+202                    ack the batch in the queue
+400, 413               split the batch in halves (``QueueBackend.replace``);
+                       a single object is dead-lettered with MS4's text, then
+                       acked — an unchanged batch is never resent after a 400
+anything else, or no   retry with exponential backoff and jitter (tenacity)
+answer at all          while the batch stays pending in the queue
+=====================  ========================================================
+
+On shutdown a sender finishes its current attempt; a batch it could not
+deliver before the deadline is released back to the queue, never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from ms1.deadletters import DeadLetterStore
+from ms1.errors import TransportError
+from ms1.model import Batch, DeadLetter
+from ms1.pluginmanager import Observers
+from ms1.queue import Delivery, QueueBackend
+from ms1.stats import RunStats
+from ms1.transport import Request, Response, Transport
+
+log = logging.getLogger(__name__)
+
+#: answers meaning "this batch holds an object MS4 will not take": split, never resend
+SPLIT_STATUSES = frozenset({400, 413})
+
+
+class _SendFailed(Exception):
+    """An attempt that should be retried (no answer, 5xx, 401, 429, unexpected status)."""
+
+    def __init__(self, status: int | None, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+class _Aborted(Exception):
+    """The shutdown deadline passed while waiting to retry."""
+
+
+class Sender:
+    """One sender thread's loop. ``stop``: take no new batch; ``abort``: give back and leave."""
+
+    def __init__(
+        self, *, name: str, queue: QueueBackend, transport: Transport,
+        dead_letters: DeadLetterStore, observers: Observers, stats: RunStats,
+        stop: threading.Event, abort: threading.Event,
+        retry_initial: float = 0.5, retry_max: float = 30.0, poll: float = 0.2,
+    ) -> None:
+        self.name = name
+        self._queue = queue
+        self._transport = transport
+        self._dead_letters = dead_letters
+        self._observers = observers
+        self._stats = stats
+        self._stop = stop
+        self._abort = abort
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._poll = poll
+
+    def run(self) -> None:
+        while not self._stop.is_set() and not self._abort.is_set():
+            delivery = self._queue.get(self.name, timeout=self._poll)
+            if delivery is not None:
+                self.deliver(delivery)
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Send one delivery until it is settled (acked, split, dead-lettered) or released."""
+        retrying = Retrying(
+            wait=wait_exponential_jitter(multiplier=self._retry_initial, max=self._retry_max,
+                                         jitter=self._retry_initial),
+            retry=retry_if_exception_type(_SendFailed),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    self._attempt(delivery, attempt.retry_state.attempt_number)
+        except _Aborted:
+            self._queue.release(delivery)
+            self._observers.notify(
+                "ms1_batch_failed", batch=delivery.batch, status=None,
+                error="shutdown deadline passed: released back to the queue",
+                attempt=0, will_retry=False)
+
+    def _sleep(self, seconds: float) -> None:
+        if self._abort.wait(seconds):
+            raise _Aborted
+
+    def _attempt(self, delivery: Delivery, attempt: int) -> None:
+        if self._abort.is_set():
+            raise _Aborted
+        batch = delivery.batch
+        request = Request(batch.path, batch.body(), batch.id, len(batch))
+        started = time.perf_counter()
+        try:
+            response = self._transport.send(request)
+        except TransportError as exc:
+            self._failed(batch, None, str(exc), attempt)
+            raise _SendFailed(None, str(exc)) from exc
+        latency = time.perf_counter() - started
+        self._stats.add(f"responses_{response.status}")
+        if response.status == 202:
+            self._queue.ack(delivery)
+            self._stats.add("batches_delivered")
+            self._stats.add("invoices_delivered", len(batch))
+            self._observers.notify("ms1_batch_sent", batch=batch, status=202,
+                                   attempt=attempt, latency=latency)
+            return
+        if response.status in SPLIT_STATUSES:
+            self._split(delivery, response, attempt)
+            return
+        error = f"MS4 answered {response.status}: {response.text[:200]}"
+        self._failed(batch, response.status, error, attempt)
+        raise _SendFailed(response.status, error)
+
+    def _failed(self, batch: Batch, status: int | None, error: str, attempt: int) -> None:
+        log.warning("batch %s (%d invoices) attempt %d failed: %s",
+                    batch.id, len(batch), attempt, error)
+        self._stats.add("send_failures")
+        self._observers.notify("ms1_batch_failed", batch=batch, status=status, error=error,
+                               attempt=attempt, will_retry=True)
+
+    def _split(self, delivery: Delivery, response: Response, attempt: int) -> None:
+        batch = delivery.batch
+        answer = f"{response.status} {response.text}".strip()
+        self._observers.notify("ms1_batch_failed", batch=batch, status=response.status,
+                               error=answer[:500], attempt=attempt, will_retry=False)
+        if len(batch) > 1:
+            parts = batch.split()
+            self._queue.replace(delivery, parts)
+            self._stats.add("batches_split")
+            log.info("batch %s (%d invoices) rejected with %d: split into %d + %d",
+                     batch.id, len(batch), response.status, len(parts[0]), len(parts[1]))
+            for part in parts:
+                self._observers.notify("ms1_batch_enqueued", batch=part)
+            return
+        letter = DeadLetter(
+            reason=f"MS4 rejected the object: {response.text[:1000] or response.status}",
+            stage="ms4", payload=batch.payloads[0], message_id=batch.message_ids[0],
+            invoice_id=batch.invoice_ids[0], ms4_answer=answer[:4000])
+        self._dead_letters.add([letter])
+        self._queue.ack(delivery)
+        self._stats.add("dead_lettered")
+        log.warning("invoice %s (message %s) dead-lettered: MS4 answered %s",
+                    batch.invoice_ids[0], batch.message_ids[0], answer[:200])
+        self._observers.notify("ms1_payload_rejected", letter=letter)

@@ -1,0 +1,117 @@
+"""Stage 5: the transport, which carries one request to MS4 and brings back its answer.
+
+A :class:`Transport` only moves bytes: it does not retry, pause or split — the
+sender module decides what an answer means. It raises
+:class:`~ms1.errors.TransportError` when there is no answer at all (connection
+refused, timeout, connection dropped). Built in: :class:`MemoryTransport`, an
+in-process MS4 that records every request and can be scripted, like httpx's
+``MockTransport``.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from ms1.config import Secret
+from ms1.errors import TransportError
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One POST to MS4. ``body`` is sent as is; ``idempotency_key`` is the batch id."""
+
+    path: str
+    body: bytes
+    idempotency_key: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """MS4's answer. ``headers`` keys are lower case."""
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    text: str = ""
+
+
+class Transport(ABC):
+    """Contract of a transport plugin. ``send`` is called from every sender thread at once."""
+
+    name: str = "?"
+
+    @abstractmethod
+    def send(self, request: Request) -> Response:
+        """POST the request; return MS4's answer or raise TransportError if none came."""
+
+    def set_api_key(self, api_key: Secret | None) -> None:  # noqa: B027 - optional
+        """Use this key from now on (called at start and on reload)."""
+
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
+        """Close connections."""
+
+
+Answer = Response | int | Exception
+Handler = Callable[[Request], Answer]
+
+
+class MemoryTransport(Transport):
+    """An in-process MS4: records every request and answers 202 unless told otherwise.
+
+    ``script(*answers)`` queues answers for the next requests (a status code, a
+    :class:`Response`, or an exception to raise, e.g. ``TransportError``);
+    ``handler`` answers the rest; without either every request gets 202. With
+    ``expected_key`` set, a request carrying another key gets 401, like MS4.
+    """
+
+    name = "memory"
+
+    def __init__(
+        self, handler: Handler | None = None, *, expected_key: Secret | None = None,
+    ) -> None:
+        self.requests: list[Request] = []
+        self.accepted: list[Request] = []
+        self._script: deque[Answer] = deque()
+        self._handler = handler
+        self._expected_key = expected_key
+        self._api_key: Secret | None = None
+        self._lock = threading.Lock()
+
+    def script(self, *answers: Answer) -> None:
+        with self._lock:
+            self._script.extend(answers)
+
+    def set_api_key(self, api_key: Secret | None) -> None:
+        with self._lock:
+            self._api_key = api_key
+
+    def send(self, request: Request) -> Response:
+        with self._lock:
+            self.requests.append(request)
+            answer: Answer | None = self._script.popleft() if self._script else None
+            wrong_key = self._expected_key is not None and self._api_key != self._expected_key
+        if answer is None:
+            if wrong_key:
+                answer = Response(401, text="invalid API key")
+            elif self._handler is not None:
+                answer = self._handler(request)
+            else:
+                answer = 202
+        if isinstance(answer, Exception):
+            raise answer
+        response = answer if isinstance(answer, Response) else Response(answer)
+        if response.status == 202:
+            with self._lock:
+                self.accepted.append(request)
+        return response
+
+    def accepted_payload_count(self) -> int:
+        with self._lock:
+            return sum(r.count for r in self.accepted)
+
+
+__all__ = ["MemoryTransport", "Request", "Response", "Transport", "TransportError"]

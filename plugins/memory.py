@@ -1,0 +1,42 @@
+"""Built-in plugin ``memory``: in-process source, queue, dead letters and transport.
+
+For tests, demos and embedding; nothing survives the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ms1.config import Config
+from ms1.deadletters import DeadLetterStore, MemoryDeadLetters
+from ms1.hookspecs import hookimpl
+from ms1.queue import MemoryQueue, QueueBackend
+from ms1.source import MemorySource, Source
+from ms1.transport import MemoryTransport, Transport
+
+NAME = "memory"
+
+
+@hookimpl
+def ms1_components() -> Sequence[tuple[str, str]]:
+    return [("source", NAME), ("queue", NAME), ("dead_letters", NAME), ("transport", NAME)]
+
+
+@hookimpl
+def ms1_make_source(name: str, config: Config, inputs: Sequence[str]) -> Source | None:
+    return MemorySource(finite=True) if name == NAME else None
+
+
+@hookimpl
+def ms1_make_queue(name: str, config: Config) -> QueueBackend | None:
+    return MemoryQueue() if name == NAME else None
+
+
+@hookimpl
+def ms1_make_dead_letters(name: str, config: Config) -> DeadLetterStore | None:
+    return MemoryDeadLetters() if name == NAME else None
+
+
+@hookimpl
+def ms1_make_transport(name: str, config: Config) -> Transport | None:
+    return MemoryTransport() if name == NAME else None

@@ -1,0 +1,150 @@
+"""End to end through the in-memory pipeline: nothing lost, nothing doubled, limits held."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from ms1 import samples
+from ms1.batching import SizeBatchPolicy
+from ms1.deadletters import MemoryDeadLetters
+from ms1.model import BATCH_PATH
+from ms1.pipeline import Components, Service
+from ms1.queue import MemoryQueue
+from ms1.source import MemorySource
+from ms1.transport import MemoryTransport, Response
+
+
+def run_pipeline(make_config, pm, emails: list[samples.Sample], *, max_items: int = 50,
+                 max_bytes: int = 1_048_576, threads: int = 4, transport=None):
+    config = make_config(f"[send]\nthreads = {threads}\nretry_initial = 0.001\n"
+                         "retry_max = 0.01\n")
+    source = MemorySource((s.data for s in emails), finite=True)
+    parts = Components(source=source,
+                       policy=SizeBatchPolicy(max_items, max_bytes, max_wait=3600),
+                       queue=MemoryQueue(), dead_letters=MemoryDeadLetters(),
+                       transport=transport or MemoryTransport())
+    service = Service(config, pm, parts, once=True)
+    service.start()
+    summary = service.run_once(timeout=120)
+    return summary, parts
+
+
+def test_ten_thousand_emails_exactly_once(make_config, pm) -> None:
+    emails = list(samples.generate(10_000, invalid_every=7))
+    valid = [s for s in emails if s.valid]
+    invalid = [s for s in emails if not s.valid]
+    assert len(valid) % 50 != 0  # so the last batch must be partial
+
+    summary, parts = run_pipeline(make_config, pm, emails)
+
+    assert summary.ok, summary.render()
+    transport = parts.transport
+    assert isinstance(transport, MemoryTransport)
+    delivered = Counter()
+    sizes = []
+    for request in transport.accepted:
+        assert request.path == BATCH_PATH
+        objects = json.loads(request.body)
+        assert len(objects) == request.count
+        sizes.append(len(objects))
+        delivered.update(o["invoice_id"] for o in objects)
+    # every valid invoice delivered exactly once
+    assert set(delivered) == {s.invoice_id for s in valid}
+    assert max(delivered.values()) == 1
+    # batches never above 50; exactly one partial batch, holding the last valid invoice
+    assert max(sizes) == 50
+    partial = [r for r in transport.accepted if r.count < 50]
+    assert len(partial) == 1
+    assert partial[0].count == len(valid) % 50
+    assert valid[-1].invoice_id in {o["invoice_id"] for o in json.loads(partial[0].body)}
+    # every invalid one dead-lettered with its reason and message id
+    dead = parts.dead_letters
+    assert isinstance(dead, MemoryDeadLetters)
+    letters = dead.all()
+    assert len(letters) == len(invalid)
+    by_message = {letter.message_id: letter for letter in letters}
+    for sample in invalid:
+        if sample.defect == "not_json":
+            continue  # no message id can be read from a broken e-mail
+        letter = by_message[sample.message_id]
+        assert letter.stage == "processor" and letter.reason
+        assert letter.payload == sample.data
+    not_json = [letter for letter in letters if letter.message_id is None]
+    assert len(not_json) == sum(1 for s in invalid if s.defect == "not_json")
+    assert all(letter.reason.startswith("email: not valid JSON") for letter in not_json)
+    assert all(letter.source_ref for letter in letters)
+    # every inbound message was acked, each exactly once, and only once it was safe
+    source = parts.source
+    assert isinstance(source, MemorySource)
+    assert len(source.acked) == len(emails) == len(set(source.acked))
+    s = summary.stats
+    assert (s["emails_read"], s["rejected"], s["invoices_delivered"]) == (
+        10_000, len(invalid), len(valid))
+
+
+def test_byte_limit_holds_end_to_end(make_config, pm) -> None:
+    emails = list(samples.generate(2_000))
+    max_bytes = 4096
+    summary, parts = run_pipeline(make_config, pm, emails, max_bytes=max_bytes)
+    assert summary.ok
+    transport = parts.transport
+    assert isinstance(transport, MemoryTransport)
+    assert all(len(r.body) <= max_bytes for r in transport.accepted)
+    assert max(r.count for r in transport.accepted) < 50  # bytes, not items, closed them
+    assert sum(r.count for r in transport.accepted) == 2_000
+
+
+def test_oversize_object_is_dead_lettered_not_sent(make_config, pm) -> None:
+    emails = list(samples.generate(20))
+    big = json.loads(emails[5].data)
+    big["raw_json"]["vendor_name"] = "V" * 500
+    emails[5] = samples.Sample(json.dumps(big).encode(), emails[5].invoice_id,
+                               emails[5].message_id)
+    summary, parts = run_pipeline(make_config, pm, emails, max_bytes=400)
+    assert summary.ok
+    dead = parts.dead_letters
+    assert isinstance(dead, MemoryDeadLetters)
+    [letter] = dead.all()
+    assert letter.stage == "batching" and "[batch] max_bytes" in letter.reason
+    assert letter.invoice_id == emails[5].invoice_id
+
+
+def test_ms4_400_in_the_pipeline_isolates_bad_object(make_config, pm) -> None:
+    emails = list(samples.generate(500))
+    poisoned = {emails[17].invoice_id, emails[333].invoice_id}
+
+    def ms4(request):
+        ids = [o["invoice_id"] for o in json.loads(request.body)]
+        bad = [i for i in ids if i in poisoned]
+        return Response(400, text=f"bad object {bad[0]}") if bad else Response(202)
+
+    summary, parts = run_pipeline(make_config, pm, emails, transport=MemoryTransport(ms4))
+    assert summary.ok
+    transport = parts.transport
+    assert isinstance(transport, MemoryTransport)
+    delivered = [o["invoice_id"] for r in transport.accepted for o in json.loads(r.body)]
+    assert sorted(delivered) == sorted({s.invoice_id for s in emails} - poisoned)
+    dead = parts.dead_letters
+    assert isinstance(dead, MemoryDeadLetters)
+    assert {letter.invoice_id for letter in dead.all()} == poisoned
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+def test_undelivered_is_reported_not_hidden(make_config, pm, threads: int) -> None:
+    config = make_config(f"[send]\nthreads = {threads}\nretry_initial = 0.01\nretry_max = 0.05\n")
+    emails = list(samples.generate(120))
+    parts = Components(source=MemorySource((s.data for s in emails), finite=True),
+                       policy=SizeBatchPolicy(50, 1_048_576, 3600), queue=MemoryQueue(),
+                       dead_letters=MemoryDeadLetters(),
+                       transport=MemoryTransport(lambda r: Response(503)))
+    service = Service(config, pm, parts, once=True)
+    service.start()
+    summary = service.run_once(timeout=0.5)
+    assert not summary.ok
+    assert summary.undelivered.invoices == 120
+    assert summary.undelivered.ready + summary.undelivered.in_flight == 3
+    assert "UNDELIVERED: 3 batches (120 invoices)" in summary.render()
+    assert "LOST when this process exits" in summary.render()
