@@ -262,10 +262,7 @@ class Config:
                 lines.append(f"\n[{sec}]")
                 section = sec
             value = self._values[(sec, key)]
-            if isinstance(value, bool):
-                text = "yes" if value else "no"
-            else:
-                text = str(value)
+            text = ("yes" if value else "no") if isinstance(value, bool) else str(value)
             origin = "" if (sec, key) in self.explicit else "  ; default"
             lines.append(f"{key} = {text}{origin}")
             lines.append(f"#   {opt.help}")

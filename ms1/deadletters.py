@@ -9,6 +9,7 @@ fsynced on every write).
 from __future__ import annotations
 
 import base64
+import builtins
 import json
 import os
 import threading
@@ -31,7 +32,7 @@ class DeadLetterStore(ABC):
         """Keep these letters; when this returns they are safe (durably, if durable)."""
 
     @abstractmethod
-    def list(self, limit: int = 100) -> list[DeadLetter]:
+    def list(self, limit: int = 100) -> builtins.list[DeadLetter]:
         """The oldest ``limit`` letters."""
 
     @abstractmethod
@@ -55,11 +56,11 @@ class MemoryDeadLetters(DeadLetterStore):
         with self._lock:
             self._letters.extend(letters)
 
-    def list(self, limit: int = 100) -> list[DeadLetter]:
+    def list(self, limit: int = 100) -> builtins.list[DeadLetter]:
         with self._lock:
             return self._letters[:limit]
 
-    def all(self) -> list[DeadLetter]:
+    def all(self) -> builtins.list[DeadLetter]:
         with self._lock:
             return list(self._letters)
 
@@ -123,8 +124,8 @@ class JsonlDeadLetters(DeadLetterStore):
             self._fh.flush()
             os.fsync(self._fh.fileno())
 
-    def list(self, limit: int = 100) -> list[DeadLetter]:
-        out: list[DeadLetter] = []
+    def list(self, limit: int = 100) -> builtins.list[DeadLetter]:
+        out: builtins.list[DeadLetter] = []
         with self._lock, self.path.open("rb") as fh:
             for line in fh:
                 if len(out) >= limit:

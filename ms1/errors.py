@@ -35,7 +35,7 @@ class ConfigError(Ms1Error):
 
 
 class PluginNotFoundError(ConfigError):
-    """The config names a component (source, policy, queue, ...) that no installed plugin provides."""
+    """The config names a component (source, policy, ...) that no installed plugin provides."""
 
 
 class QueueError(Ms1Error):

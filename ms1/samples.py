@@ -35,9 +35,10 @@ class Sample:
 
 def invoice(i: int, prefix: str = "INV") -> dict[str, Any]:
     """A valid MS4 object number ``i`` (also used as ``raw_json``)."""
-    items = [{"description": f"Item {k + 1}", "quantity": (i + k) % 5 + 1,
-              "unit_price": round(10.0 + (i * 7 + k) % 990 + 0.25, 2)} for k in range(i % 3 + 1)]
-    total = round(sum(li["quantity"] * li["unit_price"] for li in items), 2)
+    lines = [(f"Item {k + 1}", (i + k) % 5 + 1, round(10.0 + (i * 7 + k) % 990 + 0.25, 2))
+             for k in range(i % 3 + 1)]
+    items = [{"description": d, "quantity": q, "unit_price": p} for d, q, p in lines]
+    total = round(sum(q * p for _, q, p in lines), 2)
     return {
         "invoice_id": f"{prefix}-{i:07d}",
         "vendor_name": f"Vendor {i % 97}",

@@ -638,7 +638,14 @@ def test_every_code_is_accepted_in_any_case(code: str) -> None:
 # Properties
 # ---------------------------------------------------------------------------------------
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Modest example counts keep the whole file at a few seconds; no example database, so a
+# test run leaves no files behind.
+FAST = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 json_scalars = (
     st.none()
@@ -683,6 +690,7 @@ def check_result(result: object) -> None:
     else:
         assert re.match(r"(email|message_id|raw_json)[\w.\[\]]*: ", result.reason)
         assert len(result.raw.encode("utf-8")) <= RAW_LIMIT
+        result.reason.encode("utf-8")  # reasons are always valid text
 
 
 @FAST

@@ -1,0 +1,93 @@
+"""ms1-service end to end as a process: --once over files, SIGTERM drain, samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ms1 import samples
+
+
+def ms1(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ms1.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=120, **kw)
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "ms1.ini"
+    path.write_text("[dead_letters]\nbackend = jsonl\n"
+                    f"[dead_letters.jsonl]\npath = {tmp_path / 'dead.jsonl'}\n{extra}")
+    return path
+
+
+def test_once_over_json_and_jsonl_files(tmp_path: Path) -> None:
+    emails = list(samples.generate(130, invalid_every=13))
+    single = tmp_path / "one.json"
+    single.write_bytes(emails[0].data)
+    bulk = tmp_path / "many.jsonl"
+    bulk.write_bytes(b"\n".join(s.data for s in emails[1:]) + b"\n\n")
+    config = write_config(tmp_path)
+    proc = ms1(["--config", str(config), "--once", str(single), str(bulk)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    invalid = [s for s in emails if not s.valid]
+    assert f"e-mails read: 130, rejected: {len(invalid)}" in proc.stdout
+    assert f"({130 - len(invalid)} invoices), dead-lettered: {len(invalid)}" in proc.stdout
+    assert "invoices/s" in proc.stdout
+    letters = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert len(letters) == len(invalid)
+    # each dead letter says where the e-mail came from: file and line
+    refs = {letter["source_ref"] for letter in letters}
+    lines = {f"{bulk}:{i}" for i, s in enumerate(emails[1:], 1) if not s.valid}
+    assert refs == lines
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    proc = ms1(["--config", str(config), "--once", str(tmp_path / "nope.jsonl")], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(
+        f"[source] name: input file not found: {tmp_path / 'nope.jsonl'}")
+
+
+def test_sigterm_flushes_partial_batch_and_exits_0(tmp_path: Path) -> None:
+    data = tmp_path / "in.jsonl"
+    samples.write_jsonl(str(data), samples.generate(30))
+    config = write_config(tmp_path, "[batch]\nmax_wait = 3600\n")
+    proc = subprocess.Popen([sys.executable, "-m", "ms1.cli", "--config", str(config),
+                             str(data)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 30
+    for line in proc.stderr:
+        if "ms1 starting" in line or time.monotonic() > deadline:
+            break
+    time.sleep(0.5)  # the 30 e-mails sit in an open batch (max_wait is an hour)
+    assert proc.poll() is None  # foreground service keeps running
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=30) == 0
+    assert "received SIGTERM: draining" in rest
+    assert "delivered: 1 batches (30 invoices)" in rest
+
+
+def test_samples_command_writes_jsonl(tmp_path: Path) -> None:
+    out = tmp_path / "s.jsonl"
+    proc = ms1(["samples", "--count", "20", "--invalid-every", "5", "-o", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_bytes().splitlines()
+    assert len(lines) == 20
+    assert lines == [s.data for s in samples.generate(20, invalid_every=5)]
+
+
+def test_demo_default_runs_from_shipped_dev_config(tmp_path: Path) -> None:
+    conf = Path(__file__).parent.parent / "conf" / "dev.ini"
+    proc = ms1(["--config", str(conf), "--once"], tmp_path,
+               env={**os.environ, "MS1_MS4_API_KEY": "demo-key"})
+    assert proc.returncode == 0, proc.stderr
+    assert "e-mails read: 1000, rejected: 20" in proc.stdout
+    assert (tmp_path / "var" / "dead-letters.jsonl").exists()
+    assert "demo-key" not in proc.stdout + proc.stderr
