@@ -23,11 +23,12 @@ import pluggy
 
 from ms1 import pluginmanager
 from ms1.batching import BatchPolicy
-from ms1.config import Config
+from ms1.config import Config, Secret
 from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error
 from ms1.intake import Intake
 from ms1.model import InboundMessage
+from ms1.pacing import Breaker, Pacer, SlidingWindowLimiter
 from ms1.pluginmanager import Observers
 from ms1.queue import QueueBackend, QueueStats
 from ms1.sender import Sender
@@ -110,6 +111,18 @@ class Summary:
         return "\n".join(lines)
 
 
+def make_pacer(config: Config) -> Pacer:
+    """The shared pacer (rate limit, 429/401 pauses, breaker) the ``[send]`` options describe."""
+    limiter = SlidingWindowLimiter(config.get_int("send", "requests_per_minute"),
+                                   config.get_float("send", "rate_window"))
+    breaker = Breaker(config.get_int("send", "breaker_failures"),
+                      config.get_float("send", "breaker_reset"))
+    return Pacer(limiter, breaker,
+                 retry_after_default=config.get_float("send", "retry_after_default"),
+                 retry_after_cap=config.get_float("send", "retry_after_max"),
+                 auth_probe_interval=config.get_float("send", "auth_probe_interval"))
+
+
 class Service:
     """One ms1 process: ``start()``, then ``run_once()`` or ``wait()`` + ``shutdown()``."""
 
@@ -135,6 +148,7 @@ class Service:
             dead_letters=components.dead_letters, observers=self.observers,
             stats=self.stats, abort=self.abort)
         self._batcher_done = threading.Event()
+        self.pacer = make_pacer(config)
 
     # --- threads ---------------------------------------------------------------
 
@@ -149,7 +163,7 @@ class Service:
             sender = Sender(
                 name=f"sender-{n + 1}", queue=self.parts.queue, transport=self.parts.transport,
                 dead_letters=self.parts.dead_letters, observers=self.observers,
-                stats=self.stats, stop=self.senders_stop, abort=self.abort,
+                stats=self.stats, pacer=self.pacer, stop=self.senders_stop, abort=self.abort,
                 retry_initial=self.config.get_float("send", "retry_initial"),
                 retry_max=self.config.get_float("send", "retry_max"))
             self._spawn(sender.name, sender.run)
@@ -214,6 +228,11 @@ class Service:
                 intake.tick(time.monotonic())
         finally:
             self._batcher_done.set()
+
+    def set_api_key(self, api_key: Secret | None) -> None:
+        """Use a new API key from now on; ends a 401 spell."""
+        self.parts.transport.set_api_key(api_key)
+        self.pacer.key_changed(api_key)
 
     # --- running and stopping ---------------------------------------------------
 

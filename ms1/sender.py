@@ -8,9 +8,17 @@ transport and settles it by MS4's answer:
 400, 413               split the batch in halves (``QueueBackend.replace``);
                        a single object is dead-lettered with MS4's text, then
                        acked — an unchanged batch is never resent after a 400
-anything else, or no   retry with exponential backoff and jitter (tenacity)
-answer at all          while the batch stays pending in the queue
+401                    every sender stops (:class:`~ms1.pacing.Pacer`): the
+                       batch is kept and resent once the key is reloaded or a
+                       slow probe is accepted
+429                    every sender pauses until ``Retry-After``; then resend
+5xx, other, or no      retry with exponential backoff and jitter (tenacity);
+answer at all          the circuit breaker counts the failure; the batch stays
+                       pending in the queue until delivered
 =====================  ========================================================
+
+Before each attempt the sender asks the shared :class:`~ms1.pacing.Pacer` for
+permission (rate limit, 429 pause, 401 spell, breaker) and tells it the outcome.
 
 On shutdown a sender finishes its current attempt; a batch it could not
 deliver before the deadline is released back to the queue, never dropped.
@@ -22,11 +30,12 @@ import logging
 import threading
 import time
 
-from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from ms1.deadletters import DeadLetterStore
 from ms1.errors import TransportError
 from ms1.model import Batch, DeadLetter
+from ms1.pacing import Aborted, Pacer
 from ms1.pluginmanager import Observers
 from ms1.queue import Delivery, QueueBackend
 from ms1.stats import RunStats
@@ -36,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: answers meaning "this batch holds an object MS4 will not take": split, never resend
 SPLIT_STATUSES = frozenset({400, 413})
+#: answers after which the pacer, not the backoff, decides when to send again
+PACED_STATUSES = frozenset({401, 429})
 
 
 class _SendFailed(Exception):
@@ -47,17 +58,13 @@ class _SendFailed(Exception):
         self.error = error
 
 
-class _Aborted(Exception):
-    """The shutdown deadline passed while waiting to retry."""
-
-
 class Sender:
     """One sender thread's loop. ``stop``: take no new batch; ``abort``: give back and leave."""
 
     def __init__(
         self, *, name: str, queue: QueueBackend, transport: Transport,
         dead_letters: DeadLetterStore, observers: Observers, stats: RunStats,
-        stop: threading.Event, abort: threading.Event,
+        pacer: Pacer, stop: threading.Event, abort: threading.Event,
         retry_initial: float = 0.5, retry_max: float = 30.0, poll: float = 0.2,
     ) -> None:
         self.name = name
@@ -66,10 +73,11 @@ class Sender:
         self._dead_letters = dead_letters
         self._observers = observers
         self._stats = stats
+        self._pacer = pacer
         self._stop = stop
         self._abort = abort
-        self._retry_initial = retry_initial
-        self._retry_max = retry_max
+        self._backoff = wait_exponential_jitter(multiplier=retry_initial, max=retry_max,
+                                                jitter=retry_initial)
         self._poll = poll
 
     def run(self) -> None:
@@ -81,8 +89,7 @@ class Sender:
     def deliver(self, delivery: Delivery) -> None:
         """Send one delivery until it is settled (acked, split, dead-lettered) or released."""
         retrying = Retrying(
-            wait=wait_exponential_jitter(multiplier=self._retry_initial, max=self._retry_max,
-                                         jitter=self._retry_initial),
+            wait=self._wait,
             retry=retry_if_exception_type(_SendFailed),
             sleep=self._sleep,
             reraise=True,
@@ -91,29 +98,41 @@ class Sender:
             for attempt in retrying:
                 with attempt:
                     self._attempt(delivery, attempt.retry_state.attempt_number)
-        except _Aborted:
+        except Aborted:
             self._queue.release(delivery)
             self._observers.notify(
                 "ms1_batch_failed", batch=delivery.batch, status=None,
                 error="shutdown deadline passed: released back to the queue",
                 attempt=0, will_retry=False)
 
+    def _wait(self, state: RetryCallState) -> float:
+        """Backoff before the next attempt; none after 401/429, where the pacer waits."""
+        outcome = state.outcome
+        failure = outcome.exception() if outcome is not None else None
+        if isinstance(failure, _SendFailed) and failure.status in PACED_STATUSES:
+            return 0.0
+        return float(self._backoff(state))
+
     def _sleep(self, seconds: float) -> None:
         if self._abort.wait(seconds):
-            raise _Aborted
+            raise Aborted
 
     def _attempt(self, delivery: Delivery, attempt: int) -> None:
-        if self._abort.is_set():
-            raise _Aborted
         batch = delivery.batch
         request = Request(batch.path, batch.body(), batch.id, len(batch))
+        admission = self._pacer.admit(self._abort)
         started = time.perf_counter()
         try:
             response = self._transport.send(request)
         except TransportError as exc:
+            self._pacer.done(admission, None)
             self._failed(batch, None, str(exc), attempt)
             raise _SendFailed(None, str(exc)) from exc
+        except BaseException:
+            self._pacer.done(admission, None)
+            raise
         latency = time.perf_counter() - started
+        self._pacer.done(admission, response.status, response.headers.get("retry-after"))
         self._stats.add(f"responses_{response.status}")
         if response.status == 202:
             self._queue.ack(delivery)
@@ -125,7 +144,10 @@ class Sender:
         if response.status in SPLIT_STATUSES:
             self._split(delivery, response, attempt)
             return
-        error = f"MS4 answered {response.status}: {response.text[:200]}"
+        error = f"MS4 answered {response.status}: {response.text[:200]}".rstrip(": ")
+        if response.status not in PACED_STATUSES and response.status < 500:
+            log.error("unexpected answer from MS4 for batch %s: %s (is [transport.http] "
+                      "base_url right?); the batch stays queued", batch.id, error)
         self._failed(batch, response.status, error, attempt)
         raise _SendFailed(response.status, error)
 

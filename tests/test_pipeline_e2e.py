@@ -20,7 +20,7 @@ from ms1.transport import MemoryTransport, Response
 def run_pipeline(make_config, pm, emails: list[samples.Sample], *, max_items: int = 50,
                  max_bytes: int = 1_048_576, threads: int = 4, transport=None):
     config = make_config(f"[send]\nthreads = {threads}\nretry_initial = 0.001\n"
-                         "retry_max = 0.01\n")
+                         "retry_max = 0.01\nrequests_per_minute = 1000000\n")
     source = MemorySource((s.data for s in emails), finite=True)
     parts = Components(source=source,
                        policy=SizeBatchPolicy(max_items, max_bytes, max_wait=3600),

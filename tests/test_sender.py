@@ -11,6 +11,7 @@ from ms1 import pluginmanager
 from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import TransportError
 from ms1.model import BATCH_PATH, Batch, Item
+from ms1.pacing import Breaker, Pacer, SlidingWindowLimiter
 from ms1.queue import MemoryQueue
 from ms1.sender import Sender
 from ms1.stats import RunStats
@@ -20,6 +21,11 @@ from ms1.transport import MemoryTransport, Request, Response
 def make_batch(ids: list[str]) -> Batch:
     items = [Item(json.dumps({"invoice_id": i}).encode(), i, f"<{i}>", "") for i in ids]
     return Batch.of(BATCH_PATH, items)
+
+
+def fast_pacer() -> Pacer:
+    return Pacer(SlidingWindowLimiter(100_000, 60), Breaker(1000, 0.01),
+                 retry_after_default=0.01, retry_after_cap=0.05, auth_probe_interval=0.01)
 
 
 class Rig:
@@ -51,8 +57,8 @@ class Rig:
         pm = pluginmanager.make_plugin_manager(entry_points=False, plugins=[Recorder()])
         self.sender = Sender(name="s1", queue=self.queue, transport=transport,
                              dead_letters=self.dead, observers=pluginmanager.Observers(pm),
-                             stats=self.stats, stop=self.stop, abort=self.abort,
-                             retry_initial=0.001, retry_max=0.01)
+                             stats=self.stats, pacer=fast_pacer(), stop=self.stop,
+                             abort=self.abort, retry_initial=0.001, retry_max=0.01)
 
     def drain(self) -> None:
         while (d := self.queue.get("s1", timeout=0)) is not None:
@@ -123,7 +129,7 @@ def test_abort_releases_the_batch_back_to_the_queue() -> None:
     rig.sender = Sender(name="s1", queue=rig.queue, transport=transport, dead_letters=rig.dead,
                         observers=pluginmanager.Observers(
                             pluginmanager.make_plugin_manager(entry_points=False)),
-                        stats=rig.stats, stop=rig.stop, abort=rig.abort,
+                        stats=rig.stats, pacer=fast_pacer(), stop=rig.stop, abort=rig.abort,
                         retry_initial=5, retry_max=5)
     batch = make_batch(["a", "b"])
     rig.queue.put(batch)
