@@ -161,7 +161,7 @@ class _BreakerLog(pybreaker.CircuitBreakerListener):
         old_name = getattr(old, "name", old)
         new_name = getattr(new, "name", new)
         if new_name == pybreaker.STATE_OPEN:
-            log.error("circuit breaker open (was %s): MS4 is failing; next probe in %.0f s",
+            log.error("circuit breaker open (was %s): MS4 is failing; next probe in %.1f s",
                       old_name, cb.reset_timeout)
         else:
             log.warning("circuit breaker %s (was %s)", new_name, old_name)

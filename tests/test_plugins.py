@@ -91,7 +91,7 @@ def test_unknown_name_lists_installed_including_third_party(example_site: Path,
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"ms1-service: {config}: [ms4] transport: no installed plugin provides transport "
-        "'carrier-pigeon'; installed: example, memory")
+        "'carrier-pigeon'; installed: example, http, memory")
 
 
 def test_plugin_options_are_validated_like_core_ones(example_site: Path, tmp_path: Path) -> None:

@@ -1,0 +1,301 @@
+"""The httpx transport under respx: headers, paths, errors, and every MS4 answer end to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx
+import pytest
+import respx
+
+from ms1 import samples
+from ms1.batching import SizeBatchPolicy, UnitPolicy
+from ms1.config import Secret
+from ms1.deadletters import MemoryDeadLetters
+from ms1.errors import TransportError
+from ms1.model import BATCH_PATH, UNIT_PATH
+from ms1.pipeline import Components, Service
+from ms1.queue import MemoryQueue
+from ms1.source import MemorySource
+from ms1.transport import Request
+from ms1_plugins.http import HttpTransport
+
+BASE = "http://ms4.test"
+KEY = "k-123-very-secret"
+
+
+@pytest.fixture
+def transport():
+    t = HttpTransport(BASE, max_connections=4)
+    t.set_api_key(Secret(KEY, "test"))
+    yield t
+    t.close()
+
+
+@respx.mock
+def test_post_batch_headers_and_body(transport: HttpTransport) -> None:
+    route = respx.post(f"{BASE}/batch-metadata").mock(return_value=httpx.Response(202))
+    body = b'[{"invoice_id":"A"},{"invoice_id":"B"}]'
+    response = transport.send(Request(BATCH_PATH, body, "batch-id-1", 2))
+    assert response.status == 202
+    sent = route.calls.last.request
+    assert sent.content == body
+    assert sent.headers["X-API-Key"] == KEY
+    assert sent.headers["Content-Type"] == "application/json"
+    assert sent.headers["Idempotency-Key"] == "batch-id-1"
+
+
+@respx.mock
+def test_unit_policy_posts_one_object_to_metadata(transport: HttpTransport) -> None:
+    route = respx.post(f"{BASE}/metadata").mock(return_value=httpx.Response(202))
+    transport.send(Request(UNIT_PATH, b'{"invoice_id":"A"}', "k", 1))
+    assert json.loads(route.calls.last.request.content) == {"invoice_id": "A"}
+
+
+@respx.mock
+def test_answers_are_returned_with_lowercase_headers(transport: HttpTransport) -> None:
+    respx.post(f"{BASE}/batch-metadata").mock(
+        return_value=httpx.Response(429, headers={"Retry-After": "7"}, text="slow down"))
+    response = transport.send(Request(BATCH_PATH, b"[]", "k", 0))
+    assert (response.status, response.headers["retry-after"], response.text) == (
+        429, "7", "slow down")
+
+
+@pytest.mark.parametrize("error", [httpx.ConnectError("refused"),
+                                   httpx.ReadTimeout("slow"),
+                                   httpx.RemoteProtocolError("dropped")])
+@respx.mock
+def test_no_answer_becomes_transport_error_without_the_key(transport: HttpTransport,
+                                                           error: Exception) -> None:
+    respx.post(f"{BASE}/batch-metadata").mock(side_effect=error)
+    with pytest.raises(TransportError) as info:
+        transport.send(Request(BATCH_PATH, b"[]", "k", 0))
+    assert KEY not in str(info.value) and KEY not in repr(info.value)
+    assert info.value.__cause__ is None or KEY not in str(info.value.__cause__)
+
+
+def test_key_never_in_repr(transport: HttpTransport) -> None:
+    assert KEY not in repr(transport) and KEY not in str(vars(transport))
+
+
+def test_factory_needs_a_key_and_a_real_url(make_config, monkeypatch) -> None:
+    from ms1 import pluginmanager
+
+    monkeypatch.delenv("MS1_MS4_API_KEY", raising=False)
+    pm = pluginmanager.make_plugin_manager()
+    config = make_config("[ms4]\ntransport = http\n")
+    with pytest.raises(Exception, match=r"\[ms4\] api_key_env: the http transport needs an API "
+                                        r"key: set \$MS1_MS4_API_KEY"):
+        pluginmanager.build(pm, config, "transport")
+    monkeypatch.setenv("MS1_MS4_API_KEY", "x")
+    config = make_config("[ms4]\ntransport = http\n[transport.http]\nbase_url = ftp://h\n")
+    with pytest.raises(Exception, match=r"\[transport.http\] base_url: must be an http"):
+        pluginmanager.build(pm, config, "transport")
+
+
+# --- every answer, through the real sender pool ------------------------------------
+
+
+class Ms4Script:
+    """A respx side effect: answers from a function, records (time, thread, ids) of each call."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.calls: list[tuple[float, float, list[str], int]] = []
+        self.attempts = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        started = time.monotonic()
+        ids = [o["invoice_id"] for o in json.loads(request.content)]
+        with self.lock:
+            n = self.attempts
+            self.attempts += 1
+        response = self.answer(n, ids, request)
+        with self.lock:
+            self.calls.append((started, time.monotonic(), ids, response.status_code))
+        return response
+
+    def delivered(self) -> list[str]:
+        return [i for _, _, ids, status in self.calls if status == 202 for i in ids]
+
+
+def run_service(make_config, pm, script: Ms4Script, n: int = 200, threads: int = 4,
+                extra: str = "", policy=None, timeout: float = 30):
+    config = make_config(
+        f"[send]\nthreads = {threads}\nretry_initial = 0.01\nretry_max = 0.05\n"
+        f"requests_per_minute = 100000\nretry_after_default = 0.2\nretry_after_max = 0.4\n"
+        f"breaker_reset = 0.2\nauth_probe_interval = 0.3\n{extra}")
+    transport = HttpTransport(BASE, max_connections=threads)
+    transport.set_api_key(Secret(KEY))
+    emails = list(samples.generate(n))
+    parts = Components(source=MemorySource((s.data for s in emails), finite=True),
+                       policy=policy or SizeBatchPolicy(10, 1_000_000, 3600),
+                       queue=MemoryQueue(), dead_letters=MemoryDeadLetters(),
+                       transport=transport)
+    with respx.mock:
+        respx.post(f"{BASE}/batch-metadata").mock(side_effect=script)
+        respx.post(f"{BASE}/metadata").mock(side_effect=script)
+        service = Service(config, pm, parts, once=True)
+        service.start()
+        summary = service.run_once(timeout)
+    transport.close()
+    return summary, parts, [s.invoice_id for s in emails]
+
+
+def later(seconds: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "expected_pause"),
+    [
+        ("7", 0.4), ("1.5", 0.4), ("99999999", 0.4),
+        (lambda: format_datetime(later(3), usegmt=True), 0.4),
+        (lambda: later(3).strftime("%A, %d-%b-%y %H:%M:%S GMT"), 0.4),
+        (lambda: later(3).strftime("%a %b %d %H:%M:%S %Y"), 0.4),
+        (lambda: format_datetime(later(-3600), usegmt=True), 0.0),
+        ("-5", 0.2), ("abc", 0.2), ("", 0.2), (None, 0.2),
+    ],
+    ids=["7", "1.5", "99999999", "imf-fixdate", "rfc850", "asctime", "past", "-5", "abc",
+         "empty", "missing"],
+)
+def test_429_pauses_every_sender_for_retry_after(make_config, pm, retry_after,
+                                                 expected_pause: float) -> None:
+    value = retry_after() if callable(retry_after) else retry_after
+
+    def answer(n: int, ids, request) -> httpx.Response:
+        if n == 5:
+            headers = {} if value is None else {"Retry-After": value}
+            time.sleep(0.05)  # let the other senders get their requests in flight first
+            return httpx.Response(429, headers=headers)
+        return httpx.Response(202)
+
+    script = Ms4Script(answer)
+    summary, _, ids = run_service(make_config, pm, script)
+    assert summary.ok and sorted(script.delivered()) == sorted(ids)
+    t429 = next(end for _, end, _, status in script.calls if status == 429)
+    # no request from any thread started inside the pause
+    gap = [start for start, _, _, _ in script.calls if start > t429]
+    assert gap, "nothing was sent after the 429"
+    assert min(gap) - t429 >= expected_pause - 0.03
+    assert min(gap) - t429 <= expected_pause + 0.5
+
+
+def test_400_splits_and_dead_letters_with_ms4_text(make_config, pm) -> None:
+    bad = {"INV-0000013", "INV-0000077"}
+
+    def answer(n, ids, request):
+        wrong = sorted(set(ids) & bad)
+        if wrong:
+            return httpx.Response(400, json={"error": "invalid object(s)",
+                                             "details": [{"invoice_id": wrong[0]}]})
+        return httpx.Response(202)
+
+    script = Ms4Script(answer)
+    summary, parts, ids = run_service(make_config, pm, script, n=100)
+    assert summary.ok
+    assert sorted(script.delivered()) == sorted(set(ids) - bad)
+    letters = parts.dead_letters.all()
+    assert {letter.invoice_id for letter in letters} == bad
+    assert all("invalid object(s)" in letter.reason and letter.ms4_answer.startswith("400")
+               for letter in letters)
+
+
+def test_413_is_handled_like_400(make_config, pm) -> None:
+    def answer(n, ids, request):
+        return httpx.Response(413, text="too large") if len(ids) > 2 else httpx.Response(202)
+
+    script = Ms4Script(answer)
+    summary, parts, ids = run_service(make_config, pm, script, n=40)
+    assert summary.ok and sorted(script.delivered()) == sorted(ids)
+    assert parts.dead_letters.count() == 0
+
+
+def test_401_stops_every_sender_logs_once_and_resumes_after_probe(make_config, pm,
+                                                                  caplog) -> None:
+    state = {"until": None}
+
+    def answer(n, ids, request):
+        if n == 3:
+            state["until"] = time.monotonic() + 0.5
+        if state["until"] and time.monotonic() < state["until"]:
+            return httpx.Response(401, text="unauthorized")
+        return httpx.Response(202)
+
+    script = Ms4Script(answer)
+    with caplog.at_level(logging.CRITICAL, logger="ms1.pacing"):
+        summary, _, ids = run_service(make_config, pm, script, n=300)
+    assert summary.ok and sorted(script.delivered()) == sorted(ids)
+    spell = [c for c in script.calls if c[3] == 401]
+    # no retry storm: the in-flight requests when the spell began, then slow probes only
+    assert len(spell) <= 4 + 3
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(critical) == 1 and "401" in critical[0].getMessage()
+    assert KEY not in caplog.text
+
+
+def test_5xx_and_connection_errors_are_retried_until_delivered(make_config, pm) -> None:
+    def answer(n, ids, request):
+        if n % 3 == 0:
+            raise httpx.ConnectError("refused")
+        if n % 3 == 1:
+            return httpx.Response(503)
+        return httpx.Response(202)
+
+    script = Ms4Script(answer)
+    summary, _, ids = run_service(make_config, pm, script, n=100,
+                                  extra="breaker_failures = 1000\n")
+    assert summary.ok and sorted(script.delivered()) == sorted(ids)
+
+
+def test_breaker_opens_and_stops_hammering(make_config, pm) -> None:
+    state = {"down_until": time.monotonic() + 1.0}
+
+    def answer(n, ids, request):
+        if time.monotonic() < state["down_until"]:
+            return httpx.Response(500)
+        return httpx.Response(202)
+
+    script = Ms4Script(answer)
+    summary, _, ids = run_service(make_config, pm, script, n=100,
+                                  extra="breaker_failures = 3\n")
+    assert summary.ok and sorted(script.delivered()) == sorted(ids)
+    failures = [c for c in script.calls if c[3] == 500]
+    # 1 s of outage, breaker reset 0.2 s: the 3 failures + in-flight, then ~1 probe per 0.2 s
+    assert len(failures) <= 3 + 4 + 6
+
+
+def test_unexpected_status_keeps_the_batch(make_config, pm, caplog) -> None:
+    def answer(n, ids, request):
+        return httpx.Response(404) if n < 2 else httpx.Response(202)
+
+    script = Ms4Script(answer)
+    with caplog.at_level(logging.ERROR):
+        summary, _, ids = run_service(make_config, pm, script, n=30, threads=1)
+    assert summary.ok and sorted(script.delivered()) == sorted(ids)
+    assert "unexpected answer from MS4" in caplog.text
+
+
+def test_unit_policy_over_http(make_config, pm) -> None:
+    def answer(n, ids, request):
+        assert request.url.path == "/metadata"
+        return httpx.Response(202)
+
+    class Single(Ms4Script):
+        def __call__(self, request):
+            body = json.loads(request.content)
+            request_ids = [body["invoice_id"]]
+            with self.lock:
+                self.calls.append((time.monotonic(), time.monotonic(), request_ids, 202))
+            return httpx.Response(202)
+
+    script = Single(answer)
+    summary, _, ids = run_service(make_config, pm, script, n=20, policy=UnitPolicy())
+    assert summary.ok and sorted(script.delivered()) == sorted(ids)
+    assert len(script.calls) == 20
