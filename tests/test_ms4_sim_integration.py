@@ -1,0 +1,161 @@
+"""ms1 against ms4-sim over real HTTP: faults, rate limit, sender scaling, 401 and reload."""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections import defaultdict
+
+import pytest
+
+from ms1 import pluginmanager, samples
+from ms1.batching import SizeBatchPolicy
+from ms1.config import Secret
+from ms1.deadletters import MemoryDeadLetters
+from ms1.pipeline import Components, Service
+from ms1.queue import MemoryQueue
+from ms1.sim import Ms4Sim, SimConfig
+from ms1.source import MemorySource
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def sim_factory():
+    sims: list[Ms4Sim] = []
+
+    def start(**kw) -> Ms4Sim:
+        sim = Ms4Sim(SimConfig(api_key="right-key", **kw)).start()
+        sims.append(sim)
+        return sim
+
+    yield start
+    for sim in sims:
+        sim.stop()
+
+
+def run(make_config, pm, monkeypatch, sim: Ms4Sim, emails, *, send: str, key: str = "right-key",
+        timeout: float = 120, before_wait=None):
+    monkeypatch.setenv("MS1_MS4_API_KEY", key)
+    config = make_config(f"[ms4]\ntransport = http\n[transport.http]\nbase_url = {sim.url}\n"
+                         f"[send]\n{send}")
+    transport = pluginmanager.build(pm, config, "transport")  # the real plugin factory
+    parts = Components(source=MemorySource((s.data for s in emails), finite=True),
+                       policy=SizeBatchPolicy(50, 1_048_576, 3600), queue=MemoryQueue(),
+                       dead_letters=MemoryDeadLetters(), transport=transport)
+    transport.set_api_key(config.api_key)
+    service = Service(config, pm, parts, once=True)
+    started = time.perf_counter()
+    service.start()
+    if before_wait is not None:
+        before_wait(service)
+    summary = service.run_once(timeout)
+    elapsed = time.perf_counter() - started
+    transport.close()
+    return summary, parts, elapsed
+
+
+def test_faults_lose_nothing_and_duplicates_come_only_from_drops(
+        make_config, pm, monkeypatch, sim_factory) -> None:
+    sim = sim_factory(rate_limit=0, fail_500=0.10, fail_429=0.05, drop=0.04, reject_every=500,
+                      seed=11)
+    emails = list(samples.generate(5000))
+    ids = {s.invoice_id for s in emails}
+    summary, parts, _ = run(make_config, pm, monkeypatch, sim, emails,
+                            send="threads = 4\nretry_initial = 0.01\nretry_max = 0.05\n"
+                                 "retry_after_max = 0.1\nbreaker_reset = 0.05\n"
+                                 "requests_per_minute = 1000000\n")
+    assert summary.ok, summary.render()
+    rejected_by_sim = {i for i in ids if zlib.crc32(i.encode()) % 500 == 0}
+    assert rejected_by_sim, "the seed data must contain objects the sim rejects"
+    letters = parts.dead_letters.all()
+    assert {letter.invoice_id for letter in letters} == rejected_by_sim
+    assert all("rejected by sim" in letter.reason for letter in letters)
+    # lost = 0: everything either accepted by the sim or dead-lettered with its message
+    assert sim.accepted_ids() == ids - rejected_by_sim
+    # duplicates: only re-sends of a batch whose accepted request was dropped, same key
+    stats = sim.stats()
+    by_key: dict[str | None, list] = defaultdict(list)
+    for request in sim.accepted_requests():
+        by_key[request.idempotency_key].append(request)
+    assert None not in by_key
+    explained = 0
+    for requests in by_key.values():
+        for earlier in requests[:-1]:
+            assert earlier.dropped, "a batch was accepted twice without a dropped answer"
+            explained += len(earlier.invoice_ids)
+    assert stats["requests_by_status"].get("dropped", 0) >= 1
+    assert stats["duplicate_invoices"] == explained
+    assert stats["duplicate_batches"] == sum(len(r) - 1 for r in by_key.values())
+    assert stats["requests_by_status"].get("500", 0) > 0
+    assert stats["requests_by_status"].get("429", 0) > 0
+
+
+def test_compressed_window_no_429_and_at_least_95_percent_of_ceiling(
+        make_config, pm, monkeypatch, sim_factory) -> None:
+    limit, window = 120, 6.0
+    sim = sim_factory(rate_limit=limit, window=window)
+    emails = list(samples.generate(10_000))
+    summary, _, elapsed = run(make_config, pm, monkeypatch, sim, emails,
+                              send=f"threads = 4\nrequests_per_minute = {limit}\n"
+                                   f"rate_window = {window}\n")
+    assert summary.ok, summary.render()
+    stats = sim.stats()
+    assert stats["requests_by_status"].get("429", 0) == 0
+    assert sim.max_in_window(window) <= limit
+    accepted = sorted(r.at for r in sim.accepted_requests())
+    requests = len(accepted)
+    assert requests == 200 and stats["unique_invoices_accepted"] == 10_000
+    # In any window the limit lets request k follow request k-limit by exactly `window`
+    # seconds; how close ms1 comes to that, averaged over every request past the first
+    # `limit`, is its share of the ceiling.
+    gaps = [accepted[k] - accepted[k - limit] for k in range(limit, requests)]
+    efficiency = window / (sum(gaps) / len(gaps))
+    print(f"\n{requests} requests, no 429, max {sim.max_in_window(window)} in any {window:.0f} s "
+          f"window; request k follows k-{limit} after {min(gaps):.3f}..{max(gaps):.3f} s "
+          f"(window {window:.0f} s): {efficiency:.1%} of the ceiling; run {elapsed:.2f} s")
+    assert efficiency >= 0.95
+
+
+def test_four_senders_at_least_3_5x_one_sender(make_config, pm, monkeypatch,
+                                               sim_factory) -> None:
+    sim = sim_factory(rate_limit=0, latency=0.05)
+    emails = list(samples.generate(4000))  # 80 batches
+    rates = {}
+    for threads in (1, 4):
+        sim.reset()
+        summary, _, _ = run(make_config, pm, monkeypatch, sim, emails,
+                            send=f"threads = {threads}\nrequests_per_minute = 1000000\n")
+        assert summary.ok
+        accepted = sorted(r.at for r in sim.accepted_requests())
+        assert len(accepted) == 80
+        rates[threads] = 4000 / (accepted[-1] - accepted[0] + 0.05)
+    ratio = rates[4] / rates[1]
+    print(f"\n1 sender {rates[1]:,.0f} invoices/s, 4 senders {rates[4]:,.0f} invoices/s: "
+          f"{ratio:.2f}x")
+    assert ratio >= 3.5
+
+
+def test_401_spell_ends_with_a_new_key_nothing_lost(make_config, pm, monkeypatch,
+                                                    sim_factory, caplog) -> None:
+    sim = sim_factory(rate_limit=0)
+    emails = list(samples.generate(500))
+
+    def reload_key_later(service: Service) -> None:
+        deadline = time.monotonic() + 10
+        while service.stats.get("responses_401") == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # the spell goes on: senders wait, nothing is sent
+        before = sim.stats()["requests_total"]
+        time.sleep(0.3)
+        assert sim.stats()["requests_total"] == before  # no retry storm
+        service.set_api_key(Secret("right-key"))
+
+    summary, _, _ = run(make_config, pm, monkeypatch, sim, emails, key="wrong-key",
+                        send="threads = 4\nauth_probe_interval = 3600\n",
+                        before_wait=reload_key_later)
+    assert summary.ok
+    assert sim.accepted_ids() == {s.invoice_id for s in emails}
+    assert sim.stats()["requests_by_status"]["401"] <= 4
+    assert "wrong-key" not in caplog.text and "right-key" not in caplog.text
