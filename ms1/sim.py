@@ -35,6 +35,7 @@ import re
 import signal
 import socket
 import socketserver
+import subprocess
 import sys
 import threading
 import time
@@ -771,7 +772,11 @@ def _probability(text: str) -> float:
 
 def _build_parser() -> argparse.ArgumentParser:
     d = SimConfig()
-    p = argparse.ArgumentParser(prog="ms4-sim", description="Contract-faithful MS4 simulator.")
+    p = argparse.ArgumentParser(
+        prog="ms4-sim", usage="%(prog)s [options] [-- COMMAND ...]",
+        description="Contract-faithful MS4 simulator. With '-- COMMAND ...' it serves while "
+                    "COMMAND runs (with $MS4_SIM_URL set, and $MS1_MS4_API_KEY defaulting to "
+                    "the sim's key), then stops and exits with COMMAND's status.")
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port, help="0 = pick a free port")
     p.add_argument(
@@ -794,7 +799,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in arguments:
+        cut = arguments.index("--")
+        arguments, command = arguments[:cut], arguments[cut + 1:]
+    args = parser.parse_args(arguments)
     try:
         config = SimConfig(
             host=args.host,
@@ -827,14 +837,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ms4-sim: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
             return 1
         print(f"ms4-sim listening on {sim.url}", flush=True)
-        while not stop_requested.wait(0.2):
-            pass
+        if command:
+            status = _run_command(command, sim, stop_requested)
+        else:
+            while not stop_requested.wait(0.2):
+                pass
+            status = 0
     finally:
         sim.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print(json.dumps(sim.stats(), sort_keys=True), flush=True)
-    return 0
+    print(f"ms4-sim stats: {json.dumps(sim.stats(), sort_keys=True)}", flush=True)
+    return status
+
+
+def _run_command(command: list[str], sim: Ms4Sim, stop_requested: threading.Event) -> int:
+    """Run ``command`` against the sim (``$MS4_SIM_URL``; ``$MS1_MS4_API_KEY`` defaults to the
+    sim's key), stop when it ends, and return its exit status."""
+    env = dict(os.environ)
+    env["MS4_SIM_URL"] = sim.url
+    env.setdefault("MS1_MS4_API_KEY", sim.config.api_key)
+    try:
+        child = subprocess.Popen(command, env=env)
+    except OSError as exc:
+        print(f"ms4-sim: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127
+    while child.poll() is None:
+        if stop_requested.wait(0.1):
+            child.send_signal(signal.SIGTERM)
+            stop_requested.clear()
+    return child.returncode
 
 
 if __name__ == "__main__":

@@ -83,11 +83,31 @@ def test_samples_command_writes_jsonl(tmp_path: Path) -> None:
     assert lines == [s.data for s in samples.generate(20, invalid_every=5)]
 
 
-def test_demo_default_runs_from_shipped_dev_config(tmp_path: Path) -> None:
-    conf = Path(__file__).parent.parent / "conf" / "dev.ini"
-    proc = ms1(["--config", str(conf), "--once"], tmp_path,
-               env={**os.environ, "MS1_MS4_API_KEY": "demo-key"})
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_readme_demo_runs_over_http_through_ms4_sim(tmp_path: Path) -> None:
+    """The README's demo: ms4-sim serves while ms1-service --once runs on conf/dev.ini."""
+    conf = (Path(__file__).parent.parent / "conf" / "dev.ini").read_text()
+    port = free_port()
+    assert "base_url = http://127.0.0.1:8404" in conf
+    config = tmp_path / "dev.ini"
+    config.write_text(conf.replace("127.0.0.1:8404", f"127.0.0.1:{port}"))
+    env = {k: v for k, v in os.environ.items() if k != "MS1_MS4_API_KEY"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ms1.sim", "--port", str(port), "--",
+         sys.executable, "-m", "ms1.cli", "--config", str(config), "--once"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "e-mails read: 1000, rejected: 20" in proc.stdout
+    assert "delivered: 20 batches (980 invoices)" in proc.stdout
+    stats = json.loads(proc.stdout.split("ms4-sim stats: ", 1)[1])
+    assert stats["unique_invoices_accepted"] == 980
+    assert stats["requests_by_status"] == {"202": 20}
     assert (tmp_path / "var" / "dead-letters.jsonl").exists()
-    assert "demo-key" not in proc.stdout + proc.stderr
+    assert "sim-key" not in proc.stdout + proc.stderr

@@ -568,8 +568,24 @@ def test_main_subprocess_smoke(raw: httpx.Client) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0
-    final = json.loads(out.strip().splitlines()[-1])
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("ms4-sim stats: ")
+    final = json.loads(last.removeprefix("ms4-sim stats: "))
     assert final["requests_by_status"] == {"202": 1, "401": 1}
     assert final["invoices_accepted"] == 1
     assert "s3cret-env-key" not in out + err + line
     assert err == ""
+
+
+def test_main_runs_a_command_against_the_sim_and_returns_its_status() -> None:
+    code = ("import os, httpx, sys; r = httpx.post(os.environ['MS4_SIM_URL'] + '/metadata', "
+            "headers={'X-API-Key': os.environ['MS1_MS4_API_KEY']}, json={'invoice_id': 'A', "
+            "'vendor_name': 'V', 'invoice_date': '2025-11-01', 'total_amount': 1, "
+            "'currency': 'USD', 'line_items': []}); sys.exit(r.status_code - 200)")
+    env = {k: v for k, v in os.environ.items() if k != "MS1_MS4_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "ms1.sim", "--port", "0", "--",
+                           sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 2  # 202 - 200: the command's own status comes back
+    stats = json.loads(proc.stdout.split("ms4-sim stats: ", 1)[1])
+    assert stats["unique_invoices_accepted"] == 1
