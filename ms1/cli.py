@@ -4,6 +4,10 @@
 
     ms1-service --config F [run] [--once] [FILE ...]   run the pipeline (default command)
     ms1-service --config F check                       validate, print the effective config
+    ms1-service --config F enqueue FILE ...            push e-mails into the source (inbound)
+    ms1-service --config F status [--json]             queue lengths, consumers, dead letters
+    ms1-service --config F dlq list [--limit N] [--json]
+    ms1-service --config F dlq replay (--all | ID ...)  dead letters back to the outbound queue
     ms1-service samples [--count N] [--invalid-every K] [-o OUT.jsonl]
 
 Exit status: 0 ok; 1 something was left undelivered (``--once``) or the service
@@ -22,14 +26,14 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from ms1 import __version__, pluginmanager, samples
+from ms1 import __version__, admin, pluginmanager, samples
 from ms1.config import Config
 from ms1.errors import ConfigError, Ms1Error
 from ms1.pipeline import Components, Service
 
 log = logging.getLogger("ms1")
 
-COMMANDS = ("run", "check", "samples")
+COMMANDS = ("run", "check", "samples", "enqueue", "status", "dlq")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -48,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("files", nargs="*", help="EmailMessage files (*.json, *.jsonl) for "
                                               "the files source")
     sub.add_parser("check", help="validate the config and print it, API key redacted")
+    enq = sub.add_parser("enqueue", help="push EmailMessage files into the configured source")
+    enq.add_argument("files", nargs="+", help="*.json (one e-mail) or *.jsonl (one per line)")
+    status = sub.add_parser("status", help="queue lengths, pending, consumers, dead letters")
+    status.add_argument("--json", action="store_true")
+    dlq = sub.add_parser("dlq", help="the dead letters")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="list dead letters (oldest first)")
+    dlq_list.add_argument("--limit", type=int, default=20)
+    dlq_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    dlq_replay = dlq_sub.add_parser("replay", help="put dead letters back on the outbound path")
+    dlq_replay.add_argument("ids", nargs="*", help="dead-letter ids (see dlq list)")
+    dlq_replay.add_argument("--all", action="store_true", help="replay every dead letter")
     smp = sub.add_parser("samples", help="write generated sample e-mails as JSON lines")
     smp.add_argument("--count", type=int, default=1000)
     smp.add_argument("--invalid-every", type=int, default=10)
@@ -102,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     _setup_logging(config.get_str("ms1", "log_level"))
     try:
+        if args.command in ("enqueue", "status", "dlq"):
+            return admin.run(args, config, pm)
         return _run(config, pm, args.files, once=args.once)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_USAGE)

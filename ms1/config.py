@@ -30,6 +30,7 @@ COMPONENT_KEYS: dict[str, tuple[str, str]] = {
     "queue": ("queue", "backend"),
     "dead_letters": ("dead_letters", "backend"),
     "transport": ("ms4", "transport"),
+    "rate_limiter": ("send", "rate_limiter"),
 }
 
 
@@ -207,6 +208,12 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("send", "auth_probe_interval", "float", 60.0,
            "during a 401 spell, seconds between probe requests (a reload ends it at once)",
            min=0.01, max=86400),
+    Option("send", "max_deliveries", "int", 0,
+           "dead-letter a batch handed out more often than this (a batch that keeps crashing "
+           "senders); 0: no maximum, keep trying", min=0, max=1_000_000),
+    Option("send", "rate_limiter", "str", "memory",
+           "rate limiter plugin: memory (this process) or redis (shared by every instance on "
+           "the Redis)"),
     Option("ms4", "transport", "str", "memory",
            "transport plugin that talks to MS4 (built in: memory, an in-process fake MS4)"),
     Option("ms4", "api_key_env", "str", "MS1_MS4_API_KEY",

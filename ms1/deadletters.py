@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import base64
 import builtins
+import dataclasses
 import json
 import os
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ms1.model import DeadLetter
+from ms1.queue import QueueBackend
+from ms1.source import Source
 
 
 class DeadLetterStore(ABC):
@@ -28,12 +32,21 @@ class DeadLetterStore(ABC):
     durable: bool = False
 
     @abstractmethod
-    def add(self, letters: Sequence[DeadLetter]) -> None:
-        """Keep these letters; when this returns they are safe (durably, if durable)."""
+    def add(self, letters: Sequence[DeadLetter], source: Source | None = None) -> bool:
+        """Keep these letters; when this returns they are safe (durably, if durable).
+
+        Like :meth:`ms1.queue.QueueBackend.put`: returns True if it also acknowledged the
+        letters' ``source_ref`` s at ``source`` in the same atomic step.
+        """
 
     @abstractmethod
-    def list(self, limit: int = 100) -> builtins.list[DeadLetter]:
-        """The oldest ``limit`` letters."""
+    def list(self, limit: int = 100, ids: Sequence[str] | None = None
+             ) -> builtins.list[DeadLetter]:
+        """The oldest ``limit`` letters, or those with these ``ids``; each has its ``id``."""
+
+    @abstractmethod
+    def remove(self, ids: Sequence[str]) -> int:
+        """Forget these letters (after a replay); return how many were removed."""
 
     @abstractmethod
     def count(self) -> int:
@@ -51,14 +64,29 @@ class MemoryDeadLetters(DeadLetterStore):
     def __init__(self) -> None:
         self._letters: list[DeadLetter] = []
         self._lock = threading.Lock()
+        self._seq = 0
 
-    def add(self, letters: Sequence[DeadLetter]) -> None:
+    def add(self, letters: Sequence[DeadLetter], source: Source | None = None) -> bool:
         with self._lock:
-            self._letters.extend(letters)
+            for letter in letters:
+                self._seq += 1
+                self._letters.append(dataclasses.replace(letter, id=str(self._seq)))
+        return False
 
-    def list(self, limit: int = 100) -> builtins.list[DeadLetter]:
+    def list(self, limit: int = 100, ids: Sequence[str] | None = None
+             ) -> builtins.list[DeadLetter]:
         with self._lock:
+            if ids is not None:
+                wanted = set(ids)
+                return [letter for letter in self._letters if letter.id in wanted][:limit]
             return self._letters[:limit]
+
+    def remove(self, ids: Sequence[str]) -> int:
+        wanted = set(ids)
+        with self._lock:
+            before = len(self._letters)
+            self._letters = [letter for letter in self._letters if letter.id not in wanted]
+            return before - len(self._letters)
 
     def all(self) -> builtins.list[DeadLetter]:
         with self._lock:
@@ -110,28 +138,52 @@ class JsonlDeadLetters(DeadLetterStore):
         with self.path.open("rb") as existing:
             self._count = sum(1 for _ in existing)
 
-    def add(self, letters: Sequence[DeadLetter]) -> None:
+    def add(self, letters: Sequence[DeadLetter], source: Source | None = None) -> bool:
         if not letters:
-            return
+            return False
         with self._lock:
             lines = []
             for letter in letters:
-                self._count += 1
                 record = letter_to_json(letter)
-                record["id"] = letter.id or str(self._count)
+                record["id"] = uuid.uuid4().hex[:16]
                 lines.append(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
             self._fh.write(b"".join(lines))
             self._fh.flush()
             os.fsync(self._fh.fileno())
+            self._count += len(lines)
+        return False
 
-    def list(self, limit: int = 100) -> builtins.list[DeadLetter]:
-        out: builtins.list[DeadLetter] = []
-        with self._lock, self.path.open("rb") as fh:
-            for line in fh:
-                if len(out) >= limit:
-                    break
-                out.append(letter_from_json(json.loads(line)))
-        return out
+    def _read(self) -> builtins.list[DeadLetter]:
+        with self.path.open("rb") as fh:
+            return [letter_from_json(json.loads(line)) for line in fh if line.strip()]
+
+    def list(self, limit: int = 100, ids: Sequence[str] | None = None
+             ) -> builtins.list[DeadLetter]:
+        with self._lock:
+            letters = self._read()
+        if ids is not None:
+            wanted = set(ids)
+            letters = [letter for letter in letters if letter.id in wanted]
+        return letters[:limit]
+
+    def remove(self, ids: Sequence[str]) -> int:
+        """Rewrite the file without these letters (atomically, via a temp file + rename)."""
+        wanted = set(ids)
+        with self._lock:
+            letters = self._read()
+            keep = [letter for letter in letters if letter.id not in wanted]
+            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+            with tmp.open("wb") as fh:
+                for letter in keep:
+                    fh.write(json.dumps(letter_to_json(letter), ensure_ascii=False)
+                             .encode("utf-8") + b"\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._fh.close()
+            os.replace(tmp, self.path)
+            self._fh = self.path.open("ab")
+            self._count = len(keep)
+            return len(letters) - len(keep)
 
     def count(self) -> int:
         with self._lock:
@@ -140,3 +192,50 @@ class JsonlDeadLetters(DeadLetterStore):
     def close(self) -> None:
         with self._lock:
             self._fh.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayResult:
+    """What a replay did: letters put back as batches, and letters still invalid (kept)."""
+
+    replayed: int
+    batches: int
+    still_invalid: builtins.list[tuple[str, str]]  # (letter id, reason)
+
+
+def replay(store: DeadLetterStore, queue: QueueBackend, *, ids: Sequence[str] | None,
+           max_items: int, max_bytes: int) -> ReplayResult:
+    """Put dead letters back on the outbound path, then remove them from ``store``.
+
+    MS4 objects (stages ``ms4`` and ``batching``) are batched as they are; raw e-mails
+    (stage ``processor``) go through the processor again and stay dead letters, with the
+    new reason reported, if they are still invalid. A crash between enqueueing and
+    removing leaves a letter both queued and dead-lettered (a duplicate, never a loss).
+    """
+    from ms1.batching import SizeBatchPolicy
+    from ms1.model import Item
+    from ms1.processor import Accepted, unified_email_processor
+
+    letters = store.list(limit=2**31, ids=ids)
+    policy = SizeBatchPolicy(max_items=max_items, max_bytes=max_bytes, max_wait=0)
+    batches = []
+    still_invalid: builtins.list[tuple[str, str]] = []
+    for letter in letters:
+        if letter.stage == "processor":
+            result = unified_email_processor(letter.payload)
+            if not isinstance(result, Accepted):
+                still_invalid.append((letter.id, result.reason))
+                continue
+            item = Item(result.payload, result.invoice_id, result.message_id, letter.id)
+        else:
+            item = Item(letter.payload, letter.invoice_id or "", letter.message_id or "",
+                        letter.id)
+        batches.extend(policy.add(item))
+    last = policy.flush()
+    if last is not None:
+        batches.append(last)
+    replayed = 0
+    for batch in batches:
+        queue.put(batch)
+        replayed += store.remove(batch.refs)
+    return ReplayResult(replayed, len(batches), still_invalid)

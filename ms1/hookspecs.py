@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ms1.config import Config, Option
     from ms1.deadletters import DeadLetterStore
     from ms1.model import Batch, DeadLetter
+    from ms1.pacing import RateLimiter
     from ms1.queue import QueueBackend
     from ms1.source import Source
     from ms1.transport import Transport
@@ -56,7 +57,7 @@ def ms1_components() -> Sequence[tuple[str, str]]:
     """Declare the components this plugin can build, as ``(kind, name)`` pairs.
 
     ``kind`` is one of ``source``, ``batch_policy``, ``queue``, ``dead_letters``,
-    ``transport``; ``name`` is what the config selects it by. Called at start to
+    ``transport``, ``rate_limiter``; ``name`` is what the config selects it by. Called at start to
     validate the config's choices and to list the installed names when a choice
     is unknown. All results are merged.
     """
@@ -111,6 +112,17 @@ def ms1_make_transport(name: str, config: Config) -> Transport | None:
     Called once at start. Return a :class:`~ms1.transport.Transport` if
     ``name`` is yours, else None. The API key is handed over afterwards with
     ``Transport.set_api_key``. ``firstresult``.
+    """
+
+
+@hookspec(firstresult=True)
+def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
+    """Build the rate limiter selected by ``[send] rate_limiter``.
+
+    Called once at start. It must hold ``[send] requests_per_minute`` requests per
+    ``rate_window`` seconds for every caller that shares it (``memory``: the sender
+    threads of this process; ``redis``: every instance on the Redis). Return a
+    :class:`~ms1.pacing.RateLimiter` if ``name`` is yours, else None. ``firstresult``.
     """
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from ms1.batching import BatchPolicy
 from ms1.deadletters import DeadLetterStore
@@ -24,6 +25,7 @@ from ms1.source import Source
 from ms1.stats import RunStats
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Intake:
@@ -85,16 +87,19 @@ class Intake:
             self._enqueue(batch)
 
     def _enqueue(self, batch: Batch) -> None:
-        self._persist(lambda: self._queue.put(batch), f"enqueue batch {batch.id}")
-        self._ack(batch.refs)
+        acked = self._persist(lambda: self._queue.put(batch, self._source),
+                              f"enqueue batch {batch.id}")
+        if not acked:
+            self._ack(batch.refs)
         self._stats.add("batches_enqueued")
         self._stats.add("invoices_enqueued", len(batch))
         self._observers.notify("ms1_batch_enqueued", batch=batch)
 
     def _dead_letter(self, letters: list[DeadLetter]) -> None:
-        self._persist(lambda: self._dead_letters.add(letters),
-                      f"store {len(letters)} dead letters")
-        self._ack([letter.source_ref for letter in letters if letter.source_ref])
+        acked = self._persist(lambda: self._dead_letters.add(letters, self._source),
+                              f"store {len(letters)} dead letters")
+        if not acked:
+            self._ack([letter.source_ref for letter in letters if letter.source_ref])
         self._stats.add("rejected", len(letters))
         self._stats.add("dead_lettered", len(letters))
         for letter in letters:
@@ -106,13 +111,20 @@ class Intake:
         if refs:
             self._persist(lambda: self._source.ack(refs), f"ack {len(refs)} inbound e-mails")
 
-    def _persist(self, action: Callable[[], None], what: str) -> None:
+    def _persist(self, action: Callable[[], T], what: str) -> T:
         """Run ``action`` until it succeeds: the data is held here until it is safe."""
+        failing = False
         while True:
             try:
-                action()
-                return
+                result = action()
             except Ms1Error as exc:
-                log.error("cannot %s (%s); retrying in %.1f s", what, exc, self._retry_delay)
+                if not failing:
+                    log.error("cannot %s (%s); holding the data and retrying every %.1f s",
+                              what, exc, self._retry_delay)
+                failing = True
+            else:
+                if failing:
+                    log.warning("recovered: could %s again", what)
+                return result
             if self._abort.wait(self._retry_delay):
                 raise Ms1Error(f"shutdown deadline passed before we could {what}")

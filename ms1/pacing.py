@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 import pybreaker
 
 from ms1.config import Secret
+from ms1.errors import Ms1Error
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ class Pacer:
         self._auth_blocked = False
         self._auth_probe_in_flight = False
         self._next_auth_probe = 0.0
+        self._limiter_down = False
 
     # state, for status/metrics/readiness
     @property
@@ -268,19 +270,32 @@ class Pacer:
             if wait > 0:
                 abort.wait(min(wait, 0.5))
                 continue
-            token, wait = self.limiter.try_acquire()
+            try:
+                token, wait = self.limiter.try_acquire()
+            except Ms1Error as exc:
+                # fail closed: without the shared count we cannot know we are under the limit
+                if not self._limiter_down:
+                    log.error("rate limiter unavailable (%s): not sending until it is back", exc)
+                self._limiter_down = True
+                abort.wait(0.5)
+                continue
+            if self._limiter_down:
+                log.warning("rate limiter available again")
+                self._limiter_down = False
             if token is None:
                 abort.wait(min(wait, 0.5))
                 continue
             probe, wait = self._claim_auth()
             if wait > 0:
-                self.limiter.cancel(token)
+                with contextlib.suppress(Ms1Error):
+                    self.limiter.cancel(token)
                 abort.wait(min(wait, 0.5))
                 continue
             allowed, wait = self.breaker.admit()
             if not allowed:
                 self._release_auth(probe)
-                self.limiter.cancel(token)
+                with contextlib.suppress(Ms1Error):
+                    self.limiter.cancel(token)
                 abort.wait(min(wait, 0.5))
                 continue
             return Admission(token, probe)
@@ -310,7 +325,10 @@ class Pacer:
     def done(self, admission: Admission, status: int | None,
              retry_after: str | None = None) -> None:
         """Record the outcome of an admitted request (``status`` None: no answer)."""
-        self.limiter.finish(admission.token)
+        try:
+            self.limiter.finish(admission.token)
+        except Ms1Error as exc:  # the slot then expires with its lease
+            log.warning("could not stamp the rate-limit slot (%s)", exc)
         self._release_auth(admission.auth_probe)
         if status is None or status >= 500 or status in (404, 405) or status < 200:
             self.breaker.record(False)

@@ -28,7 +28,7 @@ from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error
 from ms1.intake import Intake
 from ms1.model import InboundMessage
-from ms1.pacing import Breaker, Pacer, SlidingWindowLimiter
+from ms1.pacing import Breaker, Pacer, RateLimiter, SlidingWindowLimiter
 from ms1.pluginmanager import Observers
 from ms1.queue import QueueBackend, QueueStats
 from ms1.sender import Sender
@@ -43,13 +43,14 @@ _EOF: list[InboundMessage] = []  # sentinel: identity-compared
 
 @dataclass(frozen=True)
 class Components:
-    """The five swappable parts, as built by the plugins."""
+    """The swappable parts, as built by the plugins (``limiter`` None: from ``[send]``)."""
 
     source: Source
     policy: BatchPolicy
     queue: QueueBackend
     dead_letters: DeadLetterStore
     transport: Transport
+    limiter: RateLimiter | None = None
 
     @classmethod
     def build(cls, pm: pluggy.PluginManager, config: Config,
@@ -57,7 +58,8 @@ class Components:
         built: list[Any] = []
         try:
             for kind, extra in (("source", {"inputs": list(inputs)}), ("batch_policy", {}),
-                                ("queue", {}), ("dead_letters", {}), ("transport", {})):
+                                ("queue", {}), ("dead_letters", {}), ("transport", {}),
+                                ("rate_limiter", {})):
                 built.append(pluginmanager.build(pm, config, kind, **extra))
         except BaseException:
             for component in reversed(built):
@@ -68,7 +70,11 @@ class Components:
         return cls(*built)
 
     def close(self) -> None:
-        for part in (self.source, self.transport, self.queue, self.dead_letters, self.policy):
+        parts = (self.source, self.transport, self.queue, self.dead_letters, self.policy,
+                 self.limiter)
+        for part in parts:
+            if part is None:
+                continue
             try:
                 part.close()
             except Exception:
@@ -106,15 +112,17 @@ class Summary:
             where = (f"queue {self.queue_name!r} (durable: delivered by the next run)"
                      if self.queue_durable else
                      f"in-memory queue {self.queue_name!r}: LOST when this process exits")
-            lines.append(f"UNDELIVERED: {u.ready + u.in_flight} batches ({u.invoices} "
-                         f"invoices) still in {where}")
+            invoices = "" if u.invoices is None else f" ({u.invoices} invoices)"
+            lines.append(f"UNDELIVERED: {u.ready + u.in_flight} batches{invoices} still in "
+                         f"{where}")
         return "\n".join(lines)
 
 
-def make_pacer(config: Config) -> Pacer:
+def make_pacer(config: Config, limiter: RateLimiter | None = None) -> Pacer:
     """The shared pacer (rate limit, 429/401 pauses, breaker) the ``[send]`` options describe."""
-    limiter = SlidingWindowLimiter(config.get_int("send", "requests_per_minute"),
-                                   config.get_float("send", "rate_window"))
+    if limiter is None:
+        limiter = SlidingWindowLimiter(config.get_int("send", "requests_per_minute"),
+                                       config.get_float("send", "rate_window"))
     breaker = Breaker(config.get_int("send", "breaker_failures"),
                       config.get_float("send", "breaker_reset"))
     return Pacer(limiter, breaker,
@@ -148,7 +156,7 @@ class Service:
             dead_letters=components.dead_letters, observers=self.observers,
             stats=self.stats, abort=self.abort)
         self._batcher_done = threading.Event()
-        self.pacer = make_pacer(config)
+        self.pacer = make_pacer(config, components.limiter)
 
     # --- threads ---------------------------------------------------------------
 
@@ -165,7 +173,8 @@ class Service:
                 dead_letters=self.parts.dead_letters, observers=self.observers,
                 stats=self.stats, pacer=self.pacer, stop=self.senders_stop, abort=self.abort,
                 retry_initial=self.config.get_float("send", "retry_initial"),
-                retry_max=self.config.get_float("send", "retry_max"))
+                retry_max=self.config.get_float("send", "retry_max"),
+                max_deliveries=self.config.get_int("send", "max_deliveries"))
             self._spawn(sender.name, sender.run)
         self.observers.notify("ms1_service_started", config=self.config)
 

@@ -74,6 +74,7 @@ _FACTORIES = {
     "queue": "ms1_make_queue",
     "dead_letters": "ms1_make_dead_letters",
     "transport": "ms1_make_transport",
+    "rate_limiter": "ms1_make_rate_limiter",
 }
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ms1.model import Batch
+from ms1.source import Source
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +36,7 @@ class QueueStats:
 
     ready: int
     in_flight: int
-    invoices: int = 0
+    invoices: int | None = 0  # None: the backend cannot count them cheaply
 
     @property
     def empty(self) -> bool:
@@ -50,8 +51,13 @@ class QueueBackend(ABC):
     durable: bool = False
 
     @abstractmethod
-    def put(self, batch: Batch) -> None:
-        """Store the batch; when this returns it is safe (durably, for a durable backend)."""
+    def put(self, batch: Batch, source: Source | None = None) -> bool:
+        """Store the batch; when this returns it is safe (durably, for a durable backend).
+
+        If the backend can acknowledge the batch's inbound ``refs`` at ``source`` in the
+        same atomic step (the Redis backend does, for a Redis source on the same server),
+        it does so and returns True; otherwise it returns False and the caller acks them.
+        """
 
     @abstractmethod
     def get(self, consumer: str, timeout: float) -> Delivery | None:
@@ -73,6 +79,12 @@ class QueueBackend(ABC):
     def stats(self) -> QueueStats:
         """Current counts, for ``--once``, status and metrics."""
 
+    def describe(self) -> dict[str, object]:
+        """Details for ``ms1-service status`` (lengths, consumers, ...)."""
+        stats = self.stats()
+        return {"backend": self.name, "ready": stats.ready, "in_flight": stats.in_flight,
+                "invoices": stats.invoices}
+
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release connections. Batches not acked stay queued (if durable)."""
 
@@ -89,10 +101,11 @@ class MemoryQueue(QueueBackend):
         self._cond = threading.Condition()
         self._seq = 0
 
-    def put(self, batch: Batch) -> None:
+    def put(self, batch: Batch, source: Source | None = None) -> bool:
         with self._cond:
             self._ready.append((batch, 0))
             self._cond.notify()
+        return False
 
     def get(self, consumer: str, timeout: float) -> Delivery | None:
         deadline = time.monotonic() + timeout

@@ -26,14 +26,16 @@ deliver before the deadline is released back to the queue, never dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from ms1.deadletters import DeadLetterStore
-from ms1.errors import TransportError
+from ms1.errors import Ms1Error, QueueError, TransportError
 from ms1.model import Batch, DeadLetter
 from ms1.pacing import Aborted, Pacer
 from ms1.pluginmanager import Observers
@@ -66,6 +68,7 @@ class Sender:
         dead_letters: DeadLetterStore, observers: Observers, stats: RunStats,
         pacer: Pacer, stop: threading.Event, abort: threading.Event,
         retry_initial: float = 0.5, retry_max: float = 30.0, poll: float = 0.2,
+        max_deliveries: int = 0,
     ) -> None:
         self.name = name
         self._queue = queue
@@ -79,15 +82,31 @@ class Sender:
         self._backoff = wait_exponential_jitter(multiplier=retry_initial, max=retry_max,
                                                 jitter=retry_initial)
         self._poll = poll
+        self._max_deliveries = max_deliveries
 
     def run(self) -> None:
+        failing = False
         while not self._stop.is_set() and not self._abort.is_set():
-            delivery = self._queue.get(self.name, timeout=self._poll)
+            try:
+                delivery = self._queue.get(self.name, timeout=self._poll)
+            except QueueError as exc:
+                if not failing:
+                    log.error("cannot take batches from queue %s (%s); waiting for it",
+                              self._queue.name, exc)
+                failing = True
+                self._abort.wait(1.0)
+                continue
+            if failing:
+                log.warning("queue %s answers again", self._queue.name)
+                failing = False
             if delivery is not None:
                 self.deliver(delivery)
 
     def deliver(self, delivery: Delivery) -> None:
         """Send one delivery until it is settled (acked, split, dead-lettered) or released."""
+        if self._max_deliveries and delivery.attempts > self._max_deliveries:
+            self._give_up(delivery)
+            return
         retrying = Retrying(
             wait=self._wait,
             retry=retry_if_exception_type(_SendFailed),
@@ -99,7 +118,8 @@ class Sender:
                 with attempt:
                     self._attempt(delivery, attempt.retry_state.attempt_number)
         except Aborted:
-            self._queue.release(delivery)
+            with contextlib.suppress(QueueError):
+                self._queue.release(delivery)
             self._observers.notify(
                 "ms1_batch_failed", batch=delivery.batch, status=None,
                 error="shutdown deadline passed: released back to the queue",
@@ -112,6 +132,43 @@ class Sender:
         if isinstance(failure, _SendFailed) and failure.status in PACED_STATUSES:
             return 0.0
         return float(self._backoff(state))
+
+    def _settle(self, action: Callable[[], object], what: str) -> None:
+        """Run a queue/dead-letter step until it succeeds; on abort, leave the batch queued
+        (it will be redelivered: a possible duplicate, never a loss)."""
+        failing = False
+        while True:
+            try:
+                action()
+            except Ms1Error as exc:
+                if not failing:
+                    log.error("cannot %s (%s); retrying", what, exc)
+                failing = True
+                if self._abort.wait(0.5):
+                    raise Aborted from exc
+                continue
+            if failing:
+                log.warning("recovered: could %s", what)
+            return
+
+    def _give_up(self, delivery: Delivery) -> None:
+        """Dead-letter every object of a batch delivered more than ``max_deliveries`` times."""
+        batch = delivery.batch
+        reason = (f"batch {batch.id} was delivered {delivery.attempts} times without being "
+                  f"accepted ([send] max_deliveries = {self._max_deliveries})")
+        letters = [DeadLetter(reason=reason, stage="ms4", payload=payload, message_id=mid,
+                              invoice_id=iid)
+                   for payload, iid, mid in zip(batch.payloads, batch.invoice_ids,
+                                                batch.message_ids, strict=True)]
+        try:
+            self._settle(lambda: self._dead_letters.add(letters), f"dead-letter batch {batch.id}")
+            self._settle(lambda: self._queue.ack(delivery), f"ack batch {batch.id}")
+        except Aborted:
+            return
+        self._stats.add("dead_lettered", len(letters))
+        log.error("%s: its %d invoices are in the dead letters", reason, len(letters))
+        for letter in letters:
+            self._observers.notify("ms1_payload_rejected", letter=letter)
 
     def _sleep(self, seconds: float) -> None:
         if self._abort.wait(seconds):
@@ -135,7 +192,7 @@ class Sender:
         self._pacer.done(admission, response.status, response.headers.get("retry-after"))
         self._stats.add(f"responses_{response.status}")
         if response.status == 202:
-            self._queue.ack(delivery)
+            self._settle(lambda: self._queue.ack(delivery), f"ack batch {batch.id}")
             self._stats.add("batches_delivered")
             self._stats.add("invoices_delivered", len(batch))
             self._observers.notify("ms1_batch_sent", batch=batch, status=202,
@@ -165,7 +222,8 @@ class Sender:
                                error=answer[:500], attempt=attempt, will_retry=False)
         if len(batch) > 1:
             parts = batch.split()
-            self._queue.replace(delivery, parts)
+            self._settle(lambda: self._queue.replace(delivery, parts),
+                         f"replace batch {batch.id} by its halves")
             self._stats.add("batches_split")
             log.info("batch %s (%d invoices) rejected with %d: split into %d + %d",
                      batch.id, len(batch), response.status, len(parts[0]), len(parts[1]))
@@ -176,8 +234,9 @@ class Sender:
             reason=f"MS4 rejected the object: {response.text[:1000] or response.status}",
             stage="ms4", payload=batch.payloads[0], message_id=batch.message_ids[0],
             invoice_id=batch.invoice_ids[0], ms4_answer=answer[:4000])
-        self._dead_letters.add([letter])
-        self._queue.ack(delivery)
+        self._settle(lambda: self._dead_letters.add([letter]),
+                     f"dead-letter invoice {letter.invoice_id}")
+        self._settle(lambda: self._queue.ack(delivery), f"ack batch {batch.id}")
         self._stats.add("dead_lettered")
         log.warning("invoice %s (message %s) dead-lettered: MS4 answered %s",
                     batch.invoice_ids[0], batch.message_ids[0], answer[:200])

@@ -35,6 +35,15 @@ class Source(ABC):
     def ack(self, refs: Sequence[str]) -> None:  # noqa: B027 - optional for sources
         """The messages with these refs are safe; the source may forget them."""
 
+    def push(self, emails: Sequence[bytes]) -> int:
+        """Add e-mails to the source (``ms1-service enqueue``); return how many were added."""
+        raise SourceError(f"source {self.name!r} cannot take e-mails: use a source that can "
+                          "(redis, memory)")
+
+    def describe(self) -> dict[str, object]:
+        """Details for ``ms1-service status``."""
+        return {"source": self.name}
+
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release connections and files."""
 
@@ -55,15 +64,20 @@ class MemorySource(Source):
         self._ended = finite
         self.acked: list[str] = []
         for data in messages:
-            self.push(data)
+            self.push_one(data)
 
-    def push(self, data: bytes) -> str:
+    def push_one(self, data: bytes) -> str:
         with self._cond:
             self._count += 1
             ref = f"mem-{self._count}"
             self._pending.append(InboundMessage(ref, data))
             self._cond.notify()
         return ref
+
+    def push(self, emails: Sequence[bytes]) -> int:
+        for data in emails:
+            self.push_one(data)
+        return len(emails)
 
     def end(self) -> None:
         """No more messages will be pushed: once drained, the source is exhausted."""

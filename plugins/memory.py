@@ -1,4 +1,4 @@
-"""Built-in plugin ``memory``: in-process source, queue, dead letters and transport.
+"""Built-in plugin ``memory``: in-process source, queue, dead letters, transport, limiter.
 
 For tests, demos and embedding; nothing survives the process.
 """
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from ms1.config import Config
 from ms1.deadletters import DeadLetterStore, MemoryDeadLetters
 from ms1.hookspecs import hookimpl
+from ms1.pacing import RateLimiter, SlidingWindowLimiter
 from ms1.queue import MemoryQueue, QueueBackend
 from ms1.source import MemorySource, Source
 from ms1.transport import MemoryTransport, Transport
@@ -19,7 +20,8 @@ NAME = "memory"
 
 @hookimpl
 def ms1_components() -> Sequence[tuple[str, str]]:
-    return [("source", NAME), ("queue", NAME), ("dead_letters", NAME), ("transport", NAME)]
+    return [("source", NAME), ("queue", NAME), ("dead_letters", NAME), ("transport", NAME),
+            ("rate_limiter", NAME)]
 
 
 @hookimpl
@@ -40,3 +42,11 @@ def ms1_make_dead_letters(name: str, config: Config) -> DeadLetterStore | None:
 @hookimpl
 def ms1_make_transport(name: str, config: Config) -> Transport | None:
     return MemoryTransport() if name == NAME else None
+
+
+@hookimpl
+def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
+    if name != NAME:
+        return None
+    return SlidingWindowLimiter(config.get_int("send", "requests_per_minute"),
+                                config.get_float("send", "rate_window"))

@@ -39,11 +39,11 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         ("max_items = 5\n", "line 1: key outside any [section]"),
         ("[ms4]\napi_key = hunter2\n", "[ms4] api_key: the API key is never read from the INI"),
         ("[queue]\nbackend = kafka\n", "[queue] backend: no installed plugin provides queue "
-                                       "'kafka'; installed: memory"),
+                                       "'kafka'; installed: auto, memory, redis"),
         ("[batch]\npolicy = bulk\n", "[batch] policy: no installed plugin provides batch policy "
                                      "'bulk'; installed: batch, unit"),
         ("[source]\nname = imap\n", "[source] name: no installed plugin provides source 'imap';"
-                                    " installed: files, memory"),
+                                    " installed: files, memory, redis"),
         ("[ms4]\ntransport = smtp\n", "[ms4] transport: no installed plugin provides transport "
                                       "'smtp'; installed: "),
     ],

@@ -35,10 +35,10 @@ def test_every_hook_is_documented_and_factories_are_firstresult() -> None:
 def test_builtins_come_through_the_entry_point_group() -> None:
     pm = pluginmanager.make_plugin_manager()
     names = {name for name, _ in pm.list_name_plugin()}
-    assert {"memory", "files", "policies"} <= names
+    assert {"memory", "files", "policies", "http", "redis"} <= names
     dists = {dist.project_name for _, dist in pm.list_plugin_distinfo()}
     assert "ms1" in dists
-    assert pluginmanager.installed(pm, "queue") == ["memory"]
+    assert pluginmanager.installed(pm, "queue") == ["auto", "memory", "redis"]
     assert pluginmanager.installed(pm, "batch_policy") == ["batch", "unit"]
 
 

@@ -1,0 +1,133 @@
+"""The admin commands of ``ms1-service``: ``enqueue``, ``status``, ``dlq list``, ``dlq replay``.
+
+They build only the components they need, through the same plugins as the service,
+and work on whatever backends the config names (Redis in production).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from ms1 import pluginmanager
+from ms1.config import Config
+from ms1.deadletters import DeadLetterStore, letter_to_json, replay
+from ms1.errors import ConfigError, Ms1Error
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def run(args: argparse.Namespace, config: Config, pm: pluggy.PluginManager) -> int:
+    if args.command == "enqueue":
+        return enqueue(config, pm, args.files)
+    if args.command == "status":
+        return status(config, pm, as_json=args.json)
+    if args.dlq_command == "list":
+        return dlq_list(config, pm, limit=args.limit, as_json=args.json)
+    if not args.all and not args.ids:
+        raise ConfigError("dlq replay: give dead-letter ids or --all")
+    return dlq_replay(config, pm, None if args.all else args.ids)
+
+
+def _emails(paths: list[str]) -> Iterator[bytes]:
+    for name in paths:
+        path = Path(name)
+        if path.suffix not in (".json", ".jsonl") or not path.is_file():
+            raise ConfigError(f"enqueue: {name}: not a *.json or *.jsonl file")
+        if path.suffix == ".json":
+            yield path.read_bytes()
+            continue
+        with path.open("rb") as fh:
+            for line in fh:
+                if line.strip():
+                    yield line.rstrip(b"\r\n")
+
+
+def enqueue(config: Config, pm: pluggy.PluginManager, files: list[str]) -> int:
+    """Push e-mails into the configured source (the inbound stream) as they are: the
+    service validates them, so a broken one ends in the dead letters, not here."""
+    emails = list(_emails(files))
+    source = pluginmanager.build(pm, config, "source", inputs=[])
+    try:
+        count = source.push(emails)
+    finally:
+        source.close()
+    print(f"enqueued {count} e-mails into source {source.name!r}")
+    return EXIT_OK
+
+
+def status(config: Config, pm: pluggy.PluginManager, *, as_json: bool) -> int:
+    parts: dict[str, Any] = {}
+    for kind in ("source", "queue", "dead_letters"):
+        extra: dict[str, Any] = {"inputs": []} if kind == "source" else {}
+        component = pluginmanager.build(pm, config, kind, **extra)
+        try:
+            if kind == "dead_letters":
+                parts[kind] = {"backend": component.name, "count": component.count()}
+            else:
+                parts[kind] = component.describe()
+        except Ms1Error as exc:
+            parts[kind] = {"error": str(exc)}
+        finally:
+            component.close()
+    if as_json:
+        print(json.dumps(parts, indent=2, default=str))
+        return EXIT_OK
+    for kind, info in parts.items():
+        consumers = info.pop("consumers", None) if isinstance(info, dict) else None
+        fields = ", ".join(f"{k} {v}" for k, v in info.items())
+        print(f"{kind.replace('_', ' ')}: {fields}")
+        for consumer in consumers or []:
+            print(f"  consumer {consumer['name']}: pending {consumer['pending']}, "
+                  f"idle {consumer['idle_s']} s")
+    return EXIT_OK
+
+
+def _store(config: Config, pm: pluggy.PluginManager) -> DeadLetterStore:
+    store = pluginmanager.build(pm, config, "dead_letters")
+    assert isinstance(store, DeadLetterStore)
+    return store
+
+
+def dlq_list(config: Config, pm: pluggy.PluginManager, *, limit: int, as_json: bool) -> int:
+    store = _store(config, pm)
+    try:
+        letters = store.list(limit=limit)
+        total = store.count()
+    finally:
+        store.close()
+    for letter in letters:
+        if as_json:
+            print(json.dumps(letter_to_json(letter), ensure_ascii=False))
+        else:
+            who = letter.invoice_id or letter.message_id or letter.source_ref or "?"
+            print(f"{letter.id}  {letter.stage:<9} {who}  {letter.reason}")
+    if not as_json:
+        print(f"({len(letters)} of {total} dead letters shown)", file=sys.stderr)
+    return EXIT_OK
+
+
+def dlq_replay(config: Config, pm: pluggy.PluginManager, ids: list[str] | None) -> int:
+    store = _store(config, pm)
+    queue = pluginmanager.build(pm, config, "queue")
+    try:
+        if not queue.durable:
+            raise ConfigError(f"dlq replay needs a durable queue; [queue] backend = "
+                              f"{queue.name!r} would forget the batches when this command ends",
+                              path=config.path, section="queue", key="backend")
+        result = replay(store, queue, ids=ids,
+                        max_items=config.get_int("batch", "max_items"),
+                        max_bytes=config.get_int("batch", "max_bytes"))
+    finally:
+        queue.close()
+        store.close()
+    print(f"replayed {result.replayed} dead letters in {result.batches} batches")
+    for letter_id, reason in result.still_invalid:
+        print(f"kept {letter_id}: still invalid: {reason}")
+    return EXIT_OK if not result.still_invalid else EXIT_FAILED
