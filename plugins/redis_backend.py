@@ -285,13 +285,18 @@ class _Claimer:
     def __init__(self, link: RedisLink, stream: str, group: str, consumer: str,
                  visibility: float) -> None:
         self._link, self._stream, self._group, self._consumer = link, stream, group, consumer
-        self._visibility_ms = int(visibility * 1000)
+        self.visibility_ms = int(visibility * 1000)
         self._lock = threading.Lock()
         self._own_loaded = False
         self._backlog: deque[tuple[str, dict[bytes, bytes] | None]] = deque()
         self._cursor = "0-0"
         self._next_claim = 0.0
         self._claim_every = min(max(visibility / 4, 0.5), 5.0)
+
+    def claim_soon(self) -> None:
+        with self._lock:
+            self._next_claim = 0.0
+            self._cursor = "0-0"
 
     def take(self, count: int) -> list[tuple[str, dict[bytes, bytes] | None]]:
         with self._lock:
@@ -320,7 +325,7 @@ class _Claimer:
 
     def _autoclaim(self, count: int) -> None:
         reply = self._link.client.xautoclaim(self._stream, self._group, self._consumer,
-                                             self._visibility_ms, start_id=self._cursor,
+                                             self.visibility_ms, start_id=self._cursor,
                                              count=count)
         self._cursor = _decode(reply[0])
         claimed = reply[1]
@@ -328,7 +333,7 @@ class _Claimer:
             self._backlog.append((_decode(entry_id), fields or None))
         if claimed:
             log.warning("%s: took over %d entries idle for more than %.0f s from other "
-                        "consumers", self._stream, len(claimed), self._visibility_ms / 1000)
+                        "consumers", self._stream, len(claimed), self.visibility_ms / 1000)
 
 
 def _times_delivered(link: RedisLink, stream: str, group: str, entry_id: str) -> int:
@@ -458,9 +463,14 @@ class RedisQueue(QueueBackend):
         self._finish(delivery, parts, f"split batch {delivery.batch.id}")
 
     def release(self, delivery: Delivery) -> None:
-        # stays in this consumer's pending list: re-read first on restart, or taken over
-        # by another instance once it has been idle for visibility_timeout
+        """Mark the entry idle past the visibility timeout: the next XAUTOCLAIM of any
+        instance (this one included) takes it at once. It never leaves the stream."""
         self._held.discard([delivery.token])
+        with translated(QueueError, f"release batch {delivery.batch.id}", self.link):
+            self.link.client.xclaim(self.stream, self.group, self.consumer, 0,
+                                    [delivery.token], idle=self._claimer.visibility_ms + 1,
+                                    justid=True)
+        self._claimer.claim_soon()
 
     def stats(self) -> QueueStats:
         with translated(QueueError, "read queue length", self.link):

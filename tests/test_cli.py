@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import free_port
+
 from ms1 import samples
 
 
@@ -83,21 +85,16 @@ def test_samples_command_writes_jsonl(tmp_path: Path) -> None:
     assert lines == [s.data for s in samples.generate(20, invalid_every=5)]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_readme_demo_runs_over_http_through_ms4_sim(tmp_path: Path) -> None:
-    """The README's demo: ms4-sim serves while ms1-service --once runs on conf/dev.ini."""
+def run_demo(tmp_path: Path, redis_url: str) -> subprocess.CompletedProcess[str]:
+    """The README's demo: ms4-sim serves while ms1-service --once runs on conf/dev.ini
+    (ports moved so tests do not collide with anything on the machine)."""
     conf = (Path(__file__).parent.parent / "conf" / "dev.ini").read_text()
     port = free_port()
     assert "base_url = http://127.0.0.1:8404" in conf
+    assert "url = redis://127.0.0.1:6379/0" in conf
     config = tmp_path / "dev.ini"
-    config.write_text(conf.replace("127.0.0.1:8404", f"127.0.0.1:{port}"))
+    config.write_text(conf.replace("127.0.0.1:8404", f"127.0.0.1:{port}")
+                      .replace("url = redis://127.0.0.1:6379/0", f"url = {redis_url}"))
     env = {k: v for k, v in os.environ.items() if k != "MS1_MS4_API_KEY"}
     proc = subprocess.run(
         [sys.executable, "-m", "ms1.sim", "--port", str(port), "--",
@@ -111,3 +108,19 @@ def test_readme_demo_runs_over_http_through_ms4_sim(tmp_path: Path) -> None:
     assert stats["requests_by_status"] == {"202": 20}
     assert (tmp_path / "var" / "dead-letters.jsonl").exists()
     assert "sim-key" not in proc.stdout + proc.stderr
+    return proc
+
+
+def test_readme_demo_uses_redis_when_one_answers(tmp_path: Path, redis_url: str) -> None:
+    proc = run_demo(tmp_path, redis_url)
+    assert "Redis answers at" in proc.stderr and "using the durable redis backend" in proc.stderr
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    assert client.exists("ms1-demo:outbound") and client.xlen("ms1-demo:outbound") == 0
+
+
+def test_readme_demo_falls_back_to_memory_without_redis(tmp_path: Path) -> None:
+    proc = run_demo(tmp_path, f"redis://127.0.0.1:{free_port()}/0")
+    assert "no Redis answers at" in proc.stderr
+    assert "using the in-memory backend" in proc.stderr

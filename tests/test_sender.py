@@ -155,3 +155,22 @@ def test_failing_observer_plugin_does_not_stop_delivery() -> None:
     rig.queue.put(make_batch(["a"]))
     rig.drain()
     assert rig.queue.stats().empty
+
+
+def test_batch_handed_out_more_than_max_deliveries_is_dead_lettered() -> None:
+    rig = Rig(MemoryTransport())
+    rig.sender._max_deliveries = 2
+    batch = make_batch(["a", "b"])
+    rig.queue.put(batch)
+    for _ in range(2):  # two deliveries that never finished (crashed senders)
+        delivery = rig.queue.get("s1", timeout=1)
+        assert delivery is not None
+        rig.queue.release(delivery)
+    third = rig.queue.get("s1", timeout=1)
+    assert third is not None and third.attempts == 3
+    rig.sender.deliver(third)
+    assert rig.transport.requests == []  # not sent again
+    assert rig.queue.stats().empty
+    letters = rig.dead.all()
+    assert [letter.invoice_id for letter in letters] == ["a", "b"]
+    assert "delivered 3 times" in letters[0].reason and "max_deliveries = 2" in letters[0].reason
