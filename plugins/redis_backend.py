@@ -151,6 +151,7 @@ class RedisLink:
         # the reply shapes used here are those of RESP2, the protocol this client speaks
         self.client: Any = redis.Redis(connection_pool=pool)
         self._users = 0
+        self.closed = False
         self._lock = threading.Lock()
         self._refreshers: list[Callable[[], None]] = []
         self._stop = threading.Event()
@@ -166,6 +167,7 @@ class RedisLink:
         with self._lock:
             self._users -= 1
             last = self._users <= 0
+            self.closed = last
         if last:
             self._stop.set()
             self.client.close()
@@ -204,7 +206,7 @@ def link_for(config: Config) -> RedisLink:
     url = config.get_str(SECTION, "url")
     by_url = _links.setdefault(config, {})
     link = by_url.get(url)
-    if link is None:
+    if link is None or link.closed:
         password = None
         env = config.get_str(SECTION, "password_env")
         if env:
