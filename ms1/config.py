@@ -166,7 +166,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("source", "name", "str", "files",
            "where e-mails come from: a source plugin name (built in: files, memory)"),
     Option("source", "read_chunk", "int", 500, "most e-mails taken from the source per read",
-           min=1, max=100_000),
+           min=1, max=5_000),
     Option("batch", "policy", "str", "batch",
            "batch policy plugin: batch (JSON arrays on /batch-metadata) or unit (one object "
            "per request on /metadata, the old behaviour)"),

@@ -52,8 +52,8 @@ class Batch:
     ``id`` is derived from the content, so the same batch has the same id on
     every retry, redelivery and even after being rebuilt from the same inbound
     entries following a crash: it is sent as ``Idempotency-Key``.
-    ``refs`` are the inbound refs of the payloads; they matter only inside the
-    process that built the batch and are not stored by queue backends.
+    ``refs`` are the inbound refs of the payloads (for a Redis source, stream entry ids,
+    whose time part dates each e-mail's arrival); a backend may store them or not.
     """
 
     path: str

@@ -195,14 +195,21 @@ class Service:
 
     def _read_loop(self) -> None:
         source = self.parts.source
+        failing = False
         try:
             while not self.intake_stop.is_set():
                 try:
                     messages = source.read(self._read_chunk, timeout=0.2)
                 except Ms1Error as exc:
-                    log.error("cannot read from source %s (%s); retrying", source.name, exc)
+                    if not failing:
+                        log.error("cannot read from source %s (%s); waiting for it",
+                                  source.name, exc)
+                    failing = True
                     self.intake_stop.wait(1.0)
                     continue
+                if failing:
+                    log.warning("source %s answers again", source.name)
+                    failing = False
                 if messages:
                     self._hand_over(messages)
                 elif source.exhausted or self.once:

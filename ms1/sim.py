@@ -13,10 +13,11 @@ Control endpoints (no API key, not counted in the stats, no latency):
 * ``GET /stats``  -- JSON stats (see :meth:`Ms4Sim.stats`).
 * ``POST /reset`` -- clears stats, accepted ids and the rate limiter (204).
 
-Request handling order for an API POST: read body -> API key -> sliding-window rate
-limit -> injected faults -> parse JSON -> shape -> validate every object -> accept
-(record, then maybe drop the connection without answering) -> 202.
-``latency`` is slept before every API answer (and before a drop).
+Request handling order for an API POST: read body -> ``latency`` (the server's work) ->
+API key -> sliding-window rate limit -> injected faults -> parse JSON -> shape ->
+validate every object -> accept (record, then maybe drop the connection without
+answering) -> 202 at once. Like a real server, the sim does its work and then answers:
+an accepted request's 202 is on its way as soon as it is recorded.
 
 The config object is read on every request, so tests may tweak e.g. ``sim.config.drop``
 or ``sim.config.fail_500`` while the sim is running.
@@ -585,6 +586,9 @@ class _Handler(BaseHTTPRequestHandler):
         except _BadBody as exc:
             self.close_connection = True
             return _error(400, str(exc))
+        latency = self._state.config.latency
+        if latency > 0:  # the server's work: then it decides and answers at once
+            time.sleep(latency)
         if path not in API_PATHS:
             return _error(404, "not found")
         return self._process(path, body)
@@ -640,9 +644,6 @@ class _Handler(BaseHTTPRequestHandler):
         return _Outcome(202, drop=dropped)
 
     def _finish_api(self, outcome: _Outcome) -> None:
-        latency = self._state.config.latency
-        if latency > 0:
-            time.sleep(latency)
         if outcome.drop:  # already counted as accepted/"dropped"
             self.close_connection = True
             with contextlib.suppress(OSError):

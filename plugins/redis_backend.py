@@ -157,6 +157,10 @@ class RedisLink:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._interval = 20.0
+        #: time.monotonic() of the last failed Redis call (0: none yet)
+        self.failed_at = 0.0
+        self._enqueue = self.client.register_script(_ENQUEUE)
+        self._finish = self.client.register_script(_FINISH_ENTRY)
 
     def use(self) -> RedisLink:
         with self._lock:
@@ -183,13 +187,52 @@ class RedisLink:
                                                    daemon=True)
                 self._heartbeat.start()
 
+    @property
+    def heartbeat_interval(self) -> float:
+        return self._interval
+
     def _beat(self) -> None:
-        while not self._stop.wait(self._interval):
+        wait = self._interval
+        while not self._stop.wait(wait):
+            wait = self._interval
             for refresher in list(self._refreshers):
                 try:
                     refresher()
                 except Ms1Error as exc:
                     log.debug("heartbeat: %s", exc)
+                    wait = 1.0  # Redis is failing: refresh again as soon as it is back
+
+    def recently_failed(self) -> bool:
+        """True within one heartbeat period (+2 s) of a failed call: while Redis was away
+        no instance could refresh what it holds, so nobody's idle entries mean anything
+        until every live instance has had a heartbeat to refresh them."""
+        return self.failed_at > 0 and time.monotonic() - self.failed_at < self._interval + 2
+
+    def add_entries(self, stream: str, entries: Sequence[dict[str, bytes | str]], *,
+                    inbound: RedisSource | None = None, refs: Sequence[str] = ()) -> bool:
+        """XADD ``entries`` to ``stream`` and ack ``refs`` at ``inbound``, atomically and
+        idempotently: if none of ``refs`` is pending any more, an earlier call whose reply
+        was lost did it all, and nothing is added twice. Returns False in that case."""
+        args: list[bytes | str | int] = []
+        keys = [stream, inbound.stream if inbound is not None else stream]
+        args += [inbound.group if inbound is not None else "", 1 if inbound and inbound.delete
+                 else 0, len(refs), *refs, len(entries)]
+        for fields in entries:
+            args.append(len(fields) * 2)
+            for key, value in fields.items():
+                args += [key, value]
+        return bool(self._enqueue(keys=keys, args=args))
+
+    def finish_entry(self, stream: str, group: str, entry_id: str,
+                     parts: Sequence[dict[str, bytes | str]]) -> bool:
+        """XACK + XDEL ``entry_id`` and XADD ``parts``, atomically; if the entry was acked
+        already (a retry after a lost reply), only make sure it is deleted."""
+        args: list[bytes | str | int] = [group, entry_id, len(parts)]
+        for fields in parts:
+            args.append(len(fields) * 2)
+            for key, value in fields.items():
+                args += [key, value]
+        return bool(self._finish(keys=[stream], args=args))
 
     def ping(self) -> bool:
         try:
@@ -239,7 +282,61 @@ def translated(error: type[Ms1Error], what: str, link: RedisLink) -> Iterator[No
     try:
         yield
     except redis.RedisError as exc:
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            link.failed_at = time.monotonic()
         raise error(f"{what}: {type(exc).__name__}: {exc} (Redis at {link.url})") from exc
+
+
+# One script enqueues entries and acks the inbound refs they came from. It is atomic
+# (like MULTI) and idempotent: retried after a reply was lost, it finds the refs no
+# longer pending and adds nothing. KEYS: target stream, inbound stream.
+# ARGV: group, delete(0/1), n refs, refs..., n entries, (2*n fields, field, value...)...
+_ENQUEUE = """
+local group, delete = ARGV[1], ARGV[2] == '1'
+local nrefs = tonumber(ARGV[3])
+local i = 4
+local refs = {}
+for k = 1, nrefs do refs[k] = ARGV[i]; i = i + 1 end
+if nrefs > 0 then
+  local pending = 0
+  for k = 1, nrefs do
+    if #redis.call('XPENDING', KEYS[2], group, refs[k], refs[k], 1) > 0 then
+      pending = pending + 1
+    end
+  end
+  if pending == 0 then return 0 end
+end
+local nentries = tonumber(ARGV[i]); i = i + 1
+for e = 1, nentries do
+  local n = tonumber(ARGV[i]); i = i + 1
+  local fields = {}
+  for f = 1, n do fields[f] = ARGV[i]; i = i + 1 end
+  redis.call('XADD', KEYS[1], '*', unpack(fields))
+end
+if nrefs > 0 then
+  redis.call('XACK', KEYS[2], group, unpack(refs))
+  if delete then redis.call('XDEL', KEYS[2], unpack(refs)) end
+end
+return 1
+"""
+
+# Finishing a delivered entry: ack + delete it and add its parts (after a 400 split), once.
+# KEYS: stream. ARGV: group, entry id, n parts, (2*n fields, field, value...)...
+_FINISH_ENTRY = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return 0
+end
+local i = 4
+for e = 1, tonumber(ARGV[3]) do
+  local n = tonumber(ARGV[i]); i = i + 1
+  local fields = {}
+  for f = 1, n do fields[f] = ARGV[i]; i = i + 1 end
+  redis.call('XADD', KEYS[1], '*', unpack(fields))
+end
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
 
 
 def _ensure_group(link: RedisLink, stream: str, group: str) -> None:
@@ -266,6 +363,10 @@ class _Held:
         with self._lock:
             self._ids.difference_update(ids)
 
+    def holds(self, entry_id: str) -> bool:
+        with self._lock:
+            return entry_id in self._ids
+
     def refresh(self) -> None:
         with self._lock:
             ids = list(self._ids)
@@ -285,8 +386,9 @@ class _Claimer:
     then those idle past the visibility timeout (dead consumers), with XAUTOCLAIM."""
 
     def __init__(self, link: RedisLink, stream: str, group: str, consumer: str,
-                 visibility: float) -> None:
+                 visibility: float, held: _Held) -> None:
         self._link, self._stream, self._group, self._consumer = link, stream, group, consumer
+        self._held = held
         self.visibility_ms = int(visibility * 1000)
         self._lock = threading.Lock()
         self._own_loaded = False
@@ -305,7 +407,8 @@ class _Claimer:
             if not self._own_loaded:
                 self._load_own()
                 self._own_loaded = True
-            if not self._backlog and time.monotonic() >= self._next_claim:
+            if (not self._backlog and time.monotonic() >= self._next_claim
+                    and not self._link.recently_failed()):
                 self._next_claim = time.monotonic() + self._claim_every
                 self._autoclaim(count)
             return [self._backlog.popleft() for _ in range(min(count, len(self._backlog)))]
@@ -330,7 +433,9 @@ class _Claimer:
                                              self.visibility_ms, start_id=self._cursor,
                                              count=count)
         self._cursor = _decode(reply[0])
-        claimed = reply[1]
+        # entries this process still holds only look idle (e.g. just after an outage):
+        # claiming them refreshed them; they must not be handed out a second time
+        claimed = [(i, f) for i, f in reply[1] if not self._held.holds(_decode(i))]
         for entry_id, fields in claimed:
             self._backlog.append((_decode(entry_id), fields or None))
         if claimed:
@@ -354,6 +459,8 @@ def batch_fields(batch: Batch) -> dict[str, bytes | str]:
         "invoice_ids": json.dumps(batch.invoice_ids),
         "message_ids": json.dumps(batch.message_ids),
         "created_at": repr(batch.created_at),
+        # inbound entry ids: their timestamps give inbound-to-202 latency after a restart too
+        "refs": json.dumps(batch.refs),
     }
 
 
@@ -365,6 +472,7 @@ def batch_from_fields(fields: dict[bytes, bytes]) -> Batch:
         message_ids=tuple(json.loads(fields[b"message_ids"])),
         id=fields[b"id"].decode(),
         created_at=float(fields[b"created_at"]),
+        refs=tuple(json.loads(fields.get(b"refs", b"[]"))),
     )
 
 
@@ -382,7 +490,8 @@ class RedisQueue(QueueBackend):
         self._ready = False
         self._ready_lock = threading.Lock()
         self._held = _Held(link, stream, group, consumer)
-        self._claimer = _Claimer(link, stream, group, consumer, visibility_timeout)
+        self._claimer = _Claimer(link, stream, group, consumer, visibility_timeout,
+                                 self._held)
         link.on_heartbeat(self._held.refresh, visibility_timeout / 3)
 
     def _ensure(self) -> None:
@@ -408,15 +517,15 @@ class RedisQueue(QueueBackend):
                         "lost; production needs noeviction", self.link.url, policy)
 
     def put(self, batch: Batch, source: Source | None = None) -> bool:
+        inbound = _sibling(source, self.link)
+        refs = batch.refs if inbound is not None else ()
         with translated(QueueError, f"enqueue batch {batch.id}", self.link):
             self._ensure()
-            pipe = self.link.client.pipeline(transaction=True)
-            pipe.xadd(self.stream, batch_fields(batch))
-            acked = _ack_inbound_in(pipe, source, self.link, batch.refs)
-            pipe.execute()
-        if acked and isinstance(source, RedisSource):
-            source.forget(batch.refs)
-        return acked
+            self.link.add_entries(self.stream, [batch_fields(batch)], inbound=inbound,
+                                  refs=refs)
+        if inbound is not None:
+            inbound.forget(refs)
+        return inbound is not None
 
     def get(self, consumer: str, timeout: float) -> Delivery | None:
         with translated(QueueError, "take a batch", self.link):
@@ -450,12 +559,8 @@ class RedisQueue(QueueBackend):
 
     def _finish(self, delivery: Delivery, parts: Sequence[Batch], what: str) -> None:
         with translated(QueueError, what, self.link):
-            pipe = self.link.client.pipeline(transaction=True)
-            for part in parts:
-                pipe.xadd(self.stream, batch_fields(part))
-            pipe.xack(self.stream, self.group, delivery.token)
-            pipe.xdel(self.stream, delivery.token)
-            pipe.execute()
+            self.link.finish_entry(self.stream, self.group, delivery.token,
+                                   [batch_fields(part) for part in parts])
         self._held.discard([delivery.token])
 
     def ack(self, delivery: Delivery) -> None:
@@ -491,14 +596,11 @@ class RedisQueue(QueueBackend):
         self.link.release()
 
 
-def _ack_inbound_in(pipe: Any, source: Source | None, link: RedisLink,
-                    refs: Sequence[str]) -> bool:
-    """Queue the inbound acks on ``pipe`` if ``source`` lives on the same Redis."""
-    if not isinstance(source, RedisSource) or source.link is not link:
-        return False
-    if refs:
-        source.ack_in(pipe, refs)
-    return True
+def _sibling(source: Source | None, link: RedisLink) -> RedisSource | None:
+    """``source`` if it is a Redis source on the same client (so acks can be atomic)."""
+    if isinstance(source, RedisSource) and source.link is link:
+        return source
+    return None
 
 
 def describe_stream(link: RedisLink, stream: str, group: str,
@@ -532,10 +634,11 @@ class RedisSource(Source):
                  visibility_timeout: float, delete_acked: bool) -> None:
         self.link = link
         self.stream, self.group, self.consumer = stream, group, consumer
-        self._delete = delete_acked
+        self.delete = delete_acked
         self._ready = False
         self._held = _Held(link, stream, group, consumer)
-        self._claimer = _Claimer(link, stream, group, consumer, visibility_timeout)
+        self._claimer = _Claimer(link, stream, group, consumer, visibility_timeout,
+                                 self._held)
         link.on_heartbeat(self._held.refresh, visibility_timeout / 3)
 
     def _ensure(self) -> None:
@@ -572,7 +675,7 @@ class RedisSource(Source):
     def ack_in(self, pipe: Any, refs: Sequence[str]) -> None:
         """Queue the acknowledgement of ``refs`` on a MULTI pipeline of the same client."""
         pipe.xack(self.stream, self.group, *refs)
-        if self._delete:
+        if self.delete:
             pipe.xdel(self.stream, *refs)
 
     def forget(self, refs: Sequence[str]) -> None:
@@ -636,16 +739,15 @@ class RedisDeadLetters(DeadLetterStore):
         self.stream = stream
 
     def add(self, letters: Sequence[DeadLetter], source: Source | None = None) -> bool:
-        refs = [letter.source_ref for letter in letters if letter.source_ref]
+        inbound = _sibling(source, self.link)
+        refs = [letter.source_ref for letter in letters if letter.source_ref] \
+            if inbound is not None else []
         with translated(QueueError, f"store {len(letters)} dead letters", self.link):
-            pipe = self.link.client.pipeline(transaction=True)
-            for letter in letters:
-                pipe.xadd(self.stream, letter_fields(letter))
-            acked = _ack_inbound_in(pipe, source, self.link, refs)
-            pipe.execute()
-        if acked and isinstance(source, RedisSource):
-            source.forget(refs)
-        return acked
+            self.link.add_entries(self.stream, [letter_fields(x) for x in letters],
+                                  inbound=inbound, refs=refs)
+        if inbound is not None:
+            inbound.forget(refs)
+        return inbound is not None
 
     def list(self, limit: int = 100, ids: Sequence[str] | None = None) -> list[DeadLetter]:
         with translated(QueueError, f"read {self.stream}", self.link):
@@ -674,7 +776,7 @@ class RedisDeadLetters(DeadLetterStore):
 
 # --- shared rate limiter -------------------------------------------------------------
 
-_ACQUIRE = """
+_LIMIT_ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local limit, window, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
@@ -688,7 +790,7 @@ local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {0, tostring(tonumber(oldest[2]) + window - now)}
 """
 
-_FINISH = """
+_LIMIT_FINISH = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 return redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
@@ -708,8 +810,8 @@ class RedisRateLimiter(RateLimiter):
                  lease: float) -> None:
         self.link = link
         self.key, self.limit, self.window, self.lease = key, limit, window, lease
-        self._acquire = link.client.register_script(_ACQUIRE)
-        self._finish = link.client.register_script(_FINISH)
+        self._acquire = link.client.register_script(_LIMIT_ACQUIRE)
+        self._finish = link.client.register_script(_LIMIT_FINISH)
 
     def try_acquire(self) -> tuple[str | None, float]:
         token = uuid.uuid4().hex

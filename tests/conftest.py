@@ -91,7 +91,8 @@ class RedisServer:
                     break
             except redis_py.RedisError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server did not start: {self.dir}/redis.log")
+                    raise RuntimeError(f"redis-server did not start: {self.dir}/redis.log") \
+                        from None
                 time.sleep(0.05)
         client.close()
         return self

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from conftest import RedisServer
 
 from ms1.deadletters import MemoryDeadLetters, replay
 from ms1.errors import QueueError
@@ -22,8 +23,6 @@ from ms1_plugins.redis_backend import (
     RedisSource,
     redact_url,
 )
-
-from conftest import RedisServer
 
 
 def batch(n: int, size: int = 3) -> Batch:
@@ -238,3 +237,43 @@ def test_replay_batches_objects_and_reprocesses_emails() -> None:
     while (d := out.get("x", timeout=0)) is not None:
         got.extend(d.batch.invoice_ids)
     assert got == ["A", "B", "R1"]
+
+
+def test_enqueue_retried_after_a_lost_reply_adds_nothing_twice(redis_url) -> None:
+    src = source(redis_url)
+    out = RedisQueue(src.link.use(), stream="t:out", group="g", consumer="c",
+                     visibility_timeout=30, block_timeout=0.05)
+    src.push([b"a", b"b"])
+    refs = [m.ref for m in src.read(10, timeout=0.5)]
+    b = Batch.of(BATCH_PATH, [Item(b"{}", f"i{k}", "m", ref) for k, ref in enumerate(refs)])
+    out.put(b, src)
+    out.put(b, src)  # the same call again, as after "Connection closed" on EXEC's reply
+    assert src.link.client.xlen("t:out") == 1
+    out.close()
+    src.close()
+
+
+def test_finish_retried_after_a_lost_reply_adds_the_halves_once(redis_url) -> None:
+    q = queue(redis_url, "c")
+    whole = batch(1, size=4)
+    q.put(whole)
+    delivery = q.get("s", timeout=1)
+    assert delivery is not None
+    halves = whole.split()
+    q.replace(delivery, halves)
+    q.replace(delivery, halves)  # retried: the original is already acked
+    assert q.link.client.xlen("t:out") == 2
+    q.close()
+
+
+def test_own_held_entries_are_not_handed_out_again_when_they_look_idle(redis_url) -> None:
+    q = queue(redis_url, "c", visibility=1)
+    q.put(batch(1))
+    held = q.get("s", timeout=1)
+    assert held is not None
+    # as after an outage longer than the visibility timeout: the heartbeat could not run
+    q.link.client.xclaim("t:out", "g", "c", 0, [held.token], idle=60_000, justid=True)
+    q._claimer.claim_soon()
+    assert q.get("s", timeout=0.2) is None
+    q.ack(held)
+    q.close()

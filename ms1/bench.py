@@ -1,0 +1,264 @@
+"""``ms1-bench``: throughput and latency of the whole real pipeline on this machine.
+
+It starts its own ``redis-server`` and ``ms4-sim`` (no rate limit, no latency), feeds
+generated e-mails into the inbound stream from a separate producer process (as the
+ingestor would), runs the ms1 service — Redis source, processor, batches, Redis
+outbound stream, httpx, 202 — and prints:
+
+* invoices/s end to end (first inbound XADD to last 202) and requests/s;
+* p50 / p99 time from inbound entry (its stream id's timestamp) to MS4's 202;
+* peak RSS of the process running ms1.
+
+Modes: default (producer and service overlap), ``--backlog`` (every e-mail is queued
+in Redis before the service starts; shows memory stays flat), ``--rate R`` (light load:
+R e-mails per second, for added latency). ``--reference PATH`` also runs the bare
+reference loop (``shared/bench/limit.py``) with the same N right after, and prints
+ms1's end-to-end throughput as a ratio to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ms1 import pluginmanager, samples
+from ms1.hookspecs import hookimpl
+from ms1.model import Batch
+from ms1.pipeline import Components, Service
+
+# latency histogram: 0.1 ms buckets to 2 s, then 10 ms buckets to 120 s (constant memory)
+_EDGES = [i / 10_000 for i in range(1, 20_001)] + [2 + i / 100 for i in range(1, 11_801)]
+
+
+class LatencyRecorder:
+    """Observer plugin: inbound-entry-to-202 latency of every delivered invoice."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_EDGES) + 1)
+        self.delivered = 0
+        self.requests = 0
+        self.first_sent: float | None = None
+        self.last_sent = 0.0
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+        self.target = 0
+
+    @hookimpl
+    def ms1_batch_sent(self, batch: Batch, status: int, attempt: int, latency: float) -> None:
+        now = time.time()
+        with self._lock:
+            for ref in batch.refs:
+                waited = now - int(ref.split("-", 1)[0]) / 1000
+                self.counts[bisect.bisect_left(_EDGES, waited)] += 1
+            self.delivered += len(batch)
+            self.requests += 1
+            if self.first_sent is None:
+                self.first_sent = now
+            self.last_sent = now
+            if self.delivered >= self.target:
+                self.done.set()
+
+    def percentile(self, q: float) -> float:
+        total = sum(self.counts)
+        if not total:
+            return float("nan")
+        rank = q * total
+        seen = 0
+        for i, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank:
+                return _EDGES[min(i, len(_EDGES) - 1)]
+        return _EDGES[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def produce(url: str, stream: str, count: int, rate: float) -> None:
+    """Producer process: XADD ``count`` generated e-mails, pipelined (or at ``rate``/s)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    started = time.time()
+    pipe = client.pipeline(transaction=False)
+    for n, sample in enumerate(samples.generate(count)):
+        if rate:
+            delay = started + n / rate - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            client.xadd(stream, {"email": sample.data})
+            continue
+        pipe.xadd(stream, {"email": sample.data})
+        if n % 500 == 499:
+            pipe.execute()
+    pipe.execute()
+    print(json.dumps({"started": started, "ended": time.time()}), flush=True)
+
+
+def _config(path: Path, redis_url: str, sim_url: str, args: argparse.Namespace) -> None:
+    path.write_text(f"""[ms1]
+log_level = WARNING
+[source]
+name = redis
+read_chunk = 500
+[queue]
+backend = redis
+[dead_letters]
+backend = redis
+[batch]
+max_items = 50
+max_wait = {args.max_wait}
+[send]
+threads = {args.threads}
+requests_per_minute = 1000000
+[ms4]
+transport = http
+[transport.http]
+base_url = {sim_url}
+[redis]
+url = {redis_url}
+consumer = bench
+""")
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    tmp = Path(tempfile.mkdtemp(prefix="ms1-bench-"))
+    redis_port, sim_port = _free_port(), _free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        procs.append(subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--dir", str(tmp), "--save", "",
+             "--appendonly", "no" if args.aof == "no" else "yes",
+             *(["--appendfsync", args.aof] if args.aof != "no" else [])],
+            stdout=subprocess.DEVNULL, text=True))
+        sim = subprocess.Popen([sys.executable, "-m", "ms1.sim", "--port", str(sim_port),
+                                "--rate-limit", "0", "--api-key", "bench-key"],
+                               stdout=subprocess.PIPE, text=True)
+        procs.append(sim)
+        assert sim.stdout is not None
+        sim.stdout.readline()
+        time.sleep(0.3)
+        config_path = tmp / "bench.ini"
+        _config(config_path, redis_url, f"http://127.0.0.1:{sim_port}", args)
+        os.environ["MS1_MS4_API_KEY"] = "bench-key"
+        producer_cmd = [sys.executable, "-m", "ms1.bench", "--produce", redis_url,
+                        "ms1:emails", str(args.count), str(args.rate)]
+
+        recorder = LatencyRecorder()
+        recorder.target = args.count
+        pm = pluginmanager.make_plugin_manager(plugins=[recorder])
+        config = pluginmanager.load(pm, str(config_path))
+        components = Components.build(pm, config)
+        service = Service(config, pm, components)
+        if args.backlog:
+            started = time.time()
+            out = subprocess.run(producer_cmd, capture_output=True, text=True, check=True)
+            enqueued = json.loads(out.stdout)
+            print(f"backlog: {args.count:,} e-mails queued in Redis in "
+                  f"{enqueued['ended'] - enqueued['started']:.1f} s; starting ms1")
+            drain_start = time.time()
+            service.start()
+        else:
+            producer = subprocess.Popen(producer_cmd, stdout=subprocess.PIPE, text=True)
+            procs.append(producer)
+            service.start()
+            started = time.time()
+        finished = recorder.done.wait(args.timeout)
+        ended = recorder.last_sent
+        service.shutdown(10)
+        components.close()
+        if not finished:
+            raise SystemExit(f"timed out: {recorder.delivered:,} of {args.count:,} delivered")
+        if not args.backlog:
+            assert producer.stdout is not None
+            times = json.loads(producer.stdout.readline())
+            started = times["started"]
+            drain_start = started
+        elapsed = ended - started
+        drain = ended - drain_start
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result = {
+            "invoices": args.count, "elapsed_s": elapsed, "invoices_per_s": args.count / elapsed,
+            "drain_invoices_per_s": args.count / drain,
+            "requests_per_s": recorder.requests / drain,
+            "p50_ms": recorder.percentile(0.50) * 1000, "p99_ms": recorder.percentile(0.99) * 1000,
+            "peak_rss_mib": rss,
+        }
+        return result
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def reference(path: str, count: int) -> float:
+    out = subprocess.run([sys.executable, path, str(count)], capture_output=True, text=True,
+                         check=True, timeout=3600).stdout
+    match = re.search(r"end-to-end ([\d,]+)/s", out)
+    if match is None:
+        raise SystemExit(f"cannot read the reference's output: {out!r}")
+    print(f"reference ({path}): {out.strip()}")
+    return float(match.group(1).replace(",", ""))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ms1-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=50_000, help="e-mails (default 50,000)")
+    parser.add_argument("--backlog", action="store_true",
+                        help="queue every e-mail in Redis before ms1 starts")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="light load: e-mails per second (0: as fast as possible)")
+    parser.add_argument("--threads", type=int, default=4, help="sender threads")
+    parser.add_argument("--max-wait", type=float, default=0.05, help="[batch] max_wait (s)")
+    parser.add_argument("--aof", choices=("no", "everysec", "always"), default="no",
+                        help="Redis persistence (default no, like the reference loop)")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--reference", metavar="LIMIT_PY",
+                        help="also run the reference loop with the same count; print the ratio")
+    parser.add_argument("--produce", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.produce:
+        url, stream, count, rate = args.produce
+        produce(url, stream, int(count), float(rate))
+        return 0
+    if shutil.which("redis-server") is None:
+        parser.error("redis-server is not installed")
+    result = run(args)
+    mode = "backlog" if args.backlog else (f"{args.rate:g}/s" if args.rate else "overlapped")
+    print(f"ms1: {args.count:,} invoices ({mode}, {args.threads} senders, max_wait "
+          f"{args.max_wait} s): end-to-end {result['invoices_per_s']:,.0f} invoices/s, "
+          f"drain {result['drain_invoices_per_s']:,.0f}/s, "
+          f"{result['requests_per_s']:,.0f} requests/s, inbound-to-202 p50 "
+          f"{result['p50_ms']:.1f} ms p99 {result['p99_ms']:.1f} ms, "
+          f"peak RSS {result['peak_rss_mib']:.1f} MiB")
+    if args.reference:
+        ref = reference(args.reference, args.count)
+        print(f"ratio ms1 / reference end-to-end: {result['invoices_per_s'] / ref:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
