@@ -265,8 +265,10 @@ def test_kill_9_service_five_times_loses_nothing(own_redis, tmp_path, procs, thr
     assert xlen(client, OUTBOUND) == 0
     # every duplicate is an invoice of a whole batch re-sent with its Idempotency-Key
     assert dups <= 50 * stats["duplicate_batches"], stats
-    assert max(per_kill) <= 50 * threads, f"duplicates per kill: {per_kill}"
-    assert dups <= 50 * threads * 5, f"{dups} duplicates after 5 kills (per kill: {per_kill})"
+    # A kill's re-sends happen after the restart (and after the next one, if that restart
+    # was itself killed first), so they are bounded over the run, not per interval.
+    assert dups <= 50 * threads * 5, f"{dups} duplicates after 5 kills (per interval: " \
+                                     f"{per_kill})"
     client.close()
 
 
