@@ -91,25 +91,28 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def produce(url: str, stream: str, count: int, rate: float) -> None:
-    """Producer process: XADD ``count`` generated e-mails, pipelined (or at ``rate``/s)."""
-    import redis
-
-    client = redis.Redis.from_url(url)
+def produce(config_path: str, count: int, rate: float) -> None:
+    """Producer process: push ``count`` generated e-mails into the configured source (the
+    inbound stream) with its own ``push`` (chunks of 500, pipelined), or one by one at
+    ``rate``/s — as ``ms1-service enqueue`` does, so no Redis call lives here."""
+    pm = pluginmanager.make_plugin_manager()
+    source = pluginmanager.build(pm, pluginmanager.load(pm, config_path), "source", inputs=[])
     started = time.time()
-    pipe = client.pipeline(transaction=False)
+    chunk: list[bytes] = []
     for n, sample in enumerate(samples.generate(count)):
         if rate:
             delay = started + n / rate - time.time()
             if delay > 0:
                 time.sleep(delay)
-            client.xadd(stream, {"email": sample.data})
+            source.push([sample.data])
             continue
-        pipe.xadd(stream, {"email": sample.data})
-        if n % 500 == 499:
-            pipe.execute()
-    pipe.execute()
+        chunk.append(sample.data)
+        if len(chunk) == 500:
+            source.push(chunk)
+            chunk = []
+    source.push(chunk)
     print(json.dumps({"started": started, "ended": time.time()}), flush=True)
+    source.close()
 
 
 def _config(path: Path, redis_url: str, sim_url: str, args: argparse.Namespace) -> None:
@@ -159,8 +162,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         config_path = tmp / "bench.ini"
         _config(config_path, redis_url, f"http://127.0.0.1:{sim_port}", args)
         os.environ["MS1_MS4_API_KEY"] = "bench-key"
-        producer_cmd = [sys.executable, "-m", "ms1.bench", "--produce", redis_url,
-                        "ms1:emails", str(args.count), str(args.rate)]
+        producer_cmd = [sys.executable, "-m", "ms1.bench", "--produce", str(config_path),
+                        str(args.count), str(args.rate)]
 
         recorder = LatencyRecorder()
         recorder.target = args.count
@@ -238,11 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--reference", metavar="LIMIT_PY",
                         help="also run the reference loop with the same count; print the ratio")
-    parser.add_argument("--produce", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--produce", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.produce:
-        url, stream, count, rate = args.produce
-        produce(url, stream, int(count), float(rate))
+        config_path, count, rate = args.produce
+        produce(config_path, int(count), float(rate))
         return 0
     if shutil.which("redis-server") is None:
         parser.error("redis-server is not installed")

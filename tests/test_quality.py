@@ -29,3 +29,16 @@ def test_mypy_clean() -> None:
     proc = subprocess.run([tool("mypy")], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_redis_call_lives_in_one_module() -> None:
+    """Only plugins/redis_backend.py may import redis-py (the seed story's rule)."""
+    offenders = []
+    for path in [*ROOT.glob("ms1/*.py"), *ROOT.glob("plugins/*.py")]:
+        if path.name == "redis_backend.py":
+            continue
+        for line in path.read_text().splitlines():
+            stripped = line.strip()
+            if stripped.startswith(("import redis", "from redis")):
+                offenders.append(f"{path.relative_to(ROOT)}: {stripped}")
+    assert not offenders, offenders
