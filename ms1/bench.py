@@ -19,8 +19,9 @@ ms1's end-to-end throughput as a ratio to it.
 from __future__ import annotations
 
 import argparse
-import bisect
+import contextlib
 import json
+import math
 import os
 import re
 import resource
@@ -61,9 +62,13 @@ class LatencyRecorder:
     def ms1_batch_sent(self, batch: Batch, status: int, attempt: int, latency: float) -> None:
         now = time.time()
         with self._lock:
+            counts = self.counts
             for ref in batch.refs:
-                waited = now - int(ref.split("-", 1)[0]) / 1000
-                self.counts[bisect.bisect_left(_EDGES, waited)] += 1
+                waited = now - int(ref[:ref.index("-")]) / 1000
+                # the bucket of bisect_left(_EDGES, waited), computed
+                index = (math.ceil(waited * 10_000) - 1 if waited <= 2
+                         else 19_999 + math.ceil((waited - 2) * 100))
+                counts[min(max(index, 0), len(_EDGES))] += 1
             self.delivered += len(batch)
             self.requests += 1
             if self.first_sent is None:
@@ -83,6 +88,11 @@ class LatencyRecorder:
             if seen >= rank:
                 return _EDGES[min(i, len(_EDGES) - 1)]
         return _EDGES[-1]
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _free_port() -> int:
@@ -165,6 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         producer_cmd = [sys.executable, "-m", "ms1.bench", "--produce", str(config_path),
                         str(args.count), str(args.rate)]
 
+        cpu_before = _cpu()
         recorder = LatencyRecorder()
         recorder.target = args.count
         pm = pluginmanager.make_plugin_manager(plugins=[recorder])
@@ -184,7 +195,21 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             procs.append(producer)
             service.start()
             started = time.time()
+        backlog: list[tuple[int, int, int]] = []
+
+        def sample() -> None:
+            while not recorder.done.wait(0.1):
+                with contextlib.suppress(Exception):
+                    stats = components.queue.stats()
+                    backlog.append((service._inbox.qsize(), stats.ready, stats.in_flight))
+
+        threading.Thread(target=sample, daemon=True).start()
         finished = recorder.done.wait(args.timeout)
+        if backlog:
+            n = len(backlog)
+            print(f"mean backlog: inbox {sum(b[0] for b in backlog) / n:.1f} chunks, outbound "
+                  f"ready {sum(b[1] for b in backlog) / n:.1f}, in flight "
+                  f"{sum(b[2] for b in backlog) / n:.1f} batches")
         ended = recorder.last_sent
         service.shutdown(10)
         components.close()
@@ -198,12 +223,16 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         elapsed = ended - started
         drain = ended - drain_start
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        cpu = _cpu() - cpu_before
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        print(f"ms1 process: user {usage.ru_utime:.1f} s, system {usage.ru_stime:.1f} s, "
+              f"voluntary context switches {usage.ru_nvcsw:,}, involuntary {usage.ru_nivcsw:,}")
         result = {
             "invoices": args.count, "elapsed_s": elapsed, "invoices_per_s": args.count / elapsed,
             "drain_invoices_per_s": args.count / drain,
             "requests_per_s": recorder.requests / drain,
             "p50_ms": recorder.percentile(0.50) * 1000, "p99_ms": recorder.percentile(0.99) * 1000,
-            "peak_rss_mib": rss,
+            "peak_rss_mib": rss, "cpu_us_per_invoice": cpu / args.count * 1e6,
         }
         return result
     finally:
@@ -256,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"drain {result['drain_invoices_per_s']:,.0f}/s, "
           f"{result['requests_per_s']:,.0f} requests/s, inbound-to-202 p50 "
           f"{result['p50_ms']:.1f} ms p99 {result['p99_ms']:.1f} ms, "
-          f"peak RSS {result['peak_rss_mib']:.1f} MiB")
+          f"peak RSS {result['peak_rss_mib']:.1f} MiB, ms1 CPU "
+          f"{result['cpu_us_per_invoice']:.0f} us/invoice")
     if args.reference:
         ref = reference(args.reference, args.count)
         print(f"ratio ms1 / reference end-to-end: {result['invoices_per_s'] / ref:.2f}")

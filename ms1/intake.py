@@ -1,10 +1,13 @@
 """Stage 2: intake — processing and batching, where an inbound e-mail gets acked.
 
-:class:`Intake` is driven by the one batching thread. For each inbound
-message it runs :func:`~ms1.processor.unified_email_processor`; an accepted
-payload goes to the batch policy, a rejected e-mail to the dead letters. An
-inbound message is acknowledged to its source only once it is safe: its batch
-is in the outbound queue, or its dead letter is stored.
+:class:`Intake` is driven by two threads. The batching thread calls
+:meth:`Intake.handle`: for each inbound message it runs
+:func:`~ms1.processor.unified_email_processor`; an accepted payload goes to the batch
+policy, a rejected e-mail becomes a dead letter. What that produces — closed batches,
+dead letters — is *work to commit*, handed to ``handoff``. The committing thread calls
+:meth:`Intake.commit` on it: store it (queue or dead letters), then acknowledge its
+inbound messages to the source. So an inbound message is acknowledged only once it is
+safe, and processing never waits for a Redis round trip.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from ms1.stats import RunStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: what the batching thread hands to the committing thread
+Work = Batch | list[DeadLetter]
 
 
 class Intake:
@@ -35,7 +40,9 @@ class Intake:
         self, *, source: Source, policy: BatchPolicy, queue: QueueBackend,
         dead_letters: DeadLetterStore, observers: Observers, stats: RunStats,
         abort: threading.Event, retry_delay: float = 1.0,
+        handoff: Callable[[Work], None] | None = None,
     ) -> None:
+        self._handoff = handoff or self.commit
         self._source = source
         self._policy = policy
         self._queue = queue
@@ -57,7 +64,7 @@ class Intake:
                 reason = policy.oversize(item)
                 if reason is None:
                     for batch in policy.add(item):
-                        self._enqueue(batch)
+                        self._handoff(batch)
                     continue
                 letters.append(DeadLetter(
                     reason=reason, stage="batching", payload=item.payload,
@@ -68,7 +75,7 @@ class Intake:
                     reason=result.reason, stage="processor", payload=message.data,
                     message_id=result.message_id, source_ref=message.ref))
         if letters:
-            self._dead_letter(letters)
+            self._handoff(letters)
 
     def deadline(self) -> float | None:
         """When the open batch must be flushed (``time.monotonic()``), or None."""
@@ -84,7 +91,14 @@ class Intake:
         """Close and enqueue the partial batch (source ran dry, or shutdown)."""
         batch = self._policy.flush()
         if batch is not None:
-            self._enqueue(batch)
+            self._handoff(batch)
+
+    def commit(self, work: Work) -> None:
+        """Make ``work`` safe, then acknowledge its inbound messages (committing thread)."""
+        if isinstance(work, Batch):
+            self._enqueue(work)
+        else:
+            self._dead_letter(work)
 
     def _enqueue(self, batch: Batch) -> None:
         acked = self._persist(lambda: self._queue.put(batch, self._source),

@@ -27,6 +27,7 @@ import math
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -104,7 +105,11 @@ class RateLimiter(ABC):
 
 
 class SlidingWindowLimiter(RateLimiter):
-    """In-process sliding-window log: exact, shared by the threads of one process."""
+    """In-process sliding-window log: exact, shared by the threads of one process.
+
+    Finished slots sit in a deque in the order they finished (so, by time), in-flight
+    ones in a dict: taking a slot costs O(1) amortised however high the limit.
+    """
 
     def __init__(self, limit: int, window: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -113,7 +118,8 @@ class SlidingWindowLimiter(RateLimiter):
         self.limit = limit
         self.window = window
         self._clock = clock
-        self._slots: dict[str, float] = {}  # token -> end time (inf while in flight)
+        self._finished: deque[float] = deque()  # end times, oldest first
+        self._in_flight: set[str] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
 
@@ -121,25 +127,25 @@ class SlidingWindowLimiter(RateLimiter):
         with self._lock:
             now = self._clock()
             horizon = now - self.window
-            expired = [t for t, end in self._slots.items() if end <= horizon]
-            for token in expired:
-                del self._slots[token]
-            if len(self._slots) < self.limit:
+            finished = self._finished
+            while finished and finished[0] <= horizon:
+                finished.popleft()
+            if len(finished) + len(self._in_flight) < self.limit:
                 token = str(next(self._ids))
-                self._slots[token] = math.inf
+                self._in_flight.add(token)
                 return token, 0.0
-            oldest = min(self._slots.values())
-            wait = oldest + self.window - now if math.isfinite(oldest) else 0.05
+            wait = finished[0] + self.window - now if finished else 0.05
             return None, max(wait, 0.001)
 
     def finish(self, token: str) -> None:
         with self._lock:
-            if token in self._slots:
-                self._slots[token] = self._clock()
+            if token in self._in_flight:
+                self._in_flight.discard(token)
+                self._finished.append(self._clock())
 
     def cancel(self, token: str) -> None:
         with self._lock:
-            self._slots.pop(token, None)
+            self._in_flight.discard(token)
 
 
 # --- breaker --------------------------------------------------------------------
@@ -207,6 +213,8 @@ class Breaker:
         """Feed one outcome through pybreaker (its lock is held only for a no-op)."""
         with self._lock:
             self._probe = False
+            if ok and self._storage.counter == 0 and self._storage.state == pybreaker.STATE_CLOSED:
+                return  # nothing for pybreaker to change: skip its machinery on the hot path
             with contextlib.suppress(_Failed, pybreaker.CircuitBreakerError):
                 self._cb.call(_succeed if ok else _fail)
 

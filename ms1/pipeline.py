@@ -2,7 +2,8 @@
 
 Threads (all named, all watching the same events)::
 
-    reader ──inbox──> batcher (Intake) ──QueueBackend──> sender-1 .. sender-N
+    reader ──inbox──> batcher ──outbox──> committer ──QueueBackend──> sender-1 .. sender-N
+                      (Intake.handle)     (Intake.commit: store, then ack inbound)
 
 Three events steer shutdown: ``intake_stop`` (stop reading; the batcher then
 flushes the partial batch and ends), ``senders_stop`` (take no new batch) and
@@ -26,7 +27,7 @@ from ms1.batching import BatchPolicy
 from ms1.config import Config, Secret
 from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error
-from ms1.intake import Intake
+from ms1.intake import Intake, Work
 from ms1.model import InboundMessage
 from ms1.pacing import Breaker, Pacer, RateLimiter, SlidingWindowLimiter
 from ms1.pluginmanager import Observers
@@ -148,13 +149,14 @@ class Service:
         self.senders_stop = threading.Event()
         self.abort = threading.Event()
         self._inbox: stdqueue.Queue[list[InboundMessage]] = stdqueue.Queue(maxsize=8)
+        self._outbox: stdqueue.Queue[Work | None] = stdqueue.Queue(maxsize=32)
         self._threads: list[threading.Thread] = []
         self._started = 0.0
         self._read_chunk = config.get_int("source", "read_chunk")
         self.intake = Intake(
             source=components.source, policy=components.policy, queue=components.queue,
             dead_letters=components.dead_letters, observers=self.observers,
-            stats=self.stats, abort=self.abort)
+            stats=self.stats, abort=self.abort, handoff=self._to_committer)
         self._batcher_done = threading.Event()
         self.pacer = make_pacer(config, components.limiter)
 
@@ -167,6 +169,7 @@ class Service:
                  self.parts.transport.name, self.config.get_int("send", "threads"))
         self._spawn("reader", self._read_loop)
         self._spawn("batcher", self._batch_loop)
+        self._spawn("committer", self._commit_loop)
         for n in range(self.config.get_int("send", "threads")):
             sender = Sender(
                 name=f"sender-{n + 1}", queue=self.parts.queue, transport=self.parts.transport,
@@ -226,6 +229,24 @@ class Service:
                 if self.abort.is_set() and not force:
                     raise Ms1Error("aborted while handing over a chunk") from None
 
+    def _to_committer(self, work: Work | None) -> None:
+        while True:
+            try:
+                self._outbox.put(work, timeout=0.2)
+                return
+            except stdqueue.Full:
+                if self.abort.is_set():
+                    if work is None:
+                        return  # the committer is gone; nothing waits for the end mark
+                    raise Ms1Error("aborted with work not yet committed") from None
+
+    def _commit_loop(self) -> None:
+        try:
+            while (work := self._outbox.get()) is not None:
+                self.intake.commit(work)
+        finally:
+            self._batcher_done.set()
+
     def _batch_loop(self) -> None:
         intake = self.intake
         try:
@@ -243,7 +264,7 @@ class Service:
                     intake.handle(chunk)
                 intake.tick(time.monotonic())
         finally:
-            self._batcher_done.set()
+            self._to_committer(None)  # the committer ends after what was handed to it
 
     def set_api_key(self, api_key: Secret | None) -> None:
         """Use a new API key from now on; ends a 401 spell."""

@@ -79,7 +79,8 @@ class Sender:
         self._pacer = pacer
         self._stop = stop
         self._abort = abort
-        self._backoff = wait_exponential_jitter(multiplier=retry_initial, max=retry_max,
+        self._retry_initial = retry_initial
+        self._backoff = wait_exponential_jitter(multiplier=retry_initial * 2, max=retry_max,
                                                 jitter=retry_initial)
         self._poll = poll
         self._max_deliveries = max_deliveries
@@ -107,16 +108,23 @@ class Sender:
         if self._max_deliveries and delivery.attempts > self._max_deliveries:
             self._give_up(delivery)
             return
-        retrying = Retrying(
-            wait=self._wait,
-            retry=retry_if_exception_type(_SendFailed),
-            sleep=self._sleep,
-            reraise=True,
-        )
         try:
+            try:
+                self._attempt(delivery, 1)  # the common case, without tenacity's bookkeeping
+                return
+            except _SendFailed as first:
+                failed = first
+            retrying = Retrying(
+                wait=self._wait,
+                retry=retry_if_exception_type(_SendFailed),
+                sleep=self._sleep,
+                reraise=True,
+            )
+            # tenacity takes over from the second attempt: wait as after the first failure
+            self._sleep(self._first_wait(failed))
             for attempt in retrying:
                 with attempt:
-                    self._attempt(delivery, attempt.retry_state.attempt_number)
+                    self._attempt(delivery, attempt.retry_state.attempt_number + 1)
         except Aborted:
             with contextlib.suppress(QueueError):
                 self._queue.release(delivery)
@@ -169,6 +177,9 @@ class Sender:
         log.error("%s: its %d invoices are in the dead letters", reason, len(letters))
         for letter in letters:
             self._observers.notify("ms1_payload_rejected", letter=letter)
+
+    def _first_wait(self, failure: _SendFailed) -> float:
+        return 0.0 if failure.status in PACED_STATUSES else self._retry_initial
 
     def _sleep(self, seconds: float) -> None:
         if self._abort.wait(seconds):

@@ -37,12 +37,15 @@ class HttpTransport(Transport):
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._urls: dict[str, httpx.URL] = {}
         self._api_key: Secret | None = None
         self._lock = threading.Lock()
+        timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout,
+                                write=write_timeout, pool=pool_timeout)
+        self._extensions = {"timeout": timeout.as_dict()}
         self._client = httpx.Client(
             base_url=self.base_url,
-            timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout,
-                                  write=write_timeout, pool=pool_timeout),
+            timeout=timeout,
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections),
             transport=transport or httpx.HTTPTransport(retries=0),
@@ -60,8 +63,15 @@ class HttpTransport(Transport):
                    "Idempotency-Key": request.idempotency_key}
         if key is not None:
             headers["X-API-Key"] = key.reveal()
+        url = self._urls.get(request.path)
+        if url is None:
+            url = self._urls.setdefault(request.path, httpx.URL(self.base_url + request.path))
         try:
-            answer = self._client.post(request.path, content=request.body, headers=headers)
+            # a Request built here and sent through the shared Client: the same pool and
+            # timeouts as Client.post, without merging a base URL and headers per call
+            answer = self._client.send(httpx.Request("POST", url, content=request.body,
+                                                     headers=headers,
+                                                     extensions=self._extensions))
         except httpx.TimeoutException as exc:
             raise TransportError(f"{type(exc).__name__}: no answer from MS4 at "
                                  f"{self.base_url} in time") from None

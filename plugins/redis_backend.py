@@ -148,8 +148,11 @@ class RedisLink:
         except ValueError as exc:
             raise Ms1Error(f"invalid Redis URL {self.url!r}: {exc}") from None
         # typed Any: redis-py 8 annotates replies as RESP2/RESP3 unions that never narrow;
-        # the reply shapes used here are those of RESP2, the protocol this client speaks
+        # its response callbacks give the same shapes under both protocols
         self.client: Any = redis.Redis(connection_pool=pool)
+        # XREADGROUP replies stay as hiredis returns them (lists of bytes): redis-py would
+        # build a dict per entry, and the source needs one field of each
+        self.client.set_response_callback("XREADGROUP", _raw_reply)
         self._users = 0
         self.closed = False
         self._lock = threading.Lock()
@@ -381,6 +384,24 @@ def _decode(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _raw_reply(response: Any, **options: Any) -> Any:
+    return response
+
+
+def _read_entries(reply: Any) -> list[tuple[str, list[bytes] | None]]:
+    """Entries of a raw XREADGROUP reply on one stream: (id, flat field list or None).
+
+    RESP3 replies are a map {stream: entries}, RESP2 ones a list [[stream, entries]]."""
+    if not reply:
+        return []
+    entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+    return [(_decode(entry_id), fields) for entry_id, fields in entries]
+
+
+def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 class _Claimer:
     """Pending entries this consumer should (re)take: its own from a previous life, once,
     then those idle past the visibility timeout (dead consumers), with XAUTOCLAIM."""
@@ -418,12 +439,12 @@ class _Claimer:
         while True:
             reply = self._link.client.xreadgroup(self._group, self._consumer,
                                                  {self._stream: last}, count=500)
-            entries = reply[0][1] if reply else []
+            entries = _read_entries(reply)
             if not entries:
                 break
-            for entry_id, fields in entries:
-                self._backlog.append((_decode(entry_id), fields or None))
-            last = _decode(entries[-1][0])
+            for entry_id, flat in entries:
+                self._backlog.append((entry_id, _fields(flat) if flat else None))
+            last = entries[-1][0]
         if self._backlog:
             log.warning("%s: re-reading %d entries this consumer (%s) held before it stopped",
                         self._stream, len(self._backlog), self._consumer)
@@ -483,10 +504,14 @@ class RedisQueue(QueueBackend):
     durable = True
 
     def __init__(self, link: RedisLink, *, stream: str, group: str, consumer: str,
-                 visibility_timeout: float, block_timeout: float) -> None:
+                 visibility_timeout: float, block_timeout: float, prefetch: int = 4) -> None:
         self.link = link
         self.stream, self.group, self.consumer = stream, group, consumer
         self._block_ms = max(1, int(block_timeout * 1000))
+        self._prefetch = max(1, prefetch)
+        self._buffer: deque[Delivery] = deque()
+        self._buffer_lock = threading.Lock()
+        self._fetching = threading.Lock()
         self._ready = False
         self._ready_lock = threading.Lock()
         self._held = _Held(link, stream, group, consumer)
@@ -528,19 +553,37 @@ class RedisQueue(QueueBackend):
         return inbound is not None
 
     def get(self, consumer: str, timeout: float) -> Delivery | None:
-        with translated(QueueError, "take a batch", self.link):
-            self._ensure()
-            for entry_id, fields in self._claimer.take(1):
-                delivery = self._delivery(entry_id, fields, claimed=True)
-                if delivery is not None:
-                    return delivery
-            block = min(self._block_ms, max(1, int(timeout * 1000)))
-            reply = self.link.client.xreadgroup(self.group, self.consumer, {self.stream: ">"},
-                                                count=1, block=block)
-            if not reply or not reply[0][1]:
+        """One batch. A single fetcher at a time reads up to ``prefetch`` entries with one
+        XREADGROUP; the other senders take theirs from that buffer (held entries all)."""
+        with self._buffer_lock:
+            if self._buffer:
+                return self._buffer.popleft()
+        if not self._fetching.acquire(timeout=timeout):
+            return None
+        try:
+            with self._buffer_lock:
+                if self._buffer:
+                    return self._buffer.popleft()
+            with translated(QueueError, "take a batch", self.link):
+                self._ensure()
+                for entry_id, fields in self._claimer.take(1):
+                    delivery = self._delivery(entry_id, fields, claimed=True)
+                    if delivery is not None:
+                        return delivery
+                block = min(self._block_ms, max(1, int(timeout * 1000)))
+                reply = self.link.client.xreadgroup(self.group, self.consumer,
+                                                    {self.stream: ">"}, count=self._prefetch,
+                                                    block=block)
+                deliveries = [d for entry_id, flat in _read_entries(reply)
+                              if (d := self._delivery(entry_id, _fields(flat) if flat else None,
+                                                      claimed=False)) is not None]
+            if not deliveries:
                 return None
-            entry_id, fields = reply[0][1][0]
-            return self._delivery(_decode(entry_id), fields, claimed=False)
+            with self._buffer_lock:
+                self._buffer.extend(deliveries[1:])
+            return deliveries[0]
+        finally:
+            self._fetching.release()
 
     def _delivery(self, entry_id: str, fields: dict[bytes, bytes] | None,
                   claimed: bool) -> Delivery | None:
@@ -593,6 +636,12 @@ class RedisQueue(QueueBackend):
         return describe_stream(self.link, self.stream, self.group, QueueError)
 
     def close(self) -> None:
+        """Give back prefetched batches no sender took, then let go of the connection."""
+        with self._buffer_lock:
+            unsent, self._buffer = list(self._buffer), deque()
+        for delivery in unsent:
+            with contextlib.suppress(QueueError):
+                self.release(delivery)
         self.link.release()
 
 
@@ -649,28 +698,39 @@ class RedisSource(Source):
     def read(self, max_items: int, timeout: float) -> list[InboundMessage]:
         with translated(SourceError, f"read {self.stream}", self.link):
             self._ensure()
-            entries = self._claimer.take(max_items)
-            if not entries:
+            claimed = self._claimer.take(max_items)
+            messages = []
+            gone = []
+            if claimed:
+                for entry_id, fields in claimed:
+                    if not fields:
+                        gone.append(entry_id)
+                    else:
+                        messages.append(self._message(entry_id, fields.get(b"email"), fields))
+            else:
                 reply = self.link.client.xreadgroup(
                     self.group, self.consumer, {self.stream: ">"}, count=max_items,
                     block=max(1, int(timeout * 1000)))
-                entries = [(_decode(i), f) for i, f in (reply[0][1] if reply else [])]
-            messages = []
-            gone = []
-            for entry_id, fields in entries:
-                if not fields:
-                    gone.append(entry_id)
-                    continue
-                data = fields.get(b"email")
-                if data is None:
-                    log.error("%s entry %s has no 'email' field (fields: %s): dead-lettered",
-                              self.stream, entry_id, sorted(_decode(k) for k in fields))
-                    data = b""
-                messages.append(InboundMessage(entry_id, data))
+                for entry_id, flat in _read_entries(reply):
+                    if not flat:
+                        gone.append(entry_id)
+                    elif len(flat) == 2 and flat[0] == b"email":  # the usual shape: fast
+                        messages.append(InboundMessage(entry_id, flat[1]))
+                    else:
+                        fields = _fields(flat)
+                        messages.append(self._message(entry_id, fields.get(b"email"), fields))
             if gone:
                 self.link.client.xack(self.stream, self.group, *gone)
         self._held.add([m.ref for m in messages])
         return messages
+
+    def _message(self, entry_id: str, data: bytes | None,
+                 fields: dict[bytes, bytes]) -> InboundMessage:
+        if data is None:
+            log.error("%s entry %s has no 'email' field (fields: %s): dead-lettered",
+                      self.stream, entry_id, sorted(_decode(k) for k in fields))
+            data = b""
+        return InboundMessage(entry_id, data)
 
     def ack_in(self, pipe: Any, refs: Sequence[str]) -> None:
         """Queue the acknowledgement of ``refs`` on a MULTI pipeline of the same client."""
@@ -849,7 +909,8 @@ def _queue(config: Config, link: RedisLink) -> RedisQueue:
     return RedisQueue(link, stream=config.get_str(SECTION, "outbound_stream"),
                       group=config.get_str(SECTION, "group"), consumer=consumer_name(config),
                       visibility_timeout=config.get_float(SECTION, "visibility_timeout"),
-                      block_timeout=config.get_float(SECTION, "block_timeout"))
+                      block_timeout=config.get_float(SECTION, "block_timeout"),
+                      prefetch=min(8, config.get_int("send", "threads")))
 
 
 @hookimpl
