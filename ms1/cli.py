@@ -26,9 +26,13 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+import pluggy
+
 from ms1 import __version__, admin, pluginmanager, samples
 from ms1.config import Config
 from ms1.errors import ConfigError, Ms1Error
+from ms1.logs import add_secret, setup_logging
+from ms1.notify import Notifier, Watchdog
 from ms1.pipeline import Components, Service
 
 log = logging.getLogger("ms1")
@@ -89,13 +93,6 @@ def _with_default_command(argv: list[str]) -> list[str]:
     return [*argv, "run"]
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 def _fail(message: str, status: int) -> int:
     print(f"ms1-service: {message}", file=sys.stderr)
     return status
@@ -116,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         sys.stdout.write(config.render())
         return EXIT_OK
-    _setup_logging(config.get_str("ms1", "log_level"))
+    setup_logging(config.get_str("ms1", "log_level"), config.get_str("ms1", "log_format"),
+                  secrets=[config.api_key.reveal()] if config.api_key else [])
     try:
         if args.command in ("enqueue", "status", "dlq"):
             return admin.run(args, config, pm)
@@ -127,38 +125,106 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_FAILED)
 
 
-def _run(config: Config, pm: object, files: Sequence[str], *, once: bool) -> int:
-    import pluggy
-
-    assert isinstance(pm, pluggy.PluginManager)
+def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once: bool) -> int:
     components = Components.build(pm, config, files)
-    service = Service(config, pm, components, once=once)
+    try:
+        service = Service(config, pm, components, once=once)
+    except BaseException:
+        components.close()
+        raise
+    notifier = Notifier()
     stop_requested = threading.Event()
+    reload_requested = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            reload_requested.set()
+            return
         log.info("received %s: draining", signal.Signals(signum).name)
         stop_requested.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handled = [signal.SIGTERM, signal.SIGINT] + ([] if once else [signal.SIGHUP])
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
+    watchdog: Watchdog | None = None
     try:
         service.start()
         if once:
             summary = service.run_once(config.get_float("ms1", "once_timeout"))
             print(summary.render())
         else:
+            if _wait_until_connected(service, stop_requested):
+                notifier.ready(_status(service))
+                log.info("ready")
+            interval = notifier.watchdog_interval
+            if interval is not None:
+                watchdog = Watchdog(notifier, interval, healthy=service.alive,
+                                    status=lambda: _status(service))
+                watchdog.start()
             while not stop_requested.wait(0.5):
+                if reload_requested.is_set():
+                    reload_requested.clear()
+                    notifier.reloading()
+                    _reload(service, pm)
+                    notifier.ready(_status(service))
                 if not service.alive():
                     log.critical("a pipeline thread died; shutting down")
                     break
-            summary = service.shutdown(config.get_float("ms1", "shutdown_timeout"))
+            notifier.stopping("draining")
+            summary = service.shutdown(service.config.get_float("ms1", "shutdown_timeout"))
             log.info("stopped: %s", summary.render().replace("\n", "; "))
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         components.close()
-    if not summary.ok:
-        return EXIT_FAILED
-    return EXIT_OK if service.alive() or once or stop_requested.is_set() else EXIT_FAILED
+        notifier.close()
+    if once:
+        return EXIT_OK if summary.ok else EXIT_FAILED
+    if not summary.ok and not components.queue.durable:
+        return EXIT_FAILED  # batches left in memory are lost
+    return EXIT_OK if stop_requested.is_set() else EXIT_FAILED
+
+
+def _wait_until_connected(service: Service, stop: threading.Event) -> bool:
+    """READY=1 only once the queue backend answers (Redis connected)."""
+    waited = False
+    while not stop.is_set():
+        try:
+            service.parts.queue.stats()
+            return True
+        except Ms1Error as exc:
+            if not waited:
+                log.warning("waiting for the queue backend before reporting ready: %s", exc)
+            waited = True
+            stop.wait(1.0)
+    return False
+
+
+def _status(service: Service) -> str:
+    stats = service.stats.snapshot()
+    text = (f"{stats.get('invoices_delivered', 0)} invoices delivered, "
+            f"{stats.get('dead_lettered', 0)} dead-lettered")
+    if service.pacer.auth_blocked:
+        text += "; PAUSED: MS4 rejects the API key (401)"
+    elif service.pacer.breaker.state == "open":
+        text += "; MS4 failing (breaker open)"
+    return text
+
+
+def _reload(service: Service, pm: pluggy.PluginManager) -> None:
+    """SIGHUP: read the config file again; an invalid one is refused, the old one kept."""
+    try:
+        config = pluginmanager.load(pm, service.config.path)
+    except ConfigError as exc:
+        log.error("reload refused, keeping the running configuration: %s", exc)
+        return
+    if config.api_key is not None:
+        add_secret(config.api_key.reveal())
+    ignored = service.reload(config)
+    log.info("configuration reloaded from %s", config.path)
+    if ignored:
+        log.warning("changes that need a restart were not applied: %s", ", ".join(ignored))
 
 
 def _samples(args: argparse.Namespace) -> int:

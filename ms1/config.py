@@ -157,12 +157,18 @@ _PARSERS: dict[str, Callable[[Option, str], Any]] = {
 CORE_OPTIONS: tuple[Option, ...] = (
     Option("ms1", "log_level", "choice", "INFO", "log level on stderr",
            choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+    Option("ms1", "log_format", "choice", "text",
+           "log lines on stderr: text, kv (key=value) or json; one line per record",
+           choices=("text", "kv", "json")),
     Option("ms1", "shutdown_timeout", "float", 10.0,
            "seconds to flush the partial batch and finish in-flight sends on SIGTERM/SIGINT",
            min=0.1, max=3600),
     Option("ms1", "once_timeout", "float", 300.0,
            "with --once: seconds to wait for every batch to be delivered or dead-lettered",
            min=0.1, max=86400),
+    Option("metrics", "address", "str", "",
+           "host:port for /metrics (Prometheus), /healthz and /readyz; empty: off. Keep it "
+           "on loopback unless a firewall protects it"),
     Option("source", "name", "str", "files",
            "where e-mails come from: a source plugin name (built in: files, memory)"),
     Option("source", "read_chunk", "int", 500, "most e-mails taken from the source per read",

@@ -88,6 +88,14 @@ def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
 class RateLimiter(ABC):
     """At most ``limit`` requests in any window of ``window`` seconds, for all callers."""
 
+    limit: int
+    window: float
+
+    def configure(self, limit: int, window: float) -> None:
+        """New figures (a reload): they hold from the next request on."""
+        self.limit = limit
+        self.window = window
+
     @abstractmethod
     def try_acquire(self) -> tuple[str | None, float]:
         """Take a slot: ``(token, 0)``, or ``(None, seconds to wait before trying again)``."""

@@ -28,6 +28,7 @@ from ms1.config import Config, Secret
 from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error
 from ms1.intake import Intake, Work
+from ms1.metrics import Exporter
 from ms1.model import InboundMessage
 from ms1.pacing import Breaker, Pacer, RateLimiter, SlidingWindowLimiter
 from ms1.pluginmanager import Observers
@@ -151,6 +152,7 @@ class Service:
         self._inbox: stdqueue.Queue[list[InboundMessage]] = stdqueue.Queue(maxsize=8)
         self._outbox: stdqueue.Queue[Work | None] = stdqueue.Queue(maxsize=32)
         self._threads: list[threading.Thread] = []
+        self._failed: list[str] = []
         self._started = 0.0
         self._read_chunk = config.get_int("source", "read_chunk")
         self.intake = Intake(
@@ -159,6 +161,17 @@ class Service:
             stats=self.stats, abort=self.abort, handoff=self._to_committer)
         self._batcher_done = threading.Event()
         self.pacer = make_pacer(config, components.limiter)
+        self._senders: list[tuple[Sender, threading.Thread]] = []
+        self._sender_seq = 0
+        self.exporter: Exporter | None = None
+        address = config.get_str("metrics", "address")
+        if address:
+            try:
+                self.exporter = Exporter(self, address)
+            except (OSError, ValueError) as exc:
+                raise config.error("metrics", "address",
+                                   f"cannot listen on {address!r}: {exc}") from None
+            pm.register(self.exporter, name=f"ms1-metrics-{id(self)}")
 
     # --- threads ---------------------------------------------------------------
 
@@ -170,27 +183,43 @@ class Service:
         self._spawn("reader", self._read_loop)
         self._spawn("batcher", self._batch_loop)
         self._spawn("committer", self._commit_loop)
-        for n in range(self.config.get_int("send", "threads")):
-            sender = Sender(
-                name=f"sender-{n + 1}", queue=self.parts.queue, transport=self.parts.transport,
-                dead_letters=self.parts.dead_letters, observers=self.observers,
-                stats=self.stats, pacer=self.pacer, stop=self.senders_stop, abort=self.abort,
-                retry_initial=self.config.get_float("send", "retry_initial"),
-                retry_max=self.config.get_float("send", "retry_max"),
-                max_deliveries=self.config.get_int("send", "max_deliveries"))
-            self._spawn(sender.name, sender.run)
+        self._set_sender_count(self.config.get_int("send", "threads"))
+        if self.exporter is not None:
+            self.exporter.start()
         self.observers.notify("ms1_service_started", config=self.config)
 
-    def _spawn(self, name: str, target: Any) -> None:
+    def _new_sender(self) -> Sender:
+        self._sender_seq += 1
+        return Sender(
+            name=f"sender-{self._sender_seq}", queue=self.parts.queue,
+            transport=self.parts.transport, dead_letters=self.parts.dead_letters,
+            observers=self.observers, stats=self.stats, pacer=self.pacer,
+            stop=self.senders_stop, abort=self.abort,
+            retry_initial=self.config.get_float("send", "retry_initial"),
+            retry_max=self.config.get_float("send", "retry_max"),
+            max_deliveries=self.config.get_int("send", "max_deliveries"))
+
+    def _set_sender_count(self, count: int) -> None:
+        self._senders = [(s, t) for s, t in self._senders if t.is_alive()]
+        while len(self._senders) < count:
+            sender = self._new_sender()
+            self._senders.append((sender, self._spawn(sender.name, sender.run)))
+        while len(self._senders) > count:
+            sender, _ = self._senders.pop()
+            sender.retire()
+
+    def _spawn(self, name: str, target: Any) -> threading.Thread:
         thread = threading.Thread(target=self._guard, args=(name, target), name=name,
                                   daemon=True)
         self._threads.append(thread)
         thread.start()
+        return thread
 
     def _guard(self, name: str, target: Any) -> None:
         try:
             target()
         except Exception:
+            self._failed.append(name)
             log.critical("thread %s died; stopping the service", name, exc_info=True)
             self.abort.set()
             self.intake_stop.set()
@@ -274,8 +303,44 @@ class Service:
     # --- running and stopping ---------------------------------------------------
 
     def alive(self) -> bool:
-        """True while every pipeline thread that should be running is running."""
-        return all(t.is_alive() for t in self._threads) and not self.abort.is_set()
+        """True unless a pipeline thread died of an error (or the service aborted).
+
+        A thread that finished its work is fine: the reader, batcher and committer end
+        when a finite source (files) is done, a sender when a reload retired it.
+        """
+        return not self._failed and not self.abort.is_set()
+
+    def reload(self, config: Config) -> list[str]:
+        """Apply a new, already validated config without losing anything.
+
+        Takes effect at once: the API key (ends a 401 spell), rate limit, retry and pause
+        settings, batch limits, sender count, log level. Component choices, URLs and the
+        metrics address need a restart: they are kept, and listed in the return value.
+        """
+        old = self.config
+        ignored = [f"[{sec}] {key}" for (sec, key) in sorted(config.options)
+                   if (sec.startswith(("source", "queue", "dead_letters", "transport", "redis",
+                                       "metrics")) or (sec, key) in {("ms4", "transport"),
+                                                                     ("batch", "policy"),
+                                                                     ("send", "rate_limiter")})
+                   and config.get(sec, key) != old.get(sec, key)]
+        self.config = config
+        if config.api_key != old.api_key:
+            self.set_api_key(config.api_key)
+        self.pacer.limiter.configure(config.get_int("send", "requests_per_minute"),
+                                     config.get_float("send", "rate_window"))
+        self.pacer.retry_after_default = config.get_float("send", "retry_after_default")
+        self.pacer.retry_after_cap = config.get_float("send", "retry_after_max")
+        self.pacer.auth_probe_interval = config.get_float("send", "auth_probe_interval")
+        policy = self.parts.policy
+        for key in ("max_items", "max_bytes", "max_wait"):
+            if hasattr(policy, key) and not (key == "max_items" and policy.name == "unit"):
+                value = config.get_float("batch", key) if key == "max_wait" \
+                    else config.get_int("batch", key)
+                setattr(policy, key, value)
+        self._set_sender_count(config.get_int("send", "threads"))
+        logging.getLogger().setLevel(config.get_str("ms1", "log_level"))
+        return ignored
 
     def run_once(self, timeout: float) -> Summary:
         """Process what the source holds, wait until all is delivered (or ``timeout``)."""
@@ -306,7 +371,15 @@ class Service:
             for thread in self._threads:
                 thread.join(5.0)
         elapsed = time.perf_counter() - self._started
-        summary = Summary(self.stats.snapshot(), elapsed, self.parts.queue.stats(),
+        try:
+            undelivered = self.parts.queue.stats()
+        except Ms1Error as exc:
+            log.error("cannot read what is left in the queue: %s", exc)
+            undelivered = QueueStats(-1, -1, None)
+        summary = Summary(self.stats.snapshot(), elapsed, undelivered,
                           self.parts.queue.name, self.parts.queue.durable)
         self.observers.notify("ms1_service_stopped")
+        if self.exporter is not None:
+            self.exporter.close()
+            self.pm.unregister(self.exporter)
         return summary

@@ -84,10 +84,15 @@ class Sender:
                                                 jitter=retry_initial)
         self._poll = poll
         self._max_deliveries = max_deliveries
+        self._retired = False
+
+    def retire(self) -> None:
+        """Leave after the current batch (the sender count was lowered by a reload)."""
+        self._retired = True
 
     def run(self) -> None:
         failing = False
-        while not self._stop.is_set() and not self._abort.is_set():
+        while not self._stop.is_set() and not self._abort.is_set() and not self._retired:
             try:
                 delivery = self._queue.get(self.name, timeout=self._poll)
             except QueueError as exc:
@@ -206,6 +211,8 @@ class Sender:
             self._settle(lambda: self._queue.ack(delivery), f"ack batch {batch.id}")
             self._stats.add("batches_delivered")
             self._stats.add("invoices_delivered", len(batch))
+            log.info("batch sent", extra={"batch": batch.id, "size": len(batch), "status": 202,
+                                          "attempt": attempt, "latency_ms": latency * 1000})
             self._observers.notify("ms1_batch_sent", batch=batch, status=202,
                                    attempt=attempt, latency=latency)
             return
@@ -220,8 +227,9 @@ class Sender:
         raise _SendFailed(response.status, error)
 
     def _failed(self, batch: Batch, status: int | None, error: str, attempt: int) -> None:
-        log.warning("batch %s (%d invoices) attempt %d failed: %s",
-                    batch.id, len(batch), attempt, error)
+        log.warning("batch failed: %s", error,
+                    extra={"batch": batch.id, "size": len(batch), "status": status,
+                           "attempt": attempt})
         self._stats.add("send_failures")
         self._observers.notify("ms1_batch_failed", batch=batch, status=status, error=error,
                                attempt=attempt, will_retry=True)

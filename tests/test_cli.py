@@ -67,8 +67,8 @@ def test_sigterm_flushes_partial_batch_and_exits_0(tmp_path: Path) -> None:
     for line in proc.stderr:
         if "ms1 starting" in line or time.monotonic() > deadline:
             break
-    time.sleep(0.5)  # the 30 e-mails sit in an open batch (max_wait is an hour)
-    assert proc.poll() is None  # foreground service keeps running
+    time.sleep(1.5)  # the files are read and sent; the foreground service must stay up
+    assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     rest = proc.stderr.read()
     assert proc.wait(timeout=30) == 0
