@@ -732,19 +732,15 @@ class RedisSource(Source):
             data = b""
         return InboundMessage(entry_id, data)
 
-    def ack_in(self, pipe: Any, refs: Sequence[str]) -> None:
-        """Queue the acknowledgement of ``refs`` on a MULTI pipeline of the same client."""
-        pipe.xack(self.stream, self.group, *refs)
-        if self.delete:
-            pipe.xdel(self.stream, *refs)
-
     def forget(self, refs: Sequence[str]) -> None:
         self._held.discard(refs)
 
     def ack(self, refs: Sequence[str]) -> None:
         with translated(SourceError, f"ack {len(refs)} entries of {self.stream}", self.link):
             pipe = self.link.client.pipeline(transaction=True)
-            self.ack_in(pipe, refs)
+            pipe.xack(self.stream, self.group, *refs)
+            if self.delete:
+                pipe.xdel(self.stream, *refs)
             pipe.execute()
         self.forget(refs)
 
