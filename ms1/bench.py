@@ -195,21 +195,23 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             procs.append(producer)
             service.start()
             started = time.time()
-        backlog: list[tuple[int, int, int]] = []
+        backlog: list[tuple[int, int, int, int]] = []
 
         def sample() -> None:
             while not recorder.done.wait(0.1):
                 with contextlib.suppress(Exception):
                     stats = components.queue.stats()
-                    backlog.append((service._inbox.qsize(), stats.ready, stats.in_flight))
+                    backlog.append((service._inbox.qsize(), stats.ready, stats.in_flight,
+                                    service._outbox.qsize()))
 
         threading.Thread(target=sample, daemon=True).start()
         finished = recorder.done.wait(args.timeout)
         if backlog:
             n = len(backlog)
-            print(f"mean backlog: inbox {sum(b[0] for b in backlog) / n:.1f} chunks, outbound "
-                  f"ready {sum(b[1] for b in backlog) / n:.1f}, in flight "
-                  f"{sum(b[2] for b in backlog) / n:.1f} batches")
+            inbox, ready, in_flight, to_commit = (sum(b[k] for b in backlog) / n
+                                                  for k in range(4))
+            print(f"mean backlog: inbox {inbox:.1f} chunks, to commit {to_commit:.1f}, "
+                  f"outbound ready {ready:.1f}, in flight {in_flight:.1f} batches")
         ended = recorder.last_sent
         service.shutdown(10)
         components.close()

@@ -95,19 +95,33 @@ class Intake:
 
     def commit(self, work: Work) -> None:
         """Make ``work`` safe, then acknowledge its inbound messages (committing thread)."""
-        if isinstance(work, Batch):
-            self._enqueue(work)
-        else:
-            self._dead_letter(work)
+        self.commit_many([work])
 
-    def _enqueue(self, batch: Batch) -> None:
-        acked = self._persist(lambda: self._queue.put(batch, self._source),
-                              f"enqueue batch {batch.id}")
+    def commit_many(self, works: Sequence[Work]) -> None:
+        """:meth:`commit` several pieces of work in order; consecutive batches are stored
+        with one :meth:`~ms1.queue.QueueBackend.put_many` (one round trip to Redis)."""
+        batches: list[Batch] = []
+        for work in works:
+            if isinstance(work, Batch):
+                batches.append(work)
+                continue
+            if batches:
+                self._enqueue(batches)
+                batches = []
+            self._dead_letter(work)
+        if batches:
+            self._enqueue(batches)
+
+    def _enqueue(self, batches: list[Batch]) -> None:
+        what = (f"enqueue batch {batches[0].id}" if len(batches) == 1
+                else f"enqueue {len(batches)} batches ({batches[0].id} ...)")
+        acked = self._persist(lambda: self._queue.put_many(batches, self._source), what)
         if not acked:
-            self._ack(batch.refs)
-        self._stats.add("batches_enqueued")
-        self._stats.add("invoices_enqueued", len(batch))
-        self._observers.notify("ms1_batch_enqueued", batch=batch)
+            self._ack([ref for batch in batches for ref in batch.refs])
+        self._stats.add("batches_enqueued", len(batches))
+        self._stats.add("invoices_enqueued", sum(len(batch) for batch in batches))
+        for batch in batches:
+            self._observers.notify("ms1_batch_enqueued", batch=batch)
 
     def _dead_letter(self, letters: list[DeadLetter]) -> None:
         acked = self._persist(lambda: self._dead_letters.add(letters, self._source),

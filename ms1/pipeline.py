@@ -41,6 +41,8 @@ from ms1.transport import Transport
 log = logging.getLogger(__name__)
 
 _EOF: list[InboundMessage] = []  # sentinel: identity-compared
+#: most batches (or dead-letter lists) the committer stores in one round trip
+COMMIT_GROUP = 16
 
 
 @dataclass(frozen=True)
@@ -270,9 +272,23 @@ class Service:
                     raise Ms1Error("aborted with work not yet committed") from None
 
     def _commit_loop(self) -> None:
+        """Commit what the batcher hands over; whatever piled up meanwhile goes together
+        (group commit: one round trip to the queue for up to ``COMMIT_GROUP`` batches)."""
+        outbox = self._outbox
         try:
-            while (work := self._outbox.get()) is not None:
-                self.intake.commit(work)
+            ended = False
+            while not ended and (work := outbox.get()) is not None:
+                works = [work]
+                while len(works) < COMMIT_GROUP:
+                    try:
+                        more = outbox.get_nowait()
+                    except stdqueue.Empty:
+                        break
+                    if more is None:
+                        ended = True
+                        break
+                    works.append(more)
+                self.intake.commit_many(works)
         finally:
             self._batcher_done.set()
 

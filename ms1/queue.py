@@ -59,6 +59,14 @@ class QueueBackend(ABC):
         it does so and returns True; otherwise it returns False and the caller acks them.
         """
 
+    def put_many(self, batches: Sequence[Batch], source: Source | None = None) -> bool:
+        """Store several batches; the committer calls this with every batch that piled up
+        while it waited for the previous store, so a backend that overrides it can store
+        them in one round trip. Same meaning and return value as :meth:`put`. The default
+        puts them one by one."""
+        acked = [self.put(batch, source) for batch in batches]
+        return bool(acked) and all(acked)
+
     @abstractmethod
     def get(self, consumer: str, timeout: float) -> Delivery | None:
         """Hand one batch to ``consumer``, waiting at most ``timeout`` s; None if none came."""

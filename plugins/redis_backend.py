@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SECTION = "redis"
 XADD_CHUNK = 500
+#: entries to XADD together, and the inbound refs whose ack they stand for
+EntryGroup = tuple[Sequence[dict[str, bytes | str]], Sequence[str]]
 
 
 # --- options -----------------------------------------------------------------------
@@ -211,20 +213,25 @@ class RedisLink:
         until every live instance has had a heartbeat to refresh them."""
         return self.failed_at > 0 and time.monotonic() - self.failed_at < self._interval + 2
 
-    def add_entries(self, stream: str, entries: Sequence[dict[str, bytes | str]], *,
-                    inbound: RedisSource | None = None, refs: Sequence[str] = ()) -> bool:
-        """XADD ``entries`` to ``stream`` and ack ``refs`` at ``inbound``, atomically and
-        idempotently: if none of ``refs`` is pending any more, an earlier call whose reply
-        was lost did it all, and nothing is added twice. Returns False in that case."""
-        args: list[bytes | str | int] = []
+    def add_entries(self, stream: str, groups: Sequence[EntryGroup], *,
+                    inbound: RedisSource | None = None) -> int:
+        """XADD each group's entries to ``stream`` and ack the group's ``refs`` at
+        ``inbound``, all in one atomic and idempotent step: a group none of whose refs is
+        pending any more was done by an earlier call whose reply was lost, and is skipped
+        (a group without refs is always added). Returns how many groups were added."""
+        args: list[bytes | str | int] = [
+            inbound.group if inbound is not None else "",
+            1 if inbound is not None and inbound.delete else 0, len(groups)]
+        for entries, refs in groups:
+            args.append(len(refs))
+            args += refs
+            args.append(len(entries))
+            for fields in entries:
+                args.append(len(fields) * 2)
+                for key, value in fields.items():
+                    args += [key, value]
         keys = [stream, inbound.stream if inbound is not None else stream]
-        args += [inbound.group if inbound is not None else "", 1 if inbound and inbound.delete
-                 else 0, len(refs), *refs, len(entries)]
-        for fields in entries:
-            args.append(len(fields) * 2)
-            for key, value in fields.items():
-                args += [key, value]
-        return bool(self._enqueue(keys=keys, args=args))
+        return int(self._enqueue(keys=keys, args=args))
 
     def finish_entry(self, stream: str, group: str, entry_id: str,
                      parts: Sequence[dict[str, bytes | str]]) -> bool:
@@ -290,37 +297,45 @@ def translated(error: type[Ms1Error], what: str, link: RedisLink) -> Iterator[No
         raise error(f"{what}: {type(exc).__name__}: {exc} (Redis at {link.url})") from exc
 
 
-# One script enqueues entries and acks the inbound refs they came from. It is atomic
-# (like MULTI) and idempotent: retried after a reply was lost, it finds the refs no
-# longer pending and adds nothing. KEYS: target stream, inbound stream.
-# ARGV: group, delete(0/1), n refs, refs..., n entries, (2*n fields, field, value...)...
+# One script enqueues groups of entries and acks the inbound refs each group came from.
+# It is atomic (like MULTI) and idempotent: retried after a reply was lost, it finds the
+# refs of every group it added no longer pending and adds nothing twice.
+# KEYS: target stream, inbound stream. ARGV: group, delete (0/1), n groups, then per
+# group: n refs, refs..., n entries, then per entry: 2*n fields, field, value, ...
 _ENQUEUE = """
 local group, delete = ARGV[1], ARGV[2] == '1'
-local nrefs = tonumber(ARGV[3])
 local i = 4
-local refs = {}
-for k = 1, nrefs do refs[k] = ARGV[i]; i = i + 1 end
-if nrefs > 0 then
-  local pending = 0
+local added = 0
+for g = 1, tonumber(ARGV[3]) do
+  local nrefs = tonumber(ARGV[i]); i = i + 1
+  local refs = {}
+  for k = 1, nrefs do refs[k] = ARGV[i]; i = i + 1 end
+  local live = nrefs == 0
   for k = 1, nrefs do
     if #redis.call('XPENDING', KEYS[2], group, refs[k], refs[k], 1) > 0 then
-      pending = pending + 1
+      live = true
+      break
     end
   end
-  if pending == 0 then return 0 end
+  local nentries = tonumber(ARGV[i]); i = i + 1
+  for e = 1, nentries do
+    local n = tonumber(ARGV[i]); i = i + 1
+    if live then
+      local fields = {}
+      for f = 1, n do fields[f] = ARGV[i + f - 1] end
+      redis.call('XADD', KEYS[1], '*', unpack(fields))
+    end
+    i = i + n
+  end
+  if live then
+    added = added + 1
+    if nrefs > 0 then
+      redis.call('XACK', KEYS[2], group, unpack(refs))
+      if delete then redis.call('XDEL', KEYS[2], unpack(refs)) end
+    end
+  end
 end
-local nentries = tonumber(ARGV[i]); i = i + 1
-for e = 1, nentries do
-  local n = tonumber(ARGV[i]); i = i + 1
-  local fields = {}
-  for f = 1, n do fields[f] = ARGV[i]; i = i + 1 end
-  redis.call('XADD', KEYS[1], '*', unpack(fields))
-end
-if nrefs > 0 then
-  redis.call('XACK', KEYS[2], group, unpack(refs))
-  if delete then redis.call('XDEL', KEYS[2], unpack(refs)) end
-end
-return 1
+return added
 """
 
 # Finishing a delivered entry: ack + delete it and add its parts (after a 400 split), once.
@@ -542,14 +557,23 @@ class RedisQueue(QueueBackend):
                         "lost; production needs noeviction", self.link.url, policy)
 
     def put(self, batch: Batch, source: Source | None = None) -> bool:
+        return self.put_many([batch], source)
+
+    def put_many(self, batches: Sequence[Batch], source: Source | None = None) -> bool:
+        """All ``batches`` in one script call; with a Redis source on the same server their
+        inbound entries are acked in the same atomic step."""
         inbound = _sibling(source, self.link)
-        refs = batch.refs if inbound is not None else ()
-        with translated(QueueError, f"enqueue batch {batch.id}", self.link):
+        what = (f"enqueue batch {batches[0].id}" if len(batches) == 1
+                else f"enqueue {len(batches)} batches")
+        with translated(QueueError, what, self.link):
             self._ensure()
-            self.link.add_entries(self.stream, [batch_fields(batch)], inbound=inbound,
-                                  refs=refs)
+            self.link.add_entries(
+                self.stream,
+                [([batch_fields(b)], b.refs if inbound is not None else ()) for b in batches],
+                inbound=inbound)
         if inbound is not None:
-            inbound.forget(refs)
+            for batch in batches:
+                inbound.forget(batch.refs)
         return inbound is not None
 
     def get(self, consumer: str, timeout: float) -> Delivery | None:
@@ -799,8 +823,8 @@ class RedisDeadLetters(DeadLetterStore):
         refs = [letter.source_ref for letter in letters if letter.source_ref] \
             if inbound is not None else []
         with translated(QueueError, f"store {len(letters)} dead letters", self.link):
-            self.link.add_entries(self.stream, [letter_fields(x) for x in letters],
-                                  inbound=inbound, refs=refs)
+            self.link.add_entries(self.stream, [([letter_fields(x) for x in letters], refs)],
+                                  inbound=inbound)
         if inbound is not None:
             inbound.forget(refs)
         return inbound is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -11,7 +12,7 @@ from ms1 import samples
 from ms1.batching import SizeBatchPolicy
 from ms1.deadletters import MemoryDeadLetters
 from ms1.model import BATCH_PATH
-from ms1.pipeline import Components, Service
+from ms1.pipeline import COMMIT_GROUP, Components, Service
 from ms1.queue import MemoryQueue
 from ms1.source import MemorySource
 from ms1.transport import MemoryTransport, Response
@@ -130,6 +131,44 @@ def test_ms4_400_in_the_pipeline_isolates_bad_object(make_config, pm) -> None:
     dead = parts.dead_letters
     assert isinstance(dead, MemoryDeadLetters)
     assert {letter.invoice_id for letter in dead.all()} == poisoned
+
+
+class SlowQueue(MemoryQueue):
+    """A queue whose store takes 20 ms a call, like a round trip to a loaded Redis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: list[int] = []
+
+    def put_many(self, batches, source=None) -> bool:
+        self.groups.append(len(batches))
+        time.sleep(0.02)
+        return super().put_many(batches, source)
+
+
+def test_committer_stores_what_piled_up_in_one_call(make_config, pm) -> None:
+    emails = list(samples.generate(3_000, invalid_every=11))
+    config = make_config("[send]\nthreads = 2\nrequests_per_minute = 1000000\n")
+    parts = Components(source=MemorySource((s.data for s in emails), finite=True),
+                       policy=SizeBatchPolicy(10, 1_048_576, 3600), queue=SlowQueue(),
+                       dead_letters=MemoryDeadLetters(), transport=MemoryTransport())
+    service = Service(config, pm, parts, once=True)
+    service.start()
+    summary = service.run_once(timeout=60)
+    assert summary.ok, summary.render()
+    queue = parts.queue
+    assert isinstance(queue, SlowQueue)
+    valid = [s for s in emails if s.valid]
+    assert sum(queue.groups) == summary.stats["batches_enqueued"] == -(-len(valid) // 10)
+    assert max(queue.groups) == COMMIT_GROUP  # 300 batches cannot all wait 20 ms each
+    assert len(queue.groups) < len(valid) // 10 // 4
+    transport = parts.transport
+    assert isinstance(transport, MemoryTransport)
+    delivered = [o["invoice_id"] for r in transport.accepted for o in json.loads(r.body)]
+    assert sorted(delivered) == sorted(s.invoice_id for s in valid)
+    source = parts.source
+    assert isinstance(source, MemorySource)
+    assert sorted(source.acked) == sorted(set(source.acked)) and len(source.acked) == 3_000
 
 
 @pytest.mark.parametrize("threads", [1, 8])

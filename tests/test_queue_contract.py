@@ -45,6 +45,15 @@ def test_put_get_ack_fifo(backend: QueueBackend) -> None:
     assert backend.stats().empty
 
 
+def test_put_many_stores_every_batch_in_order(backend: QueueBackend) -> None:
+    first, *rest = [batch(i) for i in range(5)]
+    backend.put(first)
+    assert backend.put_many(rest) is False  # no source: nothing acked for the caller
+    got = [backend.get("c1", timeout=1) for _ in range(5)]
+    assert [d.batch.id for d in got if d] == [b.id for b in [first, *rest]]
+    assert backend.get("c1", timeout=0.05) is None
+
+
 def test_get_times_out_empty(backend: QueueBackend) -> None:
     assert backend.get("c1", timeout=0.05) is None
 

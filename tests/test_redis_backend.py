@@ -253,6 +253,29 @@ def test_enqueue_retried_after_a_lost_reply_adds_nothing_twice(redis_url) -> Non
     src.close()
 
 
+def test_put_many_acks_every_batch_inbound_atomically_and_once(redis_url) -> None:
+    src = source(redis_url)
+    out = RedisQueue(src.link.use(), stream="t:out", group="g", consumer="c",
+                     visibility_timeout=30, block_timeout=0.05)
+    src.push([b"e%d" % k for k in range(9)])
+    refs = [m.ref for m in src.read(10, timeout=0.5)]
+    batches = [Batch.of(BATCH_PATH, [Item(b'{"n":%d}' % k, f"i{k}", "m", refs[k])
+                                     for k in range(start, start + 3)])
+               for start in (0, 3, 6)]
+    assert out.put(batches[0], src) is True
+    # the group holds a batch already stored (its refs acked): only the others are added
+    assert out.put_many(batches, src) is True
+    client = src.link.client
+    assert client.xlen("t:out") == 3
+    assert client.xpending("t:in", "g")["pending"] == 0 and client.xlen("t:in") == 0
+    assert out.put_many(batches, src) is True  # retried after a lost reply: adds nothing
+    assert client.xlen("t:out") == 3
+    got = [out.get("s", timeout=1) for _ in range(3)]
+    assert [d.batch.id for d in got if d] == [b.id for b in batches]
+    out.close()
+    src.close()
+
+
 def test_finish_retried_after_a_lost_reply_adds_the_halves_once(redis_url) -> None:
     q = queue(redis_url, "c")
     whole = batch(1, size=4)
