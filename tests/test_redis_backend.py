@@ -300,3 +300,40 @@ def test_own_held_entries_are_not_handed_out_again_when_they_look_idle(redis_url
     assert q.get("s", timeout=0.2) is None
     q.ack(held)
     q.close()
+
+
+def test_scripts_are_reloaded_when_redis_lost_its_script_cache(redis_url) -> None:
+    q = queue(redis_url, "c")
+    q.put(batch(1))
+    q.link.client.script_flush()  # as after a Redis restart
+    q.put(batch(2))
+    delivery = q.get("s", timeout=1)
+    assert delivery is not None
+    q.link.client.script_flush()
+    q.ack(delivery)
+    assert q.link.client.xlen("t:out") == 1
+    q.close()
+
+
+def test_a_thread_s_own_connection_goes_back_to_the_pool_when_the_thread_ends(
+        redis_url) -> None:
+    link = RedisLink(redis_url, max_connections=2, connect_timeout=0.5, socket_timeout=0.5)
+    replies = []
+    for _ in range(6):  # more threads than connections, one after the other
+        thread = threading.Thread(target=lambda: replies.append(link.command("PING")))
+        thread.start()
+        thread.join(5)
+    assert replies == [b"PONG"] * 6 or replies == ["PONG"] * 6
+    link.use().release()
+
+
+def test_a_connection_broken_mid_command_is_dropped_and_the_next_call_reconnects(
+        redis_url) -> None:
+    link = RedisLink(redis_url)
+    assert link.command("CLIENT", "SETNAME", "victim") in (b"OK", "OK")
+    link.client.client_kill_filter(_type="normal", skipme=True)
+    with pytest.raises(Exception) as failed:
+        link.command("PING")
+    assert "Connection" in type(failed.value).__name__ or "closed" in str(failed.value)
+    assert link.command("PING") in (b"PONG", "PONG")
+    link.use().release()
