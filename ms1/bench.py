@@ -178,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                         str(args.count), str(args.rate)]
 
         cpu_before = _cpu()
+        usage_before = resource.getrusage(resource.RUSAGE_SELF)
         recorder = LatencyRecorder()
         recorder.target = args.count
         pm = pluginmanager.make_plugin_manager(plugins=[recorder])
@@ -228,9 +229,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         drain = ended - drain_start
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         cpu = _cpu() - cpu_before
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        print(f"ms1 process: user {usage.ru_utime:.1f} s, system {usage.ru_stime:.1f} s, "
-              f"voluntary context switches {usage.ru_nvcsw:,}, involuntary {usage.ru_nivcsw:,}")
+        usage, was = resource.getrusage(resource.RUSAGE_SELF), usage_before
+        print(f"ms1 process: user {usage.ru_utime - was.ru_utime:.1f} s, system "
+              f"{usage.ru_stime - was.ru_stime:.1f} s, voluntary context switches "
+              f"{usage.ru_nvcsw - was.ru_nvcsw:,}, involuntary {usage.ru_nivcsw - was.ru_nivcsw:,}")
         result = {
             "invoices": args.count, "elapsed_s": elapsed, "invoices_per_s": args.count / elapsed,
             "drain_invoices_per_s": args.count / drain,

@@ -12,8 +12,10 @@ status, is returned for the sender to judge. httpx never retries on its own here
 
 from __future__ import annotations
 
+import http.cookiejar
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import httpx
 
@@ -22,8 +24,21 @@ from ms1.errors import TransportError
 from ms1.hookspecs import hookimpl
 from ms1.transport import Request, Response, Transport
 
+from .http_wire import LeanHTTPTransport
+
 NAME = "http"
 SECTION = "transport.http"
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """MS4 authenticates by ``X-API-Key`` only: no cookie is ever stored or sent (and
+    parsing ``Set-Cookie`` of every answer was a tenth of the cost of a request)."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def add_cookie_header(self, request: Any) -> None:
+        return None
 
 
 class HttpTransport(Transport):
@@ -48,8 +63,9 @@ class HttpTransport(Transport):
             timeout=timeout,
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections),
-            transport=transport or httpx.HTTPTransport(retries=0),
+            transport=transport or LeanHTTPTransport(),
             follow_redirects=False,
+            cookies=_NoCookies(),
         )
 
     def set_api_key(self, api_key: Secret | None) -> None:

@@ -37,9 +37,9 @@ def transport():
     t.close()
 
 
-@respx.mock
-def test_post_batch_headers_and_body(transport: HttpTransport) -> None:
-    route = respx.post(f"{BASE}/batch-metadata").mock(return_value=httpx.Response(202))
+@respx.mock(using="httpx")
+def test_post_batch_headers_and_body(transport: HttpTransport, respx_mock) -> None:
+    route = respx_mock.post(f"{BASE}/batch-metadata").mock(return_value=httpx.Response(202))
     body = b'[{"invoice_id":"A"},{"invoice_id":"B"}]'
     response = transport.send(Request(BATCH_PATH, body, "batch-id-1", 2))
     assert response.status == 202
@@ -50,16 +50,18 @@ def test_post_batch_headers_and_body(transport: HttpTransport) -> None:
     assert sent.headers["Idempotency-Key"] == "batch-id-1"
 
 
-@respx.mock
-def test_unit_policy_posts_one_object_to_metadata(transport: HttpTransport) -> None:
-    route = respx.post(f"{BASE}/metadata").mock(return_value=httpx.Response(202))
+@respx.mock(using="httpx")
+def test_unit_policy_posts_one_object_to_metadata(transport: HttpTransport,
+                                                  respx_mock) -> None:
+    route = respx_mock.post(f"{BASE}/metadata").mock(return_value=httpx.Response(202))
     transport.send(Request(UNIT_PATH, b'{"invoice_id":"A"}', "k", 1))
     assert json.loads(route.calls.last.request.content) == {"invoice_id": "A"}
 
 
-@respx.mock
-def test_answers_are_returned_with_lowercase_headers(transport: HttpTransport) -> None:
-    respx.post(f"{BASE}/batch-metadata").mock(
+@respx.mock(using="httpx")
+def test_answers_are_returned_with_lowercase_headers(transport: HttpTransport,
+                                                     respx_mock) -> None:
+    respx_mock.post(f"{BASE}/batch-metadata").mock(
         return_value=httpx.Response(429, headers={"Retry-After": "7"}, text="slow down"))
     response = transport.send(Request(BATCH_PATH, b"[]", "k", 0))
     assert (response.status, response.headers["retry-after"], response.text) == (
@@ -69,10 +71,10 @@ def test_answers_are_returned_with_lowercase_headers(transport: HttpTransport) -
 @pytest.mark.parametrize("error", [httpx.ConnectError("refused"),
                                    httpx.ReadTimeout("slow"),
                                    httpx.RemoteProtocolError("dropped")])
-@respx.mock
-def test_no_answer_becomes_transport_error_without_the_key(transport: HttpTransport,
+@respx.mock(using="httpx")
+def test_no_answer_becomes_transport_error_without_the_key(transport: HttpTransport, respx_mock,
                                                            error: Exception) -> None:
-    respx.post(f"{BASE}/batch-metadata").mock(side_effect=error)
+    respx_mock.post(f"{BASE}/batch-metadata").mock(side_effect=error)
     with pytest.raises(TransportError) as info:
         transport.send(Request(BATCH_PATH, b"[]", "k", 0))
     assert KEY not in str(info.value) and KEY not in repr(info.value)
@@ -138,9 +140,9 @@ def run_service(make_config, pm, script: Ms4Script, n: int = 200, threads: int =
                        policy=policy or SizeBatchPolicy(10, 1_000_000, 3600),
                        queue=MemoryQueue(), dead_letters=MemoryDeadLetters(),
                        transport=transport)
-    with respx.mock:
-        respx.post(f"{BASE}/batch-metadata").mock(side_effect=script)
-        respx.post(f"{BASE}/metadata").mock(side_effect=script)
+    with respx.mock(using="httpx", assert_all_called=False) as router:
+        router.post(f"{BASE}/batch-metadata").mock(side_effect=script)
+        router.post(f"{BASE}/metadata").mock(side_effect=script)
         service = Service(config, pm, parts, once=True)
         service.start()
         summary = service.run_once(timeout)
