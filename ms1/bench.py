@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ms1 import pluginmanager, samples
@@ -103,22 +103,28 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def produce(config_path: str, count: int, rate: float) -> None:
+def produce(config_path: str, count: int, rate: float, ready: bool = False) -> None:
     """Producer process: push ``count`` generated e-mails into the configured source (the
     inbound stream) with its own ``push`` (chunks of 500, pipelined), or one by one at
-    ``rate``/s — as ``ms1-service enqueue`` does, so no Redis call lives here."""
+    ``rate``/s — as ``ms1-service enqueue`` does, so no Redis call lives here.
+
+    ``ready``: generate every e-mail before the clock starts, as an ingestor has its
+    e-mails at hand (the time measured is ms1's, not the sample generator's)."""
     pm = pluginmanager.make_plugin_manager()
     source = pluginmanager.build(pm, pluginmanager.load(pm, config_path), "source", inputs=[])
+    emails: Iterable[bytes] = (sample.data for sample in samples.generate(count))
+    if ready:
+        emails = list(emails)
     started = time.time()
     chunk: list[bytes] = []
-    for n, sample in enumerate(samples.generate(count)):
+    for n, data in enumerate(emails):
         if rate:
             delay = started + n / rate - time.time()
             if delay > 0:
                 time.sleep(delay)
-            source.push([sample.data])
+            source.push([data])
             continue
-        chunk.append(sample.data)
+        chunk.append(data)
         if len(chunk) == 500:
             source.push(chunk)
             chunk = []
@@ -175,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         _config(config_path, redis_url, f"http://127.0.0.1:{sim_port}", args)
         os.environ["MS1_MS4_API_KEY"] = "bench-key"
         producer_cmd = [sys.executable, "-m", "ms1.bench", "--produce", str(config_path),
-                        str(args.count), str(args.rate)]
+                        str(args.count), str(args.rate), "stream" if args.backlog else "ready"]
 
         cpu_before = _cpu()
         usage_before = resource.getrusage(resource.RUSAGE_SELF)
@@ -292,11 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="with --reference: rounds of reference, ms1, reference "
                              "(the machine is noisy: the median ratio is the figure)")
-    parser.add_argument("--produce", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--produce", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.produce:
-        config_path, count, rate = args.produce
-        produce(config_path, int(count), float(rate))
+        config_path, count, rate, mode = args.produce
+        produce(config_path, int(count), float(rate), ready=mode == "ready")
         return 0
     if shutil.which("redis-server") is None:
         parser.error("redis-server is not installed")
