@@ -3,11 +3,12 @@
 ``POST {base_url}/batch-metadata`` (a JSON array) or ``{base_url}/metadata`` (one
 object, the unit policy), with ``X-API-Key``, ``Content-Type: application/json``
 and ``Idempotency-Key`` (the batch id: the same on every retry and redelivery).
-Connections are pooled and kept alive, one per sender thread; connect, read,
-write and pool timeouts are explicit. No answer at all (refused, timed out,
-dropped) becomes :class:`~ms1.errors.TransportError`; every answer, whatever its
-status, is returned for the sender to judge. httpx never retries on its own here
-(``retries=0``), so a request is sent exactly as often as the sender decides.
+Under the client, :class:`~ms1_plugins.http_wire.LeanHTTPTransport` keeps one
+HTTP/1.1 connection alive per sender thread; connect, read and write timeouts are
+explicit. No answer at all (refused, timed out, dropped) becomes
+:class:`~ms1.errors.TransportError`; every answer, whatever its status, is returned
+for the sender to judge. Nothing below the sender retries, so a request is sent
+exactly as often as the sender decides.
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ def ms1_config_options() -> Sequence[Option]:
         Option(SECTION, "write_timeout", "float", 30.0, "seconds to send a request body",
                min=0.01, max=3600),
         Option(SECTION, "pool_timeout", "float", 10.0,
-               "seconds to wait for a free pooled connection", min=0.01, max=3600),
+               "seconds to wait for a free pooled connection (only on an HTTP proxy taken "
+               "from the environment; ms1's own wire keeps one per sender thread)",
+               min=0.01, max=3600),
     ]
 
 
