@@ -99,7 +99,8 @@ class Intake:
 
     def commit_many(self, works: Sequence[Work]) -> None:
         """:meth:`commit` several pieces of work in order; consecutive batches are stored
-        with one :meth:`~ms1.queue.QueueBackend.put_many` (one round trip to Redis)."""
+        with one :meth:`~ms1.queue.QueueBackend.put_many` (one round trip to Redis) when
+        the queue's ``group_commit`` says that is all-or-nothing."""
         batches: list[Batch] = []
         for work in works:
             if isinstance(work, Batch):
@@ -113,6 +114,10 @@ class Intake:
             self._enqueue(batches)
 
     def _enqueue(self, batches: list[Batch]) -> None:
+        if len(batches) > 1 and not self._queue.group_commit:
+            for batch in batches:  # each stored and retried on its own
+                self._enqueue([batch])
+            return
         what = (f"enqueue batch {batches[0].id}" if len(batches) == 1
                 else f"enqueue {len(batches)} batches ({batches[0].id} ...)")
         acked = self._persist(lambda: self._queue.put_many(batches, self._source), what)

@@ -49,6 +49,9 @@ class QueueBackend(ABC):
     name: str = "?"
     #: whether batches survive the end of this process (decides what shutdown waits for)
     durable: bool = False
+    #: whether :meth:`put_many` is all-or-nothing (atomic, or idempotent when retried
+    #: after a failure), so the committer may store several batches in one call
+    group_commit: bool = False
 
     @abstractmethod
     def put(self, batch: Batch, source: Source | None = None) -> bool:
@@ -60,10 +63,13 @@ class QueueBackend(ABC):
         """
 
     def put_many(self, batches: Sequence[Batch], source: Source | None = None) -> bool:
-        """Store several batches; the committer calls this with every batch that piled up
-        while it waited for the previous store, so a backend that overrides it can store
-        them in one round trip. Same meaning and return value as :meth:`put`. The default
-        puts them one by one."""
+        """Store several batches; same meaning and return value as :meth:`put`.
+
+        With ``group_commit`` True the committer calls this with every batch that piled
+        up while it waited for the previous store, and retries the whole call after a
+        failure: an override must then store all or nothing (or recognise on the retry
+        what it stored). The default puts them one by one; it is used only one batch at
+        a time (``group_commit`` False)."""
         acked = [self.put(batch, source) for batch in batches]
         return bool(acked) and all(acked)
 
@@ -102,6 +108,7 @@ class MemoryQueue(QueueBackend):
 
     name = "memory"
     durable = False
+    group_commit = True
 
     def __init__(self) -> None:
         self._ready: deque[tuple[Batch, int]] = deque()
@@ -110,9 +117,12 @@ class MemoryQueue(QueueBackend):
         self._seq = 0
 
     def put(self, batch: Batch, source: Source | None = None) -> bool:
+        return self.put_many([batch], source)
+
+    def put_many(self, batches: Sequence[Batch], source: Source | None = None) -> bool:
         with self._cond:
-            self._ready.append((batch, 0))
-            self._cond.notify()
+            self._ready.extend((batch, 0) for batch in batches)
+            self._cond.notify(len(batches))
         return False
 
     def get(self, consumer: str, timeout: float) -> Delivery | None:

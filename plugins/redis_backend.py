@@ -571,6 +571,7 @@ class RedisQueue(QueueBackend):
 
     name = "redis"
     durable = True
+    group_commit = True  # put_many is one atomic, idempotent script
 
     def __init__(self, link: RedisLink, *, stream: str, group: str, consumer: str,
                  visibility_timeout: float, block_timeout: float, prefetch: int = 4) -> None:

@@ -11,6 +11,7 @@ import pytest
 from ms1 import samples
 from ms1.batching import SizeBatchPolicy
 from ms1.deadletters import MemoryDeadLetters
+from ms1.errors import QueueError
 from ms1.model import BATCH_PATH
 from ms1.pipeline import COMMIT_GROUP, Components, Service
 from ms1.queue import MemoryQueue
@@ -169,6 +170,43 @@ def test_committer_stores_what_piled_up_in_one_call(make_config, pm) -> None:
     source = parts.source
     assert isinstance(source, MemorySource)
     assert sorted(source.acked) == sorted(set(source.acked)) and len(source.acked) == 3_000
+
+
+class OneAtATimeQueue(SlowQueue):
+    """A third-party style queue whose put_many is not all-or-nothing; one put fails."""
+
+    group_commit = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.puts = 0
+
+    def put_many(self, batches, source=None) -> bool:
+        self.puts += 1
+        if self.puts == 5:
+            raise QueueError("connection lost")
+        return super().put_many(batches, source)
+
+
+def test_a_queue_without_group_commit_gets_one_batch_per_call_and_no_duplicate(
+        make_config, pm) -> None:
+    emails = list(samples.generate(1_000))
+    config = make_config("[send]\nthreads = 2\nrequests_per_minute = 1000000\n")
+    parts = Components(source=MemorySource((s.data for s in emails), finite=True),
+                       policy=SizeBatchPolicy(10, 1_048_576, 3600), queue=OneAtATimeQueue(),
+                       dead_letters=MemoryDeadLetters(), transport=MemoryTransport())
+    service = Service(config, pm, parts, once=True)
+    service.intake._retry_delay = 0.01
+    service.start()
+    summary = service.run_once(timeout=60)
+    assert summary.ok, summary.render()
+    queue = parts.queue
+    assert isinstance(queue, OneAtATimeQueue)
+    assert queue.groups == [1] * 100  # the failed call stored nothing and was retried alone
+    transport = parts.transport
+    assert isinstance(transport, MemoryTransport)
+    delivered = [o["invoice_id"] for r in transport.accepted for o in json.loads(r.body)]
+    assert sorted(delivered) == sorted(s.invoice_id for s in emails)
 
 
 @pytest.mark.parametrize("threads", [1, 8])
