@@ -154,9 +154,6 @@ class RedisLink:
         # typed Any: redis-py 8 annotates replies as RESP2/RESP3 unions that never narrow;
         # its response callbacks give the same shapes under both protocols
         self.client: Any = redis.Redis(connection_pool=pool)
-        # XREADGROUP replies stay as hiredis returns them (lists of bytes): redis-py would
-        # build a dict per entry, and the source needs one field of each
-        self.client.set_response_callback("XREADGROUP", _raw_reply)
         self._users = 0
         self.closed = False
         self._lock = threading.Lock()
@@ -200,11 +197,14 @@ class RedisLink:
             return self.command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     def xreadgroup(self, group: str, consumer: str, stream: str, count: int,
-                   block_ms: int) -> list[tuple[str, list[bytes] | None]]:
-        """New entries for ``consumer`` (:meth:`command`): (id, flat field list or None)."""
+                   block_ms: int | None = None, start: str = ">"
+                   ) -> list[tuple[str, list[bytes] | None]]:
+        """Entries for ``consumer`` (:meth:`command`): new ones (``start`` ">"), or its own
+        pending ones after ``start``; each as (id, flat field list, or None if deleted).
+        The reply stays as hiredis returns it: redis-py would build a dict per entry."""
+        block = () if block_ms is None else ("BLOCK", block_ms)
         return _read_entries(self.command("XREADGROUP", "GROUP", group, consumer,
-                                          "COUNT", count, "BLOCK", block_ms,
-                                          "STREAMS", stream, ">"))
+                                          "COUNT", count, *block, "STREAMS", stream, start))
 
     def use(self) -> RedisLink:
         with self._lock:
@@ -264,11 +264,7 @@ class RedisLink:
         for entries, refs in groups:
             args.append(len(refs))
             args += refs
-            args.append(len(entries))
-            for fields in entries:
-                args.append(len(fields) * 2)
-                for key, value in fields.items():
-                    args += [key, value]
+            _pack_entries(args, entries)
         keys = [stream, inbound.stream if inbound is not None else stream]
         return int(self.script(self._enqueue, keys, args))
 
@@ -276,11 +272,8 @@ class RedisLink:
                      parts: Sequence[dict[str, bytes | str]]) -> bool:
         """XACK + XDEL ``entry_id`` and XADD ``parts``, atomically; if the entry was acked
         already (a retry after a lost reply), only make sure it is deleted."""
-        args: list[bytes | str | int] = [group, entry_id, len(parts)]
-        for fields in parts:
-            args.append(len(fields) * 2)
-            for key, value in fields.items():
-                args += [key, value]
+        args: list[bytes | str | int] = [group, entry_id]
+        _pack_entries(args, parts)
         return bool(self.script(self._finish, [stream], args))
 
     def ping(self) -> bool:
@@ -288,6 +281,17 @@ class RedisLink:
             return bool(self.client.ping())
         except redis.RedisError:
             return False
+
+
+def _pack_entries(args: list[bytes | str | int],
+                  entries: Sequence[dict[str, bytes | str]]) -> None:
+    """Append entries as the scripts read them: n entries, then per entry 2*n fields,
+    field, value, ..."""
+    args.append(len(entries))
+    for fields in entries:
+        args.append(len(fields) * 2)
+        for key, value in fields.items():
+            args += [key, value]
 
 
 class _Lease:
@@ -453,10 +457,6 @@ def _decode(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _raw_reply(response: Any, **options: Any) -> Any:
-    return response
-
-
 def _read_entries(reply: Any) -> list[tuple[str, list[bytes] | None]]:
     """Entries of a raw XREADGROUP reply on one stream: (id, flat field list or None).
 
@@ -506,9 +506,8 @@ class _Claimer:
     def _load_own(self) -> None:
         last = "0"
         while True:
-            reply = self._link.client.xreadgroup(self._group, self._consumer,
-                                                 {self._stream: last}, count=500)
-            entries = _read_entries(reply)
+            entries = self._link.xreadgroup(self._group, self._consumer, self._stream, 500,
+                                            start=last)
             if not entries:
                 break
             for entry_id, flat in entries:
@@ -627,8 +626,7 @@ class RedisQueue(QueueBackend):
                 [([batch_fields(b)], b.refs if inbound is not None else ()) for b in batches],
                 inbound=inbound)
         if inbound is not None:
-            for batch in batches:
-                inbound.forget(batch.refs)
+            inbound.forget([ref for batch in batches for ref in batch.refs])
         return inbound is not None
 
     def get(self, consumer: str, timeout: float) -> Delivery | None:
