@@ -1,4 +1,5 @@
-"""The admin commands of ``ms1-service``: ``enqueue``, ``status``, ``dlq list``, ``dlq replay``.
+"""The admin commands of ``ms1-service``: ``enqueue``, ``status``, ``dlq list``, ``dlq replay``
+(and :func:`replay`, which puts dead letters back on the outbound path).
 
 They build only the components they need, through the same plugins as the service,
 and work on whatever backends the config names (Redis in production).
@@ -9,16 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pluggy
 
 from ms1 import pluginmanager
+from ms1.batching import SizeBatchPolicy
 from ms1.config import Config
-from ms1.deadletters import DeadLetterStore, letter_to_json, replay
+from ms1.deadletters import DeadLetterStore, letter_to_json
 from ms1.errors import ConfigError, Ms1Error
+from ms1.model import Item
+from ms1.outbound import QueueBackend
+from ms1.processor import Accepted, unified_email_processor
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -131,3 +137,46 @@ def dlq_replay(config: Config, pm: pluggy.PluginManager, ids: list[str] | None) 
     for letter_id, reason in result.still_invalid:
         print(f"kept {letter_id}: still invalid: {reason}")
     return EXIT_OK if not result.still_invalid else EXIT_FAILED
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What a replay did: letters put back as batches, and letters still invalid (kept)."""
+
+    replayed: int
+    batches: int
+    still_invalid: list[tuple[str, str]]  # (letter id, reason)
+
+
+def replay(store: DeadLetterStore, queue: QueueBackend, *, ids: Sequence[str] | None,
+           max_items: int, max_bytes: int) -> ReplayResult:
+    """Put dead letters back on the outbound path, then remove them from ``store``.
+
+    MS4 objects (stages ``ms4`` and ``batching``) are batched as they are; raw e-mails
+    (stage ``processor``) go through the processor again and stay dead letters, with the
+    new reason reported, if they are still invalid. A crash between enqueueing and
+    removing leaves a letter both queued and dead-lettered (a duplicate, never a loss).
+    """
+    letters = store.list(limit=2**31, ids=ids)
+    policy = SizeBatchPolicy(max_items=max_items, max_bytes=max_bytes, max_wait=0)
+    batches = []
+    still_invalid: list[tuple[str, str]] = []
+    for letter in letters:
+        if letter.stage == "processor":
+            result = unified_email_processor(letter.payload)
+            if not isinstance(result, Accepted):
+                still_invalid.append((letter.id, result.reason))
+                continue
+            item = Item(result.payload, result.invoice_id, result.message_id, letter.id)
+        else:
+            item = Item(letter.payload, letter.invoice_id or "", letter.message_id or "",
+                        letter.id)
+        batches.extend(policy.add(item))
+    last = policy.flush()
+    if last is not None:
+        batches.append(last)
+    replayed = 0
+    for batch in batches:
+        queue.put(batch)
+        replayed += store.remove(batch.refs)
+    return ReplayResult(replayed, len(batches), still_invalid)

@@ -28,12 +28,14 @@ from types import FrameType
 
 import pluggy
 
-from ms1 import __version__, admin, pluginmanager, samples
+from ms1 import __version__, admin, pluginmanager
+from ms1.components import Components
 from ms1.config import Config
 from ms1.errors import ConfigError, Ms1Error
 from ms1.logs import add_secret, setup_logging
 from ms1.notify import Notifier, Watchdog
-from ms1.pipeline import Components, Service
+from ms1.service import Service
+from ms1.tools import samples
 
 log = logging.getLogger("ms1")
 

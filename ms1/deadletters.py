@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from ms1.model import DeadLetter
-from ms1.queue import QueueBackend
 from ms1.source import Source
 
 
@@ -35,7 +34,7 @@ class DeadLetterStore(ABC):
     def add(self, letters: Sequence[DeadLetter], source: Source | None = None) -> bool:
         """Keep these letters; when this returns they are safe (durably, if durable).
 
-        Like :meth:`ms1.queue.QueueBackend.put`: returns True if it also acknowledged the
+        Like :meth:`ms1.outbound.QueueBackend.put`: returns True if it also acknowledged the
         letters' ``source_ref`` s at ``source`` in the same atomic step.
         """
 
@@ -192,50 +191,3 @@ class JsonlDeadLetters(DeadLetterStore):
     def close(self) -> None:
         with self._lock:
             self._fh.close()
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplayResult:
-    """What a replay did: letters put back as batches, and letters still invalid (kept)."""
-
-    replayed: int
-    batches: int
-    still_invalid: builtins.list[tuple[str, str]]  # (letter id, reason)
-
-
-def replay(store: DeadLetterStore, queue: QueueBackend, *, ids: Sequence[str] | None,
-           max_items: int, max_bytes: int) -> ReplayResult:
-    """Put dead letters back on the outbound path, then remove them from ``store``.
-
-    MS4 objects (stages ``ms4`` and ``batching``) are batched as they are; raw e-mails
-    (stage ``processor``) go through the processor again and stay dead letters, with the
-    new reason reported, if they are still invalid. A crash between enqueueing and
-    removing leaves a letter both queued and dead-lettered (a duplicate, never a loss).
-    """
-    from ms1.batching import SizeBatchPolicy
-    from ms1.model import Item
-    from ms1.processor import Accepted, unified_email_processor
-
-    letters = store.list(limit=2**31, ids=ids)
-    policy = SizeBatchPolicy(max_items=max_items, max_bytes=max_bytes, max_wait=0)
-    batches = []
-    still_invalid: builtins.list[tuple[str, str]] = []
-    for letter in letters:
-        if letter.stage == "processor":
-            result = unified_email_processor(letter.payload)
-            if not isinstance(result, Accepted):
-                still_invalid.append((letter.id, result.reason))
-                continue
-            item = Item(result.payload, result.invoice_id, result.message_id, letter.id)
-        else:
-            item = Item(letter.payload, letter.invoice_id or "", letter.message_id or "",
-                        letter.id)
-        batches.extend(policy.add(item))
-    last = policy.flush()
-    if last is not None:
-        batches.append(last)
-    replayed = 0
-    for batch in batches:
-        queue.put(batch)
-        replayed += store.remove(batch.refs)
-    return ReplayResult(replayed, len(batches), still_invalid)

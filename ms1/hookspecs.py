@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from ms1.config import Config, Option
     from ms1.deadletters import DeadLetterStore
     from ms1.model import Batch, DeadLetter
-    from ms1.pacing import RateLimiter
-    from ms1.queue import QueueBackend
+    from ms1.outbound import QueueBackend
+    from ms1.sending.limiter import RateLimiter
     from ms1.source import Source
     from ms1.transport import Transport
 
@@ -91,7 +91,7 @@ def ms1_make_batch_policy(name: str, config: Config) -> BatchPolicy | None:
 def ms1_make_queue(name: str, config: Config) -> QueueBackend | None:
     """Build the outbound queue backend selected by ``[queue] backend``.
 
-    Called once at start. Return a :class:`~ms1.queue.QueueBackend` if ``name``
+    Called once at start. Return a :class:`~ms1.outbound.QueueBackend` if ``name``
     is yours, else None. ``firstresult``.
     """
 
@@ -122,7 +122,7 @@ def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
     Called once at start. It must hold ``[send] requests_per_minute`` requests per
     ``rate_window`` seconds for every caller that shares it (``memory``: the sender
     threads of this process; ``redis``: every instance on the Redis). Return a
-    :class:`~ms1.pacing.RateLimiter` if ``name`` is yours, else None. ``firstresult``.
+    :class:`~ms1.sending.limiter.RateLimiter` if ``name`` is yours, else None. ``firstresult``.
     """
 
 

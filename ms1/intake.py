@@ -21,9 +21,9 @@ from ms1.batching import BatchPolicy
 from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error
 from ms1.model import Batch, DeadLetter, InboundMessage, Item
+from ms1.outbound import QueueBackend
 from ms1.pluginmanager import Observers
 from ms1.processor import Accepted, unified_email_processor
-from ms1.queue import QueueBackend
 from ms1.source import Source
 from ms1.stats import RunStats
 
@@ -99,7 +99,7 @@ class Intake:
 
     def commit_many(self, works: Sequence[Work]) -> None:
         """:meth:`commit` several pieces of work in order; consecutive batches are stored
-        with one :meth:`~ms1.queue.QueueBackend.put_many` (one round trip to Redis) when
+        with one :meth:`~ms1.outbound.QueueBackend.put_many` (one round trip to Redis) when
         the queue's ``group_commit`` says that is all-or-nothing."""
         batches: list[Batch] = []
         for work in works:

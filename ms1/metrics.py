@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -30,9 +31,8 @@ from prometheus_client.registry import Collector
 from ms1.errors import Ms1Error
 from ms1.hookspecs import hookimpl
 from ms1.model import Batch, DeadLetter
-
-if TYPE_CHECKING:
-    from ms1.pipeline import Service
+from ms1.outbound import QueueStats
+from ms1.sending.pacer import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,18 @@ _COUNTERS = (
 _BREAKER = {"closed": 0, "half-open": 1, "open": 2}
 
 
+@dataclass(frozen=True)
+class ServiceView:
+    """What the exporter reads of a running service, at scrape time: read-only, so the
+    exporter never imports or steers the service."""
+
+    counters: Callable[[], dict[str, int]]
+    alive: Callable[[], bool]
+    pacer: Pacer
+    queue_stats: Callable[[], QueueStats]
+    dead_letter_count: Callable[[], int]
+
+
 class _State(Collector):
     """Reads the service's counters and state when Prometheus scrapes."""
 
@@ -57,7 +69,7 @@ class _State(Collector):
 
     def collect(self) -> Iterator[Any]:
         service = self._exporter.service
-        stats = service.stats.snapshot()
+        stats = service.counters()
         for key, name, text in _COUNTERS:
             family = CounterMetricFamily(name, text)
             family.add_metric([], stats.get(key, 0))
@@ -84,8 +96,8 @@ class _State(Collector):
         yield _gauge("ms1_up", "1 while every pipeline thread is alive",
                      1 if service.alive() else 0)
         try:
-            queue = service.parts.queue.stats()
-            letters = service.parts.dead_letters.count()
+            queue = service.queue_stats()
+            letters = service.dead_letter_count()
         except Ms1Error:
             yield _gauge("ms1_queue_reachable", "1 when the queue backend answers", 0)
             return
@@ -105,7 +117,7 @@ def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
 class Exporter:
     """Metrics and health of one service: an observer plugin plus an HTTP endpoint."""
 
-    def __init__(self, service: Service, address: str) -> None:
+    def __init__(self, service: ServiceView, address: str) -> None:
         self.service = service
         self._rejected: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
@@ -151,7 +163,7 @@ class Exporter:
         if pacer.breaker.state == "open":
             return "circuit breaker open: MS4 is failing"
         try:
-            self.service.parts.queue.stats()
+            self.service.queue_stats()
         except Ms1Error as exc:
             return f"queue unreachable: {exc}"
         return None

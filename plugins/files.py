@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from ms1 import samples
 from ms1.config import Config, Option
 from ms1.deadletters import DeadLetterStore, JsonlDeadLetters
 from ms1.errors import SourceError
 from ms1.hookspecs import hookimpl
 from ms1.source import FileSource, MemorySource, Source
+from ms1.tools import samples
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from ms1.config import Config
 from ms1.deadletters import DeadLetterStore, MemoryDeadLetters
 from ms1.hookspecs import hookimpl
-from ms1.pacing import RateLimiter, SlidingWindowLimiter
-from ms1.queue import MemoryQueue, QueueBackend
+from ms1.outbound import MemoryQueue, QueueBackend
+from ms1.sending.limiter import RateLimiter, SlidingWindowLimiter
 from ms1.source import MemorySource, Source
 from ms1.transport import MemoryTransport, Transport
 

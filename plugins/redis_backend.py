@@ -57,8 +57,8 @@ from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error, QueueError, SourceError
 from ms1.hookspecs import hookimpl
 from ms1.model import Batch, DeadLetter, InboundMessage
-from ms1.pacing import RateLimiter
-from ms1.queue import Delivery, MemoryQueue, QueueBackend, QueueStats
+from ms1.outbound import Delivery, MemoryQueue, QueueBackend, QueueStats
+from ms1.sending.limiter import RateLimiter
 from ms1.source import Source
 
 log = logging.getLogger(__name__)

@@ -13,15 +13,16 @@ import httpx
 import pytest
 import respx
 
-from ms1 import samples
 from ms1.batching import SizeBatchPolicy, UnitPolicy
+from ms1.components import Components
 from ms1.config import Secret
 from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import TransportError
 from ms1.model import BATCH_PATH, UNIT_PATH
-from ms1.pipeline import Components, Service
-from ms1.queue import MemoryQueue
+from ms1.outbound import MemoryQueue
+from ms1.service import Service
 from ms1.source import MemorySource
+from ms1.tools import samples
 from ms1.transport import Request
 from ms1_plugins.http import HttpTransport
 
@@ -231,7 +232,7 @@ def test_401_stops_every_sender_logs_once_and_resumes_after_probe(make_config, p
         return httpx.Response(202)
 
     script = Ms4Script(answer)
-    with caplog.at_level(logging.CRITICAL, logger="ms1.pacing"):
+    with caplog.at_level(logging.CRITICAL, logger="ms1.sending.pacer"):
         summary, _, ids = run_service(make_config, pm, script, n=300)
     assert summary.ok and sorted(script.delivered()) == sorted(ids)
     spell = [c for c in script.calls if c[3] == 401]

@@ -227,7 +227,7 @@ def test_url_quoted_secret_is_redacted() -> None:
 def test_add_secret_after_setup() -> None:
     stream = configure("kv", secrets=())
     new_key = "rotated-key-0042"
-    log = logging.getLogger("ms1.pacing")
+    log = logging.getLogger("ms1.sending.pacer")
     log.info("before %s", new_key)
     add_secret(new_key)
     log.info("after %s", new_key)

@@ -11,15 +11,17 @@ from collections import defaultdict
 
 import pytest
 
-from ms1 import pluginmanager, samples
+from ms1 import pluginmanager
 from ms1.batching import SizeBatchPolicy
+from ms1.components import Components
 from ms1.config import Secret
 from ms1.deadletters import MemoryDeadLetters
 from ms1.hookspecs import hookimpl
-from ms1.pipeline import Components, Service
-from ms1.queue import MemoryQueue
-from ms1.sim import Ms4Sim, SimConfig
+from ms1.outbound import MemoryQueue
+from ms1.service import Service
 from ms1.source import MemorySource
+from ms1.tools import samples
+from ms1.tools.sim import Ms4Sim, SimConfig
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +107,7 @@ def sim_process():
     procs: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> str:
-        proc = subprocess.Popen([sys.executable, "-m", "ms1.sim", "--port", "0",
+        proc = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0",
                                  "--api-key", "right-key", *args],
                                 stdout=subprocess.PIPE, text=True)
         procs.append(proc)

@@ -18,14 +18,14 @@ import pytest
 from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from ms1 import samples
+from ms1.tools import samples
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
 
 
 def start_sim(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "ms1.sim", "--port", "0", "--rate-limit",
+    proc = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--rate-limit",
                              "0", *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -302,7 +302,8 @@ def test_reload_applies_limits_rate_and_senders_and_refuses_a_bad_file(
     import logging
 
     from ms1 import cli, pluginmanager
-    from ms1.pipeline import Components, Service
+    from ms1.components import Components
+    from ms1.service import Service
 
     path = write_config("[send]\nthreads = 2\nrequests_per_minute = 120\n[batch]\nmax_items = 50\n")
     config = pluginmanager.load(pm, str(path))

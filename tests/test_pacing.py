@@ -10,7 +10,10 @@ from email.utils import format_datetime
 
 import pytest
 
-from ms1.pacing import Aborted, Breaker, Pacer, SlidingWindowLimiter, parse_retry_after
+from ms1.sending.breaker import Breaker
+from ms1.sending.limiter import SlidingWindowLimiter
+from ms1.sending.pacer import Aborted, Pacer
+from ms1.sending.retry_after import parse_retry_after
 
 NOW = datetime(2026, 11, 23, 8, 0, 0, tzinfo=UTC)
 IN_7 = NOW + timedelta(seconds=7)

@@ -8,14 +8,15 @@ from collections import Counter
 
 import pytest
 
-from ms1 import samples
 from ms1.batching import SizeBatchPolicy
+from ms1.components import Components
 from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import QueueError
 from ms1.model import BATCH_PATH
-from ms1.pipeline import COMMIT_GROUP, Components, Service
-from ms1.queue import MemoryQueue
+from ms1.outbound import MemoryQueue
+from ms1.service import COMMIT_GROUP, Service
 from ms1.source import MemorySource
+from ms1.tools import samples
 from ms1.transport import MemoryTransport, Response
 
 

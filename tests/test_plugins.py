@@ -43,7 +43,7 @@ def test_builtins_come_through_the_entry_point_group() -> None:
 
 
 def test_no_plugin_manager_is_created_on_import() -> None:
-    code = ("import sys, pluggy; import ms1.cli, ms1.pipeline, ms1.hookspecs;"
+    code = ("import sys, pluggy; import ms1.cli, ms1.service, ms1.hookspecs;"
             "import gc; print(sum(isinstance(o, pluggy.PluginManager) for o in gc.get_objects()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout

@@ -11,10 +11,11 @@ import time
 import pytest
 from conftest import RedisServer
 
-from ms1.deadletters import MemoryDeadLetters, replay
+from ms1.admin import replay
+from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import QueueError
 from ms1.model import BATCH_PATH, Batch, DeadLetter, Item
-from ms1.queue import MemoryQueue
+from ms1.outbound import MemoryQueue
 from ms1_plugins.redis_backend import (
     RedisDeadLetters,
     RedisLink,

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from ms1 import samples
-from ms1.sim import REJECT_EVERY_REASON, is_rejected_by_sim
+from ms1.tools import samples
+from ms1.tools.sim import REJECT_EVERY_REASON, is_rejected_by_sim
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,7 @@ def start_sim(procs: list[subprocess.Popen[bytes]], tmp_path: Path, *args: str,
     log = tmp_path / f"{name}.log"
     with log.open("ab") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ms1.sim", "--port", "0", "--api-key", API_KEY,
+            [sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--api-key", API_KEY,
              "--rate-limit", str(rate_limit), "--window", str(window), *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
     procs.append(proc)

@@ -11,9 +11,11 @@ from ms1 import pluginmanager
 from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import TransportError
 from ms1.model import BATCH_PATH, Batch, Item
-from ms1.pacing import Breaker, Pacer, SlidingWindowLimiter
-from ms1.queue import MemoryQueue
-from ms1.sender import Sender
+from ms1.outbound import MemoryQueue
+from ms1.sending.breaker import Breaker
+from ms1.sending.limiter import SlidingWindowLimiter
+from ms1.sending.pacer import Pacer
+from ms1.sending.sender import Sender
 from ms1.stats import RunStats
 from ms1.transport import MemoryTransport, Request, Response
 

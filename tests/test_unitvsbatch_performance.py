@@ -17,14 +17,16 @@ import time
 
 import pytest
 
-from ms1 import pluginmanager, samples
+from ms1 import pluginmanager
+from ms1.components import Components
 from ms1.config import Config
 from ms1.deadletters import MemoryDeadLetters
 from ms1.hookspecs import hookimpl
-from ms1.pipeline import Components, Service
-from ms1.queue import MemoryQueue
-from ms1.sim import Ms4Sim, SimConfig
+from ms1.outbound import MemoryQueue
+from ms1.service import Service
 from ms1.source import MemorySource
+from ms1.tools import samples
+from ms1.tools.sim import Ms4Sim, SimConfig
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +71,7 @@ def deliver(pm, config: Config, emails: list[samples.Sample]) -> SendTimes:
 
 @pytest.fixture
 def sim_url():
-    proc = subprocess.Popen([sys.executable, "-m", "ms1.sim", "--port", "0", "--api-key", "k",
+    proc = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--api-key", "k",
                              "--rate-limit", "0", "--latency", "0.05"],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None

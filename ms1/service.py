@@ -1,4 +1,4 @@
-"""The service: builds the components from the config and runs the stage threads.
+"""The service: the stage threads, shutdown and reload.
 
 Threads (all named, all watching the same events)::
 
@@ -8,6 +8,7 @@ Threads (all named, all watching the same events)::
 Three events steer shutdown: ``intake_stop`` (stop reading; the batcher then
 flushes the partial batch and ends), ``senders_stop`` (take no new batch) and
 ``abort`` (the deadline passed: give in-flight batches back to the queue).
+The parts it runs are built by :mod:`ms1.components`.
 """
 
 from __future__ import annotations
@@ -16,73 +17,27 @@ import logging
 import queue as stdqueue
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pluggy
 
-from ms1 import pluginmanager
-from ms1.batching import BatchPolicy
+from ms1.components import Components, make_pacer
 from ms1.config import Config, Secret
-from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error
 from ms1.intake import Intake, Work
-from ms1.metrics import Exporter
+from ms1.metrics import Exporter, ServiceView
 from ms1.model import InboundMessage
-from ms1.pacing import Breaker, Pacer, RateLimiter, SlidingWindowLimiter
+from ms1.outbound import QueueStats
 from ms1.pluginmanager import Observers
-from ms1.queue import QueueBackend, QueueStats
-from ms1.sender import Sender
-from ms1.source import Source
+from ms1.sending.sender import Sender
 from ms1.stats import RunStats
-from ms1.transport import Transport
 
 log = logging.getLogger(__name__)
 
 _EOF: list[InboundMessage] = []  # sentinel: identity-compared
 #: most batches (or dead-letter lists) the committer stores in one round trip
 COMMIT_GROUP = 16
-
-
-@dataclass(frozen=True)
-class Components:
-    """The swappable parts, as built by the plugins (``limiter`` None: from ``[send]``)."""
-
-    source: Source
-    policy: BatchPolicy
-    queue: QueueBackend
-    dead_letters: DeadLetterStore
-    transport: Transport
-    limiter: RateLimiter | None = None
-
-    @classmethod
-    def build(cls, pm: pluggy.PluginManager, config: Config,
-              inputs: Sequence[str] = ()) -> Components:
-        built: list[Any] = []
-        try:
-            for kind, extra in (("source", {"inputs": list(inputs)}), ("batch_policy", {}),
-                                ("queue", {}), ("dead_letters", {}), ("transport", {}),
-                                ("rate_limiter", {})):
-                built.append(pluginmanager.build(pm, config, kind, **extra))
-        except BaseException:
-            for component in reversed(built):
-                component.close()
-            raise
-        transport = built[4]
-        transport.set_api_key(config.api_key)
-        return cls(*built)
-
-    def close(self) -> None:
-        parts = (self.source, self.transport, self.queue, self.dead_letters, self.policy,
-                 self.limiter)
-        for part in parts:
-            if part is None:
-                continue
-            try:
-                part.close()
-            except Exception:
-                log.exception("closing %s failed", type(part).__name__)
 
 
 @dataclass(frozen=True)
@@ -122,19 +77,6 @@ class Summary:
         return "\n".join(lines)
 
 
-def make_pacer(config: Config, limiter: RateLimiter | None = None) -> Pacer:
-    """The shared pacer (rate limit, 429/401 pauses, breaker) the ``[send]`` options describe."""
-    if limiter is None:
-        limiter = SlidingWindowLimiter(config.get_int("send", "requests_per_minute"),
-                                       config.get_float("send", "rate_window"))
-    breaker = Breaker(config.get_int("send", "breaker_failures"),
-                      config.get_float("send", "breaker_reset"))
-    return Pacer(limiter, breaker,
-                 retry_after_default=config.get_float("send", "retry_after_default"),
-                 retry_after_cap=config.get_float("send", "retry_after_max"),
-                 auth_probe_interval=config.get_float("send", "auth_probe_interval"))
-
-
 class Service:
     """One ms1 process: ``start()``, then ``run_once()`` or ``wait()`` + ``shutdown()``."""
 
@@ -169,7 +111,10 @@ class Service:
         address = config.get_str("metrics", "address")
         if address:
             try:
-                self.exporter = Exporter(self, address)
+                self.exporter = Exporter(ServiceView(
+                    counters=self.stats.snapshot, alive=self.alive, pacer=self.pacer,
+                    queue_stats=components.queue.stats,
+                    dead_letter_count=components.dead_letters.count), address)
             except (OSError, ValueError) as exc:
                 raise config.error("metrics", "address",
                                    f"cannot listen on {address!r}: {exc}") from None

@@ -8,7 +8,7 @@ transport and settles it by MS4's answer:
 400, 413               split the batch in halves (``QueueBackend.replace``);
                        a single object is dead-lettered with MS4's text, then
                        acked — an unchanged batch is never resent after a 400
-401                    every sender stops (:class:`~ms1.pacing.Pacer`): the
+401                    every sender stops (:class:`~ms1.sending.pacer.Pacer`): the
                        batch is kept and resent once the key is reloaded or a
                        slow probe is accepted
 429                    every sender pauses until ``Retry-After``; then resend
@@ -17,7 +17,7 @@ answer at all          the circuit breaker counts the failure; the batch stays
                        pending in the queue until delivered
 =====================  ========================================================
 
-Before each attempt the sender asks the shared :class:`~ms1.pacing.Pacer` for
+Before each attempt the sender asks the shared :class:`~ms1.sending.pacer.Pacer` for
 permission (rate limit, 429 pause, 401 spell, breaker) and tells it the outcome.
 
 On shutdown a sender finishes its current attempt; a batch it could not
@@ -37,9 +37,9 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exp
 from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error, QueueError, TransportError
 from ms1.model import Batch, DeadLetter
-from ms1.pacing import Aborted, Pacer
+from ms1.outbound import Delivery, QueueBackend
 from ms1.pluginmanager import Observers
-from ms1.queue import Delivery, QueueBackend
+from ms1.sending.pacer import Aborted, Pacer
 from ms1.stats import RunStats
 from ms1.transport import Request, Response, Transport
 

@@ -38,10 +38,12 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ms1 import pluginmanager, samples
+from ms1 import pluginmanager
+from ms1.components import Components
 from ms1.hookspecs import hookimpl
 from ms1.model import Batch
-from ms1.pipeline import Components, Service
+from ms1.service import Service
+from ms1.tools import samples
 
 # latency histogram: 0.1 ms buckets to 2 s, then 10 ms buckets to 120 s (constant memory)
 _EDGES = [i / 10_000 for i in range(1, 20_001)] + [2 + i / 100 for i in range(1, 11_801)]
@@ -170,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
              "--appendonly", "no" if args.aof == "no" else "yes",
              *(["--appendfsync", args.aof] if args.aof != "no" else [])],
             stdout=subprocess.DEVNULL, text=True))
-        sim = subprocess.Popen([sys.executable, "-m", "ms1.sim", "--port", str(sim_port),
+        sim = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", str(sim_port),
                                 "--rate-limit", "0", "--api-key", "bench-key"],
                                stdout=subprocess.PIPE, text=True)
         procs.append(sim)
@@ -180,7 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         config_path = tmp / "bench.ini"
         _config(config_path, redis_url, f"http://127.0.0.1:{sim_port}", args)
         os.environ["MS1_MS4_API_KEY"] = "bench-key"
-        producer_cmd = [sys.executable, "-m", "ms1.bench", "--produce", str(config_path),
+        producer_cmd = [sys.executable, "-m", "ms1.tools.bench", "--produce", str(config_path),
                         str(args.count), str(args.rate), "stream" if args.backlog else "ready"]
 
         cpu_before = _cpu()

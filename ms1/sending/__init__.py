@@ -1,0 +1,11 @@
+"""Stage 4: sending — everything between a queued batch and MS4's answer.
+
+* :mod:`~ms1.sending.sender` — the sender threads: **where a batch gets acked** (202),
+  split (400/413) or retried;
+* :mod:`~ms1.sending.pacer` — the :class:`~ms1.sending.pacer.Pacer` every sender asks
+  before a request: rate limit, 429 pause, 401 spell, circuit breaker;
+* :mod:`~ms1.sending.limiter` — the sliding-window rate limiter contract and the
+  in-process one;
+* :mod:`~ms1.sending.breaker` — the circuit breaker (pybreaker, no lock across I/O);
+* :mod:`~ms1.sending.retry_after` — ``Retry-After`` parsing.
+"""
