@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -31,14 +32,86 @@ def test_mypy_clean() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_every_redis_call_lives_in_one_module() -> None:
-    """Only plugins/redis_backend.py may import redis-py (the seed story's rule)."""
+def test_every_redis_call_lives_in_the_redis_plugin() -> None:
+    """Only the Redis plugin package (plugins/redis/) imports redis-py."""
     offenders = []
-    for path in [*ROOT.glob("ms1/*.py"), *ROOT.glob("plugins/*.py")]:
-        if path.name == "redis_backend.py":
+    for path in [*ROOT.glob("ms1/**/*.py"), *ROOT.glob("plugins/**/*.py")]:
+        if path.is_relative_to(ROOT / "plugins" / "redis"):
             continue
         for line in path.read_text().splitlines():
             stripped = line.strip()
             if stripped.startswith(("import redis", "from redis")):
                 offenders.append(f"{path.relative_to(ROOT)}: {stripped}")
     assert not offenders, offenders
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] == "plugins":
+        parts[0] = "ms1_plugins"
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _runtime_imports(path: Path, package: str) -> set[str]:
+    """Modules ``path`` imports when it runs (not under ``if TYPE_CHECKING:``)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.Import):
+                found.update(alias.name for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    anchor = package.rsplit(".", child.level - 1)[0] if child.level > 1 \
+                        else package
+                    base = f"{anchor}.{base}" if base else anchor
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in child.names)
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def test_no_import_cycles() -> None:
+    """The module graph of ms1 and its built-in plugins has no cycle (imports inside
+    functions count too; ``TYPE_CHECKING`` imports do not)."""
+    paths = [*ROOT.glob("ms1/**/*.py"), *ROOT.glob("plugins/**/*.py")]
+    modules = {_module_name(p): p for p in paths}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = {m for m in _runtime_imports(path, package)
+                       if m in modules and m != name}
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def walk(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append([*stack[stack.index(nxt):], nxt])
+            elif nxt not in state:
+                walk(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            walk(node)
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_module_shadows_the_standard_library() -> None:
+    names = {p.stem for p in [*ROOT.glob("ms1/**/*.py"), *ROOT.glob("plugins/*.py")]}
+    shadowing = sorted(names & set(sys.stdlib_module_names))
+    assert not shadowing, shadowing
