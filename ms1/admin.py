@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pluggy
 
@@ -27,6 +27,13 @@ from ms1.outbound import QueueBackend
 from ms1.processor import Accepted, unified_email_processor
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
 
 
 def run(args: argparse.Namespace, config: Config, pm: pluggy.PluginManager) -> int:
@@ -59,7 +66,7 @@ def enqueue(config: Config, pm: pluggy.PluginManager, files: list[str]) -> int:
     """Push e-mails into the configured source (the inbound stream) as they are: the
     service validates them, so a broken one ends in the dead letters, not here."""
     emails = list(_emails(files))
-    source = pluginmanager.build(pm, config, "source", inputs=[])
+    source = pluginmanager.build_source(pm, config)
     try:
         count = source.push(emails)
     finally:
@@ -68,20 +75,23 @@ def enqueue(config: Config, pm: pluggy.PluginManager, files: list[str]) -> int:
     return EXIT_OK
 
 
+def _probe(component: C, describe: Callable[[C], dict[str, Any]]) -> dict[str, Any]:
+    """``describe(component)``, or the error that prevented it; then close ``component``."""
+    try:
+        return describe(component)
+    except Ms1Error as exc:
+        return {"error": str(exc)}
+    finally:
+        component.close()
+
+
 def status(config: Config, pm: pluggy.PluginManager, *, as_json: bool) -> int:
-    parts: dict[str, Any] = {}
-    for kind in ("source", "queue", "dead_letters"):
-        extra: dict[str, Any] = {"inputs": []} if kind == "source" else {}
-        component = pluginmanager.build(pm, config, kind, **extra)
-        try:
-            if kind == "dead_letters":
-                parts[kind] = {"backend": component.name, "count": component.count()}
-            else:
-                parts[kind] = component.describe()
-        except Ms1Error as exc:
-            parts[kind] = {"error": str(exc)}
-        finally:
-            component.close()
+    parts: dict[str, Any] = {
+        "source": _probe(pluginmanager.build_source(pm, config), lambda s: s.describe()),
+        "queue": _probe(pluginmanager.build_queue(pm, config), lambda q: q.describe()),
+        "dead_letters": _probe(pluginmanager.build_dead_letters(pm, config),
+                               lambda d: {"backend": d.name, "count": d.count()}),
+    }
     if as_json:
         print(json.dumps(parts, indent=2, default=str))
         return EXIT_OK
@@ -96,9 +106,7 @@ def status(config: Config, pm: pluggy.PluginManager, *, as_json: bool) -> int:
 
 
 def _store(config: Config, pm: pluggy.PluginManager) -> DeadLetterStore:
-    store = pluginmanager.build(pm, config, "dead_letters")
-    assert isinstance(store, DeadLetterStore)
-    return store
+    return pluginmanager.build_dead_letters(pm, config)
 
 
 def dlq_list(config: Config, pm: pluggy.PluginManager, *, limit: int, as_json: bool) -> int:
@@ -121,7 +129,7 @@ def dlq_list(config: Config, pm: pluggy.PluginManager, *, limit: int, as_json: b
 
 def dlq_replay(config: Config, pm: pluggy.PluginManager, ids: list[str] | None) -> int:
     store = _store(config, pm)
-    queue = pluginmanager.build(pm, config, "queue")
+    queue = pluginmanager.build_queue(pm, config)
     try:
         if not queue.durable:
             raise ConfigError(f"dlq replay needs a durable queue; [queue] backend = "

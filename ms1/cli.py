@@ -10,6 +10,9 @@
     ms1-service --config F dlq replay (--all | ID ...)  dead letters back to the outbound queue
     ms1-service samples [--count N] [--invalid-every K] [-o OUT.jsonl]
 
+``--block-plugin NAME`` (repeatable, before the command) or ``$MS1_BLOCK_PLUGINS``
+(comma-separated) keeps an installed plugin, built-in or third-party, from loading.
+
 Exit status: 0 ok; 1 something was left undelivered (``--once``) or the service
 failed; 2 the configuration or the command line is wrong (one line on stderr
 naming file, section and key).
@@ -49,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Forward invoice metadata from MS1 e-mails to MS4 in batches.")
     parser.add_argument("--config", "-c", default=os.environ.get("MS1_CONFIG"),
                         help="INI config file (default: $MS1_CONFIG)")
+    parser.add_argument("--block-plugin", action="append", default=[], metavar="NAME",
+                        help="do not load the installed plugin NAME (its entry-point name, "
+                             f"e.g. redis); repeatable; also ${pluginmanager.BLOCK_ENV}, "
+                             "comma-separated")
     parser.add_argument("--version", action="version", version=f"ms1 {__version__}")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the pipeline (the default command)")
@@ -83,10 +90,11 @@ def _with_default_command(argv: list[str]) -> list[str]:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("--config", "-c"):
+        if arg in ("--config", "-c", "--block-plugin"):
             i += 2
             continue
-        if arg.startswith("--config=") or arg in ("-h", "--help", "--version"):
+        if arg.startswith(("--config=", "--block-plugin=")) or arg in ("-h", "--help",
+                                                                        "--version"):
             i += 1
             continue
         if arg in COMMANDS:
@@ -107,10 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _samples(args)
     if not args.config:
         return _fail("no config file: give --config FILE or set $MS1_CONFIG", EXIT_USAGE)
-    pm = pluginmanager.make_plugin_manager()
+    blocked = [name for value in args.block_plugin for name in pluginmanager.parse_blocked(value)]
+    blocked += pluginmanager.blocked_from_env(os.environ)
     try:
+        pm = pluginmanager.make_plugin_manager(blocked=blocked)
         config = pluginmanager.load(pm, args.config)
-    except ConfigError as exc:
+    except ConfigError as exc:  # PluginError too: a broken plugin stops the start
         return _fail(str(exc), EXIT_USAGE)
     if args.command == "check":
         sys.stdout.write(config.render())

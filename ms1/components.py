@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol, TypeVar
 
 import pluggy
 
@@ -29,6 +29,13 @@ from ms1.transport import Transport
 log = logging.getLogger(__name__)
 
 
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+
+
 @dataclass(frozen=True)
 class Components:
     """The swappable parts, as built by the plugins (``limiter`` None: from ``[send]``)."""
@@ -43,19 +50,29 @@ class Components:
     @classmethod
     def build(cls, pm: pluggy.PluginManager, config: Config,
               inputs: Sequence[str] = ()) -> Components:
-        built: list[Any] = []
+        """Build every part the config names; if one fails, close those already built."""
+        built: list[_Closable] = []
+
+        def keep(component: C) -> C:
+            built.append(component)
+            return component
+
         try:
-            for kind, extra in (("source", {"inputs": list(inputs)}), ("batch_policy", {}),
-                                ("queue", {}), ("dead_letters", {}), ("transport", {}),
-                                ("rate_limiter", {})):
-                built.append(pluginmanager.build(pm, config, kind, **extra))
+            source = keep(pluginmanager.build_source(pm, config, inputs))
+            policy = keep(pluginmanager.build_batch_policy(pm, config))
+            queue = keep(pluginmanager.build_queue(pm, config))
+            dead_letters = keep(pluginmanager.build_dead_letters(pm, config))
+            transport = keep(pluginmanager.build_transport(pm, config))
+            limiter = keep(pluginmanager.build_rate_limiter(pm, config))
+            transport.set_api_key(config.api_key)
         except BaseException:
             for component in reversed(built):
-                component.close()
+                try:
+                    component.close()
+                except Exception:
+                    log.exception("closing %s failed", type(component).__name__)
             raise
-        transport = built[4]
-        transport.set_api_key(config.api_key)
-        return cls(*built)
+        return cls(source, policy, queue, dead_letters, transport, limiter)
 
     def close(self) -> None:
         parts = (self.source, self.transport, self.queue, self.dead_letters, self.policy,

@@ -38,6 +38,12 @@ class PluginNotFoundError(ConfigError):
     """The config names a component (source, policy, ...) that no installed plugin provides."""
 
 
+class PluginError(ConfigError):
+    """An installed plugin is unusable: a hookimpl for a hook ms1 does not have (a typo),
+    a hookimpl whose arguments the hook does not give, or a factory that built the wrong
+    type. ``str()`` is one line naming the plugin and the hook; the CLI exits with 2."""
+
+
 class QueueError(Ms1Error):
     """The queue backend could not complete an operation (the data is still where it was)."""
 

@@ -1,18 +1,35 @@
-"""Every hook ms1 calls, with when, what it gets, what it returns.
+"""Every hook ms1 calls: when, from which thread, what it gets, what it returns.
 
 Plugins are modules or objects with functions marked ``@hookimpl``; they reach
 ms1 through the ``ms1`` entry-point group (``[options.entry_points]`` in their
-``setup.cfg``), exactly as the built-in plugins in ``ms1_plugins`` do.
+``setup.cfg``), exactly as the built-in plugins in ``ms1_plugins`` do. An
+installed plugin is kept from loading by its entry-point name with
+``ms1-service --block-plugin NAME`` or ``MS1_BLOCK_PLUGINS=NAME,...``.
+
+Every ``@hookimpl`` is checked when the plugins are loaded, before anything
+runs: a function named ``ms1_...`` that is not one of the hooks below (a typo
+such as ``ms1_batch_sentt``), or one asking for an argument its hook does not
+give, stops the start with one line naming the plugin and the hook (exit 2).
+A hookimpl may take any subset of its hook's arguments, by name.
 
 There are three families:
 
-* **declaration** hooks, called once at start: the options a plugin adds to
-  the config schema and the component names it can build;
-* **factory** hooks (``firstresult``), called once per component at start:
-  the plugin whose name matches returns an instance, every other returns None;
-* **observer** hooks, called as things happen, from the thread where they
-  happen: they must be quick and must not raise (an exception is logged and
-  ignored so a metrics plugin can never stop delivery).
+* **declaration** hooks (all results merged): the options a plugin adds to
+  the config schema and the component names it can build. Called from the
+  main thread whenever a config file is read: at start, and again on every
+  reload (SIGHUP), so they must return the same thing each time.
+* **factory** hooks (``firstresult``): called once per component at start, from
+  the main thread; the plugin whose name matches returns an instance, every
+  other returns None. The admin commands (``enqueue``, ``status``, ``dlq``)
+  build the parts they need the same way, in their own process.
+* **observer** hooks (results ignored): called as things happen, from the
+  thread where they happen (main, committer or a sender thread), so an
+  implementation must be thread-safe and quick: delivery waits for it. ms1
+  calls each implementation on its own (in pluggy's order: last registered
+  first, ``tryfirst``/``trylast`` respected): one that raises is logged with
+  its plugin's name and the hook's and skipped; the others are still called and
+  delivery goes on. Observer hookimpls cannot be wrappers (``wrapper=True``,
+  ``hookwrapper=True``): that is refused when the plugins are loaded.
 """
 
 from __future__ import annotations
@@ -43,12 +60,14 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def ms1_config_options() -> Sequence[Option]:
     """Declare the INI options this plugin reads.
 
-    Called once, before the config file is read, so the file can be validated
-    against the whole schema: a key no plugin declares is an error. Use a
-    section of your own (``[queue.redis]``, ``[transport.http]``) and give every
-    option a default and a help text (shown by ``ms1-service check``).
+    Called from the main thread before a config file is read (at start, and on
+    every reload), so the file can be validated against the whole schema: a key
+    no plugin declares is an error. Use a section of your own (``[queue.redis]``,
+    ``[transport.http]``) and give every option a default and a help text (shown
+    by ``ms1-service check``).
 
-    :return: the plugin's :class:`~ms1.config.Option` s. All results are merged.
+    :return: the plugin's :class:`~ms1.config.Option` s. All results are merged
+        (not ``firstresult``).
     """
 
 
@@ -57,9 +76,12 @@ def ms1_components() -> Sequence[tuple[str, str]]:
     """Declare the components this plugin can build, as ``(kind, name)`` pairs.
 
     ``kind`` is one of ``source``, ``batch_policy``, ``queue``, ``dead_letters``,
-    ``transport``, ``rate_limiter``; ``name`` is what the config selects it by. Called at start to
-    validate the config's choices and to list the installed names when a choice
-    is unknown. All results are merged.
+    ``transport``, ``rate_limiter``; ``name`` is what the config selects it by.
+    Called from the main thread whenever a config is read (start, reload) and
+    before each factory call, to check the config's choices and to list the
+    installed names when a choice is unknown.
+
+    :return: the pairs. All results are merged (not ``firstresult``).
     """
 
 
@@ -70,10 +92,14 @@ def ms1_components() -> Sequence[tuple[str, str]]:
 def ms1_make_source(name: str, config: Config, inputs: Sequence[str]) -> Source | None:
     """Build the e-mail source selected by ``[source] name``.
 
-    Called once at start. ``inputs`` are the file arguments of the command line
-    (possibly empty). Return a :class:`~ms1.source.Source` if ``name`` is yours,
-    else None. ``firstresult``: the first non-None result is used.
-    Raise :class:`~ms1.errors.ConfigError` for unusable settings.
+    Called once at start, from the main thread (and by ``ms1-service enqueue`` and
+    ``status``, with no inputs). ``inputs`` are the file arguments of the command
+    line (possibly empty).
+
+    :return: a :class:`~ms1.source.Source` if ``name`` is yours, else None.
+        ``firstresult``: the first non-None result is used; anything that is not a
+        ``Source`` stops the start.
+    :raise ~ms1.errors.ConfigError: for unusable settings (``config.error(...)``).
     """
 
 
@@ -81,9 +107,14 @@ def ms1_make_source(name: str, config: Config, inputs: Sequence[str]) -> Source 
 def ms1_make_batch_policy(name: str, config: Config) -> BatchPolicy | None:
     """Build the batch policy selected by ``[batch] policy``.
 
-    Called once at start (and on reload). Return a
-    :class:`~ms1.batching.BatchPolicy` if ``name`` is yours, else None.
-    ``firstresult``.
+    Called once at start, from the main thread; the batching thread then uses the
+    instance alone. A reload (SIGHUP) does not call this hook again: it sets
+    ``max_items``, ``max_bytes`` and ``max_wait`` from ``[batch]`` on the instance
+    already built, where it has such attributes (from the main thread, while the
+    batching thread runs), and a changed ``[batch] policy`` needs a restart.
+
+    :return: a :class:`~ms1.batching.BatchPolicy` if ``name`` is yours, else None.
+        ``firstresult``.
     """
 
 
@@ -91,8 +122,12 @@ def ms1_make_batch_policy(name: str, config: Config) -> BatchPolicy | None:
 def ms1_make_queue(name: str, config: Config) -> QueueBackend | None:
     """Build the outbound queue backend selected by ``[queue] backend``.
 
-    Called once at start. Return a :class:`~ms1.outbound.QueueBackend` if ``name``
-    is yours, else None. ``firstresult``.
+    Called once at start, from the main thread (and by ``ms1-service status`` and
+    ``dlq replay``). The instance is shared by the committer and every sender
+    thread, so it must be thread-safe.
+
+    :return: a :class:`~ms1.outbound.QueueBackend` if ``name`` is yours, else None.
+        ``firstresult``.
     """
 
 
@@ -100,8 +135,11 @@ def ms1_make_queue(name: str, config: Config) -> QueueBackend | None:
 def ms1_make_dead_letters(name: str, config: Config) -> DeadLetterStore | None:
     """Build the dead-letter store selected by ``[dead_letters] backend``.
 
-    Called once at start. Return a :class:`~ms1.deadletters.DeadLetterStore` if
-    ``name`` is yours, else None. ``firstresult``.
+    Called once at start, from the main thread (and by ``ms1-service status`` and
+    ``dlq``). Shared by the committer and the sender threads: thread-safe.
+
+    :return: a :class:`~ms1.deadletters.DeadLetterStore` if ``name`` is yours,
+        else None. ``firstresult``.
     """
 
 
@@ -109,9 +147,12 @@ def ms1_make_dead_letters(name: str, config: Config) -> DeadLetterStore | None:
 def ms1_make_transport(name: str, config: Config) -> Transport | None:
     """Build the MS4 transport selected by ``[ms4] transport``.
 
-    Called once at start. Return a :class:`~ms1.transport.Transport` if
-    ``name`` is yours, else None. The API key is handed over afterwards with
-    ``Transport.set_api_key``. ``firstresult``.
+    Called once at start, from the main thread. The API key is handed over
+    afterwards with ``Transport.set_api_key`` (again on a reload that changes
+    it). Shared by every sender thread: thread-safe.
+
+    :return: a :class:`~ms1.transport.Transport` if ``name`` is yours, else None.
+        ``firstresult``.
     """
 
 
@@ -119,10 +160,14 @@ def ms1_make_transport(name: str, config: Config) -> Transport | None:
 def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
     """Build the rate limiter selected by ``[send] rate_limiter``.
 
-    Called once at start. It must hold ``[send] requests_per_minute`` requests per
-    ``rate_window`` seconds for every caller that shares it (``memory``: the sender
-    threads of this process; ``redis``: every instance on the Redis). Return a
-    :class:`~ms1.sending.limiter.RateLimiter` if ``name`` is yours, else None. ``firstresult``.
+    Called once at start, from the main thread. It must hold ``[send]
+    requests_per_minute`` requests per ``rate_window`` seconds for every caller
+    that shares it (``memory``: the sender threads of this process; ``redis``:
+    every instance on the Redis); a reload reconfigures it with
+    ``RateLimiter.configure``.
+
+    :return: a :class:`~ms1.sending.limiter.RateLimiter` if ``name`` is yours,
+        else None. ``firstresult``.
     """
 
 
@@ -131,20 +176,31 @@ def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
 
 @hookspec
 def ms1_service_started(config: Config) -> None:
-    """The pipeline threads are running. Called once, from the main thread."""
+    """The pipeline threads are running; ``config`` is the one they run with.
+
+    Called once, from the main thread, just after the threads were started: other
+    observer hooks (``ms1_batch_enqueued`` ...) may already have been called.
+    Not called by the admin commands. Return value ignored.
+    """
 
 
 @hookspec
 def ms1_service_stopped() -> None:
-    """Every pipeline thread has ended. Called once, from the main thread."""
+    """Every pipeline thread has ended (or was given up on at the deadline).
+
+    Called once, from the main thread, at the end of shutdown (SIGTERM, SIGINT,
+    the end of ``--once``), after the last other observer call. Return value
+    ignored.
+    """
 
 
 @hookspec
 def ms1_batch_enqueued(batch: Batch) -> None:
     """A batch was closed and is now safely in the outbound queue.
 
-    Called from the batching thread after ``QueueBackend.put`` returned. Also
-    called for each part when a batch is split after a 400.
+    Called from the committer thread after the queue stored it (``put_many``),
+    once per batch; and from a sender thread for each half when a batch is split
+    after a 400/413. Return value ignored.
     """
 
 
@@ -152,8 +208,10 @@ def ms1_batch_enqueued(batch: Batch) -> None:
 def ms1_batch_sent(batch: Batch, status: int, attempt: int, latency: float) -> None:
     """MS4 accepted the batch (``status`` 202); it has been acked in the queue.
 
-    Called from the sender thread. ``attempt`` counts sends of this batch by
-    this process, from 1; ``latency`` is the seconds the successful request took.
+    Called from the sender thread that sent it, once per delivered batch.
+    ``attempt`` is the attempt within this delivery, from 1 (a batch handed out
+    again after a crash or a shutdown starts from 1 again); ``latency`` is the
+    seconds the successful request took. Return value ignored.
     """
 
 
@@ -166,8 +224,11 @@ def ms1_batch_failed(
     Called from the sender thread once per failed attempt. ``status`` is MS4's
     answer, or None when there was none (``error`` says why: timeout,
     connection refused, ...). ``will_retry`` is False when the batch leaves
-    the sender without being delivered (split after 400, released at shutdown).
-    The batch stays queued unless it was split or dead-lettered.
+    the sender without being delivered: split after 400/413 (then
+    ``ms1_batch_enqueued`` for each half, or ``ms1_payload_rejected`` for a
+    single object), or released back to the queue at the shutdown deadline
+    (``status`` None, ``attempt`` 0). The batch stays queued unless it was split
+    or dead-lettered. Return value ignored.
     """
 
 
@@ -175,7 +236,9 @@ def ms1_batch_failed(
 def ms1_payload_rejected(letter: DeadLetter) -> None:
     """An object (or a whole e-mail) went to the dead letters.
 
-    Called after the dead-letter store kept it, from the thread that rejected
-    it. ``letter.stage`` says where: ``processor`` (invalid e-mail),
-    ``batching`` (too large) or ``ms4`` (MS4 answered 400 for it).
+    Called once per dead letter, after the dead-letter store kept it: from the
+    committer thread for ``letter.stage`` ``processor`` (invalid e-mail) and
+    ``batching`` (too large), from a sender thread for ``ms4`` (MS4 answered 400
+    for it, or the batch was handed out more than ``[send] max_deliveries``
+    times). Return value ignored.
     """

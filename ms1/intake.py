@@ -126,7 +126,7 @@ class Intake:
         self._stats.add("batches_enqueued", len(batches))
         self._stats.add("invoices_enqueued", sum(len(batch) for batch in batches))
         for batch in batches:
-            self._observers.notify("ms1_batch_enqueued", batch=batch)
+            self._observers.batch_enqueued(batch)
 
     def _dead_letter(self, letters: list[DeadLetter]) -> None:
         acked = self._persist(lambda: self._dead_letters.add(letters, self._source),
@@ -138,7 +138,7 @@ class Intake:
         for letter in letters:
             log.info("rejected %s (%s): %s", letter.message_id or "e-mail without message_id",
                      letter.source_ref, letter.reason)
-            self._observers.notify("ms1_payload_rejected", letter=letter)
+            self._observers.payload_rejected(letter)
 
     def _ack(self, refs: Sequence[str]) -> None:
         if refs:

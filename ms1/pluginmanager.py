@@ -1,38 +1,169 @@
-"""Loading plugins and building components by the names the config gives.
+"""Loading plugins, building components by the names the config gives, calling observers.
 
 Nothing here runs on import: :func:`make_plugin_manager` creates a fresh
 manager each time it is called. Built-in plugins (``ms1_plugins.*``) and
-third-party ones come through the same door, the ``ms1`` entry-point group.
+third-party ones come through the same door, the ``ms1`` entry-point group,
+and any of them can be blocked by its entry-point name (``--block-plugin NAME``,
+``$MS1_BLOCK_PLUGINS``).
+
+Every hook name ms1 calls is spelt in this module only: the factories through
+``build_source`` ... ``build_rate_limiter`` (typed), the observers through the
+typed methods of :class:`Observers`.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.metadata
 import logging
-from collections.abc import Iterable, Sequence
-from typing import Any
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import pluggy
 
 from ms1 import hookspecs
+from ms1.batching import BatchPolicy
 from ms1.config import COMPONENT_KEYS, CORE_OPTIONS, Config, Option, load_config
-from ms1.errors import PluginNotFoundError
+from ms1.deadletters import DeadLetterStore
+from ms1.errors import PluginError, PluginNotFoundError
+from ms1.model import Batch, DeadLetter
+from ms1.outbound import QueueBackend
+from ms1.sending.limiter import RateLimiter
+from ms1.source import Source
+from ms1.transport import Transport
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "ms1"
+#: environment variable naming plugins not to load, comma-separated
+BLOCK_ENV = "MS1_BLOCK_PLUGINS"
+#: the hooks called through :class:`Observers`, one plugin at a time
+OBSERVER_HOOKS = ("ms1_service_started", "ms1_service_stopped", "ms1_batch_enqueued",
+                  "ms1_batch_sent", "ms1_batch_failed", "ms1_payload_rejected")
+
+# --- the plugin manager ------------------------------------------------------------------
 
 
 def make_plugin_manager(
-    *, entry_points: bool = True, plugins: Iterable[object] = (),
+    *, entry_points: bool = True, plugins: Iterable[object] = (), blocked: Iterable[str] = (),
 ) -> pluggy.PluginManager:
-    """A new plugin manager with the hookspecs, the installed plugins and ``plugins``."""
+    """A new plugin manager with the hookspecs, the installed plugins and ``plugins``.
+
+    ``blocked`` names entry points not to load (built-in ones too: ``redis``, ``http``);
+    a name no entry point has is only warned about. Every hookimpl is checked against
+    the hookspecs: a misspelt hook name, arguments the hook does not give, or a wrapper
+    on an observer hook raise :class:`~ms1.errors.PluginError` naming plugin and hook.
+    """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    if entry_points:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    for plugin in plugins:
-        pm.register(plugin)
+    names = [name for name in dict.fromkeys(blocked) if name]
+    for name in names:
+        pm.set_blocked(name)
+    try:
+        if entry_points:
+            _warn_unknown_blocked(names)
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        for plugin in plugins:
+            pm.register(plugin)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise _plugin_error(pm, exc) from None
+    _check_observers(pm)
     return pm
+
+
+def parse_blocked(text: str) -> list[str]:
+    """Plugin names from ``--block-plugin`` / ``$MS1_BLOCK_PLUGINS``: comma-separated."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def blocked_from_env(environ: Mapping[str, str]) -> list[str]:
+    """The plugin names ``$MS1_BLOCK_PLUGINS`` blocks (none if unset)."""
+    return parse_blocked(environ.get(BLOCK_ENV, ""))
+
+
+def entry_point_names() -> list[str]:
+    """Names of the installed plugins (the ``ms1`` entry points), sorted."""
+    return sorted({ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def blocked_names(pm: pluggy.PluginManager) -> list[str]:
+    """The plugin names blocked in ``pm``, sorted."""
+    return sorted(name for name, plugin in pm.list_name_plugin()
+                  if plugin is None and pm.is_blocked(name))
+
+
+def _warn_unknown_blocked(names: Sequence[str]) -> None:
+    installed_names = entry_point_names()
+    for name in names:
+        if name not in installed_names:
+            log.warning("blocked plugin %r is not installed, nothing to block; installed "
+                        "plugins: %s", name, ", ".join(installed_names) or "none")
+
+
+def _label(name: str | None, plugin: object) -> str:
+    """How a plugin is named in messages: its entry-point or module name, else its class."""
+    if name and name != str(id(plugin)):
+        return name
+    cls = plugin if isinstance(plugin, type) else type(plugin)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _hook_names(pm: pluggy.PluginManager) -> list[str]:
+    return sorted(name for name, caller in vars(pm.hook).items()
+                  if not name.startswith("_") and caller.has_spec())
+
+
+def _how_to_block(name: str) -> str:
+    if name in entry_point_names():
+        return f"; to start without it: --block-plugin {name}"
+    return ""
+
+
+def _plugin_error(pm: pluggy.PluginManager, exc: pluggy.PluginValidationError) -> PluginError:
+    """One line naming the plugin and the hook, for pluggy's multi-line validation error."""
+    plugin = exc.plugin
+    if pm.is_registered(plugin):  # check_pending: a hookimpl with no hookspec
+        name = _label(pm.get_name(plugin), plugin)
+        unknown = sorted(hook for hook, caller in vars(pm.hook).items()
+                         if not hook.startswith("_") and not caller.has_spec()
+                         and any(impl.plugin is plugin for impl in caller.get_hookimpls()))
+        known = _hook_names(pm)
+        problems = []
+        for hook in unknown:
+            close = difflib.get_close_matches(hook, known, n=1)
+            problems.append(f"unknown hook {hook!r}"
+                            + (f" (did you mean {close[0]!r}?)" if close else ""))
+        dist = {id(p): d for p, d in pm.list_plugin_distinfo()}.get(id(plugin))
+        where = f" (from {dist.metadata['Name']} {dist.version})" if dist is not None else ""
+        return PluginError(f"plugin {name!r}{where}: {'; '.join(problems)}; ms1's hooks are "
+                           f"documented in ms1/hookspecs.py{_how_to_block(name)}")
+    # register(): pluggy's message is "Plugin 'name' for hook 'hook'\n...\nwhat is wrong"
+    text = str(exc)
+    found = re.search(r"Plugin '([^']*)'", text)
+    name = _label(found.group(1) if found else None, plugin)
+    hook_found = re.search(r"hook '([^']*)'", text)
+    hook = hook_found.group(1) if hook_found else "?"
+    lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    reason = "; ".join(line for line in lines if not line.startswith("hook "))
+    caller = getattr(pm.hook, hook, None)
+    if caller is not None and caller.spec is not None:
+        reason += f"; {hook} gives ({', '.join(caller.spec.argnames)})"
+    return PluginError(f"plugin {name!r}: hook {hook!r}: {reason}{_how_to_block(name)}")
+
+
+def _check_observers(pm: pluggy.PluginManager) -> None:
+    for hook in OBSERVER_HOOKS:
+        for impl in getattr(pm.hook, hook).get_hookimpls():
+            if impl.wrapper or impl.hookwrapper:
+                raise PluginError(
+                    f"plugin {_label(impl.plugin_name, impl.plugin)!r}: hook {hook!r}: an "
+                    "observer hook cannot be a wrapper (wrapper=True/hookwrapper=True): ms1 "
+                    f"calls each observer on its own{_how_to_block(impl.plugin_name)}")
+
+
+# --- the config ----------------------------------------------------------------------------
 
 
 def all_options(pm: pluggy.PluginManager) -> list[Option]:
@@ -63,48 +194,139 @@ def _check_installed(pm: pluggy.PluginManager, config: Config, kind: str) -> Non
     names = installed(pm, kind)
     if name not in names:
         listed = ", ".join(names) if names else "none (is ms1 installed? pip install -e .)"
+        blocked = blocked_names(pm)
+        if blocked:
+            listed += f" (blocked: {', '.join(blocked)})"
         raise PluginNotFoundError(
             f"no installed plugin provides {kind.replace('_', ' ')} {name!r}; installed: {listed}",
             path=config.path, section=section, key=key)
 
 
-_FACTORIES = {
-    "source": "ms1_make_source",
-    "batch_policy": "ms1_make_batch_policy",
-    "queue": "ms1_make_queue",
-    "dead_letters": "ms1_make_dead_letters",
-    "transport": "ms1_make_transport",
-    "rate_limiter": "ms1_make_rate_limiter",
+# --- factories -------------------------------------------------------------------------------
+# ``_make`` checks the built object against the table with isinstance; the ``cast`` in each
+# ``build_*`` only tells mypy so (mypy will not take an abstract class as ``type[T]``).
+
+#: kind -> (factory hook, the class what it builds must be an instance of)
+_FACTORIES: dict[str, tuple[str, type[Any]]] = {
+    "source": ("ms1_make_source", Source),
+    "batch_policy": ("ms1_make_batch_policy", BatchPolicy),
+    "queue": ("ms1_make_queue", QueueBackend),
+    "dead_letters": ("ms1_make_dead_letters", DeadLetterStore),
+    "transport": ("ms1_make_transport", Transport),
+    "rate_limiter": ("ms1_make_rate_limiter", RateLimiter),
 }
 
 
-def build(pm: pluggy.PluginManager, config: Config, kind: str, **extra: Any) -> Any:
-    """Build the component of ``kind`` that the config names, through its factory hook."""
+def _make(pm: pluggy.PluginManager, config: Config, kind: str, **extra: object) -> object:
+    """Call ``kind``'s factory hook for the configured name; check what it built."""
     _check_installed(pm, config, kind)
     section, key = COMPONENT_KEYS[kind]
     name = config.get_str(section, key)
-    hook = getattr(pm.hook, _FACTORIES[kind])
-    component = hook(name=name, config=config, **extra)
+    hook, cls = _FACTORIES[kind]
+    caller = getattr(pm.hook, hook)
+    component = caller(name=name, config=config, **extra)
     if component is None:
         raise PluginNotFoundError(
             f"plugins declare {kind.replace('_', ' ')} {name!r} but none built it",
+            path=config.path, section=section, key=key)
+    if not isinstance(component, cls):
+        made = type(component)
+        raise PluginError(
+            f"{kind.replace('_', ' ')} {name!r} was built as {made.__module__}."
+            f"{made.__qualname__}, which is not a {cls.__module__}.{cls.__qualname__}",
             path=config.path, section=section, key=key)
     log.debug("%s %r built by %s", kind, name, type(component).__name__)
     return component
 
 
+def build_source(pm: pluggy.PluginManager, config: Config,
+                 inputs: Sequence[str] = ()) -> Source:
+    """The source ``[source] name`` selects (``ms1_make_source``)."""
+    return cast(Source, _make(pm, config, "source", inputs=list(inputs)))
+
+
+def build_batch_policy(pm: pluggy.PluginManager, config: Config) -> BatchPolicy:
+    """The batch policy ``[batch] policy`` selects (``ms1_make_batch_policy``)."""
+    return cast(BatchPolicy, _make(pm, config, "batch_policy"))
+
+
+def build_queue(pm: pluggy.PluginManager, config: Config) -> QueueBackend:
+    """The outbound queue ``[queue] backend`` selects (``ms1_make_queue``)."""
+    return cast(QueueBackend, _make(pm, config, "queue"))
+
+
+def build_dead_letters(pm: pluggy.PluginManager, config: Config) -> DeadLetterStore:
+    """The dead-letter store ``[dead_letters] backend`` selects (``ms1_make_dead_letters``)."""
+    return cast(DeadLetterStore, _make(pm, config, "dead_letters"))
+
+
+def build_transport(pm: pluggy.PluginManager, config: Config) -> Transport:
+    """The transport ``[ms4] transport`` selects (``ms1_make_transport``); no API key yet."""
+    return cast(Transport, _make(pm, config, "transport"))
+
+
+def build_rate_limiter(pm: pluggy.PluginManager, config: Config) -> RateLimiter:
+    """The rate limiter ``[send] rate_limiter`` selects (``ms1_make_rate_limiter``)."""
+    return cast(RateLimiter, _make(pm, config, "rate_limiter"))
+
+
+def build(pm: pluggy.PluginManager, config: Config, kind: str, **extra: Any) -> Any:
+    """Build the component of ``kind`` that the config names (untyped; prefer ``build_*``)."""
+    return _make(pm, config, kind, **extra)
+
+
+# --- observers -------------------------------------------------------------------------------
+
+
 class Observers:
-    """Calls the observer hooks so that a failing plugin never breaks delivery."""
+    """Calls the observer hooks, each plugin on its own (dramatiq's ``emit_after``).
+
+    Every implementation is called in pluggy's order (last registered first,
+    ``tryfirst``/``trylast`` respected) inside its own ``try``: one that raises is
+    logged with its plugin's name and the hook's, and the others are still called;
+    delivery never sees the exception. Implementations registered after this
+    object was made (the metrics exporter) are called too.
+    """
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._hook = pm.hook
 
-    def notify(self, hook_name: str, **kwargs: Any) -> None:
-        try:
-            getattr(self._hook, hook_name)(**kwargs)
-        except Exception:
-            log.exception("plugin hook %s failed (ignored)", hook_name)
+    def service_started(self, config: Config) -> None:
+        self._call("ms1_service_started", config=config)
+
+    def service_stopped(self) -> None:
+        self._call("ms1_service_stopped")
+
+    def batch_enqueued(self, batch: Batch) -> None:
+        self._call("ms1_batch_enqueued", batch=batch)
+
+    def batch_sent(self, batch: Batch, status: int, attempt: int, latency: float) -> None:
+        self._call("ms1_batch_sent", batch=batch, status=status, attempt=attempt,
+                   latency=latency)
+
+    def batch_failed(self, batch: Batch, status: int | None, error: str, attempt: int,
+                     will_retry: bool) -> None:
+        self._call("ms1_batch_failed", batch=batch, status=status, error=error,
+                   attempt=attempt, will_retry=will_retry)
+
+    def payload_rejected(self, letter: DeadLetter) -> None:
+        self._call("ms1_payload_rejected", letter=letter)
+
+    def _call(self, hook: str, **kwargs: object) -> None:
+        caller: pluggy.HookCaller = getattr(self._hook, hook)
+        for impl in reversed(caller.get_hookimpls()):  # pluggy's call order
+            if impl.wrapper or impl.hookwrapper:
+                continue  # refused by make_plugin_manager; no call to wrap here
+            try:
+                impl.function(*[kwargs[name] for name in impl.argnames])
+            except Exception:
+                log.exception("observer plugin %r failed in hook %r (ignored)",
+                              _label(impl.plugin_name, impl.plugin), hook)
 
 
-__all__: Sequence[str] = ["Observers", "all_options", "build", "installed", "load",
-                          "make_plugin_manager"]
+__all__: Sequence[str] = [
+    "BLOCK_ENV", "ENTRY_POINT_GROUP", "OBSERVER_HOOKS", "Observers", "all_options",
+    "blocked_from_env", "blocked_names", "build", "build_batch_policy", "build_dead_letters",
+    "build_queue", "build_rate_limiter", "build_source", "build_transport",
+    "entry_point_names", "installed", "load", "make_plugin_manager", "parse_blocked",
+]

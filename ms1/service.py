@@ -133,7 +133,7 @@ class Service:
         self._set_sender_count(self.config.get_int("send", "threads"))
         if self.exporter is not None:
             self.exporter.start()
-        self.observers.notify("ms1_service_started", config=self.config)
+        self.observers.service_started(self.config)
 
     def _new_sender(self) -> Sender:
         self._sender_seq += 1
@@ -339,7 +339,7 @@ class Service:
             undelivered = QueueStats(-1, -1, None)
         summary = Summary(self.stats.snapshot(), elapsed, undelivered,
                           self.parts.queue.name, self.parts.queue.durable)
-        self.observers.notify("ms1_service_stopped")
+        self.observers.service_stopped()
         if self.exporter is not None:
             self.exporter.close()
             self.pm.unregister(self.exporter)

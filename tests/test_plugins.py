@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,17 @@ from pathlib import Path
 import pytest
 
 from ms1 import hookspecs, pluginmanager
+from ms1.batching import SizeBatchPolicy
+from ms1.components import Components
+from ms1.config import Config
+from ms1.deadletters import MemoryDeadLetters
+from ms1.errors import ConfigError
+from ms1.model import Batch, DeadLetter
+from ms1.outbound import MemoryQueue
+from ms1.service import Service
+from ms1.source import MemorySource
+from ms1.tools import samples
+from ms1.transport import MemoryTransport, Request, Response
 
 HERE = Path(__file__).parent
 EXAMPLE = HERE / "plugin_dist" / "ms1-example-plugin"
@@ -110,3 +122,124 @@ def test_once_exits_1_and_says_what_is_left(example_site: Path, tmp_path: Path) 
     proc = run_service(["--config", str(config), "--once"], example_site, tmp_path)
     assert proc.returncode == 1
     assert "UNDELIVERED: 2 batches (60 invoices) still in in-memory queue 'memory'" in proc.stdout
+
+
+# --- a misspelt or mis-signed hookimpl fails at start, naming plugin and hook --------------
+
+class Misspelt:
+    @hookspecs.hookimpl
+    def ms1_batch_sentt(self, batch: Batch) -> None:  # the typo pluggy would ignore
+        raise AssertionError("never called")
+
+
+def test_misspelt_hookimpl_is_an_error_naming_plugin_and_hook() -> None:
+    with pytest.raises(ConfigError) as caught:
+        pluginmanager.make_plugin_manager(entry_points=False, plugins=[Misspelt()])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "Misspelt" in message and "'ms1_batch_sentt'" in message
+    assert "did you mean 'ms1_batch_sent'" in message
+
+
+# --- observers are isolated: one failing plugin silences neither delivery nor the others ---
+
+class Recorder:
+    """Records every observer call (several threads call it: list.append is atomic)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    @hookspecs.hookimpl
+    def ms1_service_started(self, config: Config) -> None:
+        self.calls.append(("started", None))
+
+    @hookspecs.hookimpl
+    def ms1_service_stopped(self) -> None:
+        self.calls.append(("stopped", None))
+
+    @hookspecs.hookimpl
+    def ms1_batch_enqueued(self, batch: Batch) -> None:
+        self.calls.append(("enqueued", batch.id))
+
+    @hookspecs.hookimpl
+    def ms1_batch_sent(self, batch: Batch, status: int, attempt: int, latency: float) -> None:
+        self.calls.append(("sent", batch.id))
+
+    @hookspecs.hookimpl
+    def ms1_batch_failed(self, batch: Batch, status: int | None, error: str, attempt: int,
+                         will_retry: bool) -> None:
+        self.calls.append(("failed", (batch.id, status)))
+
+    @hookspecs.hookimpl
+    def ms1_payload_rejected(self, letter: DeadLetter) -> None:
+        self.calls.append(("rejected", letter.message_id))
+
+
+class Broken:
+    """Raises from every observer hook; registered last, so pluggy calls it first."""
+
+    @hookspecs.hookimpl
+    def ms1_service_started(self, config: Config) -> None:
+        raise RuntimeError("broken plugin: started")
+
+    @hookspecs.hookimpl
+    def ms1_service_stopped(self) -> None:
+        raise RuntimeError("broken plugin: stopped")
+
+    @hookspecs.hookimpl
+    def ms1_batch_enqueued(self, batch: Batch) -> None:
+        raise RuntimeError("broken plugin: enqueued")
+
+    @hookspecs.hookimpl
+    def ms1_batch_sent(self, batch: Batch, status: int, attempt: int, latency: float) -> None:
+        raise RuntimeError("broken plugin: sent")
+
+    @hookspecs.hookimpl
+    def ms1_batch_failed(self, batch: Batch, status: int | None, error: str, attempt: int,
+                         will_retry: bool) -> None:
+        raise RuntimeError("broken plugin: failed")
+
+    @hookspecs.hookimpl
+    def ms1_payload_rejected(self, letter: DeadLetter) -> None:
+        raise RuntimeError("broken plugin: rejected")
+
+
+def test_a_failing_observer_neither_stops_delivery_nor_silences_the_others(
+        write_config, caplog: pytest.LogCaptureFixture) -> None:
+    recorder, broken = Recorder(), Broken()
+    pm = pluginmanager.make_plugin_manager(plugins=[recorder, broken])
+    config = pluginmanager.load(pm, str(write_config(
+        "[send]\nthreads = 2\nretry_initial = 0.001\nretry_max = 0.01\n"
+        "requests_per_minute = 1000000\n")))
+    emails = list(samples.generate(200, invalid_every=10))
+    ms4_calls = 0
+
+    def ms4(request: Request) -> Response:  # the first request fails once: a retry
+        nonlocal ms4_calls
+        ms4_calls += 1
+        return Response(503 if ms4_calls == 1 else 202)
+
+    transport = MemoryTransport(ms4)
+    parts = Components(source=MemorySource((s.data for s in emails), finite=True),
+                       policy=SizeBatchPolicy(20, 1_048_576, max_wait=3600),
+                       queue=MemoryQueue(), dead_letters=MemoryDeadLetters(),
+                       transport=transport)
+    caplog.set_level(logging.ERROR)
+    service = Service(config, pm, parts, once=True)
+    service.start()
+    summary = service.run_once(timeout=60)
+
+    assert summary.ok, summary.render()
+    delivered = sorted(o["invoice_id"] for r in transport.accepted for o in json.loads(r.body))
+    valid = [s for s in emails if s.valid]
+    assert delivered == sorted(s.invoice_id for s in valid)
+    kinds = [kind for kind, _ in recorder.calls]
+    assert kinds[-1] == "stopped"  # "started" comes once the threads run: not always first
+    assert kinds.count("started") == kinds.count("stopped") == 1
+    assert kinds.count("enqueued") == kinds.count("sent") == len(transport.accepted) == 9
+    assert kinds.count("failed") == 1
+    assert kinds.count("rejected") == len(emails) - len(valid) == 20
+    # each failure logged once, naming the plugin and the hook
+    failures = [r for r in caplog.records if r.exc_info and "Broken" in r.getMessage()]
+    assert len(failures) == len(recorder.calls)
+    assert sum("'ms1_batch_sent'" in r.getMessage() for r in failures) == 9

@@ -133,8 +133,8 @@ class Sender:
         except Aborted:
             with contextlib.suppress(QueueError):
                 self._queue.release(delivery)
-            self._observers.notify(
-                "ms1_batch_failed", batch=delivery.batch, status=None,
+            self._observers.batch_failed(
+                delivery.batch, status=None,
                 error="shutdown deadline passed: released back to the queue",
                 attempt=0, will_retry=False)
 
@@ -181,7 +181,7 @@ class Sender:
         self._stats.add("dead_lettered", len(letters))
         log.error("%s: its %d invoices are in the dead letters", reason, len(letters))
         for letter in letters:
-            self._observers.notify("ms1_payload_rejected", letter=letter)
+            self._observers.payload_rejected(letter)
 
     def _first_wait(self, failure: _SendFailed) -> float:
         return 0.0 if failure.status in PACED_STATUSES else self._retry_initial
@@ -213,8 +213,7 @@ class Sender:
             self._stats.add("invoices_delivered", len(batch))
             log.info("batch sent", extra={"batch": batch.id, "size": len(batch), "status": 202,
                                           "attempt": attempt, "latency_ms": latency * 1000})
-            self._observers.notify("ms1_batch_sent", batch=batch, status=202,
-                                   attempt=attempt, latency=latency)
+            self._observers.batch_sent(batch, status=202, attempt=attempt, latency=latency)
             return
         if response.status in SPLIT_STATUSES:
             self._split(delivery, response, attempt)
@@ -231,14 +230,14 @@ class Sender:
                     extra={"batch": batch.id, "size": len(batch), "status": status,
                            "attempt": attempt})
         self._stats.add("send_failures")
-        self._observers.notify("ms1_batch_failed", batch=batch, status=status, error=error,
-                               attempt=attempt, will_retry=True)
+        self._observers.batch_failed(batch, status=status, error=error, attempt=attempt,
+                                     will_retry=True)
 
     def _split(self, delivery: Delivery, response: Response, attempt: int) -> None:
         batch = delivery.batch
         answer = f"{response.status} {response.text}".strip()
-        self._observers.notify("ms1_batch_failed", batch=batch, status=response.status,
-                               error=answer[:500], attempt=attempt, will_retry=False)
+        self._observers.batch_failed(batch, status=response.status, error=answer[:500],
+                                     attempt=attempt, will_retry=False)
         if len(batch) > 1:
             parts = batch.split()
             self._settle(lambda: self._queue.replace(delivery, parts),
@@ -247,7 +246,7 @@ class Sender:
             log.info("batch %s (%d invoices) rejected with %d: split into %d + %d",
                      batch.id, len(batch), response.status, len(parts[0]), len(parts[1]))
             for part in parts:
-                self._observers.notify("ms1_batch_enqueued", batch=part)
+                self._observers.batch_enqueued(part)
             return
         letter = DeadLetter(
             reason=f"MS4 rejected the object: {response.text[:1000] or response.status}",
@@ -259,4 +258,4 @@ class Sender:
         self._stats.add("dead_lettered")
         log.warning("invoice %s (message %s) dead-lettered: MS4 answered %s",
                     batch.invoice_ids[0], batch.message_ids[0], answer[:200])
-        self._observers.notify("ms1_payload_rejected", letter=letter)
+        self._observers.payload_rejected(letter)
