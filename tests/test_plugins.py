@@ -8,16 +8,19 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pluggy
 import pytest
 
-from ms1 import hookspecs, pluginmanager
+from ms1 import cli, hookspecs, pluginmanager
 from ms1.batching import SizeBatchPolicy
 from ms1.components import Components
 from ms1.config import Config
 from ms1.deadletters import MemoryDeadLetters
-from ms1.errors import ConfigError
+from ms1.errors import ConfigError, PluginError
 from ms1.model import Batch, DeadLetter
 from ms1.outbound import MemoryQueue
 from ms1.service import Service
@@ -243,3 +246,195 @@ def test_a_failing_observer_neither_stops_delivery_nor_silences_the_others(
     failures = [r for r in caplog.records if r.exc_info and "Broken" in r.getMessage()]
     assert len(failures) == len(recorder.calls)
     assert sum("'ms1_batch_sent'" in r.getMessage() for r in failures) == 9
+
+
+class MisSigned:
+    @hookspecs.hookimpl
+    def ms1_batch_sent(self, batch: Batch, colour: str) -> None:  # no such argument
+        raise AssertionError("never called")
+
+
+def test_hookimpl_asking_for_an_argument_the_hook_does_not_give_is_an_error() -> None:
+    with pytest.raises(PluginError) as caught:
+        pluginmanager.make_plugin_manager(entry_points=False, plugins=[MisSigned()])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("plugin 'test_plugins.MisSigned': hook 'ms1_batch_sent': ")
+    assert "colour" in message and "ms1_batch_sent gives (batch, status, attempt, latency)" \
+        in message
+
+
+def test_an_observer_hook_cannot_be_a_wrapper() -> None:
+    class Wrapping:
+        @hookspecs.hookimpl(wrapper=True)
+        def ms1_batch_sent(self, batch: Batch) -> Iterator[None]:
+            yield
+
+    with pytest.raises(PluginError, match="'ms1_batch_sent': an observer hook cannot be a "
+                                          "wrapper"):
+        pluginmanager.make_plugin_manager(entry_points=False, plugins=[Wrapping()])
+
+
+def test_observers_are_called_in_pluggys_order() -> None:
+    calls: list[str] = []
+
+    def plugin(name: str, **opts: bool) -> object:
+        class Plugin:
+            @hookspecs.hookimpl(**opts)
+            def ms1_service_stopped(self) -> None:
+                calls.append(name)
+        return Plugin()
+
+    pm = pluginmanager.make_plugin_manager(entry_points=False, plugins=[
+        plugin("last", trylast=True), plugin("a"), plugin("first", tryfirst=True), plugin("b")])
+    pm.hook.ms1_service_stopped()
+    pluggy_order, calls[:] = calls[:], []
+    pluginmanager.Observers(pm).service_stopped()
+    assert calls == pluggy_order == ["first", "b", "a", "last"]
+
+
+def test_a_factory_building_the_wrong_type_is_an_error(write_config) -> None:
+    class Wrong:
+        @hookspecs.hookimpl
+        def ms1_components(self) -> list[tuple[str, str]]:
+            return [("queue", "wrong")]
+
+        @hookspecs.hookimpl
+        def ms1_make_queue(self, name: str) -> object:
+            return object() if name == "wrong" else None
+
+    pm = pluginmanager.make_plugin_manager(plugins=[Wrong()])
+    config = pluginmanager.load(pm, str(write_config("[queue]\nbackend = wrong\n")))
+    with pytest.raises(PluginError, match=r"\[queue\] backend: queue 'wrong' was built as "
+                                          r"builtins.object, which is not a "
+                                          r"ms1.outbound.QueueBackend"):
+        pluginmanager.build_queue(pm, config)
+
+
+# --- blocking an installed plugin by name ---------------------------------------------------
+
+def test_a_blocked_builtin_plugin_is_not_loaded() -> None:
+    pm = pluginmanager.make_plugin_manager(blocked=["redis"])
+    assert pm.get_plugin("redis") is None and pm.is_blocked("redis")
+    assert pluginmanager.installed(pm, "queue") == ["memory"]
+    assert pluginmanager.blocked_names(pm) == ["redis"]
+
+
+def test_blocking_a_name_nothing_has_only_warns(caplog: pytest.LogCaptureFixture) -> None:
+    pm = pluginmanager.make_plugin_manager(blocked=["kafka"])
+    assert pluginmanager.installed(pm, "queue") == ["auto", "memory", "redis"]
+    [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert record.getMessage().startswith(
+        "blocked plugin 'kafka' is not installed, nothing to block; installed plugins: ")
+    assert record.getMessage().endswith(", ".join(pluginmanager.entry_point_names()))
+    assert {"memory", "redis"} <= set(pluginmanager.entry_point_names())
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_config_naming_a_blocked_plugins_component_exits_2(
+        how: str, write_config, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config("[queue]\nbackend = redis\n")
+    args = ["--config", str(path), "check"]
+    if how == "option":
+        args = ["--block-plugin", "redis", *args]
+        monkeypatch.delenv(pluginmanager.BLOCK_ENV, raising=False)
+    else:
+        monkeypatch.setenv(pluginmanager.BLOCK_ENV, "redis")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"ms1-service: {path}: [queue] backend: no installed plugin provides queue "
+                   "'redis'; installed: memory (blocked: redis)\n")
+
+
+def test_check_runs_with_an_unused_plugin_blocked(
+        write_config, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(pluginmanager.BLOCK_ENV, "http, files")
+    path = write_config("[source]\nname = memory\n")
+    assert cli.main(["--config", str(path), "--block-plugin=redis", "check"]) == 0
+    out = capsys.readouterr().out
+    assert "[queue]" in out and "[redis]" not in out and "[transport.http]" not in out
+
+
+def test_block_plugin_goes_before_the_default_command(write_config) -> None:
+    path = write_config("")
+    assert cli._with_default_command(["--block-plugin", "redis", "--config", str(path),
+                                      "--once"]) == [
+        "--block-plugin", "redis", "--config", str(path), "run", "--once"]
+
+
+def test_a_broken_plugin_stops_the_cli_with_one_line(
+        write_config, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    real = pluginmanager.make_plugin_manager
+
+    def with_misspelt(**kwargs: Any) -> pluggy.PluginManager:
+        return real(**kwargs, plugins=[Misspelt()])
+
+    monkeypatch.setattr(pluginmanager, "make_plugin_manager", with_misspelt)
+    path = write_config("")
+    assert cli.main(["--config", str(path), "check"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "ms1-service: plugin 'test_plugins.Misspelt': unknown hook 'ms1_batch_sentt' (did you "
+        "mean 'ms1_batch_sent'?); ms1's hooks are documented in ms1/hookspecs.py\n")
+
+
+def fake_dist(site: Path, module: str, code: str) -> Path:
+    """A minimal installed distribution (a .dist-info with an ``ms1`` entry point), no pip."""
+    site.mkdir(exist_ok=True)
+    (site / f"{module}.py").write_text(code)
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[ms1]\n{module} = {module}\n")
+    return site
+
+
+MISSPELT_PLUGIN = """
+from ms1.hookspecs import hookimpl
+
+@hookimpl
+def ms1_payload_rejectd(letter):
+    pass
+"""
+
+MISSIGNED_PLUGIN = """
+from ms1.hookspecs import hookimpl
+
+@hookimpl
+def ms1_service_started(config, when):
+    pass
+"""
+
+
+def test_installed_plugin_with_a_misspelt_hook_stops_the_start_until_blocked(
+        tmp_path: Path) -> None:
+    site = fake_dist(tmp_path / "site", "typo_plugin", MISSPELT_PLUGIN)
+    config = tmp_path / "ms1.ini"
+    config.write_text("")
+    proc = run_service(["--config", str(config), "check"], site, tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        "ms1-service: plugin 'typo_plugin' (from typo_plugin 0.1): unknown hook "
+        "'ms1_payload_rejectd' (did you mean 'ms1_payload_rejected'?); ms1's hooks are "
+        "documented in ms1/hookspecs.py; to start without it: --block-plugin typo_plugin\n")
+    proc = run_service(["--block-plugin", "typo_plugin", "--config", str(config), "check"],
+                       site, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+
+
+def test_installed_plugin_with_a_wrong_signature_stops_the_start(tmp_path: Path) -> None:
+    site = fake_dist(tmp_path / "site", "sig_plugin", MISSIGNED_PLUGIN)
+    config = tmp_path / "ms1.ini"
+    config.write_text("")
+    proc = run_service(["--config", str(config), "--once"], site, tmp_path)
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("ms1-service: plugin 'sig_plugin': hook 'ms1_service_started': ")
+    assert "'when'" in line and line.endswith(
+        "ms1_service_started gives (config); to start without it: --block-plugin sig_plugin")
