@@ -124,11 +124,11 @@ def _how_to_block(name: str) -> str:
 def _plugin_error(pm: pluggy.PluginManager, exc: pluggy.PluginValidationError) -> PluginError:
     """One line naming the plugin and the hook, for pluggy's multi-line validation error."""
     plugin = exc.plugin
-    if pm.is_registered(plugin):  # check_pending: a hookimpl with no hookspec
+    unknown = sorted(hook for hook, caller in vars(pm.hook).items()
+                     if not hook.startswith("_") and not caller.has_spec()
+                     and any(impl.plugin is plugin for impl in caller.get_hookimpls()))
+    if unknown:  # check_pending: hookimpls with no hookspec
         name = _label(pm.get_name(plugin), plugin)
-        unknown = sorted(hook for hook, caller in vars(pm.hook).items()
-                         if not hook.startswith("_") and not caller.has_spec()
-                         and any(impl.plugin is plugin for impl in caller.get_hookimpls()))
         known = _hook_names(pm)
         problems = []
         for hook in unknown:
@@ -139,7 +139,8 @@ def _plugin_error(pm: pluggy.PluginManager, exc: pluggy.PluginValidationError) -
         where = f" (from {dist.metadata['Name']} {dist.version})" if dist is not None else ""
         return PluginError(f"plugin {name!r}{where}: {'; '.join(problems)}; ms1's hooks are "
                            f"documented in ms1/hookspecs.py{_how_to_block(name)}")
-    # register(): pluggy's message is "Plugin 'name' for hook 'hook'\n...\nwhat is wrong"
+    # register() (before pluggy 1.7 it leaves the plugin half-registered): pluggy's message
+    # is "Plugin 'name' for hook 'hook'\n...\nwhat is wrong"
     text = str(exc)
     found = re.search(r"Plugin '([^']*)'", text)
     name = _label(found.group(1) if found else None, plugin)
