@@ -176,8 +176,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("batch", "policy", "str", "batch",
            "batch policy plugin: batch (JSON arrays on /batch-metadata) or unit (one object "
            "per request on /metadata, the old behaviour)"),
-    Option("batch", "max_items", "int", 50, "close a batch at this many objects",
-           min=1, max=10_000),
+    Option("batch", "max_items", "int", 50, "close a batch at this many objects (at most "
+           "1,000: what one Redis script call carries with its inbound refs; MS4 takes 50)",
+           min=1, max=1_000),
     Option("batch", "max_bytes", "int", 1_048_576,
            "close a batch before its request body would exceed this many bytes; a single "
            "object larger than this is dead-lettered", min=64, max=100 * 1024 * 1024),

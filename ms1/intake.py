@@ -58,6 +58,10 @@ class Intake:
         policy = self._policy
         self._stats.add("emails_read", len(messages))
         for message in messages:
+            if message.problem is not None:  # not an e-mail at all: kept as it was read
+                letters.append(DeadLetter(reason=message.problem, stage="source",
+                                          payload=message.data, source_ref=message.ref))
+                continue
             result = unified_email_processor(message.data)
             if isinstance(result, Accepted):
                 item = Item(result.payload, result.invoice_id, result.message_id, message.ref)

@@ -22,10 +22,13 @@ class InboundMessage:
     """One e-mail as a source hands it over: ``data`` is the EmailMessage JSON.
 
     ``ref`` identifies it for the source's ``ack`` (a stream entry id, ``file:line``).
+    ``problem`` says why the source could not make an e-mail of what it read (``data``
+    then holds what it read, raw): the intake makes it a dead letter, stage ``source``.
     """
 
     ref: str
     data: bytes
+    problem: str | None = None
 
 
 @dataclass(slots=True)
@@ -119,9 +122,10 @@ class DeadLetter:
     """Something that will never reach MS4 as it is, with the reason why.
 
     ``stage`` says where it was stopped: ``processor`` (invalid e-mail),
-    ``batching`` (too large for any batch) or ``ms4`` (MS4 rejected it with 400;
-    ``ms4_answer`` holds MS4's text). ``payload`` is the MS4 object or, when it
-    never became one, the raw e-mail.
+    ``batching`` (too large for any batch), ``ms4`` (MS4 rejected it with 400;
+    ``ms4_answer`` holds MS4's text), ``source`` (what the source read was no e-mail) or
+    ``queue`` (a queue entry was no batch). ``payload`` is the MS4 object or, when it
+    never became one, the raw e-mail (for ``source`` and ``queue``: what was read, raw).
     """
 
     reason: str

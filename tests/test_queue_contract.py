@@ -9,7 +9,7 @@ import pytest
 
 from ms1.model import BATCH_PATH, Batch, Item
 from ms1.outbound import MemoryQueue, QueueBackend
-from ms1_plugins.redis_backend import RedisLink, RedisQueue
+from ms1_plugins.redis import RedisLink, RedisQueue
 
 
 def batch(n: int, size: int = 2) -> Batch:

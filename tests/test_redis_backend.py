@@ -1,22 +1,32 @@
 """The Redis backend against a real redis-server: takeover, recovery, atomicity, the shared
-limiter, authentication, errors. (fakeredis is not used: it is wrong about XAUTOCLAIM
-cursors and delivery counts.)"""
+limiter, authentication, errors, malformed entries, argument bounds. (fakeredis is not
+used: it is wrong about XAUTOCLAIM cursors and delivery counts.)"""
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
+import pluggy
 import pytest
 from conftest import RedisServer
 
 from ms1.admin import replay
+from ms1.components import Components
+from ms1.config import CORE_OPTIONS, Config
 from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import QueueError
 from ms1.model import BATCH_PATH, Batch, DeadLetter, Item
 from ms1.outbound import MemoryQueue
-from ms1_plugins.redis_backend import (
+from ms1.service import COMMIT_GROUP, Service, Summary
+from ms1.tools import samples
+from ms1.transport import MemoryTransport
+from ms1_plugins.redis import (
     RedisDeadLetters,
     RedisLink,
     RedisQueue,
@@ -316,25 +326,343 @@ def test_scripts_are_reloaded_when_redis_lost_its_script_cache(redis_url) -> Non
     q.close()
 
 
-def test_a_thread_s_own_connection_goes_back_to_the_pool_when_the_thread_ends(
+def test_more_threads_than_pooled_connections_wait_for_one_rather_than_fail(
         redis_url) -> None:
+    """A connection is held for one command only: 24 threads share a pool of 2 (a busy
+    pool makes a caller wait, it does not raise 'No connection available')."""
     link = RedisLink(redis_url, max_connections=2, connect_timeout=0.5, socket_timeout=0.5)
-    replies = []
-    for _ in range(6):  # more threads than connections, one after the other
-        thread = threading.Thread(target=lambda: replies.append(link.command("PING")))
-        thread.start()
-        thread.join(5)
-    assert replies == [b"PONG"] * 6 or replies == ["PONG"] * 6
+    limiter = RedisRateLimiter(link.use(), key="t:rl3", limit=1_000_000, window=1, lease=5)
+    errors: list[Exception] = []
+    done = []
+
+    def work() -> None:
+        try:
+            for _ in range(50):
+                token, _ = limiter.try_acquire()
+                assert token is not None
+                limiter.finish(token)
+            done.append(1)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and len(done) == 24
+    assert len(link.client.connection_pool._connections) <= 2
+    limiter.close()
     link.use().release()
 
 
-def test_a_connection_broken_mid_command_is_dropped_and_the_next_call_reconnects(
+def test_a_connection_killed_by_the_server_is_replaced_by_the_next_command(redis_url) -> None:
+    q = queue(redis_url, "c")
+    q.put(batch(1))
+    q.link.client.client_kill_filter(_type="normal", skipme=False)
+    deadline = time.monotonic() + 5
+    stats = None
+    while stats is None and time.monotonic() < deadline:
+        try:  # at most the command on the killed connection fails; the next one reconnects
+            stats = q.stats()
+        except QueueError as exc:
+            assert "ConnectionError" in str(exc)
+    assert stats is not None and stats.ready == 1
+    q.close()
+
+
+def test_unix_socket_url_works(tmp_path) -> None:
+    """No TCP keepalive on a unix socket (redis-py refuses the option there)."""
+    import subprocess
+
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(sock),
+                             "--save", "", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        q = queue(f"unix://{sock}?db=0", "c")
+        deadline = time.monotonic() + 10
+        while not q.link.ping():
+            assert time.monotonic() < deadline, "redis-server on a unix socket did not start"
+            time.sleep(0.05)
+        q.put(batch(1))
+        delivery = q.get("s", timeout=1)
+        assert delivery is not None
+        q.ack(delivery)
+        assert q.stats().empty
+        q.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+# --- malformed entries are set aside one by one -----------------------------------------
+
+
+def raw_fields(payload: bytes) -> dict[bytes, bytes]:
+    """The fields of a set-aside entry, back from its dead letter's payload."""
+    def value(item: Any) -> bytes:
+        return base64.b64decode(item["base64"]) if isinstance(item, dict) else item.encode()
+
+    return {value(name): value(data) for name, data in json.loads(payload)["fields"]}
+
+
+GOOD_FIELDS = {b"id": b"x", b"path": BATCH_PATH.encode(), b"payloads": b"{}",
+               b"invoice_ids": b'["a"]', b"message_ids": b'["m"]', b"created_at": b"1.0"}
+JUNK = {
+    "missing-field": {b"id": b"x", b"path": BATCH_PATH.encode()},
+    "bad-json": {**GOOD_FIELDS, b"invoice_ids": b"[not json"},
+    "binary": {b"\xff\xfe": b"\x00\x81\xff", b"payloads": b"\xc3\x28"},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(JUNK))
+def test_a_malformed_outbound_entry_is_set_aside_and_the_rest_of_its_read_delivered(
+        redis_url, kind) -> None:
+    """8 batches and, in the middle, an entry that is no batch, all fetched by one
+    prefetching XREADGROUP: the 8 go out at once, the other becomes a dead letter with its
+    raw fields and the reason, and the outbound stream ends up empty."""
+    q = RedisQueue(RedisLink(redis_url).use(), stream="t:out", group="g", consumer="c",
+                   visibility_timeout=30, block_timeout=0.05, prefetch=8,
+                   dead_letter_stream="t:dead")
+    good = [batch(n) for n in range(8)]
+    for b in good[:4]:
+        q.put(b)
+    junk_id = q.link.client.xadd("t:out", JUNK[kind]).decode()
+    for b in good[4:]:
+        q.put(b)
+    delivered: list[str] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    started = time.monotonic()
+    deadline = started + 5
+
+    def sender(name: str) -> None:
+        while time.monotonic() < deadline:
+            with lock:
+                if len(delivered) >= len(good):
+                    return
+            try:
+                d = q.get(name, timeout=0.1)
+            except QueueError as exc:  # a real sender backs off and tries again
+                errors.append(str(exc))
+                continue
+            if d is not None:
+                with lock:
+                    delivered.append(d.batch.id)
+                q.ack(d)
+
+    threads = [threading.Thread(target=sender, args=(f"s{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(delivered) == sorted(b.id for b in good), errors
+    assert errors == []
+    client = q.link.client
+    drained = time.monotonic() + 5
+    while client.xlen("t:out") and time.monotonic() < drained:
+        time.sleep(0.02)
+    assert client.xlen("t:out") == 0 and client.xpending("t:out", "g")["pending"] == 0
+    [letter] = RedisDeadLetters(q.link.use(), stream="t:dead").list()
+    assert letter.stage == "queue" and letter.source_ref == junk_id
+    assert "not an ms1 batch" in letter.reason
+    assert raw_fields(letter.payload) == JUNK[kind]
+    q.close()
+
+
+def test_source_hands_out_a_malformed_entry_with_its_problem_and_the_rest_as_usual(
         redis_url) -> None:
-    link = RedisLink(redis_url)
-    assert link.command("CLIENT", "SETNAME", "victim") in (b"OK", "OK")
-    link.client.client_kill_filter(_type="normal", skipme=True)
-    with pytest.raises(Exception) as failed:
-        link.command("PING")
-    assert "Connection" in type(failed.value).__name__ or "closed" in str(failed.value)
-    assert link.command("PING") in (b"PONG", "PONG")
-    link.use().release()
+    src = source(redis_url)
+    client = src.link.client
+    ids = [client.xadd("t:in", fields).decode() for fields in (
+        {b"email": b"1"}, {b"mail": b"2"}, {b"\xff\xfe": b"\x00\x80"}, {b"email": b"3"})]
+    messages = src.read(10, timeout=0.5)
+    assert [m.ref for m in messages] == ids
+    assert [m.data for m in messages if m.problem is None] == [b"1", b"3"]
+    odd = [m for m in messages if m.problem is not None]
+    assert [raw_fields(m.data) for m in odd] == [{b"mail": b"2"}, {b"\xff\xfe": b"\x00\x80"}]
+    assert all("no 'email' field" in (m.problem or "") for m in odd)
+    src.close()
+
+
+def redis_config(make_config: Callable[[str], Config], url: str, *, max_items: int = 50,
+                 read_chunk: int = 500) -> Config:
+    return make_config(f"""\
+        [source]
+        name = redis
+        read_chunk = {read_chunk}
+        [queue]
+        backend = redis
+        [dead_letters]
+        backend = redis
+        [batch]
+        max_items = {max_items}
+        max_bytes = 104857600
+        max_wait = 0.2
+        [send]
+        threads = 4
+        retry_initial = 0.01
+        retry_max = 0.05
+        requests_per_minute = 1000000
+        [ms4]
+        transport = memory
+        [redis]
+        url = {url}
+        consumer = t
+        block_timeout = 0.05
+        """)
+
+
+def run_once(pm: pluggy.PluginManager, config: Config, push: Callable[[Any], None],
+             timeout: float) -> tuple[Summary, Components, list[DeadLetter]]:
+    """The service in this process, once, on what ``push(client)`` put in the inbound
+    stream; its parts are closed afterwards (the dead letters are listed first)."""
+    parts = Components.build(pm, config)
+    try:
+        assert isinstance(parts.source, RedisSource)
+        push(parts.source.link.client)
+        service = Service(config, pm, parts, once=True)
+        service.start()
+        summary = service.run_once(timeout)
+        letters = parts.dead_letters.list(limit=10_000)
+    finally:
+        parts.close()
+    return summary, parts, letters
+
+
+def delivered_invoices(parts: Components) -> list[str]:
+    assert isinstance(parts.transport, MemoryTransport)
+    return [o["invoice_id"] for r in parts.transport.accepted for o in json.loads(r.body)]
+
+
+def test_inbound_entries_without_an_email_field_become_dead_letters_with_raw_fields(
+        make_config, pm, redis_server, redis_url) -> None:
+    emails = [s.data for s in samples.generate(120, invalid_every=0)]
+    odd = [{b"mail": b"hello"}, {b"\xff\xfe": b"\x00\x80", b"other": b"x"}]
+    odd_ids: list[str] = []
+
+    def push(client: Any) -> None:
+        for data in emails[:60]:
+            client.xadd("ms1:emails", {"email": data})
+        odd_ids.extend(client.xadd("ms1:emails", fields).decode() for fields in odd)
+        for data in emails[60:]:
+            client.xadd("ms1:emails", {"email": data})
+
+    summary, parts, letters = run_once(pm, redis_config(make_config, redis_url), push, 30)
+    assert summary.ok, summary.render()
+    assert sorted(delivered_invoices(parts)) == sorted(
+        s.invoice_id for s in samples.generate(120, invalid_every=0))
+    assert [(x.stage, x.source_ref) for x in letters] == [("source", i) for i in odd_ids]
+    assert [raw_fields(x.payload) for x in letters] == odd
+    assert all("no 'email' field" in x.reason for x in letters)
+    client = redis_server.client()
+    assert client.xlen("ms1:emails") == 0 and client.xpending("ms1:emails", "ms1")["pending"] == 0
+    client.close()
+
+
+def max_items_bound() -> int:
+    [option] = [o for o in CORE_OPTIONS if (o.section, o.key) == ("batch", "max_items")]
+    assert option.max is not None
+    return int(option.max)
+
+
+def test_batches_at_the_largest_max_items_are_stored_and_acked(
+        make_config, pm, redis_server, redis_url) -> None:
+    """[batch] max_items at its maximum, Redis source and queue: every batch is stored
+    with its inbound entries acked (a batch's refs once passed Lua's unpack limit)."""
+    max_items = max_items_bound()
+    count = 4 * max_items + 7
+    emails = [s.data for s in samples.generate(count, invalid_every=0)]
+
+    def push(client: Any) -> None:
+        for start in range(0, count, 1000):
+            pipe = client.pipeline(transaction=False)
+            for data in emails[start:start + 1000]:
+                pipe.xadd("ms1:emails", {"email": data})
+            pipe.execute()
+
+    config = redis_config(make_config, redis_url, max_items=max_items, read_chunk=5000)
+    summary, parts, _ = run_once(pm, config, push, 30)
+    assert summary.ok, summary.render()
+    assert len(delivered_invoices(parts)) == count
+    assert summary.stats["batches_enqueued"] == 5
+    client = redis_server.client()
+    assert client.xlen("ms1:emails") == 0 and client.xlen("ms1:outbound") == 0
+    client.close()
+
+
+# --- no script call carries more than a few thousand arguments -------------------------
+
+MAX_ARGS = 4_100  # the bound (4,000) plus one group's own overhead
+
+
+def script_calls(client: Any) -> list[int]:
+    """Arguments of every EVALSHA Redis logged (the slow log, set to log every command,
+    keeps 31 arguments and says how many more there were)."""
+    counts = []
+    for entry in client.slowlog_get(100_000):
+        command = entry["command"]
+        if not command.upper().startswith((b"EVALSHA", b"EVAL ")):
+            continue
+        more = re.search(rb"\.\.\. \((\d+) more arguments\)$", command)
+        counts.append(31 + int(more.group(1)) if more else len(command.split(b" ")))
+    return counts
+
+
+def log_every_command(server: RedisServer) -> Any:
+    client = server.client()
+    client.config_set("slowlog-log-slower-than", 0)
+    client.config_set("slowlog-max-len", 100_000)
+    client.slowlog_reset()
+    return client
+
+
+def test_a_full_commit_group_of_the_largest_batches_goes_in_bounded_script_calls(
+        own_redis) -> None:
+    src = RedisSource(RedisLink(own_redis.url).use(), stream="t:in", group="g",
+                      consumer="c", visibility_timeout=30, delete_acked=True)
+    out = RedisQueue(src.link.use(), stream="t:out", group="g", consumer="c",
+                     visibility_timeout=30, block_timeout=0.05)
+    size = max_items_bound()
+    src.push([b"e%d" % k for k in range(COMMIT_GROUP * size)])
+    refs: list[str] = []
+    while len(refs) < COMMIT_GROUP * size:
+        refs += [m.ref for m in src.read(5000, timeout=0.5)]
+    batches = [Batch.of(BATCH_PATH, [Item(b'{"n":%d}' % k, f"i{k}", "m", refs[k])
+                                     for k in range(start, start + size)])
+               for start in range(0, len(refs), size)]
+    client = log_every_command(own_redis)
+    assert out.put_many(batches, src) is True
+    calls = script_calls(client)
+    assert len(calls) > 1 and max(calls) <= MAX_ARGS, calls
+    assert client.xlen("t:out") == COMMIT_GROUP and client.xlen("t:in") == 0
+    assert client.xpending("t:in", "g")["pending"] == 0
+    assert out.put_many(batches, src) is True  # retried as after a lost reply: adds nothing
+    assert client.xlen("t:out") == COMMIT_GROUP
+    client.close()
+    out.close()
+    src.close()
+
+
+def test_dead_letters_of_a_whole_read_chunk_go_in_bounded_script_calls(own_redis) -> None:
+    src = RedisSource(RedisLink(own_redis.url).use(), stream="t:in", group="g",
+                      consumer="c", visibility_timeout=30, delete_acked=True)
+    dead = RedisDeadLetters(src.link.use(), stream="t:dead")
+    src.push([b"bad %d" % k for k in range(5000)])
+    messages = src.read(5000, timeout=0.5)
+    assert len(messages) == 5000
+    letters = [DeadLetter(reason="email: not valid JSON", stage="processor", payload=m.data,
+                          source_ref=m.ref) for m in messages]
+    client = log_every_command(own_redis)
+    assert dead.add(letters, src) is True
+    calls = script_calls(client)
+    assert max(calls) <= MAX_ARGS, calls
+    assert dead.count() == 5000 and client.xlen("t:in") == 0
+    assert client.xpending("t:in", "g")["pending"] == 0
+    assert [x.payload for x in dead.list(limit=5000)] == [m.data for m in messages]
+    assert dead.add(letters, src) is True  # retried: adds nothing
+    assert dead.count() == 5000
+    client.close()
+    dead.close()
+    src.close()

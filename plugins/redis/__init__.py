@@ -1,0 +1,194 @@
+"""Built-in plugin ``redis``: every Redis call ms1 makes lives in this package.
+
+Components (all on Redis Streams with one consumer group, ``[redis] group``):
+
+* source ``redis`` — the inbound stream (``ms1:emails``, one e-mail per entry in
+  field ``email``). An entry is acknowledged (XACK, and XDEL unless
+  ``delete_acked_inbound = no``) in the same atomic, idempotent Lua script that
+  enqueues the batch holding its payload or stores its dead letter. An entry without an
+  ``email`` field is set aside on its own as a dead letter (stage ``source``) with all
+  its raw fields;
+* queue ``redis`` — the outbound stream (``ms1:outbound``, one batch per entry).
+  Senders XREADGROUP; a batch is XACKed and XDELed by one script after MS4's
+  202 (or its split, or its dead letters). Entries held by this process are
+  re-claimed (XCLAIM JUSTID) every ``visibility_timeout / 3`` s so they never look
+  idle; entries idle longer than ``visibility_timeout`` belong to a dead consumer
+  and are taken over with XAUTOCLAIM; at start an instance first re-reads its own
+  pending entries. An entry that is no ms1 batch is set aside as a dead letter (stage
+  ``queue``) with its raw fields, in the same script that acks it; the entries read with
+  it are delivered. ms1 never trims: finished entries are deleted, so a stream's
+  length is exactly the work not yet done, and nothing pending can be trimmed;
+* queue ``auto`` — ``redis`` if a Redis answers at ``[redis] url``, else the
+  in-memory queue (for the demo); it says which;
+* dead letters ``redis`` — a stream (``ms1:dead-letters``): reason, stage, message
+  id, invoice id, source ref, MS4's answer, time, the object;
+* rate limiter ``redis`` — a sliding-window log in a sorted set, updated by a Lua
+  script on the server's clock, shared by every instance on the Redis.
+
+Connections: one redis-py client (hiredis parser) per config, on a blocking pool;
+a connection is checked out for one command (or pipeline, or script call) at a time,
+so any number of threads share the pool, waiting for a connection when it is busy.
+Explicit connect and socket timeouts, XREADGROUP BLOCK shorter than the socket timeout;
+redis-py's own retries are off (a retried XADD whose reply was lost would be a
+duplicate): ms1's loops retry, and when Redis is unreachable they log once, wait, and
+carry on when it is back. Every redis-py error is translated at this boundary into
+:class:`~ms1.errors.QueueError` or :class:`~ms1.errors.SourceError`. No script call
+carries more than a few thousand arguments.
+
+Modules:
+
+* :mod:`.link` — the client, its pool and scripts, the heartbeat thread, error
+  translation, URL redaction, :func:`link_for`;
+* :mod:`.leases` — reading through the consumer group, held entries and their
+  heartbeat refresh, takeover (own pending re-read, XAUTOCLAIM);
+* :mod:`.commit` — storing entries and acking their inbound e-mails in one step;
+* :mod:`.source` — :class:`RedisSource`;
+* :mod:`.outbound` — :class:`RedisQueue`, batch <-> fields;
+* :mod:`.deadletters` — :class:`RedisDeadLetters`;
+* :mod:`.limiter` — :class:`RedisRateLimiter`;
+* ``scripts/*.lua`` — ``enqueue`` (store + ack inbound), ``finish`` (ack an outbound
+  entry, with its replacements), ``limiter_acquire``, ``limiter_finish``;
+* this module — the plugin's hooks: options, components, factories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Sequence
+
+from ms1.config import Config, Option
+from ms1.deadletters import DeadLetterStore
+from ms1.errors import Ms1Error
+from ms1.hookspecs import hookimpl
+from ms1.outbound import MemoryQueue, QueueBackend
+from ms1.sending.limiter import RateLimiter
+from ms1.source import Source
+
+from .deadletters import RedisDeadLetters
+from .limiter import RedisRateLimiter
+from .link import SECTION, RedisLink, link_for, redact_url, translated
+from .outbound import RedisQueue
+from .source import RedisSource
+
+__all__ = ["RedisDeadLetters", "RedisLink", "RedisQueue", "RedisRateLimiter", "RedisSource",
+           "consumer_name", "link_for", "redact_url", "translated"]
+
+log = logging.getLogger(__name__)
+
+
+@hookimpl
+def ms1_config_options() -> Sequence[Option]:
+    return [
+        Option(SECTION, "url", "str", "redis://127.0.0.1:6379/0",
+               "Redis URL: redis://host:port/db, rediss:// for TLS, or unix:///path?db=0; a "
+               "password in the URL is redacted in every output (better: password_env)"),
+        Option(SECTION, "password_env", "str", "",
+               "environment variable holding the Redis password (overrides the URL's)"),
+        Option(SECTION, "inbound_stream", "str", "ms1:emails",
+               "stream the ingestor writes e-mails to (field 'email'); an entry without "
+               "one becomes a dead letter with its raw fields"),
+        Option(SECTION, "outbound_stream", "str", "ms1:outbound", "stream of batches for MS4"),
+        Option(SECTION, "dead_letter_stream", "str", "ms1:dead-letters",
+               "stream of dead letters (also where an outbound entry that is no ms1 batch "
+               "is set aside)"),
+        Option(SECTION, "rate_limit_key", "str", "ms1:rate-limit",
+               "sorted set of the shared rate limiter"),
+        Option(SECTION, "group", "str", "ms1", "consumer group on both streams"),
+        Option(SECTION, "consumer", "str", "",
+               "this instance's consumer name; empty: the host name. Give each instance on "
+               "one host its own, and keep it across restarts (its pending entries are "
+               "re-read first)"),
+        Option(SECTION, "visibility_timeout", "float", 60.0,
+               "seconds an entry may sit unrefreshed in a consumer's pending list before "
+               "another instance takes it over (XAUTOCLAIM)", min=1, max=86400),
+        Option(SECTION, "block_timeout", "float", 1.0,
+               "seconds an XREADGROUP waits for new entries (keep below socket_timeout)",
+               min=0.01, max=60),
+        Option(SECTION, "socket_timeout", "float", 10.0,
+               "seconds to wait for any Redis reply before the connection counts as broken",
+               min=0.1, max=600),
+        Option(SECTION, "connect_timeout", "float", 3.0, "seconds to connect to Redis",
+               min=0.1, max=600),
+        Option(SECTION, "delete_acked_inbound", "bool", True,
+               "delete inbound entries once safe (XDEL); say no if other consumer groups "
+               "also read the inbound stream"),
+    ]
+
+
+@hookimpl
+def ms1_components() -> Sequence[tuple[str, str]]:
+    return [("source", "redis"), ("queue", "redis"), ("queue", "auto"),
+            ("dead_letters", "redis"), ("rate_limiter", "redis")]
+
+
+def consumer_name(config: Config) -> str:
+    return config.get_str(SECTION, "consumer") or socket.gethostname()
+
+
+def _check_linger(config: Config) -> None:
+    visibility = config.get_float(SECTION, "visibility_timeout")
+    if config.get_float("batch", "max_wait") * 2 + 5 > visibility:
+        raise config.error(SECTION, "visibility_timeout",
+                           f"must exceed 2 x [batch] max_wait + 5 s ({visibility} s is too "
+                           "short: e-mails waiting in an open batch would be taken over)")
+
+
+def _queue(config: Config, link: RedisLink) -> RedisQueue:
+    return RedisQueue(link, stream=config.get_str(SECTION, "outbound_stream"),
+                      group=config.get_str(SECTION, "group"), consumer=consumer_name(config),
+                      visibility_timeout=config.get_float(SECTION, "visibility_timeout"),
+                      block_timeout=config.get_float(SECTION, "block_timeout"),
+                      prefetch=min(8, config.get_int("send", "threads")),
+                      dead_letter_stream=config.get_str(SECTION, "dead_letter_stream"))
+
+
+@hookimpl
+def ms1_make_queue(name: str, config: Config) -> QueueBackend | None:
+    if name == "redis":
+        return _queue(config, link_for(config))
+    if name == "auto":
+        link = link_for(config)
+        if link.ping():
+            log.info("queue: Redis answers at %s: using the durable redis backend", link.url)
+            return _queue(config, link)
+        link.release()
+        log.warning("queue: no Redis answers at %s: using the in-memory backend (not "
+                    "durable: batches not yet delivered are lost if ms1 stops)", link.url)
+        return MemoryQueue()
+    return None
+
+
+@hookimpl
+def ms1_make_source(name: str, config: Config, inputs: Sequence[str]) -> Source | None:
+    if name != "redis":
+        return None
+    if inputs:
+        raise config.error("source", "name", "the redis source reads the inbound stream, not "
+                           "files: push files with 'ms1-service enqueue FILE...'")
+    _check_linger(config)
+    return RedisSource(link_for(config), stream=config.get_str(SECTION, "inbound_stream"),
+                       group=config.get_str(SECTION, "group"), consumer=consumer_name(config),
+                       visibility_timeout=config.get_float(SECTION, "visibility_timeout"),
+                       delete_acked=config.get_bool(SECTION, "delete_acked_inbound"))
+
+
+@hookimpl
+def ms1_make_dead_letters(name: str, config: Config) -> DeadLetterStore | None:
+    if name != "redis":
+        return None
+    return RedisDeadLetters(link_for(config),
+                            stream=config.get_str(SECTION, "dead_letter_stream"))
+
+
+@hookimpl
+def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
+    if name != "redis":
+        return None
+    lease = 60.0  # the longest a request can take, unless the http transport says
+    with contextlib.suppress(Ms1Error):
+        lease = config.get_float("transport.http", "request_timeout") + 5.0
+    return RedisRateLimiter(link_for(config), key=config.get_str(SECTION, "rate_limit_key"),
+                            limit=config.get_int("send", "requests_per_minute"),
+                            window=config.get_float("send", "rate_window"), lease=lease)

@@ -1,0 +1,259 @@
+"""The outbound queue: batches for MS4 in a Redis stream (``[redis] outbound_stream``).
+
+One batch per entry (:func:`batch_fields` / :func:`batch_from_fields`). Enqueueing is
+:func:`.commit.store` (the batches' inbound e-mails acked in the same atomic step when the
+source is Redis too). Senders take batches from :meth:`RedisQueue.get`: one fetcher at a
+time reads up to ``prefetch`` entries with XREADGROUP, the others take theirs from that
+buffer; entries of dead consumers are taken over (:mod:`.leases`).
+
+Where an outbound entry is acked: only in ``scripts/finish.lua``, called by
+:meth:`RedisQueue._finish` — after MS4's 202 (:meth:`~RedisQueue.ack`), after a split
+(:meth:`~RedisQueue.replace`, its halves added in the same step), for an entry that is no
+ms1 batch (set aside: a dead letter with its raw fields and the reason, stage ``queue``,
+added to ``[redis] dead_letter_stream`` in the same step), and for an entry deleted while
+pending. XACK and XDEL go together: ms1 never trims, a stream's length is exactly the
+work not yet done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+
+import redis
+
+from ms1.errors import QueueError
+from ms1.model import BATCH_PATH, UNIT_PATH, Batch, DeadLetter
+from ms1.outbound import Delivery, QueueBackend, QueueStats
+from ms1.source import Source
+
+from .commit import inbound_of, pack_entries, store
+from .deadletters import letter_fields
+from .leases import (
+    Claimer,
+    Entry,
+    Held,
+    describe_stream,
+    ensure_group,
+    raw_fields,
+    read_group,
+    times_delivered,
+)
+from .link import Fields, RedisLink, translated
+
+log = logging.getLogger(__name__)
+
+
+def batch_fields(batch: Batch) -> Fields:
+    return {
+        "id": batch.id,
+        "path": batch.path,
+        "payloads": b"\n".join(batch.payloads),  # compact JSON never holds a raw newline
+        "invoice_ids": json.dumps(batch.invoice_ids),
+        "message_ids": json.dumps(batch.message_ids),
+        "created_at": repr(batch.created_at),
+        # inbound entry ids: their timestamps give inbound-to-202 latency after a restart too
+        "refs": json.dumps(batch.refs),
+    }
+
+
+def batch_from_fields(fields: dict[bytes, bytes]) -> Batch:
+    """The batch an entry holds; KeyError, ValueError or TypeError if it holds none."""
+    batch = Batch(
+        path=fields[b"path"].decode(),
+        payloads=tuple(fields[b"payloads"].split(b"\n")),
+        invoice_ids=tuple(json.loads(fields[b"invoice_ids"])),
+        message_ids=tuple(json.loads(fields[b"message_ids"])),
+        id=fields[b"id"].decode(),
+        created_at=float(fields[b"created_at"]),
+        refs=tuple(json.loads(fields.get(b"refs", b"[]"))),
+    )
+    if batch.path not in (BATCH_PATH, UNIT_PATH):
+        raise ValueError(f"unknown path {batch.path!r}")
+    if not len(batch.payloads) == len(batch.invoice_ids) == len(batch.message_ids):
+        raise ValueError("payloads, invoice_ids and message_ids differ in number")
+    return batch
+
+
+class RedisQueue(QueueBackend):
+    """The outbound queue on a Redis stream with a consumer group (see the module doc)."""
+
+    name = "redis"
+    durable = True
+    group_commit = True  # put_many: atomic, idempotent script calls (see .commit)
+
+    def __init__(self, link: RedisLink, *, stream: str, group: str, consumer: str,
+                 visibility_timeout: float, block_timeout: float, prefetch: int = 4,
+                 dead_letter_stream: str = "ms1:dead-letters") -> None:
+        self.link = link
+        self.stream, self.group, self.consumer = stream, group, consumer
+        self.dead_letter_stream = dead_letter_stream
+        self._block_ms = max(1, int(block_timeout * 1000))
+        self._prefetch = max(1, prefetch)
+        self._buffer: deque[Delivery] = deque()
+        self._buffer_lock = threading.Lock()
+        self._fetching = threading.Lock()
+        self._ready = False
+        self._ready_lock = threading.Lock()
+        self._held = Held(link, stream, group, consumer)
+        self._claimer = Claimer(link, stream, group, consumer, visibility_timeout,
+                                self._held)
+        link.on_heartbeat(self._held.refresh, visibility_timeout / 3)
+
+    def _ensure(self) -> None:
+        if self._ready:
+            return
+        with self._ready_lock:
+            if not self._ready:
+                ensure_group(self.link, self.stream, self.group)
+                self._check_persistence()
+                self._ready = True
+
+    def _check_persistence(self) -> None:
+        try:
+            aof = self.link.client.config_get("appendonly").get("appendonly")
+            policy = self.link.client.config_get("maxmemory-policy").get("maxmemory-policy")
+        except redis.RedisError:
+            return  # CONFIG may be disabled (managed Redis): nothing to check
+        if aof != "yes":
+            log.warning("Redis at %s runs without AOF (appendonly %s): a Redis crash can lose "
+                        "queued batches; production needs appendonly yes", self.link.url, aof)
+        if policy not in (None, "noeviction"):
+            log.warning("Redis at %s evicts keys (maxmemory-policy %s): queued batches can be "
+                        "lost; production needs noeviction", self.link.url, policy)
+
+    # --- enqueue -----------------------------------------------------------------------
+
+    def put(self, batch: Batch, source: Source | None = None) -> bool:
+        return self.put_many([batch], source)
+
+    def put_many(self, batches: Sequence[Batch], source: Source | None = None) -> bool:
+        """Store ``batches``; with a Redis source on the same server their inbound entries
+        are acked in the same atomic step (calls of bounded size: :mod:`.commit`)."""
+        inbound = inbound_of(source, self.link)
+        what = (f"enqueue batch {batches[0].id}" if len(batches) == 1
+                else f"enqueue {len(batches)} batches")
+        with translated(QueueError, what, self.link):
+            self._ensure()
+            store(self.link, self.stream, [([batch_fields(b)], b.refs) for b in batches],
+                  inbound)
+        return inbound is not None
+
+    # --- hand out --------------------------------------------------------------------
+
+    def get(self, consumer: str, timeout: float) -> Delivery | None:
+        """One batch. A single fetcher at a time reads up to ``prefetch`` entries with one
+        XREADGROUP; the other senders take theirs from that buffer (held entries all)."""
+        with self._buffer_lock:
+            if self._buffer:
+                return self._buffer.popleft()
+        if not self._fetching.acquire(timeout=timeout):
+            return None
+        try:
+            with self._buffer_lock:
+                if self._buffer:
+                    return self._buffer.popleft()
+            with translated(QueueError, "take a batch", self.link):
+                self._ensure()
+                claimed = self._claimer.take(1)
+                deliveries = self._deliveries(claimed, claimed=True)
+                if not deliveries:
+                    block = min(self._block_ms, max(1, int(timeout * 1000)))
+                    entries = read_group(self.link, self.stream, self.group, self.consumer,
+                                         self._prefetch, block_ms=block)
+                    deliveries = self._deliveries(entries, claimed=False)
+            if not deliveries:
+                return None
+            with self._buffer_lock:
+                self._buffer.extend(deliveries[1:])
+            return deliveries[0]
+        finally:
+            self._fetching.release()
+
+    def _deliveries(self, entries: Sequence[Entry], claimed: bool) -> list[Delivery]:
+        """The batches among ``entries`` (now held); the other entries are finished on their
+        own: deleted ones acked, malformed ones set aside as dead letters."""
+        deliveries: list[Delivery] = []
+        odd: list[tuple[str, list[Fields]]] = []
+        for entry_id, fields in entries:
+            if fields is None:  # deleted while pending: nothing left to send
+                odd.append((entry_id, []))
+                continue
+            try:
+                batch = batch_from_fields(fields)
+            except (KeyError, ValueError, TypeError) as exc:
+                reason = (f"{self.stream} entry {entry_id} is not an ms1 batch "
+                          f"({type(exc).__name__}: {exc})")
+                log.error("%s: set aside as a dead letter in %s", reason,
+                          self.dead_letter_stream)
+                odd.append((entry_id, [letter_fields(DeadLetter(
+                    reason=reason, stage="queue", payload=raw_fields(fields),
+                    source_ref=entry_id))]))
+                continue
+            attempts = times_delivered(self.link, self.stream, self.group, entry_id) \
+                if claimed else 1
+            deliveries.append(Delivery(batch, entry_id, attempts))
+        self._held.add([d.token for d in deliveries])
+        for entry_id, letters in odd:
+            try:
+                self._finish(entry_id, letters, self.dead_letter_stream,
+                             f"set aside entry {entry_id}")
+            except QueueError as exc:  # left pending: taken over and tried again later
+                log.error("%s", exc)
+        return deliveries
+
+    # --- settle ------------------------------------------------------------------------
+
+    def _finish(self, entry_id: str, replacements: Sequence[Fields], to: str,
+                what: str) -> None:
+        """XACK + XDEL the entry and XADD ``replacements`` to stream ``to``, atomically and
+        once (``scripts/finish.lua``): the one place an outbound entry is acked."""
+        with translated(QueueError, what, self.link):
+            self.link.script("finish", [self.stream, to],
+                             [self.group, entry_id, *pack_entries(replacements)])
+        self._held.discard([entry_id])
+
+    def ack(self, delivery: Delivery) -> None:
+        self._finish(delivery.token, (), self.stream, f"ack batch {delivery.batch.id}")
+
+    def replace(self, delivery: Delivery, parts: Sequence[Batch]) -> None:
+        self._finish(delivery.token, [batch_fields(part) for part in parts], self.stream,
+                     f"split batch {delivery.batch.id}")
+
+    def release(self, delivery: Delivery) -> None:
+        """Mark the entry idle past the visibility timeout: the next XAUTOCLAIM of any
+        instance (this one included) takes it at once. It never leaves the stream."""
+        self._held.discard([delivery.token])
+        with translated(QueueError, f"release batch {delivery.batch.id}", self.link):
+            self.link.client.xclaim(self.stream, self.group, self.consumer, 0,
+                                    [delivery.token], idle=self._claimer.visibility_ms + 1,
+                                    justid=True)
+        self._claimer.claim_soon()
+
+    # --- report ------------------------------------------------------------------------
+
+    def stats(self) -> QueueStats:
+        with translated(QueueError, "read queue length", self.link):
+            self._ensure()
+            pipe = self.link.client.pipeline(transaction=False)
+            pipe.xlen(self.stream)
+            pipe.xpending(self.stream, self.group)
+            length, pending = pipe.execute()
+        in_flight = int(pending["pending"])
+        return QueueStats(max(0, int(length) - in_flight), in_flight, None)
+
+    def describe(self) -> dict[str, object]:
+        return describe_stream(self.link, self.stream, self.group, QueueError)
+
+    def close(self) -> None:
+        """Give back prefetched batches no sender took, then let go of the connection."""
+        with self._buffer_lock:
+            unsent, self._buffer = list(self._buffer), deque()
+        for delivery in unsent:
+            with contextlib.suppress(QueueError):
+                self.release(delivery)
+        self.link.release()

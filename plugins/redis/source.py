@@ -1,0 +1,112 @@
+"""The inbound source: e-mails from a Redis stream (``[redis] inbound_stream``).
+
+The ingestor XADDs one e-mail per entry, in field ``email``. :class:`RedisSource` reads
+them with XREADGROUP (after re-reading its own pending entries at start, and taking over
+those of dead consumers: :mod:`.leases`). An entry is acked once what became of it is
+safe: by ``scripts/enqueue.lua`` in the same atomic step that stores its batch or dead
+letter (:mod:`.commit`), or by :meth:`RedisSource.ack` when that went elsewhere; XDEL
+follows the XACK unless ``delete_acked_inbound = no``.
+
+An entry without an ``email`` field (another producer's, binary junk) is handed out like
+any other, with its raw fields as data and a ``problem``: the intake makes it a dead
+letter (stage ``source``), acked atomically like every dead letter; the entries read with
+it are processed as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from ms1.errors import SourceError
+from ms1.model import InboundMessage
+from ms1.source import Source
+
+from .leases import (
+    Claimer,
+    Entry,
+    Held,
+    describe_stream,
+    ensure_group,
+    field_names,
+    raw_fields,
+    read_group,
+)
+from .link import RedisLink, translated
+
+log = logging.getLogger(__name__)
+#: e-mails per pipeline of ``push``
+XADD_CHUNK = 500
+
+
+class RedisSource(Source):
+    """E-mails from the inbound stream (see the module doc)."""
+
+    name = "redis"
+
+    def __init__(self, link: RedisLink, *, stream: str, group: str, consumer: str,
+                 visibility_timeout: float, delete_acked: bool) -> None:
+        self.link = link
+        self.stream, self.group, self.consumer = stream, group, consumer
+        self.delete = delete_acked
+        self._ready = False
+        self._held = Held(link, stream, group, consumer)
+        self._claimer = Claimer(link, stream, group, consumer, visibility_timeout,
+                                self._held)
+        link.on_heartbeat(self._held.refresh, visibility_timeout / 3)
+
+    def read(self, max_items: int, timeout: float) -> list[InboundMessage]:
+        with translated(SourceError, f"read {self.stream}", self.link):
+            if not self._ready:
+                ensure_group(self.link, self.stream, self.group)
+                self._ready = True
+            entries: list[Entry] = self._claimer.take(max_items) or read_group(
+                self.link, self.stream, self.group, self.consumer, max_items,
+                block_ms=max(1, int(timeout * 1000)))
+        messages = [self._message(entry_id, fields) for entry_id, fields in entries
+                    if fields is not None]
+        self._held.add([m.ref for m in messages])
+        gone = [entry_id for entry_id, fields in entries if fields is None]
+        if gone:  # deleted while pending: nothing to process
+            try:
+                self.ack(gone)
+            except SourceError as exc:  # still pending: dropped at the next re-read
+                log.warning("cannot ack %d deleted entries: %s", len(gone), exc)
+        return messages
+
+    def _message(self, entry_id: str, fields: dict[bytes, bytes]) -> InboundMessage:
+        data = fields.get(b"email")
+        if data is not None:
+            return InboundMessage(entry_id, data)
+        problem = (f"{self.stream} entry {entry_id} has no 'email' field (fields: "
+                   f"{', '.join(field_names(fields))}): kept with its raw fields")
+        log.warning("%s", problem)
+        return InboundMessage(entry_id, raw_fields(fields), problem=problem)
+
+    def forget(self, refs: Sequence[str]) -> None:
+        """These entries are acked: stop refreshing them."""
+        self._held.discard(refs)
+
+    def ack(self, refs: Sequence[str]) -> None:
+        with translated(SourceError, f"ack {len(refs)} entries of {self.stream}", self.link):
+            pipe = self.link.client.pipeline(transaction=True)
+            pipe.xack(self.stream, self.group, *refs)
+            if self.delete:
+                pipe.xdel(self.stream, *refs)
+            pipe.execute()
+        self.forget(refs)
+
+    def push(self, emails: Sequence[bytes]) -> int:
+        with translated(SourceError, f"add e-mails to {self.stream}", self.link):
+            for start in range(0, len(emails), XADD_CHUNK):
+                pipe = self.link.client.pipeline(transaction=False)
+                for data in emails[start:start + XADD_CHUNK]:
+                    pipe.xadd(self.stream, {"email": data})
+                pipe.execute()
+        return len(emails)
+
+    def describe(self) -> dict[str, object]:
+        return describe_stream(self.link, self.stream, self.group, SourceError)
+
+    def close(self) -> None:
+        self.link.release()
