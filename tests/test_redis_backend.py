@@ -666,3 +666,15 @@ def test_dead_letters_of_a_whole_read_chunk_go_in_bounded_script_calls(own_redis
     client.close()
     dead.close()
     src.close()
+
+
+def test_describe_gives_length_pending_and_consumers(redis_url) -> None:
+    q = queue(redis_url, "c")
+    assert q.describe() == {"stream": "t:out", "length": 0, "consumers": []}  # no group yet
+    q.put(batch(1))
+    q.put(batch(2))
+    assert q.get("s", timeout=1) is not None  # the other one is prefetched: held too
+    info = q.describe()
+    assert (info["length"], info["group"], info["pending"]) == (2, "g", 2)
+    assert [(c["name"], c["pending"]) for c in info["consumers"]] == [("c", 2)]
+    q.close()

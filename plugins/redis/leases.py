@@ -178,12 +178,15 @@ def describe_stream(link: RedisLink, stream: str, group: str,
                     error: type[Ms1Error]) -> dict[str, object]:
     """Length, pending and lag of the group, and its consumers with pending and idle time."""
     with translated(error, f"describe {stream}", link):
-        length = link.client.xlen(stream)
-        try:
-            groups = link.client.xinfo_groups(stream)
-            consumers = link.client.xinfo_consumers(stream, group)
-        except redis.ResponseError:  # no such stream or group yet
-            groups, consumers = [], []
+        pipe = link.client.pipeline(transaction=False)
+        pipe.xlen(stream)
+        pipe.xinfo_groups(stream)
+        pipe.xinfo_consumers(stream, group)
+        length, groups, consumers = pipe.execute(raise_on_error=False)
+        if isinstance(length, redis.RedisError):  # e.g. the key is no stream
+            raise length
+    if isinstance(groups, redis.RedisError) or isinstance(consumers, redis.RedisError):
+        groups, consumers = [], []  # no such stream or group yet
     info: dict[str, object] = {"stream": stream, "length": length}
     for g in groups:
         if decode(g["name"]) == group:
