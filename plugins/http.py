@@ -3,21 +3,44 @@
 ``POST {base_url}/batch-metadata`` (a JSON array) or ``{base_url}/metadata`` (one
 object, the unit policy), with ``X-API-Key``, ``Content-Type: application/json``
 and ``Idempotency-Key`` (the batch id: the same on every retry and redelivery).
-Under the client, :class:`~ms1_plugins.http_wire.LeanHTTPTransport` keeps one
-HTTP/1.1 connection alive per sender thread; connect, read and write timeouts are
-explicit. No answer at all (refused, timed out, dropped) becomes
-:class:`~ms1.errors.TransportError`; every answer, whatever its status, is returned
-for the sender to judge. Nothing below the sender retries, so a request is sent
-exactly as often as the sender decides.
+
+Under the client is httpx's own ``HTTPTransport`` (httpcore + h11): a pool of kept-alive
+HTTP/1.1 connections, as many as there are sender threads, and no retries anywhere — a
+request is sent exactly as often as the sender decides. Informational answers (1xx) are
+skipped by httpcore; a ``101`` comes back as it is, and the sender does not take it for
+a success.
+
+Bounds, per request:
+
+* ``connect_timeout``, ``write_timeout``, ``read_timeout``: each socket operation
+  (httpx's timeouts); ``pool_timeout``: waiting for a free pooled connection;
+* ``request_timeout``: ONE deadline for the whole request — pool wait, connect, TLS,
+  sending, and the whole answer (status line, headers, body). httpx has no such
+  timeout (encode/httpx#1450); :class:`_DeadlineNetwork` is how it is done;
+* ``max_answer_bytes``: the answer is read streamed and at most this much of its body
+  is kept (the status and headers always are); the rest is not read: the connection is
+  dropped instead.
+
+No answer at all (refused, timed out, dropped) becomes :class:`~ms1.errors.TransportError`;
+every answer, whatever its status, is returned for the sender to judge. ``close()``
+shuts every socket down first, so it never waits, and a sender blocked in a read gets a
+``TransportError`` at once.
 """
 
 from __future__ import annotations
 
-import http.cookiejar
+import contextlib
+import logging
+import socket
+import ssl
 import threading
-from collections.abc import Sequence
-from typing import Any
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
+import httpcore
 import httpx
 
 from ms1.config import Config, Option, Secret
@@ -25,21 +48,185 @@ from ms1.errors import TransportError
 from ms1.hookspecs import hookimpl
 from ms1.transport import Request, Response, Transport
 
-from .http_wire import LeanHTTPTransport
-
 NAME = "http"
 SECTION = "transport.http"
 
+log = logging.getLogger(__name__)
 
-class _NoCookies(http.cookiejar.CookieJar):
-    """MS4 authenticates by ``X-API-Key`` only: no cookie is ever stored or sent (and
-    the cookie jar's look at every answer was ~7 % of a request's instructions)."""
+#: httpx's default: an idle pooled connection is closed after this many seconds
+KEEPALIVE_EXPIRY = 5.0
+#: the option whose timeout an httpx timeout exception stands for
+_TIMEOUT_OPTIONS = {"ConnectTimeout": "connect_timeout", "ReadTimeout": "read_timeout",
+                    "WriteTimeout": "write_timeout", "PoolTimeout": "pool_timeout"}
 
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        return None
 
-    def add_cookie_header(self, request: Any) -> None:
-        return None
+class _Deadline(threading.local):
+    """The running request's deadline (``time.monotonic()``), per sender thread."""
+
+    at: float | None = None
+    clamped: bool = False  # the last socket operation was cut short by the deadline
+
+
+class _DeadlineNetwork(httpcore.NetworkBackend):
+    """httpcore's synchronous network backend with a per-thread deadline on every socket
+    operation, and a registry of live streams so that :meth:`shutdown` can wake any
+    thread blocked on one.
+
+    Each connect, TLS handshake, read and write gets the smaller of its own timeout
+    (httpx's per-phase timeouts) and the time left before the thread's deadline; past the
+    deadline it raises ``httpcore.ConnectTimeout``/``ReadTimeout``/``WriteTimeout`` at
+    once, which httpx turns into its own timeout exceptions.
+    """
+
+    def __init__(self, deadline: _Deadline) -> None:
+        self._backend = httpcore.SyncBackend()
+        self._deadline = deadline
+        self._streams: weakref.WeakSet[_DeadlineStream] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def clamp(self, timeout: float | None, error: type[Exception]) -> float | None:
+        """``timeout`` cut to the time left before this thread's deadline."""
+        at = self._deadline.at
+        if at is None:
+            self._deadline.clamped = False
+            return timeout
+        left = at - time.monotonic()
+        if left <= 0:
+            self._deadline.clamped = True
+            raise error("request_timeout passed")
+        self._deadline.clamped = timeout is None or left < timeout
+        return left if self._deadline.clamped else timeout
+
+    def track(self, stream: httpcore.NetworkStream) -> _DeadlineStream:
+        wrapped = _DeadlineStream(stream, self)
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._streams.add(wrapped)
+        if closed:
+            stream.close()
+            raise httpcore.ConnectError("the transport is closed")
+        return wrapped
+
+    def forget(self, stream: _DeadlineStream) -> None:
+        with self._lock:
+            self._streams.discard(stream)
+
+    def live_streams(self) -> list[_DeadlineStream]:
+        with self._lock:
+            return list(self._streams)
+
+    def shutdown(self) -> None:
+        """Refuse new connections; shut down every live socket (a blocked read returns)."""
+        with self._lock:
+            self._closed = True
+            streams = list(self._streams)
+        for stream in streams:
+            sock = stream.get_extra_info("socket")
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):  # socket's own, also for an SSLSocket
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def connect_tcp(
+        self, host: str, port: int, timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = self.clamp(timeout, httpcore.ConnectTimeout)
+        return self.track(self._backend.connect_tcp(host, port, timeout, local_address,
+                                                    socket_options))
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = self.clamp(timeout, httpcore.ConnectTimeout)
+        return self.track(self._backend.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """One connection's stream under :class:`_DeadlineNetwork`'s deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream, network: _DeadlineNetwork) -> None:
+        self._stream = stream
+        self._network = network
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        # one recv per call (httpcore's SyncStream): the clamped timeout bounds it
+        return self._stream.read(max_bytes, self._network.clamp(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        timeout = self._network.clamp(timeout, httpcore.WriteTimeout)
+        sock = self._stream.get_extra_info("socket")
+        if not buffer or not isinstance(sock, socket.socket):
+            self._stream.write(buffer, timeout)
+            return
+        # httpcore's SyncStream.write gives every send() the whole timeout again; sendall
+        # under one settimeout is bounded as a whole (a plain socket's since Python 3.5;
+        # an SSLSocket writes the buffer in one SSL_write, bounded by the timeout)
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(buffer)
+        except TimeoutError as exc:
+            raise httpcore.WriteTimeout(exc) from exc
+        except OSError as exc:
+            raise httpcore.WriteError(exc) from exc
+
+    def close(self) -> None:
+        self._network.forget(self)
+        self._stream.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        timeout = self._network.clamp(timeout, httpcore.ConnectTimeout)
+        self._network.forget(self)  # the plain socket is detached into the TLS one
+        return self._network.track(self._stream.start_tls(ssl_context, server_hostname,
+                                                          timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineHTTPTransport(httpx.HTTPTransport):
+    """httpx's ``HTTPTransport`` whose connection pool runs on :class:`_DeadlineNetwork`.
+
+    httpx has no total timeout for a request (encode/httpx#1450: "the implementation for
+    this would be in httpcore"), and ``HTTPTransport`` takes no network backend. So the
+    pool it builds is replaced by the same ``httpcore.ConnectionPool`` with one more
+    argument, ``network_backend``. ``_pool`` is the one private name used: setup.cfg pins
+    httpx below 1, the check below fails loudly if an upgrade drops it, and
+    tests/test_http_deadline.py pins the behaviour.
+    """
+
+    def __init__(self, *, ssl_context: ssl.SSLContext, limits: httpx.Limits,
+                 network: _DeadlineNetwork) -> None:
+        super().__init__(verify=ssl_context, trust_env=False, limits=limits, retries=0)
+        if not isinstance(vars(self).get("_pool"), httpcore.ConnectionPool):
+            raise RuntimeError(f"httpx {httpx.__version__}: HTTPTransport keeps no "
+                               f"ConnectionPool in _pool; ms1's request_timeout needs it")
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=ssl_context,
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            http1=True, http2=False, retries=0,
+            network_backend=network,
+        )
+
+
+def _redact(url: str) -> str:
+    """``url`` without its userinfo (``user:password@``), for messages and repr."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<invalid URL>"
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 class HttpTransport(Transport):
@@ -49,24 +236,39 @@ class HttpTransport(Transport):
 
     def __init__(
         self, base_url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
-        write_timeout: float = 30.0, pool_timeout: float = 10.0, max_connections: int = 4,
-        transport: httpx.BaseTransport | None = None,
+        write_timeout: float = 30.0, pool_timeout: float = 10.0,
+        request_timeout: float = 60.0, max_answer_bytes: int = 65536,
+        max_connections: int = 4, ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self._base_url = base_url.rstrip("/")
+        self.base_url = _redact(self._base_url)  # for messages: no credentials
+        self.request_timeout = request_timeout
+        self.max_answer_bytes = max_answer_bytes
+        # the pool wait is no socket operation: request_timeout bounds it here
+        pool_timeout = min(pool_timeout, request_timeout)
+        self._timeouts = {"connect_timeout": connect_timeout, "read_timeout": read_timeout,
+                          "write_timeout": write_timeout, "pool_timeout": pool_timeout,
+                          "request_timeout": request_timeout}
         self._urls: dict[str, httpx.URL] = {}
         self._api_key: Secret | None = None
         self._lock = threading.Lock()
+        self._closed = False
+        self._deadline = _Deadline()
+        self._network = _DeadlineNetwork(self._deadline)
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout,
                                 write=write_timeout, pool=pool_timeout)
         self._extensions = {"timeout": timeout.as_dict()}
+        limits = httpx.Limits(max_connections=max_connections,
+                              max_keepalive_connections=max_connections,
+                              keepalive_expiry=KEEPALIVE_EXPIRY)
         self._client = httpx.Client(
-            base_url=self.base_url,
             timeout=timeout,
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
-            transport=transport or LeanHTTPTransport(),
+            limits=limits,
+            transport=_DeadlineHTTPTransport(
+                ssl_context=ssl_context or httpx.create_ssl_context(), limits=limits,
+                network=self._network),
             follow_redirects=False,
-            cookies=_NoCookies(),
+            trust_env=False,
         )
 
     def set_api_key(self, api_key: Secret | None) -> None:
@@ -76,28 +278,70 @@ class HttpTransport(Transport):
     def send(self, request: Request) -> Response:
         with self._lock:
             key = self._api_key
+        if self._closed:
+            raise TransportError(f"the transport to MS4 at {self.base_url} is closed")
         headers = {"Content-Type": "application/json",
                    "Idempotency-Key": request.idempotency_key}
         if key is not None:
             headers["X-API-Key"] = key.reveal()
         url = self._urls.get(request.path)
         if url is None:
-            url = self._urls.setdefault(request.path, httpx.URL(self.base_url + request.path))
+            url = self._urls.setdefault(request.path, httpx.URL(self._base_url + request.path))
+        self._deadline.at = time.monotonic() + self.request_timeout
+        self._deadline.clamped = False
         try:
-            # a Request built here and sent through the shared Client: the same pool and
-            # timeouts as Client.post, without merging a base URL and headers per call
-            answer = self._client.send(httpx.Request("POST", url, content=request.body,
-                                                     headers=headers,
-                                                     extensions=self._extensions))
+            # a Request built here and sent through the shared Client: its pool and
+            # timeouts, without merging a base URL and headers per call
+            answer = self._client.send(
+                httpx.Request("POST", url, content=request.body, headers=headers,
+                              extensions=self._extensions), stream=True)
+            try:
+                return self._read(answer, request)
+            finally:
+                answer.close()
         except httpx.TimeoutException as exc:
-            raise TransportError(f"{type(exc).__name__}: no answer from MS4 at "
-                                 f"{self.base_url} in time") from None
+            self._timed_out(exc)
         except httpx.HTTPError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc} ({self.base_url})") from None
+        except RuntimeError as exc:  # httpx: "the client has been closed"
+            if not self._closed:
+                raise
+            raise TransportError(f"the transport to MS4 at {self.base_url} is closed: "
+                                 f"{exc}") from None
+        finally:
+            self._deadline.at = None
+
+    def _read(self, answer: httpx.Response, request: Request) -> Response:
+        """The status, headers and at most ``max_answer_bytes`` of the body."""
+        body = bytearray()
+        if answer.status_code >= 200:  # no body to a 1xx (after a 101: another protocol)
+            for chunk in answer.iter_bytes():
+                room = self.max_answer_bytes - len(body)
+                if len(chunk) > room:
+                    body += chunk[:room]
+                    log.warning("MS4's %d answer for batch %s is longer than [%s] "
+                                "max_answer_bytes: its first %d bytes are kept",
+                                answer.status_code, request.idempotency_key, SECTION,
+                                len(body))
+                    break  # the rest is not read: closing the answer drops the connection
+                body += chunk
+        text = body.decode(answer.encoding or "utf-8", errors="replace")
         return Response(answer.status_code,
-                        {k.lower(): v for k, v in answer.headers.items()}, answer.text)
+                        {k.lower(): v for k, v in answer.headers.items()}, text)
+
+    def _timed_out(self, exc: httpx.TimeoutException) -> NoReturn:
+        kind = type(exc).__name__
+        option = "request_timeout" if self._deadline.clamped else _TIMEOUT_OPTIONS.get(kind)
+        limit = (f"{option} {self._timeouts[option]:g} s" if option is not None
+                 else "the timeouts")
+        raise TransportError(f"{kind}: no answer from MS4 at {self.base_url} within "
+                             f"{limit}") from None
 
     def close(self) -> None:
+        """Never blocks: shuts every socket down (a sender in a read gets TransportError),
+        then closes the client."""
+        self._closed = True
+        self._network.shutdown()
         self._client.close()
 
     def __repr__(self) -> str:
@@ -109,16 +353,25 @@ def ms1_config_options() -> Sequence[Option]:
     return [
         Option(SECTION, "base_url", "str", "http://127.0.0.1:8404",
                "MS4's base URL; ms1 POSTs to {base_url}/batch-metadata (and /metadata)"),
-        Option(SECTION, "connect_timeout", "float", 5.0, "seconds to open a connection",
-               min=0.01, max=600),
-        Option(SECTION, "read_timeout", "float", 30.0, "seconds to wait for MS4's answer",
-               min=0.01, max=3600),
-        Option(SECTION, "write_timeout", "float", 30.0, "seconds to send a request body",
-               min=0.01, max=3600),
+        Option(SECTION, "connect_timeout", "float", 5.0,
+               "seconds to open a connection (TLS handshake included)", min=0.01, max=600),
+        Option(SECTION, "read_timeout", "float", 30.0,
+               "seconds each read of MS4's answer may wait for data (the whole answer is "
+               "bounded by request_timeout)", min=0.01, max=3600),
+        Option(SECTION, "write_timeout", "float", 30.0,
+               "seconds a write of the request may wait for the socket (the whole request "
+               "is bounded by request_timeout)", min=0.01, max=3600),
         Option(SECTION, "pool_timeout", "float", 10.0,
-               "seconds to wait for a free pooled connection (only on an HTTP proxy taken "
-               "from the environment; ms1's own wire keeps one per sender thread)",
-               min=0.01, max=3600),
+               "seconds to wait for a free pooled connection (the pool holds [send] threads "
+               "connections, so a sender rarely waits)", min=0.01, max=3600),
+        Option(SECTION, "request_timeout", "float", 60.0,
+               "overall deadline in seconds for one request: pool wait, connect, sending "
+               "and MS4's whole answer; past it the attempt fails and is retried",
+               min=0.1, max=3600),
+        Option(SECTION, "max_answer_bytes", "int", 65536,
+               "most bytes of an answer's body kept in memory; the status always counts, "
+               "a longer body is cut (and its connection dropped)",
+               min=1024, max=64 * 1024 * 1024),
     ]
 
 
@@ -138,7 +391,8 @@ def ms1_make_transport(name: str, config: Config) -> Transport | None:
         raise config.error(SECTION, "base_url", f"not a URL: {exc}") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise config.error(SECTION, "base_url",
-                           f"must be an http:// or https:// URL with a host, got {base_url!r}")
+                           f"must be an http:// or https:// URL with a host, got "
+                           f"{_redact(base_url)!r}")
     if config.api_key is None:
         raise config.error("ms4", "api_key_env",
                            f"the http transport needs an API key: set "
@@ -149,5 +403,7 @@ def ms1_make_transport(name: str, config: Config) -> Transport | None:
         read_timeout=config.get_float(SECTION, "read_timeout"),
         write_timeout=config.get_float(SECTION, "write_timeout"),
         pool_timeout=config.get_float(SECTION, "pool_timeout"),
+        request_timeout=config.get_float(SECTION, "request_timeout"),
+        max_answer_bytes=config.get_int(SECTION, "max_answer_bytes"),
         max_connections=config.get_int("send", "threads"),
     )

@@ -1,13 +1,22 @@
-"""The httpx transport under respx: headers, paths, errors, and every MS4 answer end to end."""
+"""The http transport: under respx (headers, paths, errors, every MS4 answer end to end
+through the real sender pool), then against real sockets (keep-alive, a server that closes
+idle or after answering, no answer, refused, chunked answers, the pool, TLS)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
+import socket
+import ssl
+import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -285,6 +294,22 @@ def test_unexpected_status_keeps_the_batch(make_config, pm, caplog) -> None:
     assert "unexpected answer from MS4" in caplog.text
 
 
+def test_a_1xx_answer_is_no_success_and_the_batch_is_resent(make_config, pm, caplog) -> None:
+    # httpcore hands back no 1xx but 101 (which h11 refuses unasked): should one come back
+    # anyway, the sender retries it and the pacer counts it as a breaker failure
+    def answer(n, ids, request):
+        return httpx.Response(101) if n == 0 else httpx.Response(202)
+
+    script = Ms4Script(answer)
+    with caplog.at_level(logging.WARNING):
+        summary, _, ids = run_service(make_config, pm, script, n=10, threads=1,
+                                      extra="breaker_failures = 1\n")
+    assert summary.ok and sorted(script.delivered()) == sorted(ids)
+    assert [c[3] for c in script.calls] == [101, 202]
+    assert summary.stats.get("responses_101") == 1
+    assert "circuit breaker open" in caplog.text
+
+
 def test_unit_policy_over_http(make_config, pm) -> None:
     def answer(n, ids, request):
         assert request.url.path == "/metadata"
@@ -302,3 +327,330 @@ def test_unit_policy_over_http(make_config, pm) -> None:
     summary, _, ids = run_service(make_config, pm, script, n=20, policy=UnitPolicy())
     assert summary.ok and sorted(script.delivered()) == sorted(ids)
     assert len(script.calls) == 20
+
+
+# --- against real sockets: a scripted HTTP/1.1 server ------------------------------
+
+
+BODY = b'[{"invoice_id":"A"}]'
+
+
+def read_request(conn: socket.socket, buffer: bytearray) -> bytes | None:
+    """One HTTP/1.1 request (head + Content-Length body) from ``conn``; None on EOF."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        buffer += chunk
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        rest += chunk
+    buffer[:] = rest[length:]
+    return head + b"\r\n\r\n" + rest[:length]
+
+
+class Peer:
+    """The server's side of one connection, handed to a handler with the request."""
+
+    def __init__(self, sock: socket.socket, stopped: threading.Event) -> None:
+        self.sock = sock
+        self.stopped = stopped
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def trickle(self, data: bytes, interval: float) -> None:
+        """Send ``data`` one byte every ``interval`` s (until the server is closed)."""
+        for i in range(len(data)):
+            self.sock.sendall(data[i:i + 1])
+            if self.stopped.wait(interval):
+                return
+
+
+#: (connection, request number from 1, raw request) -> keep the connection for more requests?
+Handler = Callable[[Peer, int, bytes], bool]
+
+
+def replying(make: Callable[[int, bytes], bytes | None]) -> Handler:
+    """A handler answering the raw bytes ``make`` gives (None: close without answering)."""
+
+    def handle(peer: Peer, n: int, request: bytes) -> bool:
+        raw = make(n, request)
+        if raw is None:
+            return False
+        peer.send(raw)
+        return b"connection: close" not in raw.lower()
+
+    return handle
+
+
+class Server:
+    """A scripted HTTP/1.1 server on loopback; counts connections and requests."""
+
+    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
+        self.handler = handler
+        self.tls = tls
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.lock = threading.Lock()
+        self.open: list[socket.socket] = []
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.tls is not None:
+                try:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                except (OSError, ssl.SSLError):
+                    continue
+            with self.lock:
+                self.connections += 1
+                self.open.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buffer = bytearray()
+        try:
+            while (request := read_request(conn, buffer)) is not None:
+                with self.lock:
+                    self.requests.append(request)
+                    n = len(self.requests)
+                if not self.handler(Peer(conn, self.stopped), n, request):
+                    break
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def request_count(self) -> int:
+        with self.lock:
+            return len(self.requests)
+
+    def drop_connections(self) -> None:
+        with self.lock:
+            for conn in self.open:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+        self.drop_connections()
+
+
+def answer(status: int = 202, body: bytes = b"", extra: str = "") -> bytes:
+    return (f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` s have passed."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def serving() -> Iterator[Callable[..., Server]]:
+    """The body of a ``serve`` fixture: start servers, close them all afterwards."""
+    servers: list[Server] = []
+
+    def start(handler: Handler, tls: ssl.SSLContext | None = None) -> Server:
+        server = Server(handler, tls)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Server]]:
+    yield from serving()
+
+
+def client(url: str, **kwargs) -> HttpTransport:
+    kwargs.setdefault("read_timeout", 5.0)
+    kwargs.setdefault("connect_timeout", 2.0)
+    transport = HttpTransport(url, **kwargs)
+    transport.set_api_key(Secret("k-wire"))
+    return transport
+
+
+def post(transport: HttpTransport) -> int:
+    return transport.send(Request(BATCH_PATH, BODY, "idem-1", 1)).status
+
+
+def test_requests_reuse_one_kept_alive_connection_and_carry_the_body(serve) -> None:
+    server = serve(replying(lambda n, req: answer()))
+    transport = client(server.url)
+    assert [post(transport) for _ in range(5)] == [202] * 5
+    assert server.connections == 1
+    request = server.requests[0]
+    assert request.startswith(b"POST /batch-metadata HTTP/1.1\r\n")
+    assert request.endswith(b"\r\n\r\n" + BODY)
+    head = request.lower()
+    for header in (b"x-api-key: k-wire", b"idempotency-key: idem-1",
+                   b"content-type: application/json", b"content-length: 20",
+                   b"host: 127.0.0.1:"):
+        assert header in head
+    transport.close()
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_not_failed(serve) -> None:
+    server = serve(replying(lambda n, req: answer()))
+    transport = client(server.url)
+    assert post(transport) == 202
+    server.drop_connections()
+    # wait until the client's idle socket is readable (the server's FIN has arrived)
+    streams = transport._network.live_streams()
+    assert len(streams) == 1
+    assert wait_for(lambda: bool(streams[0].get_extra_info("is_readable")))
+    assert post(transport) == 202  # no error: the dead connection was noticed first
+    assert server.connections == 2
+    transport.close()
+
+
+def test_connection_close_from_the_server_is_honoured(serve) -> None:
+    server = serve(replying(lambda n, req: answer(extra="Connection: close\r\n")))
+    transport = client(server.url)
+    assert [post(transport) for _ in range(3)] == [202] * 3
+    assert server.connections == 3
+    transport.close()
+
+
+def test_no_answer_in_time_is_a_read_timeout_and_the_next_request_works(serve) -> None:
+    def handle(peer: Peer, n: int, request: bytes) -> bool:
+        if n == 1:
+            peer.stopped.wait(1.0)  # longer than the read timeout
+        peer.send(answer())
+        return True
+
+    server = serve(handle)
+    transport = client(server.url, read_timeout=0.3)
+    with pytest.raises(TransportError, match="ReadTimeout"):
+        post(transport)
+    assert post(transport) == 202
+    assert server.connections == 2  # the timed-out connection was dropped
+    transport.close()
+
+
+def test_closed_without_an_answer_is_a_protocol_error_then_recovers(serve) -> None:
+    server = serve(replying(lambda n, req: None if n == 1 else answer()))
+    transport = client(server.url)
+    with pytest.raises(TransportError, match="RemoteProtocolError"):
+        post(transport)
+    assert post(transport) == 202
+    transport.close()
+
+
+def test_garbled_answer_is_a_protocol_error(serve) -> None:
+    server = serve(replying(lambda n, req: b"NOT HTTP AT ALL\r\n\r\n" if n == 1 else answer()))
+    transport = client(server.url)
+    with pytest.raises(TransportError, match="RemoteProtocolError"):
+        post(transport)
+    assert post(transport) == 202
+    transport.close()
+
+
+def test_refused_is_a_connect_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: refused
+        transport = client(f"http://127.0.0.1:{port}")
+        with pytest.raises(TransportError, match="ConnectError"):
+            post(transport)
+        transport.close()
+
+
+def test_chunked_answer_with_headers_is_read_whole(serve) -> None:
+    chunked = (b"HTTP/1.1 429 Too Many\r\nTransfer-Encoding: chunked\r\nRetry-After: 7\r\n"
+               b"\r\n5\r\nslow \r\n5\r\ndown!\r\n0\r\n\r\n")
+    server = serve(replying(lambda n, req: chunked))
+    transport = client(server.url)
+    response = transport.send(Request(BATCH_PATH, BODY, "i", 1))
+    assert (response.status, response.text, response.headers["retry-after"]) == (
+        429, "slow down!", "7")
+    assert post(transport) == 429  # the connection stayed usable after a chunked body
+    assert server.connections == 1
+    transport.close()
+
+
+def test_concurrent_senders_share_a_pool_of_at_most_max_connections(serve) -> None:
+    def handle(peer: Peer, n: int, request: bytes) -> bool:
+        peer.stopped.wait(0.01)
+        peer.send(answer())
+        return True
+
+    server = serve(handle)
+    transport = client(server.url, max_connections=4)
+    results: list[int] = []
+
+    def work() -> None:
+        results.extend(post(transport) for _ in range(10))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert results == [202] * 80
+    assert 1 <= server.connections <= 4
+    transport.close()
+
+
+def test_credentials_in_the_base_url_never_show(serve) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        transport = client(f"http://user:pa55word@127.0.0.1:{port}")
+        with pytest.raises(TransportError) as info:
+            post(transport)
+        transport.close()
+    assert "pa55word" not in str(info.value) and "user:" not in str(info.value)
+    assert f"http://127.0.0.1:{port}" in str(info.value)
+    assert "pa55word" not in repr(transport)
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    key, cert = tmp / "key.pem", tmp / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return key, cert
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_https_verifies_the_certificate(serve, tmp_path: Path) -> None:
+    key, cert = _self_signed(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server = serve(replying(lambda n, req: answer()), tls=tls)
+    url = f"https://localhost:{server.port}"
+    untrusting = client(url)  # the default context does not know this certificate
+    with pytest.raises(TransportError, match="ConnectError"):
+        post(untrusting)
+    untrusting.close()
+    trusting = client(url, ssl_context=ssl.create_default_context(cafile=str(cert)))
+    assert [post(trusting) for _ in range(3)] == [202] * 3
+    assert server.connections == 1  # the refused handshake is not counted; one kept alive
+    trusting.close()
