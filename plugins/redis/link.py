@@ -59,8 +59,11 @@ def redact_url(url: str) -> str:
 
 
 def pool_size(threads: int) -> int:
-    """Connections for a process with ``threads`` senders: one per sender, the reader,
-    the committer, the queue's fetcher, the heartbeat, and a few for status and admin."""
+    """Most connections of a process started with ``threads`` senders: enough for every
+    thread to run a command at the same moment (the senders, the reader, the committer,
+    the queue's fetcher, the heartbeat, status and metrics), at least 16. Senders added
+    by a reload share them: a connection is held for one command, a caller finding them
+    all busy waits for one."""
     return max(16, threads + 8)
 
 
