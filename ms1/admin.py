@@ -27,6 +27,8 @@ from ms1.outbound import QueueBackend
 from ms1.processor import Accepted, unified_email_processor
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: dead-letter stages that hold a backend's raw entry, never replayed
+RAW_ENTRY_STAGES = frozenset({"source", "queue"})
 
 
 class _Closable(Protocol):
@@ -162,14 +164,20 @@ def replay(store: DeadLetterStore, queue: QueueBackend, *, ids: Sequence[str] | 
 
     MS4 objects (stages ``ms4`` and ``batching``) are batched as they are; raw e-mails
     (stage ``processor``) go through the processor again and stay dead letters, with the
-    new reason reported, if they are still invalid. A crash between enqueueing and
-    removing leaves a letter both queued and dead-lettered (a duplicate, never a loss).
+    new reason reported, if they are still invalid. Entries set aside by a backend because
+    they were not an e-mail or a batch at all (stages ``source`` and ``queue``: their raw
+    fields) are never replayed: they are kept and reported. A crash between enqueueing
+    and removing leaves a letter both queued and dead-lettered (a duplicate, never a loss).
     """
     letters = store.list(limit=2**31, ids=ids)
     policy = SizeBatchPolicy(max_items=max_items, max_bytes=max_bytes, max_wait=0)
     batches = []
     still_invalid: list[tuple[str, str]] = []
     for letter in letters:
+        if letter.stage in RAW_ENTRY_STAGES:
+            still_invalid.append((letter.id, f"a raw {letter.stage} entry, not an e-mail or "
+                                  f"an MS4 object ({letter.reason}); fix it at its origin"))
+            continue
         if letter.stage == "processor":
             result = unified_email_processor(letter.payload)
             if not isinstance(result, Accepted):

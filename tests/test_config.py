@@ -26,8 +26,8 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         ("[batch]\nmax_itemz = 5\n", "[batch] max_itemz: unknown key (known keys: max_bytes, "
                                      "max_items, max_wait, policy)"),
         ("[batch]\nmax_items = many\n", "[batch] max_items: expected an integer, got 'many'"),
-        ("[batch]\nmax_items = 0\n", "[batch] max_items: must be between 1 and 10000, got 0"),
-        ("[batch]\nmax_items = 10001\n", "[batch] max_items: must be between 1 and 10000"),
+        ("[batch]\nmax_items = 0\n", "[batch] max_items: must be between 1 and 1000, got 0"),
+        ("[batch]\nmax_items = 1001\n", "[batch] max_items: must be between 1 and 1000"),
         ("[batch]\nmax_wait = soon\n", "[batch] max_wait: expected a number, got 'soon'"),
         ("[batch]\nmax_wait = -1\n", "[batch] max_wait: must be between 0 and 3600, got -1"),
         ("[batch]\nmax_wait = nan\n", "[batch] max_wait: expected a finite number"),

@@ -238,12 +238,15 @@ def test_replay_batches_objects_and_reprocesses_emails() -> None:
         DeadLetter(reason="400", stage="ms4", payload=b'{"invoice_id":"B"}', invoice_id="B"),
         DeadLetter(reason="was broken", stage="processor", payload=good_email),
         DeadLetter(reason="bad", stage="processor", payload=b"still not json"),
+        DeadLetter(reason="no 'email' field", stage="source", payload=b'{"mail": "x"}'),
+        DeadLetter(reason="not an ms1 batch", stage="queue", payload=b'{"junk": "y"}'),
     ])
     out = MemoryQueue()
     result = replay(store, out, ids=None, max_items=2, max_bytes=10_000)
     assert (result.replayed, result.batches) == (3, 2)
-    assert [letter_id for letter_id, _ in result.still_invalid] == ["4"]
-    assert [letter.id for letter in store.all()] == ["4"]
+    assert [letter_id for letter_id, _ in result.still_invalid] == ["4", "5", "6"]
+    assert "raw source entry" in dict(result.still_invalid)["5"]
+    assert [letter.id for letter in store.all()] == ["4", "5", "6"]
     got = []
     while (d := out.get("x", timeout=0)) is not None:
         got.extend(d.batch.invoice_ids)
