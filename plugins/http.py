@@ -240,8 +240,12 @@ class HttpTransport(Transport):
         request_timeout: float = 60.0, max_answer_bytes: int = 65536,
         max_connections: int = 4, ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._base_url = base_url.rstrip("/")
-        self.base_url = _redact(self._base_url)  # for messages: no credentials
+        # credentials in the URL (user:password@) go into the client's Basic auth, as
+        # httpx would take them from each request's URL; the URL itself is kept without
+        self.base_url = _redact(base_url.rstrip("/"))
+        given = httpx.URL(base_url)
+        auth = httpx.BasicAuth(given.username, given.password) \
+            if given.username or given.password else None
         self.request_timeout = request_timeout
         self.max_answer_bytes = max_answer_bytes
         # the pool wait is no socket operation: request_timeout bounds it here
@@ -267,6 +271,7 @@ class HttpTransport(Transport):
             transport=_DeadlineHTTPTransport(
                 ssl_context=ssl_context or httpx.create_ssl_context(), limits=limits,
                 network=self._network),
+            auth=auth,
             follow_redirects=False,
             trust_env=False,
         )
@@ -286,12 +291,12 @@ class HttpTransport(Transport):
             headers["X-API-Key"] = key.reveal()
         url = self._urls.get(request.path)
         if url is None:
-            url = self._urls.setdefault(request.path, httpx.URL(self._base_url + request.path))
+            url = self._urls.setdefault(request.path, httpx.URL(self.base_url + request.path))
         self._deadline.at = time.monotonic() + self.request_timeout
         self._deadline.clamped = False
         try:
-            # a Request built here and sent through the shared Client: its pool and
-            # timeouts, without merging a base URL and headers per call
+            # a Request built here and sent through the shared Client: its pool, timeouts
+            # and auth, without merging a base URL and headers per call
             answer = self._client.send(
                 httpx.Request("POST", url, content=request.body, headers=headers,
                               extensions=self._extensions), stream=True)
