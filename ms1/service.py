@@ -36,6 +36,8 @@ from ms1.stats import RunStats
 log = logging.getLogger(__name__)
 
 _EOF: list[InboundMessage] = []  # sentinel: identity-compared
+#: seconds the threads get, after the shutdown deadline, to give their work back
+ABORT_GRACE = 1.5
 #: most batches (or dead-letter lists) the committer stores in one round trip
 COMMIT_GROUP = 16
 
@@ -329,8 +331,16 @@ class Service:
         if any(t.is_alive() for t in self._threads):
             log.warning("shutdown deadline passed: giving in-flight batches back to the queue")
             self.abort.set()
+            # a sender inside a request only sees the abort when the request ends: closing
+            # the transport ends it now (the contract: close() never blocks and wakes a
+            # send() in progress), so each sender releases its batch within the grace
+            try:
+                self.parts.transport.close()
+            except Exception:
+                log.exception("closing transport %s failed", self.parts.transport.name)
+            grace = time.monotonic() + ABORT_GRACE
             for thread in self._threads:
-                thread.join(5.0)
+                thread.join(max(0.0, grace - time.monotonic()))
         elapsed = time.perf_counter() - self._started
         try:
             undelivered = self.parts.queue.stats()

@@ -52,7 +52,9 @@ class Transport(ABC):
         """Use this key from now on (called at start and on reload)."""
 
     def close(self) -> None:  # noqa: B027 - nothing to release by default
-        """Close connections."""
+        """Close connections. Must not block, may be called twice, and ends a ``send`` in
+        progress on another thread (with :class:`TransportError`) at once: the service
+        calls it when the shutdown deadline has passed."""
 
 
 Answer = Response | int | Exception

@@ -221,7 +221,7 @@ MEASURE = textwrap.dedent("""\
     from ms1.config import Secret
     from ms1.model import BATCH_PATH
     from ms1.transport import Request
-    from ms1_plugins.http import HttpTransport
+    from ms1_plugins.http_transport import HttpTransport
 
     def high_water_mark() -> int:
         with open("/proc/self/status") as status:
@@ -323,10 +323,6 @@ def test_close_returns_at_once_and_wakes_a_sender_blocked_in_a_read(serve) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "ms1/service.py: after shutdown_timeout, Service.shutdown sets abort and then joins "
-    "each thread for 5 s more; a sender inside transport.send only returns when cli.py "
-    "closes the transport, after shutdown() has returned"))
 def test_sigterm_exits_within_shutdown_timeout_while_ms4_trickles(serve, tmp_path: Path
                                                                   ) -> None:
     def handle(peer: Peer, n: int, request: bytes) -> bool:

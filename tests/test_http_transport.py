@@ -33,7 +33,7 @@ from ms1.service import Service
 from ms1.source import MemorySource
 from ms1.tools import samples
 from ms1.transport import Request
-from ms1_plugins.http import HttpTransport
+from ms1_plugins.http_transport import HttpTransport
 
 BASE = "http://ms4.test"
 KEY = "k-123-very-secret"

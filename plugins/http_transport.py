@@ -5,7 +5,9 @@ object, the unit policy), with ``X-API-Key``, ``Content-Type: application/json``
 and ``Idempotency-Key`` (the batch id: the same on every retry and redelivery).
 
 Under the client is httpx's own ``HTTPTransport`` (httpcore + h11): a pool of kept-alive
-HTTP/1.1 connections, as many as there are sender threads, and no retries anywhere — a
+HTTP/1.1 connections, one per request in flight (the pool has no fixed size: the sender
+threads bound the concurrency, and a reload that adds senders needs no new pool), and no
+retries anywhere — a
 request is sent exactly as often as the sender decides. Informational answers (1xx) are
 skipped by httpcore; a ``101`` comes back as it is, and the sender does not take it for
 a success.
@@ -238,7 +240,7 @@ class HttpTransport(Transport):
         self, base_url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
         write_timeout: float = 30.0, pool_timeout: float = 10.0,
         request_timeout: float = 60.0, max_answer_bytes: int = 65536,
-        max_connections: int = 4, ssl_context: ssl.SSLContext | None = None,
+        max_connections: int | None = None, ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         # credentials in the URL (user:password@) go into the client's Basic auth, as
         # httpx would take them from each request's URL; the URL itself is kept without
@@ -367,8 +369,9 @@ def ms1_config_options() -> Sequence[Option]:
                "seconds a write of the request may wait for the socket (the whole request "
                "is bounded by request_timeout)", min=0.01, max=3600),
         Option(SECTION, "pool_timeout", "float", 10.0,
-               "seconds to wait for a free pooled connection (the pool holds [send] threads "
-               "connections, so a sender rarely waits)", min=0.01, max=3600),
+               "seconds to wait for a free pooled connection; the pool grows with the "
+               "requests in flight, so a sender waits only while one is being opened",
+               min=0.01, max=3600),
         Option(SECTION, "request_timeout", "float", 60.0,
                "overall deadline in seconds for one request: pool wait, connect, sending "
                "and MS4's whole answer; past it the attempt fails and is retried",
@@ -410,5 +413,4 @@ def ms1_make_transport(name: str, config: Config) -> Transport | None:
         pool_timeout=config.get_float(SECTION, "pool_timeout"),
         request_timeout=config.get_float(SECTION, "request_timeout"),
         max_answer_bytes=config.get_int(SECTION, "max_answer_bytes"),
-        max_connections=config.get_int("send", "threads"),
     )
