@@ -42,6 +42,7 @@ def make_config(pm: pluggy.PluginManager, write_config: Callable[[str], Path]
 
 # --- a real redis-server per test session (and per test, where a test kills it) ----------
 
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -137,3 +138,17 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.kill()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Every process a test starts goes here; whatever still runs at the end is killed."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()

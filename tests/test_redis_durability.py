@@ -8,7 +8,6 @@ what the simulator accepted: nothing may be lost, duplicates are measured.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -20,7 +19,7 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +36,6 @@ INBOUND, OUTBOUND, DEAD_LETTERS = "ms1:emails", "ms1:outbound", "ms1:dead-letter
 
 
 # --- helpers -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Every process a test starts goes here; whatever still runs at the end is killed."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:

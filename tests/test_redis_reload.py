@@ -4,12 +4,9 @@ own process: raising ``[send] threads`` mid-run needs no connection more than th
 
 from __future__ import annotations
 
-import contextlib
 import re
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 from test_redis_durability import (
@@ -27,20 +24,6 @@ from test_redis_durability import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Every process a test starts goes here; whatever still runs at the end is killed."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def test_raising_send_threads_on_reload_from_4_to_32_loses_nothing(own_redis, tmp_path,
