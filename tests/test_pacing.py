@@ -232,3 +232,32 @@ def test_429_and_401_are_not_breaker_failures() -> None:
     for _ in range(2):
         pacer.done(pacer.admit(abort), 503)
     assert pacer.breaker.state == "open"
+
+
+def test_a_401_for_a_request_sent_with_the_previous_key_starts_no_spell(caplog) -> None:
+    """Key rotation: the key file is changed and reloaded, then MS4 switches. A 401 that
+    answers a request admitted before the reload is about the old key: no spell, no
+    CRITICAL line (issue 12: 62 s of silence at the prod probe interval)."""
+    pacer = make_pacer(auth_probe_interval=3600)
+    abort = threading.Event()
+    in_flight = pacer.admit(abort)  # sent with the old key
+    pacer.key_changed(None)         # SIGHUP with the new key
+    with caplog.at_level("CRITICAL", logger="ms1.sending.pacer"):
+        pacer.done(in_flight, 401)
+    assert not pacer.auth_blocked
+    assert not [r for r in caplog.records if r.levelname == "CRITICAL"]
+    pacer.done(pacer.admit(abort), 401)  # the new key is refused too: that is a spell
+    assert pacer.auth_blocked
+
+
+def test_a_reload_during_a_probe_gives_one_critical_line_per_spell(caplog) -> None:
+    pacer = make_pacer(auth_probe_interval=0.05)
+    abort = threading.Event()
+    with caplog.at_level("CRITICAL", logger="ms1.sending.pacer"):
+        pacer.done(pacer.admit(abort), 401)       # spell 1: CRITICAL
+        probe = pacer.admit(abort)                # the probe goes out with the old key
+        assert probe.auth_probe
+        pacer.key_changed(None)                   # SIGHUP lands while it is in flight
+        pacer.done(probe, 401)                    # the old key's answer: not a new spell
+    assert not pacer.auth_blocked
+    assert len([r for r in caplog.records if r.levelname == "CRITICAL"]) == 1

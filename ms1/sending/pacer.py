@@ -37,11 +37,13 @@ class Aborted(Exception):
 class Admission:
     """Permission for one request; hand it back to :meth:`Pacer.done`."""
 
-    __slots__ = ("auth_probe", "token")
+    __slots__ = ("auth_probe", "key_generation", "token")
 
-    def __init__(self, token: str, auth_probe: bool) -> None:
+    def __init__(self, token: str, auth_probe: bool, key_generation: int = 0) -> None:
         self.token = token
         self.auth_probe = auth_probe
+        #: which API key was current when the request was admitted (see key_changed)
+        self.key_generation = key_generation
 
 
 class Pacer:
@@ -64,6 +66,7 @@ class Pacer:
         self._auth_probe_in_flight = False
         self._next_auth_probe = 0.0
         self._limiter_down = False
+        self._key_generation = 0
 
     # state, for status/metrics/readiness
     @property
@@ -113,7 +116,9 @@ class Pacer:
                     self.limiter.cancel(token)
                 abort.wait(min(wait, 0.5))
                 continue
-            return Admission(token, probe)
+            with self._lock:
+                generation = self._key_generation
+            return Admission(token, probe, generation)
 
     def _gate(self) -> float:
         with self._lock:
@@ -152,7 +157,7 @@ class Pacer:
             self._pause(retry_after)
         elif status == 401:
             self.breaker.release_probe()
-            self._auth_failed()
+            self._auth_failed(admission.key_generation)
         else:
             self.breaker.record(True)
         if status is not None and status != 401:
@@ -168,8 +173,13 @@ class Pacer:
                 log.warning("MS4 answered 429: all senders pause %.1f s (Retry-After: %r)",
                             delay, retry_after)
 
-    def _auth_failed(self) -> None:
+    def _auth_failed(self, key_generation: int) -> None:
         with self._lock:
+            if key_generation != self._key_generation:
+                # sent with a key that has been replaced since: says nothing of the new one
+                log.warning("MS4 answered 401 to a request sent with the previous API key; "
+                            "the batch is sent again with the current key")
+                return
             if self._auth_blocked:
                 return
             self._auth_blocked = True
@@ -186,10 +196,13 @@ class Pacer:
         log.warning("MS4 accepts the API key again: sending resumes")
 
     def key_changed(self, api_key: Secret | None) -> None:
-        """A new API key was loaded: end a 401 spell at once."""
+        """A new API key was loaded: end a 401 spell at once. A 401 answering a request
+        admitted before this call is about the old key and starts no spell (key rotation:
+        the key file is reloaded before MS4 switches, or while a probe is in flight)."""
         with self._lock:
             was = self._auth_blocked
             self._auth_blocked = False
             self._auth_probe_in_flight = False
+            self._key_generation += 1
         if was:
             log.warning("API key reloaded: sending resumes")
