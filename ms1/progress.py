@@ -1,0 +1,100 @@
+"""Progress of the pipeline threads, for the watchdog and ``/healthz``.
+
+A thread that is alive is not necessarily working: a sender can sit inside one request
+that never ends, a committer inside a call that never returns. systemd's watchdog must
+restart such a process — and must *not* restart one that is correctly waiting out a
+Redis or MS4 outage. So every pipeline thread tells :class:`Progress`:
+
+* :meth:`Progress.beat` — "I made progress, or went round my loop" (each loop turn of a
+  thread whose waits are all bounded: a read with a timeout, a retry after a pause);
+* :meth:`Progress.waiting` — "from now until the end of this block I am in a wait that
+  is bounded by design" (the pacer holding a request back for the rate limit, a 429
+  pause, a 401 spell or an open breaker; a store retried until Redis is back): such a
+  thread counts as healthy however long the wait lasts;
+* :meth:`Progress.leave` — the thread has ended on purpose (a finite source is done, a
+  reload retired a sender).
+
+:meth:`Progress.stalled` names the threads that have done neither for longer than a
+limit (``[ms1] watchdog_timeout``): the process is wedged, health turns 503 and the
+watchdog stops pinging, so systemd restarts it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Stall:
+    """A thread that has shown no progress for ``seconds`` while ``doing`` something."""
+
+    thread: str
+    seconds: float
+    doing: str
+
+    def __str__(self) -> str:
+        return f"{self.thread}: no progress for {self.seconds:.0f} s ({self.doing})"
+
+
+class Progress:
+    """Last sign of life of each pipeline thread. Thread-safe; cheap to call often."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._doing: dict[str, str] = {}
+        self._waiting: dict[str, int] = {}
+
+    def beat(self, thread: str, doing: str = "working") -> None:
+        """``thread`` made progress (or went round its loop) now; ``doing`` says what it
+        is about to do, for the message should it stall there."""
+        now = self._clock()
+        with self._lock:
+            self._last[thread] = now
+            self._doing[thread] = doing
+
+    @contextmanager
+    def waiting(self, thread: str, why: str) -> Iterator[None]:
+        """Within this block ``thread`` is in a wait bounded by design (it never counts
+        as stalled); leaving the block is progress."""
+        with self._lock:
+            self._waiting[thread] = self._waiting.get(thread, 0) + 1
+            self._doing[thread] = why
+        try:
+            yield
+        finally:
+            now = self._clock()
+            with self._lock:
+                left = self._waiting.get(thread, 1) - 1
+                if left:
+                    self._waiting[thread] = left
+                else:
+                    self._waiting.pop(thread, None)
+                self._last[thread] = now
+
+    def leave(self, thread: str) -> None:
+        """``thread`` has ended on purpose: forget it."""
+        with self._lock:
+            self._last.pop(thread, None)
+            self._doing.pop(thread, None)
+            self._waiting.pop(thread, None)
+
+    def stalled(self, limit: float) -> list[Stall]:
+        """Threads that showed no progress for more than ``limit`` s outside a bounded
+        wait, longest first."""
+        now = self._clock()
+        with self._lock:
+            stalls = [Stall(name, now - last, self._doing.get(name, "?"))
+                      for name, last in self._last.items()
+                      if name not in self._waiting and now - last > limit]
+        return sorted(stalls, key=lambda s: -s.seconds)
+
+    def doing(self) -> dict[str, str]:
+        """What each known thread is doing or waiting for (for status lines)."""
+        with self._lock:
+            return dict(self._doing)
