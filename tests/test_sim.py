@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
 import selectors
@@ -362,6 +363,87 @@ def test_injected_faults(make_sim: Callable[..., Ms4Sim]) -> None:
     assert sim.stats()["requests_by_status"] == {"401": 1, "429": 1, "500": 1}
 
 
+def test_retry_after_of_injected_429_as_seconds_or_http_date(
+        make_sim: Callable[..., Ms4Sim]) -> None:
+    sim = make_sim(fail_429=1.0, retry_after=2.5)
+    with api_client(sim) as c:
+        assert c.post("/metadata", json=obj()).headers["retry-after"] == "3"  # rounded up
+        sim.control(retry_after=30, retry_after_form="http-date")
+        before = time.time()
+        value = c.post("/metadata", json=obj()).headers["retry-after"]
+    assert value.endswith(" GMT") and "," in value  # IMF-fixdate
+    when = email.utils.parsedate_to_datetime(value).timestamp()
+    assert before + 28 <= when <= time.time() + 31
+
+
+def test_reset_mid_answer_counts_accepted_and_the_client_sees_an_error(
+        make_sim: Callable[..., Ms4Sim]) -> None:
+    sim = make_sim(reset=1.0)
+    with api_client(sim) as c:
+        with pytest.raises(httpx.TransportError):
+            c.post("/batch-metadata", json=[obj("R1")], headers={"Idempotency-Key": "r"})
+        sim.control(reset=0.0)
+        assert c.post("/batch-metadata", json=[obj("R1")],
+                      headers={"Idempotency-Key": "r"}).status_code == 202
+    # at the socket: part of a status line, then a reset (not an orderly close)
+    sim.control(reset=1.0)
+    body = json.dumps([obj("R2")]).encode()
+    with socket.create_connection(("127.0.0.1", sim.port), timeout=5) as sock:
+        sock.sendall(b"POST /batch-metadata HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode()
+                     + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        received = b""
+        with pytest.raises(ConnectionResetError):
+            while chunk := sock.recv(4096):
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 202") and b"\r\n\r\n" not in received
+    st = sim.stats()
+    assert st["requests_by_status"] == {"202": 1, "reset": 2}
+    assert st["duplicate_batches"] == 1 and st["unique_invoices_accepted"] == 2
+    assert [(r.dropped, r.reset, r.answer) for r in sim.accepted_requests()] == \
+        [(True, True, "reset"), (False, False, "202"), (True, True, "reset")]
+
+
+def test_control_endpoint_changes_settings_at_runtime(
+        make_sim: Callable[..., Ms4Sim], raw: httpx.Client) -> None:
+    sim = make_sim()
+    url = f"{sim.url}/_control"
+    shown = raw.get(url).json()
+    assert shown["fail_500"] == 0.0 and "api_key" not in shown
+    r = raw.post(url, json={"api_key": "rotated", "latency": 0.01, "fail_500": 0})
+    assert r.status_code == 200 and r.json()["latency"] == 0.01
+    assert "rotated" not in r.text
+    assert raw.post(f"{sim.url}/metadata", json=obj(), headers=HEADERS).status_code == 401
+    assert raw.post(f"{sim.url}/metadata", json=obj(),
+                    headers={"X-API-Key": "rotated"}).status_code == 202
+    # a bad change is refused as a whole, naming what is wrong
+    for bad, word in (({"drop": 2}, "drop"), ({"latency": "slow"}, "latency"),
+                      ({"nonsense": 1}, "nonsense"), ({"retry_after_form": "x"}, "form"),
+                      ({"api_key": ""}, "api_key"), ({"drop": 0.5, "fail_429": True}, "fail_429"),
+                      ([1], "object")):
+        r = raw.post(url, json=bad)
+        assert r.status_code == 400 and word in r.json()["error"], (bad, r.text)
+    assert sim.config.drop == 0.0 and sim.config.api_key == "rotated"
+    assert raw.post(url, content=b"{not json").status_code == 400
+    # control requests are not API requests
+    assert sim.stats()["requests_by_status"] == {"202": 1, "401": 1}
+
+
+def test_accepted_endpoint_lists_requests_with_keys_and_answers(
+        make_sim: Callable[..., Ms4Sim], raw: httpx.Client) -> None:
+    sim = make_sim()
+    with api_client(sim) as c:
+        c.post("/batch-metadata", json=[obj("A1"), obj("A2")], headers={"Idempotency-Key": "k"})
+        sim.control(drop=1.0)
+        with pytest.raises(httpx.TransportError):
+            c.post("/metadata", json=obj("A3"))
+    listed = raw.get(f"{sim.url}/accepted").json()
+    assert listed == sim.accepted_list() == [
+        {"path": "/batch-metadata", "idempotency_key": "k", "invoice_ids": ["A1", "A2"],
+         "answer": "202"},
+        {"path": "/metadata", "idempotency_key": None, "invoice_ids": ["A3"],
+         "answer": "dropped"}]
+
+
 def test_seeded_faults_are_reproducible(make_sim: Callable[..., Ms4Sim]) -> None:
     def run() -> list[int]:
         sim = make_sim(fail_500=0.3, fail_429=0.3, seed=1234, rate_limit=0)
@@ -547,7 +629,8 @@ def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
 def test_main_subprocess_smoke(raw: httpx.Client) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MS4_SIM_API_KEY": "s3cret-env-key"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--rate-limit", "50"],
+        [sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--rate-limit", "50",
+         "--reset", "0", "--retry-after", "2", "--retry-after-form", "http-date"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -561,6 +644,8 @@ def test_main_subprocess_smoke(raw: httpx.Client) -> None:
         hdr = {"X-API-Key": "s3cret-env-key"}
         assert raw.post(f"{url}/batch-metadata", json=[obj()], headers=hdr).status_code == 202
         assert raw.post(f"{url}/batch-metadata", json=[obj()], headers=HEADERS).status_code == 401
+        settings = raw.get(f"{url}/_control").json()
+        assert (settings["retry_after"], settings["retry_after_form"]) == (2.0, "http-date")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
     finally:

@@ -12,21 +12,39 @@ Control endpoints (no API key, not counted in the stats, no latency):
 
 * ``GET /stats``  -- JSON stats (see :meth:`Ms4Sim.stats`).
 * ``POST /reset`` -- clears stats, accepted ids and the rate limiter (204).
+* ``GET /accepted`` -- every accepted request, in order: ``idempotency_key``,
+  ``invoice_ids``, ``answer`` (``202``, ``dropped``: closed unanswered, ``reset``: reset
+  mid-answer) -- what a test needs to tell a re-sent batch from a new one.
+* ``GET /_control`` -- the settings that can be changed at runtime (the key is not shown).
+* ``POST /_control`` -- body: a JSON object of settings to change at once, any of
+  :data:`CONTROLLABLE` (``api_key``, ``latency``, ``fail_500``, ``fail_429``, ``fail_401``,
+  ``drop``, ``reset``, ``retry_after``, ``retry_after_form``, ``rate_limit``, ``window``,
+  ``reject_every``); 200 with the new settings, or 400 naming what is wrong (nothing
+  changed then). Requests already past the step that reads a setting keep the old one
+  (an in-flight request checked against the old key still answers as it would have).
 
 Request handling order for an API POST: read body -> ``latency`` (the server's work) ->
 API key -> sliding-window rate limit -> injected faults -> parse JSON -> shape ->
 validate every object -> accept (record, then maybe drop the connection without
-answering) -> 202 at once. Like a real server, the sim does its work and then answers:
-an accepted request's 202 is on its way as soon as it is recorded.
+answering, or reset it after part of the answer) -> 202 at once. Like a real server,
+the sim does its work and then answers: an accepted request's 202 is on its way as soon
+as it is recorded.
 
 The config object is read on every request, so tests may tweak e.g. ``sim.config.drop``
-or ``sim.config.fail_500`` while the sim is running.
+or ``sim.config.fail_500`` while the sim is running (in-process), or ``POST /_control``
+(or :meth:`Ms4Sim.control`) from anywhere.
+
+Injected 429s carry ``Retry-After`` as delay-seconds (``retry_after_form = "seconds"``, the
+default, ``retry_after`` rounded up) or as an IMF-fixdate HTTP-date ``retry_after`` seconds
+ahead (``"http-date"``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import email.utils
 import hmac
 import json
 import math
@@ -36,6 +54,7 @@ import re
 import signal
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
@@ -51,6 +70,7 @@ from typing import Any, cast
 
 __all__ = [
     "BATCH_PATH",
+    "CONTROLLABLE",
     "DEFAULT_MAX_BODY_BYTES",
     "REJECT_EVERY_REASON",
     "SINGLE_PATH",
@@ -67,6 +87,12 @@ BATCH_PATH = "/batch-metadata"
 SINGLE_PATH = "/metadata"
 STATS_PATH = "/stats"
 RESET_PATH = "/reset"
+ACCEPTED_PATH = "/accepted"
+CONTROL_PATH = "/_control"
+#: settings ``POST /_control`` may change while the sim runs
+CONTROLLABLE = ("api_key", "latency", "fail_500", "fail_429", "fail_401", "drop", "reset",
+                "retry_after", "retry_after_form", "rate_limit", "window", "reject_every")
+RETRY_AFTER_FORMS = ("seconds", "http-date")
 API_PATHS = (BATCH_PATH, SINGLE_PATH)
 REJECT_EVERY_REASON = "rejected by sim (reject_every)"
 
@@ -102,15 +128,18 @@ class SimConfig:
     window: float = 60.0  # seconds, sliding window
     latency: float = 0.0  # seconds slept before every API answer
     fail_500: float = 0.0  # probability of an injected 500
-    fail_429: float = 0.0  # probability of an injected 429 (Retry-After: 1)
+    fail_429: float = 0.0  # probability of an injected 429 (Retry-After: retry_after)
     fail_401: float = 0.0  # probability of an injected 401
     drop: float = 0.0  # probability an ACCEPTED request gets no response (socket closed)
+    reset: float = 0.0  # probability an ACCEPTED request's answer is cut by a TCP reset
+    retry_after: float = 1.0  # seconds an injected 429 asks for
+    retry_after_form: str = "seconds"  # "seconds" or "http-date" (IMF-fixdate)
     reject_every: int = 0  # > 0: reject objects with crc32(invoice_id) % N == 0
     seed: int | None = None  # RNG seed for fault injection
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
-        for name in ("fail_500", "fail_429", "fail_401", "drop"):
+        for name in ("fail_500", "fail_429", "fail_401", "drop", "reset"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
@@ -122,6 +151,13 @@ class SimConfig:
             raise ValueError("latency must be >= 0")
         if self.reject_every < 0:
             raise ValueError("reject_every must be >= 0")
+        if not 0 <= self.retry_after <= 86_400:
+            raise ValueError("retry_after must be in [0, 86400] seconds")
+        if self.retry_after_form not in RETRY_AFTER_FORMS:
+            raise ValueError(f"retry_after_form must be one of {RETRY_AFTER_FORMS}, "
+                             f"got {self.retry_after_form!r}")
+        if not self.api_key:
+            raise ValueError("api_key must not be empty")
         if self.max_body_bytes <= 0:
             raise ValueError("max_body_bytes must be > 0")
         if not 0 <= self.port <= 65535:
@@ -233,13 +269,22 @@ def validate_metadata(obj: object, reject_every: int = 0) -> tuple[str | None, s
 
 @dataclass(frozen=True)
 class AcceptedRequest:
-    """One accepted API request (answered 202 or dropped after acceptance)."""
+    """One accepted API request (answered 202, or its answer lost after acceptance).
+
+    ``dropped``: the client never got the 202 -- the connection was closed unanswered or
+    (``reset`` too) reset after part of the answer.
+    """
 
     path: str
     idempotency_key: str | None
     invoice_ids: tuple[str, ...]
     dropped: bool
     at: float  # time.monotonic()
+    reset: bool = False
+
+    @property
+    def answer(self) -> str:
+        return "reset" if self.reset else "dropped" if self.dropped else "202"
 
 
 def _max_in_window(timestamps: Sequence[float], window: float) -> int:
@@ -319,13 +364,19 @@ class _SimState:
                     return status
         return None
 
-    def accept(self, path: str, idempotency_key: str | None, invoice_ids: list[str]) -> bool:
-        """Record an accepted request; returns True if its connection must be dropped."""
-        drop_p = self.config.drop
+    def accept(self, path: str, idempotency_key: str | None, invoice_ids: list[str]
+               ) -> str | None:
+        """Record an accepted request; returns how its answer is lost (``"dropped"``: close
+        the connection unanswered, ``"reset"``: reset it mid-answer) or None (answer 202)."""
+        drop_p, reset_p = self.config.drop, self.config.reset
         with self.lock:
-            dropped = drop_p > 0 and self.rng.random() < drop_p
+            lost: str | None = None
+            if drop_p > 0 and self.rng.random() < drop_p:
+                lost = "dropped"
+            elif reset_p > 0 and self.rng.random() < reset_p:
+                lost = "reset"
             self.requests_total += 1
-            status = "dropped" if dropped else "202"
+            status = lost or "202"
             self.by_status[status] = self.by_status.get(status, 0) + 1
             self.invoices_accepted += len(invoice_ids)
             for invoice_id in invoice_ids:
@@ -343,11 +394,50 @@ class _SimState:
                     path=path,
                     idempotency_key=idempotency_key,
                     invoice_ids=tuple(invoice_ids),
-                    dropped=dropped,
+                    dropped=lost is not None,
                     at=time.monotonic(),
+                    reset=lost == "reset",
                 )
             )
-            return dropped
+            return lost
+
+    def accepted_list(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [{"path": req.path, "idempotency_key": req.idempotency_key,
+                     "invoice_ids": list(req.invoice_ids), "answer": req.answer}
+                    for req in self.accepted]
+
+    def settings(self) -> dict[str, Any]:
+        with self.lock:
+            return {name: getattr(self.config, name) for name in CONTROLLABLE
+                    if name != "api_key"}
+
+    def control(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Apply ``changes`` (names from :data:`CONTROLLABLE`) all at once, or raise
+        ValueError naming the first bad one and change nothing."""
+        unknown = sorted(set(changes) - set(CONTROLLABLE))
+        if unknown:
+            raise ValueError(f"not a runtime setting: {unknown[0]!r} (settings: "
+                             f"{', '.join(CONTROLLABLE)})")
+        fields = {f.name: f for f in dataclasses.fields(SimConfig)}
+        for name, value in changes.items():
+            kind = fields[name].type
+            if kind == "str":
+                ok = isinstance(value, str)
+            elif kind == "int":
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not ok:
+                raise ValueError(f"{name} must be of type {kind}, got {_json_type(value)}")
+        with self.lock:
+            dataclasses.replace(self.config, **changes)  # validates the combination
+            for name, value in changes.items():
+                setattr(self.config, name, float(value) if fields[name].type == "float"
+                        else value)
+            if "window" in changes or "rate_limit" in changes:
+                self.limiter.clear()
+        return self.settings()
 
     def max_in_window(self, window: float) -> int:
         with self.lock:
@@ -394,6 +484,14 @@ class _Outcome:
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
     drop: bool = False
+    reset: bool = False
+
+
+def _retry_after_value(config: SimConfig) -> str:
+    """The ``Retry-After`` of an injected 429, in the configured form."""
+    if config.retry_after_form == "http-date":
+        return email.utils.formatdate(time.time() + config.retry_after, usegmt=True)
+    return str(math.ceil(config.retry_after))
 
 
 def _error(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> _Outcome:
@@ -485,6 +583,12 @@ class _Handler(BaseHTTPRequestHandler):
         if path == STATS_PATH:
             body = json.dumps(self._state.snapshot()).encode()
             self._send(_Outcome(200, body), count=False)
+        elif path == ACCEPTED_PATH:
+            self._send(_Outcome(200, json.dumps(self._state.accepted_list()).encode()),
+                       count=False)
+        elif path == CONTROL_PATH:
+            self._send(_Outcome(200, json.dumps(self._state.settings()).encode()),
+                       count=False)
         elif path in API_PATHS:
             self._finish_api(_error(405, "method not allowed", (("Allow", "POST"),)))
         else:
@@ -501,9 +605,28 @@ class _Handler(BaseHTTPRequestHandler):
             self._state.reset()
             self._send(_Outcome(204), count=False)
             return
+        if path == CONTROL_PATH:
+            self._control()
+            return
         outcome = self._read_and_process(path)
         if outcome is not None:
             self._finish_api(outcome)
+
+    def _control(self) -> None:
+        try:
+            body = self._read_body(_MAX_LINE)
+        except (_ClientGone, _BodyTooLarge, _BadBody):
+            self.close_connection = True
+            return
+        try:
+            changes = json.loads(body.decode("utf-8") or "null")
+            if not isinstance(changes, dict):
+                raise ValueError("body must be a JSON object of settings")
+            settings = self._state.control(changes)
+        except (UnicodeDecodeError, ValueError, TypeError) as exc:
+            self._send(_error(400, str(exc)), count=False)
+            return
+        self._send(_Outcome(200, json.dumps(settings).encode()), count=False)
 
     # -- body ------------------------------------------------------------------------
 
@@ -606,7 +729,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == 500:
             return _error(500, "internal server error (injected by sim)")
         if fault == 429:
-            return _error(429, "rate limit exceeded (injected by sim)", (("Retry-After", "1"),))
+            return _error(429, "rate limit exceeded (injected by sim)",
+                          (("Retry-After", _retry_after_value(cfg)),))
         if fault == 401:
             return _error(401, "invalid API key")
         try:
@@ -640,14 +764,25 @@ class _Handler(BaseHTTPRequestHandler):
             body_out = json.dumps({"error": "invalid object(s)", "details": details}).encode()
             return _Outcome(400, body_out)
         invoice_ids = [str(obj["invoice_id"]) for obj in objects]
-        dropped = state.accept(path, self.headers.get("Idempotency-Key"), invoice_ids)
-        return _Outcome(202, drop=dropped)
+        lost = state.accept(path, self.headers.get("Idempotency-Key"), invoice_ids)
+        return _Outcome(202, drop=lost == "dropped", reset=lost == "reset")
 
     def _finish_api(self, outcome: _Outcome) -> None:
         if outcome.drop:  # already counted as accepted/"dropped"
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if outcome.reset:  # already counted as accepted/"reset": part of the answer, RST
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"HTTP/1.1 202 Accepted\r\nContent-Le")
+                self.wfile.flush()
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
+                self.rfile.close()  # the socket closes only once its files are closed
+                self.wfile.close()
+                self.connection.close()  # with linger 0: a TCP reset, not a FIN
             return
         self._send(outcome, count=outcome.status != 202)  # 202s are counted in accept()
 
@@ -731,6 +866,14 @@ class Ms4Sim:
         """Max number of requests that passed the rate limiter in any sliding window."""
         return self._state.max_in_window(self.config.window if window is None else window)
 
+    def accepted_list(self) -> list[dict[str, Any]]:
+        """Same JSON as ``GET /accepted``."""
+        return self._state.accepted_list()
+
+    def control(self, **changes: Any) -> dict[str, Any]:
+        """Same as ``POST /_control``: change runtime settings at once (ValueError if bad)."""
+        return self._state.control(changes)
+
     def reset(self) -> None:
         self._state.reset()
 
@@ -791,7 +934,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-500", type=_probability, default=d.fail_500)
     p.add_argument("--fail-429", type=_probability, default=d.fail_429)
     p.add_argument("--fail-401", type=_probability, default=d.fail_401)
-    p.add_argument("--drop", type=_probability, default=d.drop)
+    p.add_argument("--drop", type=_probability, default=d.drop,
+                   help="probability an accepted request's connection is closed unanswered")
+    p.add_argument("--reset", type=_probability, default=d.reset,
+                   help="probability an accepted request's answer is cut by a TCP reset")
+    p.add_argument("--retry-after", type=float, default=d.retry_after,
+                   help="seconds an injected 429 asks to wait")
+    p.add_argument("--retry-after-form", choices=RETRY_AFTER_FORMS, default=d.retry_after_form,
+                   help="Retry-After of injected 429s: delay-seconds or an HTTP-date")
     p.add_argument("--reject-every", type=int, default=d.reject_every)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
@@ -818,6 +968,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail_429=args.fail_429,
             fail_401=args.fail_401,
             drop=args.drop,
+            reset=args.reset,
+            retry_after=args.retry_after,
+            retry_after_form=args.retry_after_form,
             reject_every=args.reject_every,
             seed=args.seed,
             max_body_bytes=args.max_body_bytes,
