@@ -189,6 +189,10 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "outbound queue plugin holding batches until MS4 accepted them (built in: memory)"),
     Option("dead_letters", "backend", "str", "memory",
            "where rejected objects go, with the reason (built in: memory, jsonl)"),
+    Option("dead_letters", "max_payload_bytes", "int", 65536,
+           "bytes of its payload (e-mail, object or raw entry) a dead letter keeps; a longer "
+           "one is clipped and keeps the original's length and SHA-256", min=1024,
+           max=64 * 1024 * 1024),
     Option("send", "threads", "int", 4, "sender threads", min=1, max=256),
     Option("send", "retry_initial", "float", 0.5,
            "first retry delay in seconds after a failed send (exponential backoff, jitter)",

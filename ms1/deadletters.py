@@ -4,6 +4,13 @@ Fed by the processor (invalid e-mails), the batcher (objects too large for any
 batch) and the senders (objects MS4 rejected with 400). Built in:
 :class:`MemoryDeadLetters` and :class:`JsonlDeadLetters` (an append-only file,
 fsynced on every write).
+
+Every store keeps at most ``max_payload_bytes`` of a letter's payload
+(``[dead_letters] max_payload_bytes``, set on the store when it is built): its ``add``
+passes the letters through :func:`clip`, which cuts with :meth:`DeadLetter.clipped` —
+the one place a letter is cut, whoever produced it (processor, batching, senders,
+sources). A clipped letter records the original's length and SHA-256 and says so in its
+reason. Other dead-letter plugins do the same with :func:`clip`.
 """
 
 from __future__ import annotations
@@ -23,12 +30,26 @@ from typing import Any
 from ms1.model import DeadLetter
 from ms1.source import Source
 
+#: default of ``[dead_letters] max_payload_bytes``: payload bytes a dead letter keeps
+DEFAULT_MAX_PAYLOAD_BYTES = 65536
+
+
+def clip(letters: Sequence[DeadLetter], max_bytes: int) -> builtins.list[DeadLetter]:
+    """``letters`` with every payload cut to ``max_bytes`` (:meth:`DeadLetter.clipped`)."""
+    return [letter.clipped(max_bytes) for letter in letters]
+
 
 class DeadLetterStore(ABC):
-    """Contract of a dead-letter plugin. ``add`` is called from many threads."""
+    """Contract of a dead-letter plugin. ``add`` is called from many threads.
+
+    ``add`` stores ``clip(letters, self.max_payload_bytes)``: no letter keeps more than
+    that many bytes of its payload.
+    """
 
     name: str = "?"
     durable: bool = False
+    #: most payload bytes a stored letter keeps ([dead_letters] max_payload_bytes)
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
 
     @abstractmethod
     def add(self, letters: Sequence[DeadLetter], source: Source | None = None) -> bool:
@@ -67,7 +88,7 @@ class MemoryDeadLetters(DeadLetterStore):
 
     def add(self, letters: Sequence[DeadLetter], source: Source | None = None) -> bool:
         with self._lock:
-            for letter in letters:
+            for letter in clip(letters, self.max_payload_bytes):
                 self._seq += 1
                 self._letters.append(dataclasses.replace(letter, id=str(self._seq)))
         return False
@@ -103,6 +124,9 @@ def letter_to_json(letter: DeadLetter) -> dict[str, Any]:
         "invoice_id": letter.invoice_id, "source_ref": letter.source_ref,
         "ms4_answer": letter.ms4_answer, "at": letter.at, "id": letter.id,
     }
+    if letter.payload_size is not None:
+        record["payload_size"] = letter.payload_size
+        record["payload_sha256"] = letter.payload_sha256
     try:
         record["payload"] = letter.payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -120,6 +144,7 @@ def letter_from_json(record: dict[str, Any]) -> DeadLetter:
         message_id=record.get("message_id"), invoice_id=record.get("invoice_id"),
         source_ref=record.get("source_ref"), ms4_answer=record.get("ms4_answer"),
         at=float(record.get("at", 0.0)), id=str(record.get("id", "")),
+        payload_size=record.get("payload_size"), payload_sha256=record.get("payload_sha256"),
     )
 
 
@@ -142,7 +167,7 @@ class JsonlDeadLetters(DeadLetterStore):
             return False
         with self._lock:
             lines = []
-            for letter in letters:
+            for letter in clip(letters, self.max_payload_bytes):
                 record = letter_to_json(letter)
                 record["id"] = uuid.uuid4().hex[:16]
                 lines.append(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 BATCH_PATH = "/batch-metadata"
 UNIT_PATH = "/metadata"
@@ -126,6 +126,11 @@ class DeadLetter:
     ``ms4_answer`` holds MS4's text), ``source`` (what the source read was no e-mail) or
     ``queue`` (a queue entry was no batch). ``payload`` is the MS4 object or, when it
     never became one, the raw e-mail (for ``source`` and ``queue``: what was read, raw).
+
+    A store keeps at most ``[dead_letters] max_payload_bytes`` of a payload
+    (:meth:`clipped`); a clipped letter says so: ``payload_size`` is then the original
+    length, ``payload_sha256`` the SHA-256 (hex) of the whole original, and ``reason``
+    ends with ``[payload clipped: ...]``. Both are None for a letter kept whole.
     """
 
     reason: str
@@ -137,3 +142,28 @@ class DeadLetter:
     ms4_answer: str | None = None
     at: float = field(default_factory=time.time)
     id: str = ""
+    payload_size: int | None = None
+    payload_sha256: str | None = None
+
+    def clipped(self, max_bytes: int) -> DeadLetter:
+        """This letter with at most ``max_bytes`` of its payload (itself if it fits).
+
+        The one place a dead letter is cut. The cut falls on a UTF-8 character boundary
+        when the payload is text, so a clipped text stays text; clipping a clipped letter
+        again keeps the first original's size and hash.
+        """
+        payload = self.payload
+        if len(payload) <= max_bytes:
+            return self
+        cut = max_bytes
+        # step back over UTF-8 continuation bytes (at most 3) so no character is split
+        while cut > max_bytes - 3 and cut > 0 and payload[cut] & 0xC0 == 0x80:
+            cut -= 1
+        if self.payload_size is not None:  # already clipped: the original is described
+            return replace(self, payload=payload[:cut])
+        size = len(payload)
+        digest = hashlib.sha256(payload).hexdigest()
+        return replace(
+            self, payload=payload[:cut], payload_size=size, payload_sha256=digest,
+            reason=f"{self.reason} [payload clipped: first {cut} of {size} bytes kept, "
+                   f"sha256 {digest}]")
