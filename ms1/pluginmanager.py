@@ -257,8 +257,11 @@ def build_queue(pm: pluggy.PluginManager, config: Config) -> QueueBackend:
 
 
 def build_dead_letters(pm: pluggy.PluginManager, config: Config) -> DeadLetterStore:
-    """The dead-letter store ``[dead_letters] backend`` selects (``ms1_make_dead_letters``)."""
-    return cast(DeadLetterStore, _make(pm, config, "dead_letters"))
+    """The dead-letter store ``[dead_letters] backend`` selects (``ms1_make_dead_letters``),
+    keeping at most ``[dead_letters] max_payload_bytes`` of a payload."""
+    store = cast(DeadLetterStore, _make(pm, config, "dead_letters"))
+    store.max_payload_bytes = config.get_int("dead_letters", "max_payload_bytes")
+    return store
 
 
 def build_transport(pm: pluggy.PluginManager, config: Config) -> Transport:
