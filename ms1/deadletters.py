@@ -27,11 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ms1.model import DeadLetter
+from ms1.model import DEFAULT_MAX_PAYLOAD_BYTES, DeadLetter
 from ms1.source import Source
 
-#: default of ``[dead_letters] max_payload_bytes``: payload bytes a dead letter keeps
-DEFAULT_MAX_PAYLOAD_BYTES = 65536
+__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "DeadLetterStore", "JsonlDeadLetters",
+           "MemoryDeadLetters", "clip", "letter_from_json", "letter_to_json"]
 
 
 def clip(letters: Sequence[DeadLetter], max_bytes: int) -> builtins.list[DeadLetter]:

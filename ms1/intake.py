@@ -3,7 +3,9 @@
 :class:`Intake` is driven by two threads. The batching thread calls
 :meth:`Intake.handle`: for each inbound message it runs
 :func:`~ms1.processor.unified_email_processor`; an accepted payload goes to the batch
-policy, a rejected e-mail becomes a dead letter. What that produces — closed batches,
+policy, a rejected e-mail becomes a dead letter (an internal error of the processor is
+counted as ``processor_errors`` too). Dead letters keep the e-mail as it was read; the
+store cuts it to ``[dead_letters] max_payload_bytes``. What that produces — closed batches,
 dead letters — is *work to commit*, handed to ``handoff``. The committing thread calls
 :meth:`Intake.commit` on it: store it (queue or dead letters), then acknowledge its
 inbound messages to the source. So an inbound message is acknowledged only once it is
@@ -62,7 +64,7 @@ class Intake:
                 letters.append(DeadLetter(reason=message.problem, stage="source",
                                           payload=message.data, source_ref=message.ref))
                 continue
-            result = unified_email_processor(message.data)
+            result = unified_email_processor(message.data, message.ref)
             if isinstance(result, Accepted):
                 item = Item(result.payload, result.invoice_id, result.message_id, message.ref)
                 reason = policy.oversize(item)
@@ -75,6 +77,8 @@ class Intake:
                     message_id=item.message_id, invoice_id=item.invoice_id,
                     source_ref=message.ref))
             else:
+                if result.internal_error:  # logged with its traceback by the processor
+                    self._stats.add("processor_errors")
                 letters.append(DeadLetter(
                     reason=result.reason, stage="processor", payload=message.data,
                     message_id=result.message_id, source_ref=message.ref))

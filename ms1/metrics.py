@@ -45,6 +45,8 @@ _COUNTERS = (
     ("dead_lettered", "ms1_invoices_dead_lettered", "Objects or e-mails put in the dead letters"),
     ("send_failures", "ms1_send_retries", "Failed sends that will be retried"),
     ("batches_split", "ms1_batches_split", "Batches split after a 400/413"),
+    ("processor_errors", "ms1_processor_errors",
+     "Unexpected errors inside the processor (each e-mail dead-lettered)"),
 )
 _BREAKER = {"closed": 0, "half-open": 1, "open": 2}
 

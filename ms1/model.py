@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 
 BATCH_PATH = "/batch-metadata"
 UNIT_PATH = "/metadata"
+#: default of ``[dead_letters] max_payload_bytes``: payload bytes a dead letter keeps
+DEFAULT_MAX_PAYLOAD_BYTES = 65536
 
 
 # Per-invoice records are plain slots dataclasses, treated as read-only: a frozen one

@@ -11,13 +11,36 @@ JSON payload for MS4) or :class:`Rejected` (a reason starting with the field pat
 the dead-letter record). :func:`normalise_invoice` is the pure validation/normalisation
 step for ``raw_json`` and raises :class:`InvalidInvoice`.
 
-Every regular expression and the JSON encoder are built once at import time; the happy
-path parses the input once and raises no exception.
+Every regular expression, the JSON decoder and the encoder are built once at import
+time; the happy path parses the input once and raises no exception.
+
+**Text fields.** One rule, :func:`_check_text`, holds for every text the MS4 object
+carries (``invoice_id``, ``vendor_name``, ``currency``, each line item's
+``description``) and for ``message_id``, which travels with it: surrounding white space
+is trimmed (``str.strip()``, as always), then the text is rejected, with the field path
+and the code point as ``U+XXXX`` in the reason, if it still contains a C0 control
+(U+0000-U+001F: TAB, CR and LF inside a text too), DEL or a C1 control (U+007F-U+009F),
+a bidi control (U+200E, U+200F, U+202A-U+202E, U+2066-U+2069) or an unpaired surrogate
+(U+D800-U+DFFF; only a ``\\ud800`` escape in the JSON or a mapping given directly can
+carry one). Nothing is silently removed or replaced: what MS4 receives is what the
+e-mail said.
+
+**Duplicate keys.** A JSON object that names a key twice — anywhere: the e-mail, its
+``raw_json`` (also when given as a JSON string), a line item — is rejected with the
+key's path (``raw_json.line_items[1].quantity: duplicate key ...``) instead of letting
+the last one win. The decoder's ``object_pairs_hook`` only compares two lengths per
+object; the path is looked for (a second parse) only when there is a duplicate.
+
+**Internal errors.** An unexpected exception inside the processor (a bug) is logged
+with its traceback, the message id and the caller's ``ref``, and returned as a
+:class:`Rejected` with ``internal_error`` set and a reason naming the exception's type
+and message; the caller counts it (``processor_errors``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import reprlib
@@ -27,6 +50,7 @@ from datetime import date, datetime
 from typing import Any, Final
 
 from ms1.currencies import ISO_4217
+from ms1.model import DEFAULT_MAX_PAYLOAD_BYTES
 
 __all__ = [
     "Accepted",
@@ -45,7 +69,10 @@ _MAX_VENDOR_NAME_CHARS: Final = 512
 _MAX_LINE_ITEMS: Final = 1000
 _MAX_MAGNITUDE: Final = 1e15
 _MAX_INT_MAGNITUDE: Final = 10**15
-_RAW_LIMIT_BYTES: Final = 64 * 1024
+# Rejected.raw is a readable copy for callers, bounded like a dead letter's payload by
+# default (the dead letter itself keeps the original bytes, cut by its store to
+# [dead_letters] max_payload_bytes).
+_RAW_LIMIT_BYTES: Final = DEFAULT_MAX_PAYLOAD_BYTES
 _REPR_CHARS: Final = 60
 
 # A number written as text: with well-formed thousands separators ("1,500.00",
@@ -57,6 +84,11 @@ _NUMBER_TEXT = re.compile(
 )
 # A date-time: "YYYY-MM-DD", then "T" or " " and a time part.
 _DATE_TIME = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})[T ].+", re.DOTALL)
+
+# What a text field must not contain once trimmed (see the module doc).
+_FORBIDDEN_CHAR = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 
 # The C implementation behind json.dumps(..., ensure_ascii=False) for strings.
 _json_string: Final = json.encoder.encode_basestring
@@ -74,6 +106,7 @@ class _Missing:
 
 
 _MISSING: Final = _Missing()
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------
 # Public API
@@ -96,6 +129,8 @@ class Rejected:
     reason: str
     message_id: str | None
     raw: str
+    #: True when the reason is an internal error of the processor (a bug), not the input
+    internal_error: bool = False
 
 
 class InvalidInvoice(ValueError):
@@ -110,16 +145,18 @@ class InvalidInvoice(ValueError):
         return (type(self), (self.field, self.problem))
 
 
-def unified_email_processor(email: bytes | str | Mapping[str, Any]) -> Accepted | Rejected:
-    """Validate and normalise one e-mail record. Never raises."""
+def unified_email_processor(
+    email: bytes | str | Mapping[str, Any], ref: str | None = None
+) -> Accepted | Rejected:
+    """Validate and normalise one e-mail record. Never raises.
+
+    ``ref`` (where the e-mail came from: a stream entry id, ``file:line``) only names it
+    in the log line of an internal error.
+    """
     try:
-        return _process(email)
+        return _process(email, ref)
     except Exception as exc:  # last line of defence: this function must never raise
-        return Rejected(
-            reason=f"email: internal error while processing: {type(exc).__name__}",
-            message_id=None,
-            raw=_raw_text(email),
-        )
+        return _internal_error(exc, None, email, ref)
 
 
 def normalise_invoice(raw_json: Any) -> dict[str, Any]:
@@ -133,7 +170,10 @@ def normalise_invoice(raw_json: Any) -> dict[str, Any]:
     """
     if isinstance(raw_json, str):
         try:
-            raw_json = json.loads(raw_json)
+            raw_json = _DECODER.decode(raw_json)
+        except _DuplicateKey:
+            path, key = _duplicate(raw_json, "raw_json")
+            raise InvalidInvoice(path, _duplicate_problem(key)) from None
         except RecursionError:
             raise InvalidInvoice("raw_json", "not JSON: nested too deeply") from None
         except ValueError as exc:
@@ -155,7 +195,7 @@ def normalise_invoice(raw_json: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
-def _process(email: Any) -> Accepted | Rejected:
+def _process(email: Any, ref: str | None) -> Accepted | Rejected:
     if isinstance(email, str):
         text = email
     elif isinstance(email, _BYTES):
@@ -164,7 +204,7 @@ def _process(email: Any) -> Accepted | Rejected:
         except UnicodeDecodeError as exc:
             return _reject(f"email: not UTF-8: {exc.reason} at byte {exc.start}", None, email)
     elif isinstance(email, _MAPPING):
-        return _process_object(email, email)
+        return _process_object(email, email, ref)
     else:
         return _reject(
             f"email: expected bytes, text or a mapping, got {type(email).__name__}",
@@ -172,39 +212,60 @@ def _process(email: Any) -> Accepted | Rejected:
             email,
         )
     # A leading byte-order mark is harmless; json.loads refuses it.
+    if text.startswith("\ufeff"):
+        text = text[1:]
     try:
-        obj = json.loads(text[1:] if text.startswith("\ufeff") else text)
+        obj = _DECODER.decode(text)
+    except _DuplicateKey:
+        path, key = _duplicate(text, "")
+        return _reject(f"{path}: {_duplicate_problem(key)}", _peek_message_id(text), text)
     except RecursionError:
         return _reject("email: not valid JSON: nested too deeply", None, text)
     except ValueError as exc:  # JSONDecodeError, or an integer literal with too many digits
         return _reject(f"email: not valid JSON: {_clip(str(exc))}", None, text)
     if not isinstance(obj, dict):
         return _reject(f"email: not a JSON object (got {_kind(obj)})", None, text)
-    return _process_object(obj, text)
+    return _process_object(obj, text, ref)
 
 
-def _process_object(obj: Mapping[str, Any], original: Any) -> Accepted | Rejected:
+def _process_object(obj: Mapping[str, Any], original: Any, ref: str | None
+                    ) -> Accepted | Rejected:
     value = obj.get("message_id", _MISSING)
-    if not isinstance(value, str):
-        problem = _absent(value) or f"expected a string, got {_describe(value)}"
-        return _reject(f"message_id: {problem}", None, original)
-    message_id = value.strip()
-    if not message_id:
-        return _reject(f"message_id: empty: {_short(value)}", None, original)
-    if not message_id.isascii() and not _utf8_encodable(message_id):
-        return _reject(
-            f"message_id: contains an unpaired surrogate: {_short(message_id)}", None, original
-        )
+    try:
+        message_id = _text(value, None, False)
+    except _Bad as exc:
+        return _reject(f"message_id: {exc}", None, original)
 
     raw_json = obj.get("raw_json", _MISSING)
     if raw_json is _MISSING:
         return _reject("raw_json: missing", message_id, original)
     try:
         invoice = normalise_invoice(raw_json)
+        payload = _encode_payload(invoice)
     except InvalidInvoice as exc:
         return _reject(str(exc), message_id, original)
-    return Accepted(
-        payload=_encode_payload(invoice), invoice_id=invoice["invoice_id"], message_id=message_id
+    except Exception as exc:  # a bug: reported with the message id
+        return _internal_error(exc, message_id, original, ref)
+    return Accepted(payload=payload, invoice_id=invoice["invoice_id"], message_id=message_id)
+
+
+def _internal_error(exc: Exception, message_id: str | None, original: Any,
+                    ref: str | None) -> Rejected:
+    """An unexpected exception (a bug): logged with its traceback, and a rejection saying
+    so. Must be called from the ``except`` block (``log.exception``)."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<str() failed>"
+    detail = _clip(text.encode("utf-8", "replace").decode("utf-8"))
+    log.exception("internal error in the processor on e-mail %s (message_id %s): %s: %s",
+                  ref or "?", message_id or "unknown", type(exc).__name__, detail)
+    return Rejected(
+        reason=f"email: internal error in the processor (a bug in ms1, the e-mail may be "
+               f"valid): {type(exc).__name__}: {detail}",
+        message_id=message_id,
+        raw=_raw_text(original),
+        internal_error=True,
     )
 
 
@@ -235,6 +296,85 @@ def _encode_payload(invoice: Mapping[str, Any]) -> bytes:
 
 def _reject(reason: str, message_id: str | None, original: Any) -> Rejected:
     return Rejected(reason=reason, message_id=message_id, raw=_raw_text(original))
+
+
+# ---------------------------------------------------------------------------------------
+# JSON with duplicate keys refused
+# ---------------------------------------------------------------------------------------
+
+
+class _DuplicateKey(Exception):
+    """Internal: a JSON object names a key twice (the path is found afterwards)."""
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey
+    return obj
+
+
+class _Duplicated(dict[str, Any]):
+    """Internal: an object that named ``key`` twice (only while looking for the path)."""
+
+    key: str = ""
+
+
+def _mark_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    marked = _Duplicated(obj)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            marked.key = key
+            break
+        seen.add(key)
+    return marked
+
+
+# json.loads() builds a decoder per call when given a hook: build them once.
+_DECODER: Final = json.JSONDecoder(object_pairs_hook=_refuse_duplicates)
+_MARKING_DECODER: Final = json.JSONDecoder(object_pairs_hook=_mark_duplicates)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _step(path: str, key: str) -> str:
+    if _NAME.fullmatch(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{_json_string(key)}]"
+
+
+def _duplicate(text: str, root: str) -> tuple[str, str]:
+    """(path, key) of the first duplicated key in ``text``, which has one; ``root`` is the
+    path of ``text`` itself ("" for the e-mail)."""
+    stack: list[tuple[str, Any]] = [(root, _MARKING_DECODER.decode(text))]
+    while stack:  # depth first, in document order; no recursion
+        path, value = stack.pop()
+        if isinstance(value, _Duplicated):
+            return _step(path, value.key), value.key
+        if isinstance(value, dict):
+            stack.extend((_step(path, k), v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+    return root or "email", "?"  # not reached: the first parse found a duplicate
+
+
+def _duplicate_problem(key: str) -> str:
+    return (f"duplicate key: the JSON names {_short(key)} more than once (ms1 does not "
+            f"pick one)")
+
+
+def _peek_message_id(text: str) -> str | None:
+    """The e-mail's valid message id, if it has one, for a rejection found before it."""
+    try:
+        obj = _MARKING_DECODER.decode(text)
+        if isinstance(obj, _Duplicated) and obj.key == "message_id":
+            return None
+        return _text(obj.get("message_id", _MISSING), None, False)
+    except Exception:
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,9 +453,24 @@ def _text(value: Any, max_chars: int | None, allow_empty: bool) -> str:
         raise _Bad(f"empty: {_short(value)}")
     if max_chars is not None and len(text) > max_chars:
         raise _Bad(f"too long ({len(text)} chars, max {max_chars}): {_short(text)}")
-    if not text.isascii() and not _utf8_encodable(text):
-        raise _Bad(f"contains an unpaired surrogate: {_short(text)}")
+    _check_text(text)
     return text  # str.strip() returns a plain str even for a str subclass
+
+
+def _check_text(text: str) -> None:
+    """The text-field rule (module doc): no control, bidi control or unpaired surrogate
+    in a trimmed text."""
+    found = _FORBIDDEN_CHAR.search(text)
+    if found is None:
+        return
+    point = ord(found.group())
+    if 0xD800 <= point <= 0xDFFF:
+        kind = "an unpaired surrogate"
+    elif point >= 0x200E:
+        kind = "a bidi control character"
+    else:
+        kind = "a control character"
+    raise _Bad(f"contains {kind} U+{point:04X} at character {found.start()}: {_short(text)}")
 
 
 def _invoice_id(value: Any) -> str:
@@ -386,6 +541,7 @@ def _currency(value: Any) -> str:
     if not isinstance(value, str):
         raise _Bad(_absent(value) or f"expected a currency code string, got {_describe(value)}")
     code = value.strip()
+    _check_text(code)
     if len(code) == 3:
         code = code.upper()
         if code in ISO_4217:

@@ -267,7 +267,8 @@ def test_non_ascii_text_is_kept_unescaped() -> None:
 
 
 def test_special_characters_are_escaped_like_json_dumps() -> None:
-    vendor = 'a "quoted" \\ back\nslash\t\x00\x1f\u2028\u2029 </script>'
+    # control characters are rejected (the text-field rule); what is left to escape:
+    vendor = 'a "quoted" \\ back/slash \u2028\u2029 </script> \ufeff'
     result = accepted(email_with(vendor_name=vendor))
     assert result.payload == reference_dumps(json.loads(result.payload))
     assert json.loads(result.payload)["vendor_name"] == vendor.strip()
@@ -688,7 +689,9 @@ def check_result(result: object) -> None:
         assert list(out) == KEYS
         assert result.payload == reference_dumps(out)
     else:
-        assert re.match(r"(email|message_id|raw_json)[\w.\[\]]*: ", result.reason)
+        # a field path; a duplicate key may be any key of the e-mail, quoted when not a name
+        assert re.match(r'(?:[A-Za-z_]\w*|\[".*?"\])(?:\.\w+|\[\d+\]|\[".*?"\])*: ',
+                        result.reason), result.reason
         assert len(result.raw.encode("utf-8")) <= RAW_LIMIT
         result.reason.encode("utf-8")  # reasons are always valid text
 
@@ -764,8 +767,20 @@ def padded(core: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     return st.tuples(spaces, core, spaces).map("".join)
 
 
+# The text-field rule: no C0/C1 control, DEL, bidi control or surrogate inside a text.
+FORBIDDEN_CHAR = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+allowed_text = st.text(
+    st.characters(codec="utf-8").filter(lambda c: FORBIDDEN_CHAR.match(c) is None)
+)
+
+
 def clean_text(max_size: int) -> st.SearchStrategy[str]:
-    return st.text(min_size=1, max_size=max_size).filter(lambda s: s == s.strip() and s != "")
+    return st.text(
+        st.characters(codec="utf-8").filter(lambda c: FORBIDDEN_CHAR.match(c) is None),
+        min_size=1, max_size=max_size,
+    ).filter(lambda s: s == s.strip() and s != "")
 
 
 offsets = st.integers(min_value=-14 * 60, max_value=14 * 60).map(
@@ -795,7 +810,8 @@ amounts = (
 )
 
 valid_items = st.fixed_dictionaries(
-    {"description": padded(st.text(max_size=30)), "quantity": amounts, "unit_price": amounts},
+    {"description": padded(allowed_text.filter(lambda s: len(s) <= 30)), "quantity": amounts,
+     "unit_price": amounts},
     optional={"sku": st.text(max_size=5)},
 )
 
@@ -863,6 +879,29 @@ def test_valid_invoices_are_accepted_and_idempotent(raw: dict[str, Any], form: s
     )
     assert isinstance(again_text, Accepted)
     assert again_text.payload == result.payload
+
+
+@FAST
+@given(st.sampled_from(["invoice_id", "vendor_name", "currency", "description", "message_id"]),
+       allowed_text, st.text(min_size=1), allowed_text)
+def test_a_text_field_is_accepted_exactly_when_it_has_no_forbidden_character(
+        field: str, head: str, middle: str, tail: str) -> None:
+    value = f"x{head}{middle}{tail}x" if field != "currency" else middle
+    raw = copy.deepcopy(RAW)
+    email: dict[str, Any] = {"message_id": "m", "raw_json": raw}
+    if field == "description":
+        raw["line_items"][0]["description"] = value
+    elif field == "message_id":
+        email["message_id"] = value
+    else:
+        raw[field] = value
+    result = unified_email_processor(email)
+    found = FORBIDDEN_CHAR.search(value.strip())
+    if found is not None:
+        assert isinstance(result, Rejected)
+        assert f"U+{ord(found.group()):04X}" in result.reason, result.reason
+    elif field != "currency" and len(value.strip()) <= 256:
+        assert isinstance(result, Accepted), result
 
 
 @FAST

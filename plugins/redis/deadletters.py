@@ -1,8 +1,9 @@
 """Dead letters in a Redis stream (``[redis] dead_letter_stream``), one letter per entry.
 
-Fields: reason, stage, payload, at, and message_id, invoice_id, source_ref, ms4_answer
-when known; a letter's id is its entry id. Letters from a Redis source on the same server
-are stored and their inbound entries acked in one atomic step (:mod:`.commit`), in groups
+Fields: reason, stage, payload, at, and message_id, invoice_id, source_ref, ms4_answer,
+payload_size and payload_sha256 (a clipped payload) when known; a letter's id is its entry
+id. Every payload is cut to ``max_payload_bytes`` (:func:`ms1.deadletters.clip`). Letters
+from a Redis source on the same server are stored and their inbound entries acked in one atomic step (:mod:`.commit`), in groups
 of at most :data:`LETTERS_PER_GROUP` letters, each group with its own refs.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Sequence
 
-from ms1.deadletters import DeadLetterStore
+from ms1.deadletters import DeadLetterStore, clip
 from ms1.errors import QueueError
 from ms1.model import DeadLetter
 from ms1.source import Source
@@ -27,10 +28,12 @@ LETTERS_PER_GROUP = 100
 def letter_fields(letter: DeadLetter) -> Fields:
     fields: Fields = {"reason": letter.reason, "stage": letter.stage,
                       "payload": letter.payload, "at": repr(letter.at)}
-    for key in ("message_id", "invoice_id", "source_ref", "ms4_answer"):
+    for key in ("message_id", "invoice_id", "source_ref", "ms4_answer", "payload_sha256"):
         value = getattr(letter, key)
         if value is not None:
             fields[key] = value
+    if letter.payload_size is not None:
+        fields["payload_size"] = str(letter.payload_size)
     return fields
 
 
@@ -42,7 +45,9 @@ def letter_from_fields(entry_id: str, fields: dict[bytes, bytes]) -> DeadLetter:
     return DeadLetter(reason=text("reason") or "", stage=text("stage") or "",
                       payload=fields.get(b"payload", b""), message_id=text("message_id"),
                       invoice_id=text("invoice_id"), source_ref=text("source_ref"),
-                      ms4_answer=text("ms4_answer"), at=float(text("at") or 0), id=entry_id)
+                      ms4_answer=text("ms4_answer"), at=float(text("at") or 0), id=entry_id,
+                      payload_size=int(size) if (size := text("payload_size")) else None,
+                      payload_sha256=text("payload_sha256"))
 
 
 class RedisDeadLetters(DeadLetterStore):
@@ -59,7 +64,7 @@ class RedisDeadLetters(DeadLetterStore):
         inbound = inbound_of(source, self.link)
         groups: list[EntryGroup] = []
         for start in range(0, len(letters), LETTERS_PER_GROUP):
-            chunk = letters[start:start + LETTERS_PER_GROUP]
+            chunk = clip(letters[start:start + LETTERS_PER_GROUP], self.max_payload_bytes)
             groups.append(([letter_fields(x) for x in chunk],
                            [x.source_ref for x in chunk if x.source_ref]))
         with translated(QueueError, f"store {len(letters)} dead letters", self.link):
