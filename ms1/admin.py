@@ -12,7 +12,6 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import pluggy
@@ -25,10 +24,13 @@ from ms1.errors import ConfigError, Ms1Error
 from ms1.model import Item
 from ms1.outbound import QueueBackend
 from ms1.processor import Accepted, unified_email_processor
+from ms1.source import MAX_EMAIL_BYTES, OnSkip, read_inputs
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: dead-letter stages that hold a backend's raw entry, never replayed
 RAW_ENTRY_STAGES = frozenset({"source", "queue"})
+#: e-mails ``enqueue`` pushes to the source per call
+ENQUEUE_CHUNK = 1000
 
 
 class _Closable(Protocol):
@@ -50,31 +52,59 @@ def run(args: argparse.Namespace, config: Config, pm: pluggy.PluginManager) -> i
     return dlq_replay(config, pm, None if args.all else args.ids)
 
 
-def _emails(paths: list[str]) -> Iterator[bytes]:
-    for name in paths:
-        path = Path(name)
-        if path.suffix not in (".json", ".jsonl") or not path.is_file():
-            raise ConfigError(f"enqueue: {name}: not a *.json or *.jsonl file")
-        if path.suffix == ".json":
-            yield path.read_bytes()
+def _emails(paths: list[str], max_bytes: int, skip: OnSkip) -> Iterator[bytes]:
+    """The e-mails in ``paths``, read by the files source's rules
+    (:func:`ms1.source.read_inputs`): an input that cannot be read, and an e-mail over
+    ``max_bytes`` (named ``path:line``), go to ``skip`` instead."""
+    for message in read_inputs(paths, max_bytes, skip):
+        if message.problem is not None:
+            skip(message.ref, f"{message.problem}; not enqueued")
             continue
-        with path.open("rb") as fh:
-            for line in fh:
-                if line.strip():
-                    yield line.rstrip(b"\r\n")
+        yield message.data
+
+
+def _max_email_bytes(config: Config) -> int:
+    """``[source.files] max_email_bytes``; its default when the files plugin is blocked."""
+    try:
+        return config.get_int("source.files", "max_email_bytes")
+    except ConfigError:
+        return MAX_EMAIL_BYTES
 
 
 def enqueue(config: Config, pm: pluggy.PluginManager, files: list[str]) -> int:
     """Push e-mails into the configured source (the inbound stream) as they are: the
-    service validates them, so a broken one ends in the dead letters, not here."""
-    emails = list(_emails(files))
+    service validates them, so a broken one ends in the dead letters, not here.
+
+    Inputs are read like the files source reads them; each one that cannot be read (and
+    each e-mail over ``[source.files] max_email_bytes``) is reported on one line and
+    skipped, the rest is pushed, ``ENQUEUE_CHUNK`` e-mails at a time; exit 1 if anything
+    was skipped."""
+    skipped: list[tuple[str, str]] = []
+
+    def skip(name: str, why: str) -> None:
+        skipped.append((name, why))
+        print(f"ms1-service: enqueue: skipped {name}: {why}", file=sys.stderr)
+
     source = pluginmanager.build_source(pm, config)
+    count = 0
     try:
-        count = source.push(emails)
+        chunk: list[bytes] = []
+        for data in _emails(files, _max_email_bytes(config), skip):
+            chunk.append(data)
+            if len(chunk) >= ENQUEUE_CHUNK:
+                count += source.push(chunk)
+                chunk = []
+        if chunk:
+            count += source.push(chunk)
+    except Ms1Error:
+        print(f"ms1-service: enqueue: {count} e-mails were enqueued before this error",
+              file=sys.stderr)
+        raise
     finally:
         source.close()
-    print(f"enqueued {count} e-mails into source {source.name!r}")
-    return EXIT_OK
+    more = f"; {len(skipped)} skipped (see above)" if skipped else ""
+    print(f"enqueued {count} e-mails into source {source.name!r}{more}")
+    return EXIT_FAILED if skipped else EXIT_OK
 
 
 def _probe(component: C, describe: Callable[[C], dict[str, Any]]) -> dict[str, Any]:

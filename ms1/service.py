@@ -42,19 +42,36 @@ ABORT_GRACE = 1.5
 COMMIT_GROUP = 16
 
 
+#: most skipped inputs the summary lists one by one (the log names every one)
+SUMMARY_SKIPPED_LISTED = 20
+
+
 @dataclass(frozen=True)
 class Summary:
-    """What a ``--once`` run did; ``undelivered`` is what was still queued at the end."""
+    """What a ``--once`` run (or a shutdown) did.
+
+    ``undelivered`` is what was still queued at the end, None when the queue could not be
+    read (``queue_error`` says why: the state is unknown, nothing is claimed). ``skipped``
+    lists the inputs the source could not read, ``(input, why)``; ``not_stored`` counts the
+    e-mails read that were neither enqueued in a batch nor dead-lettered by the end, and
+    ``unacked_fate`` says what becomes of them (the source's words).
+    """
 
     stats: dict[str, int]
     elapsed: float
-    undelivered: QueueStats
+    undelivered: QueueStats | None
     queue_name: str
     queue_durable: bool
+    queue_error: str = ""
+    skipped: tuple[tuple[str, str], ...] = ()
+    not_stored: int = 0
+    unacked_fate: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.undelivered.empty
+        """Everything read was stored and delivered (or dead-lettered), every input read."""
+        return (self.undelivered is not None and self.undelivered.empty
+                and not self.skipped and self.not_stored == 0)
 
     def render(self) -> str:
         s = self.stats
@@ -68,10 +85,24 @@ class Summary:
             f"({delivered} invoices), dead-lettered: {s.get('dead_lettered', 0)}",
             f"elapsed: {self.elapsed:.2f} s, {rate:,.0f} invoices/s",
         ]
-        if not self.ok:
-            u = self.undelivered
-            where = (f"queue {self.queue_name!r} (durable: delivered by the next run)"
-                     if self.queue_durable else
+        if self.skipped:
+            lines.append(f"inputs skipped: {len(self.skipped)} (not processed):")
+            lines += [f"  {name}: {why}" for name, why in
+                      self.skipped[:SUMMARY_SKIPPED_LISTED]]
+            if len(self.skipped) > SUMMARY_SKIPPED_LISTED:
+                lines.append(f"  ... and {len(self.skipped) - SUMMARY_SKIPPED_LISTED} more "
+                             "(each named in the log)")
+        if self.not_stored:
+            lines.append(f"NOT STORED: {self.not_stored} e-mails read were neither queued "
+                         f"nor dead-lettered: {self.unacked_fate}")
+        u = self.undelivered
+        durable = ("durable: delivered by the next run" if self.queue_durable
+                   else "in memory: LOST when this process exits")
+        if u is None:
+            lines.append(f"UNDELIVERED: unknown: cannot read queue {self.queue_name!r} "
+                         f"({self.queue_error}); whatever it holds stays there ({durable})")
+        elif not u.empty:
+            where = (f"queue {self.queue_name!r} ({durable})" if self.queue_durable else
                      f"in-memory queue {self.queue_name!r}: LOST when this process exits")
             invoices = "" if u.invoices is None else f" ({u.invoices} invoices)"
             lines.append(f"UNDELIVERED: {u.ready + u.in_flight} batches{invoices} still in "
@@ -99,6 +130,7 @@ class Service:
         self._outbox: stdqueue.Queue[Work | None] = stdqueue.Queue(maxsize=32)
         self._threads: list[threading.Thread] = []
         self._failed: list[str] = []
+        self._gave_up = ""  # why the committer stopped storing at the deadline
         self._started = 0.0
         self._read_chunk = config.get_int("source", "read_chunk")
         self.intake = Intake(
@@ -167,12 +199,21 @@ class Service:
     def _guard(self, name: str, target: Any) -> None:
         try:
             target()
+        except Ms1Error as exc:
+            if not self.abort.is_set():
+                self._died(name)
+            else:  # told to stop at the deadline: what it held is accounted for at the end
+                log.warning("thread %s stopped at the shutdown deadline: %s", name, exc)
         except Exception:
-            self._failed.append(name)
-            log.critical("thread %s died; stopping the service", name, exc_info=True)
-            self.abort.set()
-            self.intake_stop.set()
-            self.senders_stop.set()
+            self._died(name)
+
+    def _died(self, name: str) -> None:
+        """In an ``except`` block: log the traceback, stop everything."""
+        self._failed.append(name)
+        log.critical("thread %s died; stopping the service", name, exc_info=True)
+        self.abort.set()
+        self.intake_stop.set()
+        self.senders_stop.set()
 
     def _read_loop(self) -> None:
         source = self.parts.source
@@ -192,6 +233,7 @@ class Service:
                     log.warning("source %s answers again", source.name)
                     failing = False
                 if messages:
+                    self.stats.add("emails_taken", len(messages))
                     self._hand_over(messages)
                 elif source.exhausted or self.once:
                     break
@@ -235,9 +277,28 @@ class Service:
                         ended = True
                         break
                     works.append(more)
-                self.intake.commit_many(works)
+                try:
+                    self.intake.commit_many(works)
+                except Ms1Error as exc:  # only raised once the shutdown deadline passed
+                    if not self.abort.is_set():
+                        raise
+                    self._gave_up = str(exc)
+                    self._discard_outbox()
+                    return
         finally:
             self._batcher_done.set()
+
+    def _discard_outbox(self) -> None:
+        """After the deadline: take what the batcher still hands over, storing nothing, so it
+        never waits on a full outbox. Those e-mails stay unacknowledged in the source; the
+        summary counts them (``not_stored``)."""
+        end = time.monotonic() + ABORT_GRACE
+        while time.monotonic() < end:
+            try:
+                if self._outbox.get(timeout=0.1) is None:
+                    return
+            except stdqueue.Empty:
+                continue
 
     def _batch_loop(self) -> None:
         intake = self.intake
@@ -310,10 +371,18 @@ class Service:
         deadline = time.monotonic() + timeout
         self._batcher_done.wait(max(0.0, deadline - time.monotonic()))
         while time.monotonic() < deadline and not self.abort.is_set():
-            if self._batcher_done.is_set() and self.parts.queue.stats().empty:
+            if self._batcher_done.is_set() and self._queue_empty():
                 break
             time.sleep(0.01)
         return self.shutdown(max(0.1, min(5.0, deadline - time.monotonic())))
+
+    def _queue_empty(self) -> bool:
+        """True when the queue holds no batch; False too when it cannot be read (unknown)."""
+        try:
+            return self.parts.queue.stats().empty
+        except Ms1Error:
+            self.abort.wait(0.2)  # unreachable: ask again a little later, not 100 times a second
+            return False
 
     def shutdown(self, timeout: float) -> Summary:
         """Stop intake, flush, let senders finish (drain a non-durable queue) within ``timeout``."""
@@ -321,7 +390,7 @@ class Service:
         self.intake_stop.set()
         self._batcher_done.wait(max(0.0, deadline - time.monotonic()))
         if not self.parts.queue.durable:
-            while time.monotonic() < deadline and not self.parts.queue.stats().empty:
+            while time.monotonic() < deadline and not self._queue_empty():
                 if self.abort.is_set():
                     break
                 time.sleep(0.01)
@@ -342,13 +411,28 @@ class Service:
             for thread in self._threads:
                 thread.join(max(0.0, grace - time.monotonic()))
         elapsed = time.perf_counter() - self._started
+        undelivered: QueueStats | None = None
+        queue_error = ""
         try:
             undelivered = self.parts.queue.stats()
         except Ms1Error as exc:
-            log.error("cannot read what is left in the queue: %s", exc)
-            undelivered = QueueStats(-1, -1, None)
-        summary = Summary(self.stats.snapshot(), elapsed, undelivered,
-                          self.parts.queue.name, self.parts.queue.durable)
+            queue_error = str(exc)
+            log.error("cannot read what is left in the queue (state unknown): %s", exc)
+        source = self.parts.source
+        stats = self.stats.snapshot()
+        # every e-mail taken from the source ends stored by the intake, in a batch
+        # (invoices_enqueued) or as a dead letter (rejected), or not at all
+        not_stored = max(0, stats.get("emails_taken", 0) - stats.get("invoices_enqueued", 0)
+                         - stats.get("rejected", 0))
+        fate = source.unacked_fate()
+        if not_stored:
+            cause = f" ({self._gave_up})" if self._gave_up else ""
+            log.error("%d e-mails read from source %s were not stored (neither queued nor "
+                      "dead-lettered)%s: %s", not_stored, source.name, cause, fate)
+        summary = Summary(stats, elapsed, undelivered, self.parts.queue.name,
+                          self.parts.queue.durable, queue_error=queue_error,
+                          skipped=tuple(source.skipped()), not_stored=not_stored,
+                          unacked_fate=fate)
         self.observers.service_stopped()
         if self.exporter is not None:
             self.exporter.close()

@@ -1,8 +1,10 @@
 """Built-in plugin ``files``: e-mails from files, dead letters to a JSON-lines file.
 
 Source ``files`` reads the ``*.json`` / ``*.jsonl`` files named on the command
-line; given none, it generates ``[source.files] sample_count`` sample e-mails
-(every ``sample_invalid_every``-th broken on purpose) so a demo runs as is.
+line (an unreadable one is reported and skipped; an e-mail over ``[source.files]
+max_email_bytes`` is set aside clipped); given none, it generates ``[source.files]
+sample_count`` sample e-mails (every ``sample_invalid_every``-th broken on purpose) so a
+demo runs as is.
 Dead-letter store ``jsonl`` appends to ``[dead_letters.jsonl] path``.
 """
 
@@ -13,9 +15,8 @@ from collections.abc import Sequence
 
 from ms1.config import Config, Option
 from ms1.deadletters import DeadLetterStore, JsonlDeadLetters
-from ms1.errors import SourceError
 from ms1.hookspecs import hookimpl
-from ms1.source import FileSource, MemorySource, Source
+from ms1.source import MAX_EMAIL_BYTES, FileSource, MemorySource, Source
 from ms1.tools import samples
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,11 @@ def ms1_config_options() -> Sequence[Option]:
         Option("source.files", "sample_invalid_every", "int", 10,
                "every n-th generated e-mail is invalid on purpose (0: none)",
                min=0, max=10_000_000),
+        Option("source.files", "max_email_bytes", "int", MAX_EMAIL_BYTES,
+               "largest e-mail read from a file (a *.json file, a *.jsonl line; also by "
+               "'enqueue'): a larger one is never read whole but set aside as a dead letter "
+               "(stage source) clipped to this size",
+               min=1024, max=64 * 1024 * 1024),
         Option("dead_letters.jsonl", "path", "path", "var/dead-letters.jsonl",
                "JSON-lines file the jsonl dead-letter store appends to (relative to the "
                "working directory)"),
@@ -45,11 +51,9 @@ def ms1_components() -> Sequence[tuple[str, str]]:
 def ms1_make_source(name: str, config: Config, inputs: Sequence[str]) -> Source | None:
     if name != "files":
         return None
-    if inputs:
-        try:
-            return FileSource(inputs)
-        except SourceError as exc:
-            raise config.error("source", "name", str(exc)) from exc
+    if inputs:  # each input's problems are its own (reported, skipped): no config key's
+        return FileSource(inputs,
+                          max_email_bytes=config.get_int("source.files", "max_email_bytes"))
     count = config.get_int("source.files", "sample_count")
     every = config.get_int("source.files", "sample_invalid_every")
     log.info("no input files given: generating %d sample e-mails (every %s-th invalid)",

@@ -49,11 +49,18 @@ def test_once_over_json_and_jsonl_files(tmp_path: Path) -> None:
 
 
 def test_missing_input_file_is_a_clear_error(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
-    proc = ms1(["--config", str(config), "--once", str(tmp_path / "nope.jsonl")], tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().endswith(
-        f"[source] name: input file not found: {tmp_path / 'nope.jsonl'}")
+    """A command-line input that does not exist is the input's problem, not a config key's:
+    one line naming it, the others processed, exit 1 (tests/test_once_inputs.py: more)."""
+    config = write_config(tmp_path, "[ms4]\ntransport = memory\n[queue]\nbackend = memory\n")
+    good = tmp_path / "good.json"
+    good.write_bytes(next(iter(samples.generate(1))).data)
+    proc = ms1(["--config", str(config), "--once", str(tmp_path / "nope.jsonl"), str(good)],
+               tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"input file {tmp_path / 'nope.jsonl'} skipped: not found" in proc.stderr
+    assert "[source]" not in proc.stderr
+    assert "e-mails read: 1, rejected: 0" in proc.stdout
+    assert "inputs skipped: 1" in proc.stdout
 
 
 def test_sigterm_flushes_partial_batch_and_exits_0(tmp_path: Path) -> None:

@@ -226,3 +226,61 @@ def test_undelivered_is_reported_not_hidden(make_config, pm, threads: int) -> No
     assert summary.undelivered.ready + summary.undelivered.in_flight == 3
     assert "UNDELIVERED: 3 batches (120 invoices)" in summary.render()
     assert "LOST when this process exits" in summary.render()
+
+
+class DownQueue(MemoryQueue):
+    """A durable queue whose server goes away after ``stores`` successful stores: every
+    later put and every stats() fails, as a Redis that is down does."""
+
+    name = "down"
+    durable = True
+    group_commit = False  # one batch per store, so "after 2 stores" is 2 batches
+
+    def __init__(self, stores: int = 0) -> None:
+        super().__init__()
+        self.stores = stores
+
+    def put_many(self, batches, source=None) -> bool:
+        if self.stores <= 0:
+            raise QueueError("connection refused")
+        self.stores -= 1
+        return super().put_many(batches, source)
+
+    def get(self, consumer: str, timeout: float):
+        time.sleep(min(timeout, 0.05))  # never hands a batch out: MS4 never sees them
+        return None
+
+    def stats(self):
+        if self.stores <= 0:
+            raise QueueError("connection refused")
+        return super().stats()
+
+
+@pytest.mark.parametrize("stores", [0, 2])
+def test_queue_down_at_the_deadline_claims_nothing_and_counts_what_was_not_stored(
+        make_config, pm, caplog: pytest.LogCaptureFixture, stores: int) -> None:
+    """Issue 11: the committer, unable to store before the deadline, stopped with a
+    "committer died" traceback, and the summary said "UNDELIVERED: -2 batches ... (durable:
+    delivered by the next run)" about batches never stored."""
+    config = make_config("[send]\nthreads = 2\n")
+    emails = list(samples.generate(120, invalid_every=40))
+    parts = Components(source=MemorySource((s.data for s in emails), finite=True),
+                       policy=SizeBatchPolicy(10, 1_048_576, 3600), queue=DownQueue(stores),
+                       dead_letters=MemoryDeadLetters(), transport=MemoryTransport())
+    service = Service(config, pm, parts, once=True)
+    service.intake._retry_delay = 0.05
+    service.start()
+    summary = service.run_once(timeout=1.0)
+    text = summary.render()
+    assert not summary.ok
+    assert summary.undelivered is None and "connection refused" in summary.queue_error
+    assert "UNDELIVERED: unknown: cannot read queue 'down'" in text
+    assert "-1" not in text and "-2" not in text
+    stored = summary.stats.get("invoices_enqueued", 0) + summary.stats.get("rejected", 0)
+    assert stored == (20 if stores else 0)  # 2 stores of 10, or none (the letters wait behind)
+    assert summary.not_stored == 120 - stored
+    assert f"NOT STORED: {120 - stored} e-mails" in text and "LOST when it exits" in text
+    assert "died" not in caplog.text and "Traceback" not in caplog.text
+    assert not any(r.exc_info for r in caplog.records)
+    [line] = [r.getMessage() for r in caplog.records if "were not stored" in r.getMessage()]
+    assert line.startswith(f"{120 - stored} e-mails read from source memory were not stored")
