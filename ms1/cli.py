@@ -13,9 +13,10 @@
 ``--block-plugin NAME`` (repeatable, before the command) or ``$MS1_BLOCK_PLUGINS``
 (comma-separated) keeps an installed plugin, built-in or third-party, from loading.
 
-Exit status: 0 ok; 1 something was left undelivered (``--once``) or the service
-failed; 2 the configuration or the command line is wrong (one line on stderr
-naming file, section and key).
+Exit status: 0 ok; 1 something was left undelivered or not stored, or an input file
+could not be read (``--once``, ``enqueue``: each such file is named on one line, the
+others are processed), or the service failed; 2 the configuration or the command line
+is wrong (one line on stderr naming file, section and key).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline (the default command)")
     run.add_argument("--once", action="store_true",
                      help="process what the source holds, wait for delivery, print a "
-                          "summary and exit (non-zero if anything is left undelivered)")
+                          "summary and exit (1 if anything is left undelivered or not "
+                          "stored, or an input file could not be read)")
     run.add_argument("files", nargs="*", help="EmailMessage files (*.json, *.jsonl) for "
                                               "the files source")
     sub.add_parser("check", help="validate the config and print it, API key redacted")
