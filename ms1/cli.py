@@ -36,8 +36,9 @@ from ms1 import __version__, admin, pluginmanager
 from ms1.components import Components
 from ms1.config import Config
 from ms1.errors import ConfigError, Ms1Error
-from ms1.logs import add_secret, setup_logging
+from ms1.logs import add_secret, escape_controls, setup_logging
 from ms1.notify import Notifier, Watchdog
+from ms1.redaction import redact
 from ms1.service import Service
 from ms1.tools import samples
 
@@ -66,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                           "stored, or an input file could not be read)")
     run.add_argument("files", nargs="*", help="EmailMessage files (*.json, *.jsonl) for "
                                               "the files source")
-    sub.add_parser("check", help="validate the config and print it, API key redacted")
+    sub.add_parser("check", help="validate the config (everything run would refuse) and "
+                                 "print it, secrets and URL credentials redacted")
     enq = sub.add_parser("enqueue", help="push EmailMessage files into the configured source")
     enq.add_argument("files", nargs="+", help="*.json (one e-mail) or *.jsonl (one per line)")
     status = sub.add_parser("status", help="queue lengths, pending, consumers, dead letters")
@@ -106,7 +108,8 @@ def _with_default_command(argv: list[str]) -> list[str]:
 
 
 def _fail(message: str, status: int) -> int:
-    print(f"ms1-service: {message}", file=sys.stderr)
+    """One line on stderr (redacted, control characters escaped) and the status."""
+    print(f"ms1-service: {escape_controls(redact(message))}", file=sys.stderr)
     return status
 
 

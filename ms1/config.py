@@ -9,19 +9,28 @@ one line naming file, section and key.
 The MS4 API key is never read from the INI: it comes from the environment
 variable named by ``[ms4] api_key_env`` or from the file named by
 ``[ms4] api_key_file``, and is held in a :class:`Secret` that never shows its
-value in ``repr``/``str``.
+value in ``repr``/``str`` and is known to :mod:`ms1.redaction` from the moment it exists.
+
+Validation lives in the schema, so loading (``check``, ``run``, a SIGHUP reload) refuses
+everything a component would refuse, without building one: kinds ``url`` and
+``address`` parse their values, and an option may carry a ``check`` of its own (a plugin
+declares it with the option, in ``ms1_config_options``).
 """
 
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import math
 import os
+import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ms1.errors import ConfigError
+from ms1.redaction import redact, remember, url_secrets
 
 #: which option names the component of each kind (for "no plugin provides ..." errors)
 COMPONENT_KEYS: dict[str, tuple[str, str]] = {
@@ -33,6 +42,15 @@ COMPONENT_KEYS: dict[str, tuple[str, str]] = {
     "rate_limiter": ("send", "rate_limiter"),
 }
 
+#: sources that acknowledge what they hand over: once acked, an entry is gone from them
+ACKING_SOURCES = frozenset({"redis"})
+#: built-in backends holding what they are given in memory only (``auto`` may fall back to
+#: memory). Any other name - a third-party backend too - is taken as durable.
+VOLATILE_BACKENDS: dict[str, frozenset[str]] = {
+    "queue": frozenset({"memory", "auto"}),
+    "dead_letters": frozenset({"memory"}),
+}
+
 
 class Secret:
     """A secret string: ``repr``/``str`` never show it; ``reveal()`` does."""
@@ -42,6 +60,7 @@ class Secret:
     def __init__(self, value: str, origin: str = "") -> None:
         self._value = value
         self._origin = origin
+        remember(value)
 
     def reveal(self) -> str:
         return self._value
@@ -67,8 +86,14 @@ class Secret:
 class Option:
     """One INI key: its section, type, default, bounds and the help text shown by ``check``.
 
-    ``kind`` is one of ``str``, ``int``, ``float``, ``bool``, ``choice``, ``path``.
-    ``path`` values are strings; an empty path means "not set".
+    ``kind`` is one of ``str``, ``int``, ``float``, ``bool``, ``choice``, ``path``,
+    ``url``, ``address``. ``path`` values are strings; an empty path means "not set".
+    ``url`` values are strings that parse as a URL with a scheme (one of ``schemes`` if
+    given) and a valid port; the credentials they hold are redacted from then on.
+    ``address`` values are ``host:port`` strings (``[v6]:port``; an empty host means
+    127.0.0.1; empty: not set), read typed with :meth:`Config.get_address`.
+    ``check``, if given, is called with the parsed value and raises ``ValueError``
+    saying what is wrong (one line; it is shown redacted).
     """
 
     section: str
@@ -79,6 +104,8 @@ class Option:
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] = ()
+    schemes: tuple[str, ...] = ()
+    check: Callable[[Any], None] | None = None
 
     def parse(self, raw: str) -> Any:
         """Turn the INI text into a typed value; raise ``ValueError`` saying what is wrong."""
@@ -90,6 +117,8 @@ class Option:
                 raise ValueError(f"must be {self._range()}, got {text}")
             if self.max is not None and value > self.max:
                 raise ValueError(f"must be {self._range()}, got {text}")
+        if self.check is not None:
+            self.check(value)
         return value
 
     def _range(self) -> str:
@@ -145,6 +174,61 @@ def _parse_str(opt: Option, text: str) -> str:
     return text
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aehio" else "a"
+
+
+def _parse_url(opt: Option, text: str) -> str:
+    if not text:
+        raise ValueError("expected a URL, got nothing")
+    remember(*url_secrets(text))  # before any message can show the URL
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc}): {text!r}") from None
+    scheme = parts.scheme.lower()
+    if opt.schemes and (scheme not in opt.schemes or "://" not in text):
+        wanted = [f"{name}://" for name in opt.schemes]
+        listed = " or ".join(wanted) if len(wanted) < 3 else \
+            ", ".join(wanted[:-1]) + " or " + wanted[-1]
+        raise ValueError(f"expected {_article(listed)} {listed} URL, got {text!r}")
+    if not scheme or "://" not in text:
+        raise ValueError(f"expected a URL (scheme://...), got {text!r}")
+    return text
+
+
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def split_address(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``; an empty host is 127.0.0.1) as ``(host, port)``;
+    raise ``ValueError`` saying what is wrong."""
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:9464), got {text!r}")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"the port must be between 1 and 65535, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])), int(port)
+        except ValueError:
+            raise ValueError(f"not an IPv6 address: {host!r}") from None
+    if ":" in host:
+        raise ValueError(f"an IPv6 address goes in brackets ([::1]:9464), got {text!r}")
+    if not host:
+        return "127.0.0.1", int(port)
+    if len(host) > 253 or not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"not a host name or IP address: {host!r}")
+    return host, int(port)
+
+
+def _parse_address(opt: Option, text: str) -> str:
+    if text:
+        split_address(text)
+    return text
+
+
 _PARSERS: dict[str, Callable[[Option, str], Any]] = {
     "int": _parse_int,
     "float": _parse_float,
@@ -152,6 +236,8 @@ _PARSERS: dict[str, Callable[[Option, str], Any]] = {
     "choice": _parse_choice,
     "str": _parse_str,
     "path": _parse_str,
+    "url": _parse_url,
+    "address": _parse_address,
 }
 
 CORE_OPTIONS: tuple[Option, ...] = (
@@ -166,11 +252,16 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("ms1", "once_timeout", "float", 300.0,
            "with --once: seconds to wait for every batch to be delivered or dead-lettered",
            min=0.1, max=86400),
-    Option("metrics", "address", "str", "",
-           "host:port for /metrics (Prometheus), /healthz and /readyz; empty: off. Keep it "
-           "on loopback unless a firewall protects it"),
+    Option("metrics", "address", "address", "",
+           "host:port for /metrics (Prometheus), /healthz and /readyz (port 1-65535; "
+           "[v6]:port; an empty host is 127.0.0.1); empty: off. Keep it on loopback unless "
+           "a firewall protects it"),
     Option("source", "name", "str", "files",
            "where e-mails come from: a source plugin name (built in: files, memory)"),
+    Option("source", "allow_volatile", "bool", False,
+           "a source that acknowledges what it hands over (redis) needs a durable [queue] "
+           "backend and [dead_letters] backend (not memory or auto): yes lets it ack into "
+           "memory anyway (e-mails are lost when ms1 stops; tests and demos only)"),
     Option("source", "read_chunk", "int", 500, "most e-mails taken from the source per read",
            min=1, max=5_000),
     Option("batch", "policy", "str", "batch",
@@ -277,6 +368,17 @@ class Config:
     def get_bool(self, section: str, key: str) -> bool:
         return bool(self.get(section, key))
 
+    def get_address(self, section: str, key: str) -> tuple[str, int] | None:
+        """An ``address`` option as ``(host, port)`` (validated at load; an empty host is
+        127.0.0.1, an IPv6 host comes without brackets); None when it is empty (off)."""
+        text = self.get_str(section, key)
+        if not text:
+            return None
+        try:
+            return split_address(text)
+        except ValueError as exc:  # only a value set past load (with_values) gets here
+            raise self.error(section, key, str(exc)) from None
+
     def error(self, section: str, key: str, problem: str) -> ConfigError:
         """A ConfigError about one key of this config (for plugins validating their options)."""
         return ConfigError(problem, path=self.path, section=section, key=key)
@@ -288,7 +390,8 @@ class Config:
                       self.api_key)
 
     def render(self) -> str:
-        """The effective configuration as INI text, API key redacted, defaults marked."""
+        """The effective configuration as INI text, defaults marked; every line passes
+        through :func:`ms1.redaction.redact` (API key, passwords, URL credentials)."""
         lines: list[str] = [f"# effective configuration from {self.path}"]
         if self.api_key is None:
             lines.append("# MS4 API key: not set")
@@ -302,7 +405,7 @@ class Config:
             value = self._values[(sec, key)]
             text = ("yes" if value else "no") if isinstance(value, bool) else str(value)
             origin = "" if (sec, key) in self.explicit else "  ; default"
-            lines.append(f"{key} = {text}{origin}")
+            lines.append(redact(f"{key} = {text}") + origin)
             lines.append(f"#   {opt.help}")
         return "\n".join(lines) + "\n"
 
@@ -344,12 +447,17 @@ def load_config(
     except configparser.DuplicateOptionError as exc:
         raise ConfigError(f"line {exc.lineno}: key appears twice",
                           path=path, section=exc.section, key=exc.option) from exc
+    # the file's content is never shown (a pasted key would be echoed): line numbers only
     except configparser.MissingSectionHeaderError as exc:
-        raise ConfigError(f"line {exc.lineno}: key outside any [section]: {exc.line.strip()!r}",
-                          path=path) from exc
+        raise ConfigError(f"line {exc.lineno}: key outside any [section] (file content "
+                          "before the first section header is not shown)", path=path) from None
+    except configparser.ParsingError as exc:
+        numbers = [str(lineno) for lineno, _ in exc.errors]
+        raise ConfigError(f"line{'s' if len(numbers) > 1 else ''} {', '.join(numbers)}: not "
+                          "a 'key = value' line (content not shown)", path=path) from None
     except configparser.Error as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"not a valid INI file: {first}", path=path) from exc
+        raise ConfigError(f"not a valid INI file ({type(exc).__name__}; content not shown)",
+                          path=path) from None
 
     sections = sorted({sec for sec, _ in table})
     values: dict[tuple[str, str], Any] = {k: o.default for k, o in table.items()}
@@ -383,20 +491,69 @@ def load_config(
     return Config(path, table, values, explicit, api_key)
 
 
+def key_problem(value: str) -> str | None:
+    """What makes ``value`` (stripped) unusable as the API key, or None. The key is sent as
+    an HTTP header: one line of visible ASCII (``!`` to ``~``). Never names the content."""
+    if "\n" in value or "\r" in value:
+        return "holds more than one line"
+    if not all("!" <= char <= "~" for char in value):
+        return "holds a character that is not visible ASCII"
+    return None
+
+
 def read_api_key(
     config_path: str, env_name: str, key_file: str, environ: Mapping[str, str],
 ) -> Secret | None:
-    """The API key from ``key_file`` if set, else from ``$env_name``; None if neither is set."""
+    """The API key from ``key_file`` if set, else from ``$env_name``; None if neither is set.
+
+    Surrounding whitespace (a trailing newline) is stripped; a key of more than one line,
+    or with anything but visible ASCII, is a ConfigError naming the file or the variable,
+    never the content."""
     if key_file:
         try:
-            with open(key_file, encoding="utf-8") as fh:
-                value = fh.read().strip()
+            with open(key_file, "rb") as fh:
+                data = fh.read()
         except OSError as exc:
             raise ConfigError(f"cannot read API key file {key_file!r}: {exc.strerror}",
                               path=config_path, section="ms4", key="api_key_file") from None
-        if not value:
-            raise ConfigError(f"API key file {key_file!r} is empty",
+        try:
+            value = data.decode("utf-8-sig").strip()
+        except UnicodeDecodeError:
+            problem: str | None = "is not UTF-8 text"
+        else:
+            problem = key_problem(value) if value else "is empty"
+        if problem is not None:
+            shown = "" if problem == "is empty" else " (content not shown)"
+            raise ConfigError(f"API key file {key_file!r} {problem}{shown}",
                               path=config_path, section="ms4", key="api_key_file")
         return Secret(value, origin=key_file)
     value = environ.get(env_name, "").strip()
-    return Secret(value, origin=f"${env_name}") if value else None
+    if not value:
+        return None
+    problem = key_problem(value)
+    if problem is not None:
+        raise ConfigError(f"${env_name} {problem} (content not shown)",
+                          path=config_path, section="ms4", key="api_key_env")
+    return Secret(value, origin=f"${env_name}")
+
+
+def check_durability(config: Config) -> None:
+    """A source that acknowledges what it hands over (:data:`ACKING_SOURCES`) needs a
+    durable queue and durable dead letters, else an inbound entry is acked into memory;
+    ``[source] allow_volatile = yes`` accepts that. Decided by name
+    (:data:`VOLATILE_BACKENDS`), so nothing is built."""
+    source = config.get_str("source", "name")
+    if source not in ACKING_SOURCES or config.get_bool("source", "allow_volatile"):
+        return
+    volatile = []
+    for kind, names in VOLATILE_BACKENDS.items():
+        section, key = COMPONENT_KEYS[kind]
+        name = config.get_str(section, key)
+        if name in names:
+            volatile.append(f"[{section}] {key} = {name}")
+    if volatile:
+        raise config.error(
+            "source", "name",
+            f"source {source!r} acknowledges inbound entries, but {' and '.join(volatile)} "
+            "would hold them in memory only (lost when ms1 stops): use durable backends, or "
+            "set [source] allow_volatile = yes")

@@ -3,13 +3,21 @@
 Lower layers (configparser, json, httpx, redis-py) raise their own exceptions;
 ms1 translates them at its boundary with ``raise Ms1Error(...) from exc`` so
 callers only ever catch these.
+
+Every message goes through :func:`ms1.redaction.redact` when the error is made, so no
+``str()``, ``repr()`` or ``args`` of an ms1 error holds a known secret or a URL password.
 """
 
 from __future__ import annotations
 
+from ms1.redaction import redact
+
 
 class Ms1Error(Exception):
-    """Base class of every error ms1 raises on purpose."""
+    """Base class of every error ms1 raises on purpose; its text arguments are redacted."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class ConfigError(Ms1Error):
@@ -22,7 +30,7 @@ class ConfigError(Ms1Error):
         self, problem: str, *, path: str | None = None, section: str | None = None,
         key: str | None = None,
     ) -> None:
-        self.problem = problem
+        self.problem = redact(problem)
         self.path = path
         self.section = section
         self.key = key
@@ -31,7 +39,7 @@ class ConfigError(Ms1Error):
             where.append(path)
         if section is not None:
             where.append(f"[{section}]" + (f" {key}" if key else ""))
-        super().__init__(": ".join([*where, problem]))
+        super().__init__(": ".join([*where, self.problem]))
 
 
 class PluginNotFoundError(ConfigError):

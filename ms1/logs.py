@@ -4,7 +4,10 @@
 
 ``text``
     ``2026-11-23 10:30:00,123 INFO ms1.sender [sender-1] batch sent batch=ab12 size=50``
-    (for a terminal; a traceback follows on its own lines, as usual)
+    (for a terminal). Control characters in the line are escaped (a newline in a logged
+    value is written ``\\n``), so a value cannot start a line of its own; a traceback
+    follows on its own lines, each prefixed with `` | ``, so that no line after a record's
+    first can look like a record
 ``kv``
     ``ts=2026-11-23T09:30:00.123Z level=INFO logger=ms1.sender thread=sender-1
     msg="batch sent" batch=ab12 size=50`` — logfmt, exactly one line per record
@@ -12,10 +15,11 @@
     one JSON object per line with the same keys
 
 The structured fields are whatever the call passed as ``extra={...}``. A
-:class:`RedactingFilter` on the handler replaces every known secret (API key, passwords)
-with ``***`` in the message, its arguments, exception and stack text, and the extras,
-before any formatter sees the record. :func:`add_secret` teaches it a new one (after a
-key reload).
+:class:`RedactingFilter` on the handler passes the message, its arguments, exception and
+stack text, and the extras through ms1's one redaction (:mod:`ms1.redaction`: every known
+secret in any form, URL passwords, password-like query values) before any formatter sees
+the record. :func:`add_secret` teaches it a new secret (after a key reload); every
+:class:`ms1.config.Secret` is known from the moment it is made.
 """
 
 from __future__ import annotations
@@ -26,28 +30,28 @@ import logging
 import math
 import re
 import sys
-import threading
-import urllib.parse
 from collections.abc import Iterable
 from typing import TextIO
 
+from ms1.redaction import KNOWN, MASK, MIN_SECRET_LENGTH, Redactor, remember
+
 __all__ = [
+    "CONTINUATION",
     "FORMATS",
+    "MASK",
+    "MIN_SECRET_LENGTH",
     "JsonFormatter",
     "KeyValueFormatter",
     "RedactingFilter",
     "TextFormatter",
     "add_secret",
+    "escape_controls",
     "extras",
     "setup_logging",
 ]
 
 #: the values ``setup_logging(fmt=...)`` accepts
 FORMATS = ("text", "kv", "json")
-#: what a secret is replaced by
-MASK = "***"
-#: strings shorter than this are never treated as secrets (they would mask too much)
-MIN_SECRET_LENGTH = 4
 #: loggers too chatty below WARNING (they log request lines and headers)
 QUIET_LOGGERS = ("httpx", "httpcore")
 
@@ -60,10 +64,6 @@ STANDARD_ATTRS = frozenset(
 _FIXED_KEYS = frozenset({"ts", "level", "logger", "thread", "msg", "exc", "stack"})
 _EXTRA_PREFIX = "extra_"
 
-_installed_lock = threading.Lock()
-_installed: list[RedactingFilter] = []
-_pending: list[str] = []
-
 
 def extras(record: logging.LogRecord) -> dict[str, object]:
     """The structured fields of ``record``: its attributes that are not standard ones."""
@@ -71,47 +71,32 @@ def extras(record: logging.LogRecord) -> dict[str, object]:
 
 
 class RedactingFilter(logging.Filter):
-    """Replaces every occurrence of a secret with ``***`` in a record; always passes it.
+    """Passes every text of a record through :mod:`ms1.redaction`; always passes it.
 
     Covers the formatted message (``msg % args``; the record keeps the redacted text
     with ``args = ()``), the exception (formatted into ``exc_text``; ``exc_info`` is
     cleared), ``stack_info`` and the extras (strings; other values whose ``str()``
-    holds a secret become the redacted string). Secrets shorter than four characters
-    are ignored; the URL-quoted form of a secret is redacted too. Thread-safe; never
-    raises.
+    holds a secret become the redacted string). Masked: the secrets given here and every
+    secret the process knows (:data:`ms1.redaction.KNOWN`), in all their forms (plain,
+    ``repr``, bytes repr, JSON, percent-encoded), URL passwords and password-like query
+    values. Secrets shorter than four characters are ignored. Thread-safe; never raises.
 
     Put it on a *handler*: a filter on a logger does not see records of its children.
     """
 
     def __init__(self, secrets: Iterable[str] = (), name: str = "") -> None:
         super().__init__(name)
-        self._lock = threading.Lock()
-        self._secrets: set[str] = set()
-        self._pattern: re.Pattern[str] | None = None
-        self.add(*secrets)
+        self._own = Redactor(secrets)
 
     def add(self, *secrets: str) -> None:
-        """Start redacting ``secrets`` (short or empty strings are skipped)."""
-        with self._lock:
-            before = len(self._secrets)
-            for secret in secrets:
-                if not isinstance(secret, str) or len(secret) < MIN_SECRET_LENGTH:
-                    continue
-                self._secrets.add(secret)
-                quoted = urllib.parse.quote(secret, safe="")
-                if quoted != secret:
-                    self._secrets.add(quoted)
-            if len(self._secrets) != before:
-                # longest first, so a secret containing another is masked whole
-                ordered = sorted(self._secrets, key=lambda s: (-len(s), s))
-                self._pattern = re.compile("|".join(map(re.escape, ordered)))
+        """Start redacting ``secrets`` here (short or empty strings are skipped)."""
+        self._own.add(*secrets)
 
     def redact(self, text: str) -> str:
-        """``text`` with every secret replaced by ``***``."""
-        pattern = self._pattern
-        if pattern is None or not text:
+        """``text`` with every secret and URL credential replaced by ``***``."""
+        if not text:
             return text
-        return pattern.sub(MASK, text)
+        return KNOWN.redact(self._own.redact_known(text))
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Redact ``record`` in place; always True (the record is never dropped)."""
@@ -144,8 +129,6 @@ class RedactingFilter(logging.Filter):
             record.exc_text = self.redact(record.exc_text)
         if record.stack_info:
             record.stack_info = self.redact(record.stack_info)
-        if self._pattern is None:
-            return
         for key, value in extras(record).items():
             if isinstance(value, str):
                 record.__dict__[key] = self.redact(value)
@@ -164,8 +147,9 @@ def setup_logging(level: str, fmt: str = "text", secrets: Iterable[str] = (),
 
     ``level`` is a level name (``"INFO"``, case-insensitive); ``fmt`` one of
     :data:`FORMATS`. Existing root handlers are removed and closed. A
-    :class:`RedactingFilter` holding ``secrets`` (and any given to :func:`add_secret`
-    before this call) goes on the handler. ``httpx`` and ``httpcore`` log at WARNING.
+    :class:`RedactingFilter` goes on the handler; ``secrets`` become known to the
+    redaction process-wide (:func:`ms1.redaction.remember`: errors are redacted too).
+    ``httpx`` and ``httpcore`` log at WARNING.
     Raises ValueError for an unknown level or format.
     """
     levels = logging.getLevelNamesMapping()
@@ -182,13 +166,10 @@ def setup_logging(level: str, fmt: str = "text", secrets: Iterable[str] = (),
     else:
         raise ValueError(f"unknown log format {fmt!r} (one of {', '.join(FORMATS)})")
 
-    with _installed_lock:
-        redactor = RedactingFilter([*secrets, *_pending])
-        _pending.clear()
-        _installed[:] = [redactor]
+    remember(*secrets)
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(formatter)
-    handler.addFilter(redactor)
+    handler.addFilter(RedactingFilter())
 
     root = logging.getLogger()
     for old in root.handlers[:]:
@@ -201,15 +182,9 @@ def setup_logging(level: str, fmt: str = "text", secrets: Iterable[str] = (),
 
 
 def add_secret(value: str) -> None:
-    """Redact ``value`` from now on (e.g. a reloaded API key); thread-safe.
-
-    Before :func:`setup_logging` the secret is kept and installed by it.
-    """
-    with _installed_lock:
-        if not _installed:
-            _pending.append(value)
-        for redactor in _installed:
-            redactor.add(value)
+    """Redact ``value`` from now on, in logs and errors (e.g. a reloaded API key);
+    thread-safe, before or after :func:`setup_logging` (:func:`ms1.redaction.remember`)."""
+    remember(value)
 
 
 # --- formatting ---------------------------------------------------------------------
@@ -322,16 +297,50 @@ class JsonFormatter(_StructuredFormatter):
                                for key, value in fields.items()}, ensure_ascii=False)
 
 
+#: every character that could end a line or rewrite it on a terminal (tab is kept)
+_TEXT_CONTROL_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+#: what starts each line of a traceback or stack in the text format
+CONTINUATION = " | "
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line: newlines, CR and every other control character escaped
+    (``\\n``, ``\\r``, ``\\u001b``); tabs are kept."""
+    return _TEXT_CONTROL_RE.sub(_escape, text) if text else text
+
+
 class TextFormatter(logging.Formatter):
     """``%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s`` followed by
-    `` key=value`` per extra (quoted as in :class:`KeyValueFormatter`)."""
+    `` key=value`` per extra (quoted as in :class:`KeyValueFormatter`), on one line:
+    control characters are escaped. A traceback or stack follows, every line of it
+    prefixed with :data:`CONTINUATION` (its own control characters escaped), so no line
+    after the first can be taken for a record."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        """The header line, with the extras appended."""
+        """The header line, with the extras appended, control characters escaped."""
         line = super().formatMessage(record)
         pairs = "".join(f" {_kv_key(key)}={_kv_text(value)}"
                         for key, value in extras(record).items())
-        return line + pairs
+        return escape_controls(line + pairs)
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The header line, then the traceback and stack as prefixed continuation lines."""
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text += _continuation(record.exc_text)
+        if record.stack_info:
+            text += _continuation(self.formatStack(record.stack_info))
+        return text
+
+
+def _continuation(block: str) -> str:
+    """``block`` as continuation lines: each line prefixed, CR and controls escaped."""
+    return "".join(f"\n{CONTINUATION}{escape_controls(line)}" for line in block.split("\n"))

@@ -24,7 +24,14 @@ import pluggy
 
 from ms1 import hookspecs
 from ms1.batching import BatchPolicy
-from ms1.config import COMPONENT_KEYS, CORE_OPTIONS, Config, Option, load_config
+from ms1.config import (
+    COMPONENT_KEYS,
+    CORE_OPTIONS,
+    Config,
+    Option,
+    check_durability,
+    load_config,
+)
 from ms1.deadletters import DeadLetterStore
 from ms1.errors import PluginError, PluginNotFoundError
 from ms1.model import Batch, DeadLetter
@@ -176,10 +183,14 @@ def all_options(pm: pluggy.PluginManager) -> list[Option]:
 
 
 def load(pm: pluggy.PluginManager, path: str) -> Config:
-    """Read and validate ``path`` against the full schema, and check the component names."""
+    """Read and validate ``path`` against the full schema (every option's own checks
+    included), check the component names and that an acknowledging source has durable
+    backends (:func:`~ms1.config.check_durability`). Builds nothing: ``check``, ``run``
+    and a reload refuse the same files."""
     config = load_config(path, all_options(pm))
     for kind in COMPONENT_KEYS:
         _check_installed(pm, config, kind)
+    check_durability(config)
     return config
 
 

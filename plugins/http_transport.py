@@ -48,6 +48,7 @@ import httpx
 from ms1.config import Config, Option, Secret
 from ms1.errors import TransportError
 from ms1.hookspecs import hookimpl
+from ms1.redaction import redact
 from ms1.transport import Request, Response, Transport
 
 NAME = "http"
@@ -220,8 +221,9 @@ class _DeadlineHTTPTransport(httpx.HTTPTransport):
         )
 
 
-def _redact(url: str) -> str:
-    """``url`` without its userinfo (``user:password@``), for messages and repr."""
+def _strip_userinfo(url: str) -> str:
+    """``url`` without its userinfo (``user:password@``): the URL requests go to (the
+    credentials become the client's Basic auth). Shown only through ``redact()``."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -244,7 +246,7 @@ class HttpTransport(Transport):
     ) -> None:
         # credentials in the URL (user:password@) go into the client's Basic auth, as
         # httpx would take them from each request's URL; the URL itself is kept without
-        self.base_url = _redact(base_url.rstrip("/"))
+        self.base_url = _strip_userinfo(base_url.rstrip("/"))
         given = httpx.URL(base_url)
         auth = httpx.BasicAuth(given.username, given.password) \
             if given.username or given.password else None
@@ -352,14 +354,28 @@ class HttpTransport(Transport):
         self._client.close()
 
     def __repr__(self) -> str:
-        return f"HttpTransport(base_url={self.base_url!r})"
+        return redact(f"HttpTransport(base_url={self.base_url!r})")
+
+
+def check_base_url(url: str) -> None:
+    """What httpx refuses in ``[transport.http] base_url`` beyond the ``url`` kind's checks
+    (which give a scheme, http or https, and a valid port): raise ValueError."""
+    try:
+        host = httpx.URL(url).host
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"not a valid URL ({exc}): {url!r}") from None
+    if not host:
+        raise ValueError(f"the URL has no host: {url!r}")
 
 
 @hookimpl
 def ms1_config_options() -> Sequence[Option]:
     return [
-        Option(SECTION, "base_url", "str", "http://127.0.0.1:8404",
-               "MS4's base URL; ms1 POSTs to {base_url}/batch-metadata (and /metadata)"),
+        Option(SECTION, "base_url", "url", "http://127.0.0.1:8404",
+               "MS4's base URL (http:// or https://, with a host); ms1 POSTs to "
+               "{base_url}/batch-metadata (and /metadata); user:password@ in it becomes Basic "
+               "auth and is redacted in every output", schemes=("http", "https"),
+               check=check_base_url),
         Option(SECTION, "connect_timeout", "float", 5.0,
                "seconds to open a connection (TLS handshake included)", min=0.01, max=600),
         Option(SECTION, "read_timeout", "float", 30.0,
@@ -393,14 +409,10 @@ def ms1_make_transport(name: str, config: Config) -> Transport | None:
     if name != NAME:
         return None
     base_url = config.get_str(SECTION, "base_url")
-    try:
-        url = httpx.URL(base_url)
-    except httpx.InvalidURL as exc:
-        raise config.error(SECTION, "base_url", f"not a URL: {exc}") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise config.error(SECTION, "base_url",
-                           f"must be an http:// or https:// URL with a host, got "
-                           f"{_redact(base_url)!r}")
+    try:  # validated at load; again here for a config changed since (with_values)
+        config.options[(SECTION, "base_url")].parse(base_url)
+    except ValueError as exc:
+        raise config.error(SECTION, "base_url", str(exc)) from None
     if config.api_key is None:
         raise config.error("ms4", "api_key_env",
                            f"the http transport needs an API key: set "

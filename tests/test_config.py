@@ -171,3 +171,136 @@ def test_console_script_exit_status(write_config) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"ms1-service: {path}: [batch] max_items: expected an "
                                    "integer, got 'x'")
+
+
+# --- issue 11: check refuses what run refuses, in one line (exit 2) -------------------------
+
+def run_once(path: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MS1_MS4_API_KEY": "test-key-0001"}
+    return subprocess.run([sys.executable, "-m", "ms1.cli", "--config", str(path), "--once"],
+                          capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=path.parent)
+
+
+ONCE = "[ms1]\nonce_timeout = 5\nshutdown_timeout = 1\n[source.files]\nsample_count = 2\n"
+HTTP = "[ms4]\ntransport = http\n"
+REFUSED_AT_LOAD = [
+    (HTTP + "[transport.http]\nbase_url =\n",
+     "[transport.http] base_url: expected a URL, got nothing"),
+    (HTTP + "[transport.http]\nbase_url = ms4.example:8404\n",
+     "[transport.http] base_url: expected an http:// or https:// URL, got 'ms4.example:8404'"),
+    (HTTP + "[transport.http]\nbase_url = ftp://u:pw-9@ms4.example\n",
+     "[transport.http] base_url: expected an http:// or https:// URL, got "
+     "'ftp://u:***@ms4.example'"),
+    (HTTP + "[transport.http]\nbase_url = https:///path\n",
+     "[transport.http] base_url: the URL has no host: 'https:///path'"),
+    ("[metrics]\naddress = :99999\n",
+     "[metrics] address: the port must be between 1 and 65535, got ':99999'"),
+    ("[metrics]\naddress = 127.0.0.1:-1\n",
+     "[metrics] address: the port must be between 1 and 65535, got '127.0.0.1:-1'"),
+    ("[metrics]\naddress = abc\n",
+     "[metrics] address: expected host:port (e.g. 127.0.0.1:9464), got 'abc'"),
+    ("[metrics]\naddress = my host:9464\n",
+     "[metrics] address: not a host name or IP address: 'my host'"),
+    ("[queue]\nbackend = redis\n[redis]\nurl = redis://u:p@[::1\n",
+     "[redis] url: not a valid URL (Invalid IPv6 URL): 'redis://u:***@[::1'"),
+    ("[queue]\nbackend = redis\n[redis]\nurl = http://127.0.0.1:6379/0\n",
+     "[redis] url: expected a redis://, rediss:// or unix:// URL, got "
+     "'http://127.0.0.1:6379/0'"),
+    ("[queue]\nbackend = redis\n[redis]\nurl = redis://127.0.0.1:6379/0?db=x\n",
+     "[redis] url: Invalid value for 'db' in connection URL."),
+]
+
+
+@pytest.mark.parametrize(("ini", "expected"), REFUSED_AT_LOAD,
+                         ids=[f"{i}-{e.split(':')[0]}" for i, (_, e) in
+                              enumerate(REFUSED_AT_LOAD)])
+def test_check_refuses_what_run_refuses_in_one_line(
+    ini: str, expected: str, write_config, capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = write_config(ONCE + ini)
+    status, out, err = run_cli(["--config", str(path), "check"], capsys)
+    assert (status, out) == (2, ""), out + err
+    assert err == f"ms1-service: {path}: {expected}\n"
+    proc = run_once(path)
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    assert proc.stderr == f"ms1-service: {path}: {expected}\n"
+
+
+@pytest.mark.parametrize("url", ["unix:///run/redis/redis.sock?db=0", "unix:///tmp/r.sock",
+                                 "rediss://:pw@redis.example:6380/1", "redis://[::1]:6379/0",
+                                 "redis://localhost"])
+def test_check_accepts_redis_urls_redis_py_accepts(url: str, make_config) -> None:
+    config = make_config(f"[redis]\nurl = {url}\n")
+    assert config.get_str("redis", "url") == url
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [("127.0.0.1:9464", ("127.0.0.1", 9464)), (":9464", ("127.0.0.1", 9464)),
+     ("0.0.0.0:1", ("0.0.0.0", 1)), ("[::1]:65535", ("::1", 65535)),
+     ("metrics.local:9464", ("metrics.local", 9464)), ("", None)],
+)
+def test_metrics_address_is_parsed_at_load(address: str, expected, make_config) -> None:
+    config = make_config(f"[metrics]\naddress = {address}\n")
+    assert config.get_address("metrics", "address") == expected
+    assert config.get_str("metrics", "address") == address
+
+
+# --- issue 11: source = redis needs a durable queue and durable dead letters ----------------
+
+REDIS_SOURCE = "[source]\nname = redis\n"
+
+
+@pytest.mark.parametrize(
+    ("ini", "named"),
+    [
+        ("[queue]\nbackend = memory\n[dead_letters]\nbackend = redis\n",
+         "[queue] backend = memory"),
+        ("[queue]\nbackend = auto\n[dead_letters]\nbackend = redis\n",
+         "[queue] backend = auto"),
+        ("[queue]\nbackend = redis\n[dead_letters]\nbackend = memory\n",
+         "[dead_letters] backend = memory"),
+        ("[queue]\nbackend = memory\n[dead_letters]\nbackend = memory\n",
+         "[queue] backend = memory and [dead_letters] backend = memory"),
+    ],
+)
+def test_redis_source_refuses_volatile_backends(
+    ini: str, named: str, write_config, capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = write_config(REDIS_SOURCE + ini)
+    status, out, err = run_cli(["--config", str(path), "check"], capsys)
+    assert (status, out) == (2, "")
+    assert err == (f"ms1-service: {path}: [source] name: source 'redis' acknowledges "
+                   f"inbound entries, but {named} would hold them in memory only (lost "
+                   "when ms1 stops): use durable backends, or set [source] allow_volatile "
+                   "= yes\n")
+    proc = run_once(path, timeout=30)
+    assert (proc.returncode, proc.stderr) == (2, err)
+
+
+def test_allow_volatile_accepts_memory_backends(make_config) -> None:
+    config = make_config("[source]\nname = redis\nallow_volatile = yes\n"
+                         "[queue]\nbackend = memory\n[dead_letters]\nbackend = memory\n")
+    assert config.get_bool("source", "allow_volatile") is True
+
+
+def test_durable_and_non_acking_combinations_load(make_config) -> None:
+    make_config(REDIS_SOURCE + "[queue]\nbackend = redis\n[dead_letters]\nbackend = redis\n")
+    make_config(REDIS_SOURCE + "[queue]\nbackend = redis\n[dead_letters]\nbackend = jsonl\n")
+    make_config("[source]\nname = files\n[queue]\nbackend = memory\n")  # nothing to ack
+
+
+def test_third_party_backends_count_as_durable(write_config) -> None:
+    from ms1 import pluginmanager
+    from ms1.hookspecs import hookimpl
+
+    class Kafka:
+        @hookimpl
+        def ms1_components(self) -> list[tuple[str, str]]:
+            return [("queue", "kafka"), ("dead_letters", "kafka")]
+
+    pm = pluginmanager.make_plugin_manager(plugins=[Kafka()])
+    path = write_config(REDIS_SOURCE + "[queue]\nbackend = kafka\n[dead_letters]\n"
+                        "backend = kafka\n")
+    assert pluginmanager.load(pm, str(path)).get_str("queue", "backend") == "kafka"

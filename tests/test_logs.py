@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 
 import pytest
 
-from ms1 import logs
+from ms1 import logs, redaction
 from ms1.logs import (
     JsonFormatter,
     KeyValueFormatter,
@@ -30,7 +30,7 @@ def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     quiet = {name: logging.getLogger(name).level for name in logs.QUIET_LOGGERS}
-    installed, pending = logs._installed[:], logs._pending[:]
+    known = redaction.KNOWN.snapshot()
     yield
     for handler in root.handlers[:]:
         root.removeHandler(handler)
@@ -39,7 +39,7 @@ def restore_logging() -> Iterator[None]:
     root.setLevel(level)
     for name, lvl in quiet.items():
         logging.getLogger(name).setLevel(lvl)
-    logs._installed[:], logs._pending[:] = installed, pending
+    redaction.KNOWN.restore(known)
 
 
 def configure(fmt: str, secrets: tuple[str, ...] = (SECRET,)) -> io.StringIO:
@@ -238,7 +238,6 @@ def test_add_secret_after_setup() -> None:
 
 
 def test_add_secret_before_setup_is_kept() -> None:
-    logs._installed.clear()
     add_secret("early-secret")
     stream = configure("kv", secrets=())
     logging.getLogger("ms1").info("early-secret")
@@ -288,3 +287,58 @@ def test_formatters_work_without_the_filter() -> None:
     obj = json.loads(JsonFormatter().format(record))
     assert obj["exc"].endswith("RuntimeError: plain")
 
+
+
+# --- issue 11: a logged value cannot forge a log line -----------------------------------------
+
+FORGED = "2026-11-24 10:00:00,000 ERROR ms1.sender [sender-1] FORGED batch lost"
+TEXT_HEADER = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+
+
+def test_text_message_control_characters_are_escaped() -> None:
+    stream = configure("text")
+    logging.getLogger("ms1").warning("rejected %s", f"<id>\r\n{FORGED}\x1b[2J\u2028x\x00")
+    [line] = output_lines(stream)
+    assert line.endswith(r"rejected <id>\r\n" + FORGED + r"\u001b[2J\u2028x\u0000")
+
+
+def test_text_traceback_continuation_lines_are_prefixed() -> None:
+    stream = configure("text")
+    try:
+        raise ValueError(f"bad\n{FORGED}\rmore")
+    except ValueError:
+        logging.getLogger("ms1").exception("failed %s", "x", stack_info=True)
+    first, *rest = stream.getvalue().splitlines()
+    assert first.endswith("] failed x")
+    assert rest and all(line.startswith(" | ") for line in rest), rest
+    assert f" | {FORGED}\\rmore" in rest
+    assert " | Traceback (most recent call last):" in rest
+    assert " | Stack (most recent call last):" in rest
+
+
+@pytest.mark.parametrize("fmt", FORMATS := logs.FORMATS)
+def test_rejected_email_cannot_forge_a_log_line(fmt: str, tmp_path) -> None:
+    import os
+    import subprocess
+
+    mail = {"message_id": f"<forged@x>\n{FORGED}\r\n{FORGED}", "received_at":
+            "2025-11-01T09:30:00Z", "sender": "a@b.example", "subject": "s",
+            "raw_json": {"invoice_id": ""}}
+    (tmp_path / "in.jsonl").write_text(json.dumps(mail) + "\n")
+    config = tmp_path / "ms1.ini"
+    config.write_text(f"[ms1]\nlog_format = {fmt}\nonce_timeout = 10\n")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "ms1.cli", "--config", str(config), "--once",
+                           str(tmp_path / "in.jsonl")], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert any("rejected" in line and "FORGED" in line for line in lines), proc.stderr
+    for line in lines:
+        assert not line.startswith(FORGED), proc.stderr
+        if fmt == "text":
+            assert TEXT_HEADER.match(line) or line.startswith(" | "), line
+        elif fmt == "kv":
+            assert line.startswith("ts="), line
+        else:
+            assert json.loads(line)["level"], line

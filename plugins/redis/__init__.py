@@ -68,12 +68,12 @@ from ms1.source import Source
 
 from .deadletters import RedisDeadLetters
 from .limiter import RedisRateLimiter
-from .link import SECTION, RedisLink, link_for, redact_url, translated
+from .link import SECTION, RedisLink, check_url, link_for, redact_url, translated
 from .outbound import RedisQueue
 from .source import RedisSource
 
 __all__ = ["RedisDeadLetters", "RedisLink", "RedisQueue", "RedisRateLimiter", "RedisSource",
-           "consumer_name", "link_for", "redact_url", "translated"]
+           "check_url", "consumer_name", "link_for", "redact_url", "translated"]
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,11 @@ log = logging.getLogger(__name__)
 @hookimpl
 def ms1_config_options() -> Sequence[Option]:
     return [
-        Option(SECTION, "url", "str", "redis://127.0.0.1:6379/0",
+        Option(SECTION, "url", "url", "redis://127.0.0.1:6379/0",
                "Redis URL: redis://host:port/db, rediss:// for TLS, or unix:///path?db=0; a "
-               "password in the URL is redacted in every output (better: password_env)"),
+               "password in the URL (user:password@ or ?password=) is redacted in every "
+               "output (better: password_env)", schemes=("redis", "rediss", "unix"),
+               check=check_url),
         Option(SECTION, "password_env", "str", "",
                "environment variable holding the Redis password (overrides the URL's)"),
         Option(SECTION, "inbound_stream", "str", "ms1:emails",
@@ -141,7 +143,8 @@ def _queue(config: Config, link: RedisLink) -> RedisQueue:
                       visibility_timeout=config.get_float(SECTION, "visibility_timeout"),
                       block_timeout=config.get_float(SECTION, "block_timeout"),
                       prefetch=min(8, config.get_int("send", "threads")),
-                      dead_letter_stream=config.get_str(SECTION, "dead_letter_stream"))
+                      dead_letter_stream=config.get_str(SECTION, "dead_letter_stream"),
+                      max_payload_bytes=config.get_int("dead_letters", "max_payload_bytes"))
 
 
 @hookimpl
@@ -171,7 +174,8 @@ def ms1_make_source(name: str, config: Config, inputs: Sequence[str]) -> Source 
     return RedisSource(link_for(config), stream=config.get_str(SECTION, "inbound_stream"),
                        group=config.get_str(SECTION, "group"), consumer=consumer_name(config),
                        visibility_timeout=config.get_float(SECTION, "visibility_timeout"),
-                       delete_acked=config.get_bool(SECTION, "delete_acked_inbound"))
+                       delete_acked=config.get_bool(SECTION, "delete_acked_inbound"),
+                       max_email_bytes=config.get_int("batch", "max_bytes"))
 
 
 @hookimpl

@@ -4,7 +4,7 @@
 registered with redis-py, which loads one again when Redis lost its script cache) and
 the heartbeat thread. :func:`link_for` builds or shares the link of a config,
 :func:`translated` turns redis-py's errors into ms1's, :func:`redact_url` hides the
-password.
+password (ms1's one redaction), :func:`check_url` is the ``[redis] url`` option's check.
 
 Connections: a :class:`redis.BlockingConnectionPool`; every command checks a connection
 out for that command only (no connection is kept by a thread), so a pool smaller than the
@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -39,6 +39,7 @@ from redis.retry import Retry
 
 from ms1.config import Config, Secret
 from ms1.errors import Ms1Error
+from ms1.redaction import redact
 
 log = logging.getLogger(__name__)
 SECTION = "redis"
@@ -49,13 +50,15 @@ Fields = dict[str, bytes | str]
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """The URL as it may be shown: ``user:***@``, ``?password=***``
+    (:func:`ms1.redaction.redact`)."""
+    return redact(url)
+
+
+def check_url(url: str) -> None:
+    """What redis-py refuses in ``[redis] url`` (its own parser: scheme, port, ``db``,
+    query arguments): raise ValueError. Run at load, so ``check`` refuses it too."""
+    redis.connection.parse_url(url)  # type: ignore[no-untyped-call]  # redis-py: untyped
 
 
 def pool_size(threads: int) -> int:
@@ -88,11 +91,11 @@ class RedisLink:
             "retry": Retry(NoBackoff(), 0),
             "client_name": "ms1",
         }
-        if urlsplit(url).scheme in ("redis", "rediss"):
-            kwargs["socket_keepalive"] = True
         if password is not None:
             kwargs["password"] = password.reveal()
         try:
+            if urlsplit(url).scheme in ("redis", "rediss"):
+                kwargs["socket_keepalive"] = True
             pool = redis.BlockingConnectionPool.from_url(url, **kwargs)
         except ValueError as exc:
             raise Ms1Error(f"invalid Redis URL {self.url!r}: {exc}") from None
