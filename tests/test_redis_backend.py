@@ -416,6 +416,19 @@ JUNK = {
     "missing-field": {b"id": b"x", b"path": BATCH_PATH.encode()},
     "bad-json": {**GOOD_FIELDS, b"invoice_ids": b"[not json"},
     "binary": {b"\xff\xfe": b"\x00\x81\xff", b"payloads": b"\xc3\x28"},
+    # issue 11: wrong types inside an entry that has every field
+    "ids-not-strings": {**GOOD_FIELDS, b"invoice_ids": b"[1]"},
+    "ids-not-a-list": {**GOOD_FIELDS, b"invoice_ids": b'{"a": "b"}'},
+    "ids-a-string": {**GOOD_FIELDS, b"message_ids": b'"m"'},
+    "count-mismatch": {**GOOD_FIELDS, b"invoice_ids": b'["a", "b"]'},
+    "more-payloads": {**GOOD_FIELDS, b"payloads": b"{}\n{}"},
+    "empty-payloads": {**GOOD_FIELDS, b"payloads": b""},
+    "payload-not-an-object": {**GOOD_FIELDS, b"payloads": b"[1]"},
+    "deeply-nested-json": {**GOOD_FIELDS, b"invoice_ids": b"[" * 50_000},
+    "created-at-nan": {**GOOD_FIELDS, b"created_at": b"nan"},
+    "refs-not-strings": {**GOOD_FIELDS, b"refs": b"[null]"},
+    "id-binary": {**GOOD_FIELDS, b"id": b"\xff"},
+    "unknown-path": {**GOOD_FIELDS, b"path": b"/elsewhere"},
 }
 
 
@@ -487,6 +500,82 @@ def test_source_hands_out_a_malformed_entry_with_its_problem_and_the_rest_as_usu
     assert [raw_fields(m.data) for m in odd] == [{b"mail": b"2"}, {b"\xff\xfe": b"\x00\x80"}]
     assert all("no 'email' field" in (m.problem or "") for m in odd)
     src.close()
+
+
+def test_source_decodes_every_inbound_shape_in_one_place(redis_url) -> None:
+    """Issue 11: an entry with fields besides ``email`` is set aside with all of them; a
+    non-UTF-8 ``email`` goes to the processor as it is; one larger than the source's
+    bound is set aside unparsed, its e-mail kept as the payload (clipped by the store)."""
+    src = RedisSource(RedisLink(redis_url).use(), stream="t:in", group="g", consumer="c",
+                      visibility_timeout=30, delete_acked=True, max_email_bytes=1000)
+    client = src.link.client
+    shapes: list[dict[bytes, bytes]] = [
+        {b"email": b"1"},
+        {b"email": b"2", b"extra": b"x", b"\xff": b"y"},
+        {b"email": b"\xff\xfe{not utf-8"},
+        {b"email": b"x" * 1001},
+        {b"email": b"x" * 1000},
+    ]
+    ids = [client.xadd("t:in", fields).decode() for fields in shapes]
+    messages = src.read(10, timeout=0.5)
+    assert [m.ref for m in messages] == ids
+    ok, extra, binary, big, edge = messages
+    assert (ok.data, ok.problem) == (b"1", None)
+    assert extra.problem is not None and raw_fields(extra.data) == shapes[1]
+    assert "unexpected fields" in extra.problem and "'extra'" in extra.problem
+    assert "'\\xff'" in extra.problem
+    assert (binary.data, binary.problem) == (shapes[2][b"email"], None)
+    assert big.problem is not None and big.data == shapes[3][b"email"]
+    assert "1001 bytes" in big.problem and "1000" in big.problem
+    assert (edge.data, edge.problem) == (shapes[4][b"email"], None)
+    src.close()
+
+
+def test_a_non_utf8_email_is_dead_lettered_with_its_bytes_intact(
+        make_config, pm, redis_server, redis_url) -> None:
+    emails = [s.data for s in samples.generate(20, invalid_every=0)]
+    bad = b'\xff{"message_id": "<bin>", "raw_json": {}}\x00\x81'
+
+    def push(client: Any) -> None:
+        for data in [*emails[:10], bad, *emails[10:]]:
+            client.xadd("ms1:emails", {"email": data})
+
+    summary, parts, letters = run_once(pm, redis_config(make_config, redis_url), push, 30)
+    assert summary.ok, summary.render()
+    assert len(delivered_invoices(parts)) == 20
+    [letter] = letters
+    assert letter.stage == "processor" and letter.payload == bad
+    assert letter.reason.startswith("email: not UTF-8")
+
+
+def test_redis_dead_letters_are_clipped_and_keep_size_and_hash(redis_url) -> None:
+    import hashlib
+
+    store = RedisDeadLetters(RedisLink(redis_url).use(), stream="t:dead")
+    store.max_payload_bytes = 4096
+    big = b"\xfe" * 5_000_000
+    store.add([DeadLetter(reason="r", stage="processor", payload=big, at=2.0),
+               DeadLetter(reason="s", stage="processor", payload=b"\xfe", at=2.0)])
+    clipped, small = store.list()
+    assert clipped.payload == big[:4096] and clipped.payload_size == len(big)
+    assert clipped.payload_sha256 == hashlib.sha256(big).hexdigest()
+    assert "clipped" in clipped.reason
+    assert (small.payload, small.payload_size, small.payload_sha256) == (b"\xfe", None, None)
+    store.close()
+
+
+def test_a_huge_malformed_outbound_entry_is_set_aside_clipped(redis_url) -> None:
+    q = RedisQueue(RedisLink(redis_url).use(), stream="t:out", group="g", consumer="c",
+                   visibility_timeout=30, block_timeout=0.05, dead_letter_stream="t:dead",
+                   max_payload_bytes=2048)
+    q.link.client.xadd("t:out", {b"junk": b"j" * 3_000_000})
+    assert q.get("s", timeout=0.2) is None
+    [letter] = RedisDeadLetters(q.link.use(), stream="t:dead").list()
+    assert len(letter.payload) <= 2048 and letter.payload_size is not None
+    assert letter.payload_size > 3_000_000 and letter.payload_sha256
+    assert "not an ms1 batch" in letter.reason and "clipped" in letter.reason
+    assert q.link.client.xlen("t:out") == 0
+    q.close()
 
 
 def redis_config(make_config: Callable[[str], Config], url: str, *, max_items: int = 50,

@@ -3,8 +3,9 @@
 Fields: reason, stage, payload, at, and message_id, invoice_id, source_ref, ms4_answer,
 payload_size and payload_sha256 (a clipped payload) when known; a letter's id is its entry
 id. Every payload is cut to ``max_payload_bytes`` (:func:`ms1.deadletters.clip`). Letters
-from a Redis source on the same server are stored and their inbound entries acked in one atomic step (:mod:`.commit`), in groups
-of at most :data:`LETTERS_PER_GROUP` letters, each group with its own refs.
+from a Redis source on the same server are stored and their inbound entries acked in one
+atomic step (:mod:`.commit`), in groups of at most :data:`LETTERS_PER_GROUP` letters, each
+group with its own refs.
 """
 
 from __future__ import annotations

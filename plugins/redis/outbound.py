@@ -1,6 +1,7 @@
 """The outbound queue: batches for MS4 in a Redis stream (``[redis] outbound_stream``).
 
-One batch per entry (:func:`batch_fields` / :func:`batch_from_fields`). Enqueueing is
+One batch per entry (:func:`batch_fields` / :func:`batch_from_fields`, the one place that
+decides whether an entry is a batch: fields, UTF-8, types, counts). Enqueueing is
 :func:`.commit.store` (the batches' inbound e-mails acked in the same atomic step when the
 source is Redis too). Senders take batches from :meth:`RedisQueue.get`: one fetcher at a
 time reads up to ``prefetch`` entries with XREADGROUP, the others take theirs from that
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 import redis
 
 from ms1.errors import QueueError
-from ms1.model import BATCH_PATH, UNIT_PATH, Batch, DeadLetter
+from ms1.model import BATCH_PATH, DEFAULT_MAX_PAYLOAD_BYTES, UNIT_PATH, Batch, DeadLetter
 from ms1.outbound import Delivery, QueueBackend, QueueStats
 from ms1.source import Source
 
@@ -61,22 +63,72 @@ def batch_fields(batch: Batch) -> Fields:
     }
 
 
+#: the fields every batch entry has (``refs`` is optional; other fields are ignored, so a
+#: newer ms1 may add some without its batches being set aside by an older one)
+BATCH_FIELDS = (b"id", b"path", b"payloads", b"invoice_ids", b"message_ids", b"created_at")
+
+
 def batch_from_fields(fields: dict[bytes, bytes]) -> Batch:
-    """The batch an entry holds; KeyError, ValueError or TypeError if it holds none."""
-    batch = Batch(
-        path=fields[b"path"].decode(),
-        payloads=tuple(fields[b"payloads"].split(b"\n")),
-        invoice_ids=tuple(json.loads(fields[b"invoice_ids"])),
-        message_ids=tuple(json.loads(fields[b"message_ids"])),
-        id=fields[b"id"].decode(),
-        created_at=float(fields[b"created_at"]),
-        refs=tuple(json.loads(fields.get(b"refs", b"[]"))),
-    )
-    if batch.path not in (BATCH_PATH, UNIT_PATH):
-        raise ValueError(f"unknown path {batch.path!r}")
-    if not len(batch.payloads) == len(batch.invoice_ids) == len(batch.message_ids):
-        raise ValueError("payloads, invoice_ids and message_ids differ in number")
-    return batch
+    """The batch an outbound entry holds, or ValueError saying why it holds none: the one
+    place that decides. Never raises anything else (a JSON nested too deeply, binary field
+    names or values, wrong types, counts that differ are all a ValueError)."""
+    try:
+        return _decode_batch(fields)
+    except ValueError:
+        raise
+    except Exception as exc:  # RecursionError from json, anything unforeseen
+        raise ValueError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _decode_batch(fields: dict[bytes, bytes]) -> Batch:
+    missing = [name.decode() for name in BATCH_FIELDS if name not in fields]
+    if missing:
+        raise ValueError(f"missing fields: {', '.join(missing)}")
+
+    def text(name: bytes) -> str:
+        try:
+            return fields[name].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"field {name.decode()!r} is not UTF-8") from None
+
+    def strings(name: bytes, default: str | None = None) -> tuple[str, ...]:
+        raw = text(name) if name in fields or default is None else default
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise ValueError(f"field {name.decode()!r} is not JSON: {raw[:60]!r}") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"field {name.decode()!r} is not a JSON list of strings: "
+                             f"{raw[:60]!r}")
+        return tuple(value)
+
+    path, batch_id = text(b"path"), text(b"id")
+    if path not in (BATCH_PATH, UNIT_PATH):
+        raise ValueError(f"unknown path {path!r}")
+    if not batch_id or not batch_id.isprintable() or len(batch_id) > 200:
+        raise ValueError(f"bad id {batch_id[:60]!r}")
+    payloads = tuple(fields[b"payloads"].split(b"\n"))
+    for n, payload in enumerate(payloads):
+        if not (payload.startswith(b"{") and payload.endswith(b"}")):
+            raise ValueError(f"payload {n} is not a JSON object: {payload[:60]!r}")
+    if path == UNIT_PATH and len(payloads) != 1:
+        raise ValueError(f"{len(payloads)} payloads for {UNIT_PATH} (one object per request)")
+    invoice_ids, message_ids = strings(b"invoice_ids"), strings(b"message_ids")
+    refs = strings(b"refs", "[]")
+    if not len(payloads) == len(invoice_ids) == len(message_ids):
+        raise ValueError(f"payloads, invoice_ids and message_ids differ in number "
+                         f"({len(payloads)}, {len(invoice_ids)}, {len(message_ids)})")
+    if refs and len(refs) != len(payloads):
+        raise ValueError(f"{len(refs)} refs for {len(payloads)} payloads")
+    try:
+        created_at = float(text(b"created_at"))
+    except ValueError:
+        raise ValueError(f"created_at is not a number: {fields[b'created_at'][:60]!r}") \
+            from None
+    if not math.isfinite(created_at):
+        raise ValueError(f"created_at is not finite: {created_at}")
+    return Batch(path=path, payloads=payloads, invoice_ids=invoice_ids,
+                 message_ids=message_ids, id=batch_id, created_at=created_at, refs=refs)
 
 
 class RedisQueue(QueueBackend):
@@ -88,8 +140,10 @@ class RedisQueue(QueueBackend):
 
     def __init__(self, link: RedisLink, *, stream: str, group: str, consumer: str,
                  visibility_timeout: float, block_timeout: float, prefetch: int = 4,
-                 dead_letter_stream: str = "ms1:dead-letters") -> None:
+                 dead_letter_stream: str = "ms1:dead-letters",
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
         self.link = link
+        self.max_payload_bytes = max_payload_bytes
         self.stream, self.group, self.consumer = stream, group, consumer
         self.dead_letter_stream = dead_letter_stream
         self._block_ms = max(1, int(block_timeout * 1000))
@@ -185,14 +239,13 @@ class RedisQueue(QueueBackend):
                 continue
             try:
                 batch = batch_from_fields(fields)
-            except (KeyError, ValueError, TypeError) as exc:
-                reason = (f"{self.stream} entry {entry_id} is not an ms1 batch "
-                          f"({type(exc).__name__}: {exc})")
+            except ValueError as exc:
+                reason = f"{self.stream} entry {entry_id} is not an ms1 batch ({exc})"
                 log.error("%s: set aside as a dead letter in %s", reason,
                           self.dead_letter_stream)
                 odd.append((entry_id, [letter_fields(DeadLetter(
                     reason=reason, stage="queue", payload=raw_fields(fields),
-                    source_ref=entry_id))]))
+                    source_ref=entry_id).clipped(self.max_payload_bytes))]))
                 continue
             attempts = times_delivered(self.link, self.stream, self.group, entry_id) \
                 if claimed else 1

@@ -7,10 +7,23 @@ safe: by ``scripts/enqueue.lua`` in the same atomic step that stores its batch o
 letter (:mod:`.commit`), or by :meth:`RedisSource.ack` when that went elsewhere; XDEL
 follows the XACK unless ``delete_acked_inbound = no``.
 
-An entry without an ``email`` field (another producer's, binary junk) is handed out like
-any other, with its raw fields as data and a ``problem``: the intake makes it a dead
-letter (stage ``source``), acked atomically like every dead letter; the entries read with
-it are processed as usual.
+Every entry is decoded by :func:`inbound_message`, the one place that decides what an
+entry is:
+
+* exactly one field, ``email``, of at most ``max_email_bytes`` (``[batch] max_bytes``) —
+  an e-mail, handed to the processor as the bytes it is (not UTF-8, not JSON: the
+  processor rejects it, and its dead letter keeps those bytes);
+* no ``email`` field, or other fields besides it (another producer's entry, binary field
+  names) — handed out with all its raw fields as data (:func:`.leases.raw_fields`) and a
+  ``problem`` naming the fields;
+* an ``email`` larger than ``max_email_bytes`` — handed out unparsed with a ``problem``:
+  the MS4 object made of it is the e-mail less its envelope (give or take a few bytes
+  per number normalised), so it would not fit in a batch of ``[batch] max_bytes`` either,
+  and parsing megabytes would stall the batcher. The e-mail is the data (the store cuts it to
+  ``[dead_letters] max_payload_bytes``, keeping its length and SHA-256).
+
+The intake makes an entry with a ``problem`` a dead letter (stage ``source``), acked
+atomically like every dead letter; the entries read with it are processed as usual.
 """
 
 from __future__ import annotations
@@ -37,6 +50,34 @@ from .link import RedisLink, translated
 log = logging.getLogger(__name__)
 #: e-mails per pipeline of ``push``
 XADD_CHUNK = 500
+#: default bound of an inbound e-mail (``[batch] max_bytes``'s default)
+MAX_EMAIL_BYTES = 1_048_576
+
+
+def inbound_message(stream: str, entry_id: str, fields: dict[bytes, bytes],
+                    max_email_bytes: int = MAX_EMAIL_BYTES) -> InboundMessage:
+    """What an inbound entry is (see the module doc): an e-mail, or raw data with the
+    ``problem`` that makes it a dead letter. Never raises."""
+    data = fields.get(b"email")
+    if data is not None and len(fields) == 1:
+        if len(data) <= max_email_bytes:
+            return InboundMessage(entry_id, data)
+        problem = (f"{stream} entry {entry_id}: its e-mail is {len(data)} bytes, more than "
+                   f"{max_email_bytes} ([batch] max_bytes): it cannot become an object of a "
+                   "batch; set aside unparsed")
+        log.warning("%s", problem)
+        return InboundMessage(entry_id, data, problem=problem)
+    names = ", ".join(f"'{name}'" for name in field_names(fields))
+    if data is None:
+        problem = (f"{stream} entry {entry_id} has no 'email' field (fields: {names}): kept "
+                   "with its raw fields")
+    else:
+        extra = ", ".join(f"'{name}'" for name in field_names(
+            {k: v for k, v in fields.items() if k != b"email"}))
+        problem = (f"{stream} entry {entry_id} has unexpected fields besides 'email' "
+                   f"({extra}): kept with its raw fields")
+    log.warning("%s", problem)
+    return InboundMessage(entry_id, raw_fields(fields), problem=problem)
 
 
 class RedisSource(Source):
@@ -45,8 +86,10 @@ class RedisSource(Source):
     name = "redis"
 
     def __init__(self, link: RedisLink, *, stream: str, group: str, consumer: str,
-                 visibility_timeout: float, delete_acked: bool) -> None:
+                 visibility_timeout: float, delete_acked: bool,
+                 max_email_bytes: int = MAX_EMAIL_BYTES) -> None:
         self.link = link
+        self.max_email_bytes = max_email_bytes
         self.stream, self.group, self.consumer = stream, group, consumer
         self.delete = delete_acked
         self._ready = False
@@ -63,8 +106,8 @@ class RedisSource(Source):
             entries: list[Entry] = self._claimer.take(max_items) or read_group(
                 self.link, self.stream, self.group, self.consumer, max_items,
                 block_ms=max(1, int(timeout * 1000)))
-        messages = [self._message(entry_id, fields) for entry_id, fields in entries
-                    if fields is not None]
+        messages = [inbound_message(self.stream, entry_id, fields, self.max_email_bytes)
+                    for entry_id, fields in entries if fields is not None]
         self._held.add([m.ref for m in messages])
         gone = [entry_id for entry_id, fields in entries if fields is None]
         if gone:  # deleted while pending: nothing to process
@@ -73,15 +116,6 @@ class RedisSource(Source):
             except SourceError as exc:  # still pending: dropped at the next re-read
                 log.warning("cannot ack %d deleted entries: %s", len(gone), exc)
         return messages
-
-    def _message(self, entry_id: str, fields: dict[bytes, bytes]) -> InboundMessage:
-        data = fields.get(b"email")
-        if data is not None:
-            return InboundMessage(entry_id, data)
-        problem = (f"{self.stream} entry {entry_id} has no 'email' field (fields: "
-                   f"{', '.join(field_names(fields))}): kept with its raw fields")
-        log.warning("%s", problem)
-        return InboundMessage(entry_id, raw_fields(fields), problem=problem)
 
     def forget(self, refs: Sequence[str]) -> None:
         """These entries are acked: stop refreshing them."""
