@@ -208,6 +208,10 @@ def replay(store: DeadLetterStore, queue: QueueBackend, *, ids: Sequence[str] | 
             still_invalid.append((letter.id, f"a raw {letter.stage} entry, not an e-mail or "
                                   f"an MS4 object ({letter.reason}); fix it at its origin"))
             continue
+        if letter.payload_size is not None:  # only the start of it is kept
+            still_invalid.append((letter.id, f"payload clipped ({letter.payload_size} bytes, "
+                                  f"sha256 {letter.payload_sha256}): resend it from its origin"))
+            continue
         if letter.stage == "processor":
             result = unified_email_processor(letter.payload)
             if not isinstance(result, Accepted):

@@ -310,3 +310,19 @@ def test_service_once_delivers_the_valid_emails_and_dead_letters_a_malformed_ent
     assert len(dead_letters(client)) == 2
     assert client.xlen(INBOUND) == 0
     client.close()
+
+
+def test_replay_keeps_a_clipped_letter_rather_than_sending_half_an_object() -> None:
+    from ms1.admin import replay
+
+    store = MemoryDeadLetters()
+    store.max_payload_bytes = 1024
+    whole = b'{"invoice_id":"1","vendor_name":"' + b"v" * 5000 + b'"}'
+    store.add([DeadLetter(reason="MS4 rejected", stage="ms4", payload=whole,
+                          invoice_id="1", message_id="<m>")])
+    queue = MemoryQueue()
+    result = replay(store, queue, ids=None, max_items=50, max_bytes=1_048_576)
+    assert result.replayed == 0 and queue.stats().empty
+    [(letter_id, reason)] = result.still_invalid
+    assert "clipped" in reason and str(len(whole)) in reason
+    assert store.count() == 1
