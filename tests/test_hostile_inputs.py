@@ -323,6 +323,6 @@ def test_replay_keeps_a_clipped_letter_rather_than_sending_half_an_object() -> N
     queue = MemoryQueue()
     result = replay(store, queue, ids=None, max_items=50, max_bytes=1_048_576)
     assert result.replayed == 0 and queue.stats().empty
-    [(letter_id, reason)] = result.still_invalid
+    [(_letter_id, reason)] = result.still_invalid
     assert "clipped" in reason and str(len(whole)) in reason
     assert store.count() == 1
