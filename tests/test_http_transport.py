@@ -26,7 +26,7 @@ from ms1.batching import SizeBatchPolicy, UnitPolicy
 from ms1.components import Components
 from ms1.config import Secret
 from ms1.deadletters import MemoryDeadLetters
-from ms1.errors import TransportError
+from ms1.errors import ConfigError, TransportError
 from ms1.model import BATCH_PATH, UNIT_PATH
 from ms1.outbound import MemoryQueue
 from ms1.service import Service
@@ -105,9 +105,9 @@ def test_factory_needs_a_key_and_a_real_url(make_config, monkeypatch) -> None:
                                         r"key: set \$MS1_MS4_API_KEY"):
         pluginmanager.build(pm, config, "transport")
     monkeypatch.setenv("MS1_MS4_API_KEY", "x")
-    config = make_config("[ms4]\ntransport = http\n[transport.http]\nbase_url = ftp://h\n")
-    with pytest.raises(Exception, match=r"\[transport.http\] base_url: must be an http"):
-        pluginmanager.build(pm, config, "transport")
+    with pytest.raises(ConfigError, match=r"\[transport.http\] base_url: expected an "
+                                          r"http:// or https:// URL"):
+        make_config("[ms4]\ntransport = http\n[transport.http]\nbase_url = ftp://h\n")
 
 
 # --- every answer, through the real sender pool ------------------------------------
