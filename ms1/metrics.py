@@ -13,15 +13,45 @@ fed by the same hooks a third-party metrics plugin would use — plus a small HT
 
 Counters are read from the run's :class:`~ms1.stats.RunStats` at scrape time, so they
 always agree with the ``--once`` summary and the logs.
+
+The HTTP server (:class:`MetricsServer`, on :mod:`http.server`) can never cost the
+pipeline its file descriptors or threads, whatever its clients do:
+
+* at most :data:`MAX_CONNECTIONS` connections are served at once, one short-lived thread
+  each. When all are taken, a new connection evicts the oldest one still sending its
+  request (a slow client cannot hold a slot against a health check); when none can be
+  evicted it is accepted and closed at once;
+* a client has :data:`REQUEST_TIMEOUT` seconds for its whole request head (however
+  slowly it trickles in) and the answer :data:`WRITE_TIMEOUT` seconds to be written;
+  one request per connection (HTTP/1.0);
+* no connection is accepted while fewer than :func:`fd_reserve` file descriptors remain
+  below the process's ``RLIMIT_NOFILE`` (counted in ``/proc/self/fd``): those are kept
+  for Redis and MS4 (one WARNING when it starts, one INFO when it ends);
+* client errors (resets, timeouts, malformed requests) are logged by ``ms1.metrics`` at
+  DEBUG in the configured log format, never printed as tracebacks.
+
+Why not ``prometheus_client.start_http_server``: it serves on a
+``ThreadingMixIn`` WSGI server (a thread per connection, no limit, no timeout, tracebacks
+on stderr), and ``wsgiref`` alone answers one client at a time, so a single slow client
+would block every scrape and health check.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import logging
+import os
+import resource
+import selectors
+import socket
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -119,7 +149,7 @@ def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
 class Exporter:
     """Metrics and health of one service: an observer plugin plus an HTTP endpoint."""
 
-    def __init__(self, service: ServiceView, address: str) -> None:
+    def __init__(self, service: ServiceView, address: str | tuple[str, int]) -> None:
         self.service = service
         self._rejected: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
@@ -132,16 +162,14 @@ class Exporter:
             "ms1_send_latency_seconds", "Duration of accepted MS4 requests",
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        host, _, port = address.rpartition(":")
-        self._server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), _handler(self))
-        self._server.daemon_threads = True
+        self._server = MetricsServer(parse_address(address), _handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics",
                                         daemon=True)
 
     @property
     def address(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"{host!s}:{port}"
+        return f"[{host!s}]:{port}" if ":" in str(host) else f"{host!s}:{port}"
 
     def start(self) -> None:
         self._thread.start()
@@ -186,8 +214,9 @@ class Exporter:
 
 
 def _handler(exporter: Exporter) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(LimitedRequestHandler):
         def do_GET(self) -> None:
+            self.answering()
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self._answer(200, generate_latest(exporter.registry), CONTENT_TYPE_LATEST)
@@ -208,7 +237,294 @@ def _handler(exporter: Exporter) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            return
-
     return Handler
+
+
+class LimitedRequestHandler(BaseHTTPRequestHandler):
+    """The handler base :class:`MetricsServer` needs: reads the request head against its
+    connection's deadline, logs through ``log`` at DEBUG. A ``do_GET`` calls
+    :meth:`answering` once it starts its work."""
+
+    _connection: _Connection
+
+    def setup(self) -> None:
+        super().setup()
+        server = self.server
+        assert isinstance(server, MetricsServer)
+        self._connection = server.connection(self.request)
+        self.rfile.close()  # the makefile() one: it would keep the socket open
+        self.rfile = io.BufferedReader(_HeadReader(self._connection))
+
+    def answering(self) -> None:
+        """The request head is in: the connection may no longer be evicted, and the
+        answer gets :data:`WRITE_TIMEOUT` seconds to be written."""
+        self._connection.answering = True
+        self.connection.settimeout(WRITE_TIMEOUT)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.answering()  # error answers (400, 501, ...) too
+        super().send_response(code, message)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("metrics: client %s: " + format, self._connection.peer, *args)
+
+
+class _HeadReader(io.RawIOBase):
+    """The socket's input, each read bounded by the connection's deadline (so the whole
+    request head is, however slowly it trickles in)."""
+
+    def __init__(self, connection: _Connection) -> None:
+        super().__init__()
+        self._connection = connection
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        connection = self._connection
+        left = connection.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"request head not complete within {connection.timeout:g} s")
+        connection.sock.settimeout(left)
+        count = connection.sock.recv_into(buffer)
+        if count == 0 and connection.evicted:
+            raise ConnectionAbortedError("dropped for a newer connection, request incomplete")
+        return count
+
+
+# --- the HTTP server ---------------------------------------------------------------------
+
+#: most connections served at once (Prometheus and a health checker need one or two)
+MAX_CONNECTIONS = 8
+#: seconds a client has to send its whole request head
+REQUEST_TIMEOUT = 5.0
+#: seconds an answer may take to be written
+WRITE_TIMEOUT = 5.0
+#: seconds the accept loop waits before it looks again while no descriptor may be taken
+#: (connections wait in the listen backlog meanwhile, costing ms1 no descriptor)
+_FD_BACKOFF = 0.1
+#: seconds a new connection waits for the slot of the connection it evicted
+_EVICT_WAIT = 1.0
+_FD_DIR = "/proc/self/fd"
+_Selector: type[selectors.BaseSelector] = getattr(selectors, "PollSelector",
+                                                  selectors.SelectSelector)
+
+
+def fd_reserve(limit: int) -> int:
+    """File descriptors kept for Redis, MS4 and the rest of ms1 under a soft
+    ``RLIMIT_NOFILE`` of ``limit``: an eighth of it, at least 16."""
+    return max(16, limit // 8)
+
+
+def fd_usage() -> tuple[int, int] | None:
+    """``(open, limit)``: descriptors this process has open and its soft
+    ``RLIMIT_NOFILE``; None when there is no limit or no ``/proc`` to count them. When
+    even listing ``/proc/self/fd`` fails (EMFILE), open is the limit."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    try:
+        used = len(os.listdir(_FD_DIR))  # counts the listing's own descriptor: one spare
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return limit, limit
+    return used, limit
+
+
+def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+    """``(host, port)`` of ``host:port``, ``[v6]:port`` or ``:port`` (127.0.0.1), or of
+    a pair already parsed (``Config.get_address``); ValueError when it is neither."""
+    if isinstance(address, tuple):
+        host, port = address
+    else:
+        host, colon, port_text = address.strip().rpartition(":")
+        if not colon or not port_text.isdigit():
+            raise ValueError(f"expected host:port, got {address!r}")
+        port = int(port_text)
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range: {port}")
+    return host or "127.0.0.1", port
+
+
+def _peer(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address)
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One accepted connection, while it is served."""
+
+    sock: socket.socket
+    address: Any
+    timeout: float
+    started: float
+    #: the request head is in (it is being answered): not evicted any more
+    answering: bool = False
+    #: shut down to make room for a newer connection
+    evicted: bool = False
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.timeout
+
+    @property
+    def peer(self) -> str:
+        return _peer(self.address)
+
+
+class MetricsServer(HTTPServer):
+    """An HTTP server that bounds its connections, their time and its file descriptors
+    (see the module documentation). ``serve_forever`` runs the accept loop; each
+    connection is served in a thread of its own, :data:`MAX_CONNECTIONS` at most."""
+
+    #: listen backlog: connections wait there (in the kernel) while none may be accepted
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *,
+                 max_connections: int = MAX_CONNECTIONS,
+                 request_timeout: float = REQUEST_TIMEOUT) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        self._live: dict[socket.socket, _Connection] = {}
+        self._closing = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._starved = False
+        self._served = 0
+        super().__init__(address, handler)
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.socket.setblocking(False)  # a connection reset while queued: no blocking accept
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._idle.clear()
+        try:
+            with _Selector() as selector:
+                selector.register(self.socket, selectors.EVENT_READ)
+                while not self._closing.is_set():
+                    if selector.select(poll_interval) and not self._closing.is_set():
+                        self._accept()
+        finally:
+            self._idle.set()
+
+    def shutdown(self) -> None:
+        """Stop the accept loop and wait until it has stopped."""
+        self._closing.set()
+        self._idle.wait()
+
+    def server_close(self) -> None:
+        """Close the listening socket and cut the connections still served."""
+        self._closing.set()
+        super().server_close()
+        with self._lock:
+            for connection in self._live.values():
+                _shut(connection.sock)
+
+    @property
+    def active(self) -> int:
+        """Connections being served now."""
+        with self._lock:
+            return len(self._live)
+
+    def connection(self, sock: socket.socket) -> _Connection:
+        with self._lock:
+            return self._live[sock]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client's failure (reset, timeout, broken pipe) at DEBUG; anything else at
+        ERROR; both through ``log`` (one record in the log format, no raw traceback)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.debug("metrics: client %s: %s: %s", _peer(client_address),
+                      type(exc).__name__, exc)
+        else:
+            log.error("metrics: error answering %s", _peer(client_address), exc_info=True)
+
+    # --- accept loop --------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        usage = fd_usage()
+        if usage is not None and usage[0] + 1 > usage[1] - fd_reserve(usage[1]):
+            if not self._starved:
+                self._starved = True
+                log.warning("metrics: not accepting connections: %d of %d file descriptors "
+                            "are open, the last %d are kept for Redis and MS4", usage[0],
+                            usage[1], fd_reserve(usage[1]))
+            self._closing.wait(_FD_BACKOFF)
+            return
+        if self._starved:
+            self._starved = False
+            log.info("metrics: accepting connections again")
+        try:
+            sock, address = self.socket.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.debug("metrics: accept failed: %s", exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._closing.wait(_FD_BACKOFF)
+            return
+        self._dispatch(sock, address)
+
+    def _dispatch(self, sock: socket.socket, address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            evicted = self._evict_oldest()
+            if evicted is None or not self._slots.acquire(timeout=_EVICT_WAIT):
+                log.debug("metrics: %d connections busy; closing the connection from %s",
+                          self.max_connections, _peer(address))
+                self.shutdown_request(sock)
+                return
+            log.debug("metrics: dropped %s (request incomplete after %.1f s) for %s",
+                      evicted.peer, time.monotonic() - evicted.started, _peer(address))
+        connection = _Connection(sock, address, self.request_timeout, time.monotonic())
+        with self._lock:
+            self._live[sock] = connection
+        self._served += 1
+        thread = threading.Thread(target=self._serve, args=(connection,), daemon=True,
+                                  name=f"metrics-{self._served}")
+        try:
+            thread.start()
+        except RuntimeError as exc:  # cannot start new thread
+            log.warning("metrics: cannot serve %s: %s", connection.peer, exc)
+            self._finish(connection)
+
+    def _evict_oldest(self) -> _Connection | None:
+        """Shut down the oldest connection still sending its request head, if any."""
+        with self._lock:
+            waiting = [c for c in self._live.values() if not c.answering and not c.evicted]
+            if not waiting:
+                return None
+            oldest = min(waiting, key=lambda c: c.started)
+            oldest.evicted = True
+            _shut(oldest.sock)  # its thread's read returns at once
+            return oldest
+
+    def _serve(self, connection: _Connection) -> None:
+        try:
+            self.finish_request(connection.sock, connection.address)
+        except Exception:
+            self.handle_error(connection.sock, connection.address)
+        finally:
+            self._finish(connection)
+
+    def _finish(self, connection: _Connection) -> None:
+        with self._lock:  # closed under the lock: an eviction never meets a closed socket
+            self._live.pop(connection.sock, None)
+            self.shutdown_request(connection.sock)
+        self._slots.release()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already gone
+        sock.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,453 @@
+"""The metrics/health HTTP server under hostile clients, with the real service as a
+subprocess: slow clients under a low file-descriptor limit, connection resets with JSON
+logs; plus the shipped production config serving it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pluggy
+import pytest
+from conftest import free_port
+
+from ms1 import metrics, pluginmanager
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parent.parent
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def get(address: str, path: str, timeout: float = 5) -> tuple[int, str]:
+    """Status and body of GET ``path``; 0 when nothing answered."""
+    try:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, OSError):
+        return 0, ""
+
+
+def start_sim() -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0",
+                             "--rate-limit", "0", "--api-key", "k"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("ms4-sim listening on "), line
+    return proc, line.split()[-1]
+
+
+def sim_accepted(url: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{url}/stats", timeout=5) as answer:
+            return int(json.loads(answer.read())["unique_invoices_accepted"])
+    except OSError:
+        return -1
+
+
+def write_config(tmp_path: Path, *, redis_url: str, metrics: str, sim_url: str = "",
+                 log_level: str = "INFO") -> Path:
+    transport = (f"transport = http\napi_key_env = MS1_MS4_API_KEY\n"
+                 f"[transport.http]\nbase_url = {sim_url}\n") if sim_url \
+        else "transport = memory\n"
+    path = tmp_path / "ms1.ini"
+    path.write_text(textwrap.dedent(f"""\
+        [ms1]
+        shutdown_timeout = 5
+        log_format = json
+        log_level = {log_level}
+        [metrics]
+        address = {metrics}
+        [source]
+        name = redis
+        [queue]
+        backend = redis
+        [dead_letters]
+        backend = redis
+        [batch]
+        max_wait = 0.1
+        [send]
+        threads = 4
+        retry_initial = 0.05
+        retry_max = 0.2
+        requests_per_minute = 100000
+        [redis]
+        url = {redis_url}
+        consumer = metrics-test
+        block_timeout = 0.2
+        socket_timeout = 2
+        [ms4]
+        """) + transport)
+    return path
+
+
+def enqueue(config: Path, tmp_path: Path, count: int, first: int) -> None:
+    """Put ``count`` valid e-mails on the inbound stream (with the admin command)."""
+    data = tmp_path / f"in-{first}.jsonl"
+    lines = []
+    for n in range(first, first + count):
+        lines.append(json.dumps({
+            "message_id": f"<{n}@test>", "received_at": "2025-11-01T09:30:00Z",
+            "sender": "billing@vendor.example", "subject": f"Invoice {n}",
+            "raw_json": {"invoice_id": f"INV-{n}", "vendor_name": "Vendor",
+                         "invoice_date": "2025-11-01", "total_amount": 10.0,
+                         "currency": "USD", "line_items": []}}))
+    data.write_text("\n".join(lines) + "\n")
+    subprocess.run([sys.executable, "-m", "ms1.cli", "--config", str(config), "enqueue",
+                    str(data)], check=True, capture_output=True, timeout=60,
+                   env={**os.environ, "MS1_MS4_API_KEY": "k"})
+
+
+def limit_fds(limit: int) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return apply
+
+
+def start_service(config: Path, log: Path, procs: list[subprocess.Popen[bytes]],
+                  fd_limit: int | None = None) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "ms1.cli", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+                            env={**os.environ, "MS1_MS4_API_KEY": "k"},
+                            preexec_fn=limit_fds(fd_limit) if fd_limit else None)
+    procs.append(proc)
+    return proc
+
+
+def stop_service(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=30)
+
+
+def open_slow_connections(address: str, count: int) -> list[socket.socket]:
+    """Up to ``count`` connections that never send a request, opened one after the other
+    (so a server that accepts at once gets them all); stops early once five connects in
+    a row time out (a server that stopped accepting: its backlog is full)."""
+    host, port = address.rsplit(":", 1)
+    socks: list[socket.socket] = []
+    failures = 0
+    while len(socks) < count and failures < 5:
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=1)
+        except OSError:
+            failures += 1
+            continue
+        failures = 0
+        sock.setblocking(False)
+        socks.append(sock)
+    return socks
+
+
+def close_all(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
+
+
+@pytest.fixture
+def sim() -> Iterator[str]:
+    proc, url = start_sim()
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+
+
+def json_lines(log: Path) -> list[dict[str, object]]:
+    """Every stderr line as JSON; fails naming the first line that is not."""
+    records = []
+    for number, line in enumerate(log.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"stderr line {number} is not JSON: {line!r}")
+    return records
+
+
+# --- the server in process: connection cap, eviction, fd reserve ---------------------------
+
+class Ok(metrics.LimitedRequestHandler):
+    def do_GET(self) -> None:
+        self.answering()
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+
+
+@pytest.fixture
+def server() -> Iterator[metrics.MetricsServer]:
+    srv = metrics.MetricsServer(("127.0.0.1", 0), Ok, max_connections=2, request_timeout=30)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def address_of(srv: metrics.MetricsServer) -> str:
+    host, port = srv.server_address[:2]
+    return f"{host!s}:{port}"
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """True once the server closed or reset ``sock`` (it never sent a request)."""
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_connections_are_capped_and_a_new_one_evicts_the_oldest_slow_one(
+        server: metrics.MetricsServer) -> None:
+    address = address_of(server)
+    slow = open_slow_connections(address, 10)
+    try:
+        assert len(slow) == 10  # all accepted at once (none waits in the backlog)
+        assert wait_until(lambda: server.active == 2, 5)
+        # the 8 oldest gave way to newer ones, the 2 newest hold the slots
+        assert wait_until(lambda: all(peer_closed(s) for s in slow[:8]), 5)
+        assert not any(peer_closed(s) for s in slow[8:])
+        threads = [t for t in threading.enumerate() if t.name.startswith("metrics-")]
+        assert len(threads) <= 2
+        assert get(address, "/healthz") == (200, "ok\n")  # evicts one more slow client
+        assert server.active <= 2
+    finally:
+        close_all(slow)
+    assert wait_until(lambda: server.active == 0, 5)
+
+
+class HeldOk(Ok):
+    """Answers once ``release`` is set."""
+
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        self.answering()
+        self.release.wait(10)
+        super().do_GET()
+
+
+def test_a_request_being_answered_is_never_evicted() -> None:
+    """Both slots answering: a third connection is closed at once, neither queued nor
+    allowed to cut an answer short."""
+    srv = metrics.MetricsServer(("127.0.0.1", 0), HeldOk, max_connections=2)
+    serving = threading.Thread(target=srv.serve_forever, daemon=True)
+    serving.start()
+    address = address_of(srv)
+    answers: list[tuple[int, str]] = []
+    busy = [threading.Thread(target=lambda: answers.append(get(address, "/")))
+            for _ in range(2)]
+    try:
+        for thread in busy:
+            thread.start()
+        assert wait_until(lambda: srv.active == 2, 5)
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as third:
+            assert third.recv(1) == b""  # closed at once, without an answer
+        HeldOk.release.set()
+        for thread in busy:
+            thread.join(10)
+        assert answers == [(200, "ok\n"), (200, "ok\n")]
+    finally:
+        HeldOk.release.set()
+        srv.shutdown()
+        srv.server_close()
+        serving.join(10)
+
+
+def test_no_connection_is_accepted_inside_the_fd_reserve(
+        server: metrics.MetricsServer, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    limit = 64
+    used = [limit - metrics.fd_reserve(limit)]  # one more would eat into the reserve
+    monkeypatch.setattr(metrics, "fd_usage", lambda: (used[0], limit))
+    host, port = address_of(server).rsplit(":", 1)
+    with caplog.at_level(logging.DEBUG, logger="ms1.metrics"), \
+            socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")  # waits in the listen backlog
+        assert wait_until(lambda: "not accepting connections" in caplog.text, 5)
+        assert server.active == 0
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(100)  # not answered while the descriptors are short
+        used[0] -= 1
+        sock.settimeout(5)
+        assert sock.recv(100).startswith(b"HTTP/1.0 200")
+    assert caplog.text.count("not accepting connections") == 1  # once per episode
+    assert "accepting connections again" in caplog.text
+
+
+def test_fd_usage_counts_this_process() -> None:
+    usage = metrics.fd_usage()
+    assert usage is not None
+    before, limit = usage
+    assert limit == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    with socket.socket():
+        after = metrics.fd_usage()
+        assert after is not None and after[0] == before + 1
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+    (":9464", ("127.0.0.1", 9464)),
+    ("[::1]:9464", ("::1", 9464)),
+    ("localhost:0", ("localhost", 0)),
+    (("127.0.0.1", 9464), ("127.0.0.1", 9464)),
+    (("", 9464), ("127.0.0.1", 9464)),
+])
+def test_parse_address(text: str | tuple[str, int], expected: tuple[str, int]) -> None:
+    assert metrics.parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["9464", "127.0.0.1:", "host:port", "127.0.0.1:70000"])
+def test_parse_address_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        metrics.parse_address(text)
+
+
+# --- defect 1: slow clients under a low fd limit ------------------------------------------
+
+def test_slow_clients_under_a_low_fd_limit_cannot_starve_the_pipeline(
+        redis_url: str, tmp_path: Path, sim: str, procs: list[subprocess.Popen[bytes]]
+        ) -> None:
+    """300 clients that never send a request (half of them trickle a byte a second),
+    with the service at 64 file descriptors: it keeps delivering, no thread dies, and
+    /healthz answers during the flood and after."""
+    address = f"127.0.0.1:{free_port()}"
+    config = write_config(tmp_path, redis_url=redis_url, metrics=address, sim_url=sim)
+    log = tmp_path / "service.log"
+    service = start_service(config, log, procs, fd_limit=64)
+    assert wait_until(lambda: get(address, "/healthz")[0] == 200, 30), log.read_text()
+    # the flood comes first: the pools to Redis and MS4 still have to grow
+    socks = open_slow_connections(address, 300)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(1.0):  # a byte a second: the pace of the attack, not a sync
+            for sock in socks[::2]:
+                with contextlib.suppress(OSError):
+                    sock.send(b"G")
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    try:
+        for round_ in range(6):  # e-mails keep coming during the flood
+            enqueue(config, tmp_path, 200, round_ * 200)
+            socks.extend(open_slow_connections(address, 60))
+        assert wait_until(lambda: sim_accepted(sim) == 1200 or service.poll() is not None,
+                          60), log.read_text()[-3000:]
+        assert service.poll() is None, log.read_text()[-3000:]
+        assert sim_accepted(sim) == 1200
+        # one answer while the slow clients still hold their connections
+        assert wait_until(lambda: get(address, "/healthz", timeout=2)[0] == 200, 20)
+    finally:
+        stop.set()
+        trickler.join(10)
+        close_all(socks)
+    assert wait_until(lambda: get(address, "/healthz") == (200, "ok\n"), 20)
+    assert get(address, "/readyz") == (200, "ready\n")
+    assert stop_service(service) == 0, log.read_text()[-3000:]
+    records = json_lines(log)
+    assert not [r for r in records if r["level"] in ("ERROR", "CRITICAL")], records[-5:]
+
+
+def test_a_client_that_sends_a_byte_a_second_is_cut_off(
+        redis_url: str, tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    """The whole request head has a deadline (5 s), however slowly it trickles in."""
+    address = f"127.0.0.1:{free_port()}"
+    config = write_config(tmp_path, redis_url=redis_url, metrics=address)
+    log = tmp_path / "service.log"
+    service = start_service(config, log, procs)
+    assert wait_until(lambda: get(address, "/healthz")[0] == 200, 30), log.read_text()
+    host, port = address.rsplit(":", 1)
+    request = b"GET /healthz HTTP/1.0\r\n" + b"X-Slow: " + b"a" * 20
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        started = time.monotonic()
+        sock.settimeout(0.5)
+        closed_after = None
+        for byte in request:
+            try:
+                sock.send(bytes([byte]))
+                if sock.recv(1) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                continue  # the server still listens: the next byte, half a second later
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+    assert closed_after is not None, "the server waited for the whole slow request"
+    assert 4 <= closed_after <= 8, closed_after
+    assert stop_service(service) == 0
+
+
+# --- defect 2: resets are logged, never printed as tracebacks ------------------------------
+
+def test_client_resets_are_logged_in_the_log_format_not_as_tracebacks(
+        redis_url: str, tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    config = write_config(tmp_path, redis_url=redis_url, metrics=address, log_level="DEBUG")
+    log = tmp_path / "service.log"
+    service = start_service(config, log, procs)
+    assert wait_until(lambda: get(address, "/healthz")[0] == 200, 30), log.read_text()
+    host, port = address.rsplit(":", 1)
+    for _ in range(20):
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no blank line: partial
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+    assert wait_until(lambda: sum("ms1.metrics" in line and "reset" in line.lower()
+                                  for line in log.read_text().splitlines()) >= 20, 20), \
+        log.read_text()[-3000:]
+    assert get(address, "/healthz") == (200, "ok\n")
+    assert stop_service(service) == 0
+    records = json_lines(log)
+    client = [r for r in records if r["logger"] == "ms1.metrics" and r["level"] == "DEBUG"]
+    assert len(client) >= 20
+    assert not [r for r in records if "Traceback" in json.dumps(r)]
+
+
+# --- defect 3: production serves metrics and health ----------------------------------------
+
+def test_prod_config_serves_metrics_on_loopback(pm: pluggy.PluginManager) -> None:
+    config = pluginmanager.load(pm, str(ROOT / "conf" / "prod.ini"))  # strictly validated
+    host, port = metrics.parse_address(config.get_str("metrics", "address"))
+    assert host == "127.0.0.1" and port == 9464
+    unit = (ROOT / "conf" / "ms1-service.service").read_text()
+    families = next(line for line in unit.splitlines()
+                    if line.startswith("RestrictAddressFamilies="))
+    assert "AF_INET" in families.split("=", 1)[1].split()
+    assert "PrivateNetwork=yes" not in unit  # loopback must be the host's
