@@ -26,7 +26,9 @@ pipeline its file descriptors or threads, whatever its clients do:
   one request per connection (HTTP/1.0);
 * no connection is accepted while fewer than :func:`fd_reserve` file descriptors remain
   below the process's ``RLIMIT_NOFILE`` (counted in ``/proc/self/fd``): those are kept
-  for Redis and MS4 (one WARNING when it starts, one INFO when it ends);
+  for Redis and MS4. The oldest connection still sending its request is dropped to make
+  room; when there is none, new connections wait in the listen backlog (a WARNING, at
+  most one a minute, and an INFO when it ends);
 * client errors (resets, timeouts, malformed requests) are logged by ``ms1.metrics`` at
   DEBUG in the configured log format, never printed as tracebacks.
 
@@ -39,6 +41,7 @@ would block every scrape and health check.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import io
 import logging
@@ -305,6 +308,8 @@ WRITE_TIMEOUT = 5.0
 _FD_BACKOFF = 0.1
 #: seconds a new connection waits for the slot of the connection it evicted
 _EVICT_WAIT = 1.0
+#: seconds between two warnings that descriptors are short
+_WARNING_INTERVAL = 60.0
 _FD_DIR = "/proc/self/fd"
 _Selector: type[selectors.BaseSelector] = getattr(selectors, "PollSelector",
                                                   selectors.SelectSelector)
@@ -369,6 +374,8 @@ class _Connection:
     answering: bool = False
     #: shut down to make room for a newer connection
     evicted: bool = False
+    #: set once its socket is closed
+    closed: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     @property
     def deadline(self) -> float:
@@ -399,7 +406,9 @@ class MetricsServer(HTTPServer):
         self._closing = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
-        self._starved = False
+        self._starved = False  # no descriptor may be taken now
+        self._warned = False  # ... and it was logged
+        self._next_warning = 0.0
         self._served = 0
         super().__init__(address, handler)
 
@@ -454,18 +463,8 @@ class MetricsServer(HTTPServer):
     # --- accept loop --------------------------------------------------------------------
 
     def _accept(self) -> None:
-        usage = fd_usage()
-        if usage is not None and usage[0] + 1 > usage[1] - fd_reserve(usage[1]):
-            if not self._starved:
-                self._starved = True
-                log.warning("metrics: not accepting connections: %d of %d file descriptors "
-                            "are open, the last %d are kept for Redis and MS4", usage[0],
-                            usage[1], fd_reserve(usage[1]))
-            self._closing.wait(_FD_BACKOFF)
+        if not self._descriptor_free():
             return
-        if self._starved:
-            self._starved = False
-            log.info("metrics: accepting connections again")
         try:
             sock, address = self.socket.accept()
         except BlockingIOError:
@@ -476,6 +475,35 @@ class MetricsServer(HTTPServer):
                 self._closing.wait(_FD_BACKOFF)
             return
         self._dispatch(sock, address)
+
+    def _descriptor_free(self) -> bool:
+        """Whether one more descriptor may be taken outside the reserve. When not, it
+        makes room by dropping the oldest connection still sending its request (the
+        newest client wins, as when all slots are taken), or else waits
+        :data:`_FD_BACKOFF` seconds; the new connection waits in the listen backlog."""
+        usage = fd_usage()
+        if usage is None or usage[0] + 1 <= usage[1] - fd_reserve(usage[1]):
+            if self._warned:
+                log.info("metrics: accepting connections again")
+            self._starved = self._warned = False
+            return True
+        evicted = self._evict_oldest()
+        if evicted is not None:
+            evicted.closed.wait(_EVICT_WAIT)
+            log.debug("metrics: dropped %s (request incomplete after %.1f s): file "
+                      "descriptors short", evicted.peer, time.monotonic() - evicted.started)
+            return False  # looks again: the new connection is still waiting
+        if not self._starved:
+            self._starved = True
+            now = time.monotonic()
+            if now >= self._next_warning:  # at most one a minute, however often it flaps
+                self._next_warning = now + _WARNING_INTERVAL
+                self._warned = True
+                log.warning("metrics: not accepting connections: %d of %d file descriptors "
+                            "are open, the last %d are kept for Redis and MS4", usage[0],
+                            usage[1], fd_reserve(usage[1]))
+        self._closing.wait(_FD_BACKOFF)
+        return False
 
     def _dispatch(self, sock: socket.socket, address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -522,6 +550,7 @@ class MetricsServer(HTTPServer):
         with self._lock:  # closed under the lock: an eviction never meets a closed socket
             self._live.pop(connection.sock, None)
             self.shutdown_request(connection.sock)
+        connection.closed.set()
         self._slots.release()
 
 
