@@ -47,7 +47,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis as redis_py
@@ -65,8 +65,8 @@ THREADS, BATCH = 4, 50
 REJECT_EVERY = 97
 #: the sim's latency outside slow spells
 BASE_LATENCY = 0.01
-DEFAULT_SECONDS = 40.0
-DRAIN_TIMEOUT = 60.0
+DEFAULT_SECONDS = 35.0
+DRAIN_TIMEOUT = 45.0
 PREFIX = "CHAOS"
 
 
@@ -265,9 +265,11 @@ class Service:
 
 # --- the producer: valid e-mails all along, garbage when the schedule says ----------------------
 
-#: garbage inbound entries: no ``email`` field, binary names and values, no e-mail in it
-GARBAGE_KINDS = ("no_email", "binary_fields", "wrong_field_name", "binary_email", "not_json",
-                 "json_not_object", "empty_email", "invalid_invoice")
+#: garbage inbound entries: no ``email`` field, binary names and values, no e-mail in it,
+#: a valid e-mail with other fields beside it (README: set aside with all its fields)
+GARBAGE_KINDS = ("no_email", "binary_fields", "wrong_field_name", "extra_fields",
+                 "binary_email", "not_json", "json_not_object", "empty_email",
+                 "invalid_invoice")
 
 
 def garbage(kind: str, n: int) -> dict[bytes, bytes]:
@@ -279,6 +281,9 @@ def garbage(kind: str, n: int) -> dict[bytes, bytes]:
     if kind == "wrong_field_name":  # a valid e-mail under the wrong name: not delivered
         sample = next(samples.generate(1, prefix="WRONGFIELD", start=n))
         return {b"Email": sample.data}
+    if kind == "extra_fields":
+        sample = next(samples.generate(1, prefix="EXTRAFIELDS", start=n))
+        return {b"email": sample.data, b"trace": b"\xff\x00 binary", b"\xfe": b"x"}
     if kind == "binary_email":
         return {b"email": b"\xff\xfe\x00\x80 not UTF-8 " + bytes([n % 256])}
     if kind == "not_json":
@@ -319,6 +324,7 @@ class Producer(threading.Thread):
                                               socket_connect_timeout=1)
         self.rng = rng
         self.stopping = threading.Event()
+        self.abort = threading.Event()  # the test is over: give up at once
         self.garbage_queue: queue.Queue[list[str]] = queue.Queue()
         self.produced = Produced()
         self.failure: BaseException | None = None
@@ -345,6 +351,8 @@ class Producer(threading.Thread):
             except redis_py.RedisError:
                 self.produced.redis_errors += 1
             while True:  # did the chunk go in before the error?
+                if self.abort.is_set():
+                    raise RuntimeError("producer: aborted")
                 if time.monotonic() > deadline:
                     raise RuntimeError("producer: Redis unreachable for 120 s")
                 try:
@@ -361,7 +369,8 @@ class Producer(threading.Thread):
 
     def run(self) -> None:
         try:
-            while not self.stopping.is_set() or not self.garbage_queue.empty():
+            while (not self.stopping.is_set() or not self.garbage_queue.empty()) \
+                    and not self.abort.is_set():
                 entries: list[tuple[str, dict[bytes, bytes]]] = []
                 try:
                     kinds = self.garbage_queue.get_nowait()
@@ -374,13 +383,12 @@ class Producer(threading.Thread):
                     entries.append((entry_id, fields))
                     self.produced.garbage[entry_id] = (kind, fields)
                 if not self.stopping.is_set():
-                    count = self.rng.randint(1, 40)
+                    # a trickle, now and then a burst (a backlog: full batches, group commits)
+                    burst = self.rng.random() < 0.02
+                    count = self.rng.randint(300, 1500) if burst else self.rng.randint(1, 40)
                     for sample in samples.generate(count, prefix=PREFIX, start=self._next_valid):
                         entry_id = self._next_id()
-                        fields = {b"email": sample.data}
-                        if self.rng.random() < 0.02:  # other fields beside it: ignored
-                            fields |= {b"trace": b"\xff\x00 binary", b"\xfe": b"x"}
-                        entries.append((entry_id, fields))
+                        entries.append((entry_id, {b"email": sample.data}))
                         self.produced.valid[sample.invoice_id] = entry_id
                     self._next_valid += count
                 if entries:
@@ -526,6 +534,7 @@ class Figures:
     garbage_missing: list[str] = field(default_factory=list)
     garbage_wrong: list[str] = field(default_factory=list)
     stray_letters: list[str] = field(default_factory=list)
+    stray_accepted: list[str] = field(default_factory=list)  # garbage that reached MS4
     duplicate_invoices: int = 0
     duplicate_batches: int = 0
     resent_after_lost_answer: int = 0  # invoices
@@ -551,6 +560,7 @@ def analyse(produced: Produced, accepted: list[dict[str, Any]],
                       dead_letters=len(letters))
     accepted_ids = {i for request in accepted for i in request["invoice_ids"]}
     figures.accepted = len(accepted_ids)
+    figures.stray_accepted = sorted(accepted_ids - set(produced.valid))
     by_ref: dict[str, list[dict[bytes, bytes]]] = defaultdict(list)
     ms4_letters: dict[str, dict[bytes, bytes]] = {}
     for letter_id, fields in letters:
@@ -584,13 +594,15 @@ def analyse(produced: Produced, accepted: list[dict[str, Any]],
             payload = fields.get(b"payload", b"")
             reason = fields.get(b"reason", b"").decode()
             stage = fields.get(b"stage", b"").decode()
-            if b"email" in sent:
-                ok = stage == "processor" and payload == sent[b"email"]
+            # its content: the e-mail as read (processor), or all its fields (source)
+            try:
+                kept = decode_fields(payload) == sent
+            except (ValueError, KeyError, TypeError):
+                kept = False
+            if set(sent) == {b"email"}:
+                ok = stage in ("processor", "source") and (payload == sent[b"email"] or kept)
             else:
-                try:
-                    ok = stage == "source" and decode_fields(payload) == sent
-                except (ValueError, KeyError, TypeError):
-                    ok = False
+                ok = stage == "source" and kept
             if not ok or not reason:
                 figures.garbage_wrong.append(f"{entry_id} ({kind}): sent {sent!r}, letter "
                                              f"stage {stage!r} reason {reason!r} payload "
@@ -681,10 +693,21 @@ def _chaos_run(own_redis: RedisServer, tmp_path: Path, procs: list[subprocess.Po
     service.start("chaos-0")
     producer = Producer(own_redis.url, random.Random(rng.randrange(2**31)))
     client = own_redis.client()
-    redis_kills = 0
-    service_down = False
     run.started = time.monotonic()
     producer.start()
+    try:
+        _inject_and_check(own_redis, sim, service, producer, client, steps, run, report,
+                          key=key, write_key=write_key)
+    finally:
+        producer.abort.set()
+        client.close()
+
+
+def _inject_and_check(own_redis: RedisServer, sim: Sim, service: Service, producer: Producer,
+                      client: redis_py.Redis, steps: list[Step], run: Run, report: list[str],
+                      *, key: str, write_key: Callable[[str], None]) -> None:
+    redis_kills = 0
+    service_down = False
 
     for step in steps:
         delay = run.started + step.at - time.monotonic()
@@ -739,17 +762,14 @@ def _chaos_run(own_redis: RedisServer, tmp_path: Path, procs: list[subprocess.Po
     produced = producer.produced
     run.note(f"faults stopped; produced {len(produced.valid)} valid e-mails and "
              f"{len(produced.garbage)} garbage entries")
-    expected_letters = len(produced.garbage) + sum(
-        is_rejected_by_sim(i, REJECT_EVERY) for i in produced.valid)
-    expected_accepted = len(produced.valid) - (expected_letters - len(produced.garbage))
 
     def drained() -> bool:
+        """Settled: nothing in either stream, nothing pending. Every e-mail is then either
+        with MS4 or in the dead letters -- or lost (which the analysis below reports)."""
         problem = service.died()
         assert problem is None, problem
         return (int(client.xlen(INBOUND)) == 0 and int(client.xlen(OUTBOUND)) == 0
-                and pending(client, INBOUND) == 0 and pending(client, OUTBOUND) == 0
-                and int(client.xlen(DEAD_LETTERS)) >= expected_letters
-                and int(sim.stats()["unique_invoices_accepted"]) >= expected_accepted)
+                and pending(client, INBOUND) == 0 and pending(client, OUTBOUND) == 0)
 
     finished = wait_until(drained, DRAIN_TIMEOUT, interval=0.2)
     run.note(f"drained: {finished}; inbound {client.xlen(INBOUND)} (pending "
@@ -761,7 +781,7 @@ def _chaos_run(own_redis: RedisServer, tmp_path: Path, procs: list[subprocess.Po
     accepted = sim.accepted()
     stats = sim.stats()
     sim.stop()
-    entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(DEAD_LETTERS)  # type: ignore[assignment]
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(DEAD_LETTERS))
     letters = [(i.decode(), f) for i, f in entries]
     figures = analyse(produced, accepted, letters)
     kills = service.kills + redis_kills
@@ -789,6 +809,8 @@ def _chaos_run(own_redis: RedisServer, tmp_path: Path, procs: list[subprocess.Po
     assert not figures.garbage_wrong, \
         f"garbage dead-lettered without its content or reason: {figures.garbage_wrong[:10]}"
     assert not figures.stray_letters, f"unexpected dead letters: {figures.stray_letters[:10]}"
+    assert not figures.stray_accepted, \
+        f"MS4 got invoices no valid e-mail holds: {figures.stray_accepted[:10]}"
     assert not figures.other_key_duplicates, \
         f"invoices accepted under more than one Idempotency-Key (a duplicate MS4 cannot " \
         f"identify): {figures.other_key_duplicates[:20]}"
@@ -799,4 +821,3 @@ def _chaos_run(own_redis: RedisServer, tmp_path: Path, procs: list[subprocess.Po
     assert status == 0, f"exit {status} after SIGTERM"
     assert int(client.xlen(INBOUND)) == 0 and int(client.xlen(OUTBOUND)) == 0
     assert pending(client, INBOUND) == 0 and pending(client, OUTBOUND) == 0
-    client.close()
