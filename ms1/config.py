@@ -252,6 +252,11 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("ms1", "once_timeout", "float", 300.0,
            "with --once: seconds to wait for every batch to be delivered or dead-lettered",
            min=0.1, max=86400),
+    Option("ms1", "watchdog_timeout", "float", 120.0,
+           "seconds a pipeline thread may go without progress (a loop turn, a finished call) "
+           "outside a bounded wait before WATCHDOG=1 stops and /healthz is 503; keep it above "
+           "[transport.http] request_timeout and [redis] socket_timeout + connect_timeout",
+           min=0.1, max=86400),
     Option("metrics", "address", "address", "",
            "host:port for /metrics (Prometheus), /healthz and /readyz (port 1-65535; "
            "[v6]:port; an empty host is 127.0.0.1); empty: off. Keep it on loopback unless "
