@@ -238,10 +238,15 @@ def _reload(service: Service, pm: pluggy.PluginManager) -> None:
         return
     if config.api_key is not None:
         add_secret(config.api_key.reveal())
-    ignored = service.reload(config)
-    log.info("configuration reloaded from %s", config.path)
-    if ignored:
-        log.warning("changes that need a restart were not applied: %s", ", ".join(ignored))
+    running = service.config
+    restart = service.reload(config)  # the log is in the new format from here on
+    applied = [f"[{sec}] {key}" for sec, key in running.changed(service.config)]
+    if service.config.api_key != running.api_key:
+        applied.append("the API key")
+    log.info("configuration reloaded from %s; applied: %s", config.path,
+             ", ".join(applied) or "no change")
+    if restart:  # every changed key needing a restart, in this one line
+        log.warning("changes that need a restart were not applied: %s", ", ".join(restart))
 
 
 def _samples(args: argparse.Namespace) -> int:

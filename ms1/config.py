@@ -94,6 +94,10 @@ class Option:
     127.0.0.1; empty: not set), read typed with :meth:`Config.get_address`.
     ``check``, if given, is called with the parsed value and raises ``ValueError``
     saying what is wrong (one line; it is shown redacted).
+    ``reloadable``: a reload (SIGHUP) applies a new value to the running service — the
+    core for its own options, the declaring plugin in its ``ms1_config_reloaded`` hook
+    for its options. False (the default): a change needs a restart; a reload keeps the
+    running value and names the key in its "need a restart" log line.
     """
 
     section: str
@@ -106,6 +110,7 @@ class Option:
     choices: tuple[str, ...] = ()
     schemes: tuple[str, ...] = ()
     check: Callable[[Any], None] | None = None
+    reloadable: bool = False
 
     def parse(self, raw: str) -> Any:
         """Turn the INI text into a typed value; raise ``ValueError`` saying what is wrong."""
@@ -242,13 +247,13 @@ _PARSERS: dict[str, Callable[[Option, str], Any]] = {
 
 CORE_OPTIONS: tuple[Option, ...] = (
     Option("ms1", "log_level", "choice", "INFO", "log level on stderr",
-           choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+           choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), reloadable=True),
     Option("ms1", "log_format", "choice", "text",
            "log lines on stderr: text, kv (key=value) or json; one line per record",
-           choices=("text", "kv", "json")),
+           choices=("text", "kv", "json"), reloadable=True),
     Option("ms1", "shutdown_timeout", "float", 10.0,
            "seconds to flush the partial batch and finish in-flight sends on SIGTERM/SIGINT",
-           min=0.1, max=3600),
+           min=0.1, max=3600, reloadable=True),
     Option("ms1", "once_timeout", "float", 300.0,
            "with --once: seconds to wait for every batch to be delivered or dead-lettered",
            min=0.1, max=86400),
@@ -268,19 +273,20 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "backend and [dead_letters] backend (not memory or auto): yes lets it ack into "
            "memory anyway (e-mails are lost when ms1 stops; tests and demos only)"),
     Option("source", "read_chunk", "int", 500, "most e-mails taken from the source per read",
-           min=1, max=5_000),
+           min=1, max=5_000, reloadable=True),
     Option("batch", "policy", "str", "batch",
            "batch policy plugin: batch (JSON arrays on /batch-metadata) or unit (one object "
            "per request on /metadata, the old behaviour)"),
     Option("batch", "max_items", "int", 50, "close a batch at this many objects (at most "
            "1,000: what one Redis script call carries with its inbound refs; MS4 takes 50)",
-           min=1, max=1_000),
+           min=1, max=1_000, reloadable=True),
     Option("batch", "max_bytes", "int", 1_048_576,
            "close a batch before its request body would exceed this many bytes; a single "
-           "object larger than this is dead-lettered", min=64, max=100 * 1024 * 1024),
+           "object larger than this is dead-lettered", min=64, max=100 * 1024 * 1024,
+           reloadable=True),
     Option("batch", "max_wait", "float", 1.0,
            "seconds a partial batch may wait for more objects before it is sent (linger)",
-           min=0.0, max=3600),
+           min=0.0, max=3600, reloadable=True),
     Option("queue", "backend", "str", "memory",
            "outbound queue plugin holding batches until MS4 accepted them (built in: memory)"),
     Option("dead_letters", "backend", "str", "memory",
@@ -288,46 +294,48 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("dead_letters", "max_payload_bytes", "int", 65536,
            "bytes of its payload (e-mail, object or raw entry) a dead letter keeps; a longer "
            "one is clipped and keeps the original's length and SHA-256", min=1024,
-           max=64 * 1024 * 1024),
-    Option("send", "threads", "int", 4, "sender threads", min=1, max=256),
+           max=64 * 1024 * 1024, reloadable=True),
+    Option("send", "threads", "int", 4, "sender threads", min=1, max=256, reloadable=True),
     Option("send", "retry_initial", "float", 0.5,
            "first retry delay in seconds after a failed send (exponential backoff, jitter)",
-           min=0.0, max=600),
+           min=0.0, max=600, reloadable=True),
     Option("send", "retry_max", "float", 30.0, "longest retry delay in seconds",
-           min=0.0, max=3600),
+           min=0.0, max=3600, reloadable=True),
     Option("send", "requests_per_minute", "int", 120,
            "most requests to MS4 in any sliding window of rate_window seconds, for all sender "
-           "threads together (MS4 allows 120 per minute)", min=1, max=1_000_000),
+           "threads together (MS4 allows 120 per minute)", min=1, max=1_000_000,
+           reloadable=True),
     Option("send", "rate_window", "float", 60.0,
            "length in seconds of the rate-limit window (60: per minute; tests shorten it to "
-           "compress time)", min=0.001, max=86400),
+           "compress time)", min=0.001, max=86400, reloadable=True),
     Option("send", "retry_after_default", "float", 5.0,
            "seconds every sender pauses after a 429 whose Retry-After is missing or unreadable",
-           min=0.0, max=86400),
+           min=0.0, max=86400, reloadable=True),
     Option("send", "retry_after_max", "float", 300.0,
-           "longest pause in seconds a 429's Retry-After can impose", min=0.0, max=86400),
+           "longest pause in seconds a 429's Retry-After can impose", min=0.0, max=86400,
+           reloadable=True),
     Option("send", "breaker_failures", "int", 5,
            "consecutive failures (5xx, timeouts, connection errors) that open the circuit "
-           "breaker", min=1, max=1_000_000),
+           "breaker", min=1, max=1_000_000, reloadable=True),
     Option("send", "breaker_reset", "float", 30.0,
            "seconds the open breaker waits before letting one probe request through",
-           min=0.01, max=86400),
+           min=0.01, max=86400, reloadable=True),
     Option("send", "auth_probe_interval", "float", 60.0,
            "during a 401 spell, seconds between probe requests (a reload ends it at once)",
-           min=0.01, max=86400),
+           min=0.01, max=86400, reloadable=True),
     Option("send", "max_deliveries", "int", 0,
            "dead-letter a batch handed out more often than this (a batch that keeps crashing "
-           "senders); 0: no maximum, keep trying", min=0, max=1_000_000),
+           "senders); 0: no maximum, keep trying", min=0, max=1_000_000, reloadable=True),
     Option("send", "rate_limiter", "str", "memory",
            "rate limiter plugin: memory (this process) or redis (shared by every instance on "
            "the Redis)"),
     Option("ms4", "transport", "str", "memory",
            "transport plugin that talks to MS4 (built in: memory, an in-process fake MS4)"),
     Option("ms4", "api_key_env", "str", "MS1_MS4_API_KEY",
-           "environment variable holding the MS4 API key"),
+           "environment variable holding the MS4 API key", reloadable=True),
     Option("ms4", "api_key_file", "path", "",
            "file holding the MS4 API key (takes precedence over the environment variable); "
-           "re-read on reload"),
+           "re-read on reload", reloadable=True),
 )
 
 #: keys that must never be in the INI (secrets) and where they belong instead
@@ -393,6 +401,22 @@ class Config:
         values = {**self._values, **changes}
         return Config(self.path, self.options, values, self.explicit | set(changes),
                       self.api_key)
+
+    def changed(self, other: Config) -> list[tuple[str, str]]:
+        """The ``(section, key)`` pairs whose value differs in ``other``, sorted (keys only
+        one of the two declares count as changed)."""
+        keys = set(self._values) | set(other._values)
+        missing = object()
+        return sorted(k for k in keys
+                      if self._values.get(k, missing) != other._values.get(k, missing))
+
+    def keeping(self, old: Config, keys: Iterable[tuple[str, str]]) -> Config:
+        """A copy with ``old``'s values for ``keys`` (a reload keeps the running value of
+        a key that needs a restart); set in the file as they were in ``old``."""
+        kept = [k for k in keys if k in old._values]
+        values = {**self._values, **{k: old._values[k] for k in kept}}
+        explicit = (self.explicit - set(kept)) | (old.explicit & set(kept))
+        return Config(self.path, self.options, values, explicit, self.api_key)
 
     def render(self) -> str:
         """The effective configuration as INI text, defaults marked; every line passes

@@ -20,8 +20,9 @@ There are three families:
   reload (SIGHUP), so they must return the same thing each time.
 * **factory** hooks (``firstresult``): called once per component at start, from
   the main thread; the plugin whose name matches returns an instance, every
-  other returns None. The admin commands (``enqueue``, ``status``, ``dlq``)
-  build the parts they need the same way, in their own process.
+  other returns None. A reload never calls them again: see *Reload* below. The
+  admin commands (``enqueue``, ``status``, ``dlq``) build the parts they need the
+  same way, in their own process.
 * **observer** hooks (results ignored): called as things happen, from the
   thread where they happen (main, committer or a sender thread), so an
   implementation must be thread-safe and quick: delivery waits for it. ms1
@@ -30,6 +31,34 @@ There are three families:
   its plugin's name and the hook's and skipped; the others are still called and
   delivery goes on. Observer hookimpls cannot be wrappers (``wrapper=True``,
   ``hookwrapper=True``): that is refused when the plugins are loaded.
+
+Reload (SIGHUP)
+---------------
+
+The config file is read again and validated against the whole schema (the
+declaration hooks are called again); an invalid file is refused and the running
+configuration kept. Nothing is rebuilt. Every option says where it is declared
+whether a reload applies it: ``Option(..., reloadable=True)``; the default,
+False, means a change needs a restart. For the keys that changed:
+
+* **reloadable core options** are applied by the core at once: ``[ms1] log_level``,
+  ``log_format`` (the same log handler and redaction, a new format),
+  ``shutdown_timeout``; ``[source] read_chunk``; ``[batch] max_items``,
+  ``max_bytes``, ``max_wait`` (set on the batch policy, where it has such an
+  attribute); ``[dead_letters] max_payload_bytes``; ``[send] threads`` (a sender
+  removed finishes its current batch first), ``retry_initial``, ``retry_max``,
+  ``max_deliveries`` (read by the senders per delivery and per retry),
+  ``requests_per_minute``, ``rate_window`` (``RateLimiter.configure``),
+  ``retry_after_default``, ``retry_after_max``, ``breaker_failures``,
+  ``breaker_reset``, ``auth_probe_interval``; ``[ms4] api_key_env``,
+  ``api_key_file`` and the key itself (``Transport.set_api_key``; ends a 401 spell);
+* **reloadable plugin options** are applied by the plugin that declares them, in
+  :func:`ms1_config_reloaded`, called once the core has applied its part;
+* **every other changed key** (component choices, URLs, Redis and HTTP settings,
+  ``[metrics] address``, and any plugin option not marked reloadable) keeps its
+  running value, and all of them are named in ONE log line, WARNING ``changes that
+  need a restart were not applied: [section] key, ...``. They are named again on
+  every later reload until ms1 is restarted.
 """
 
 from __future__ import annotations
@@ -181,6 +210,27 @@ def ms1_service_started(config: Config) -> None:
     Called once, from the main thread, just after the threads were started: other
     observer hooks (``ms1_batch_enqueued`` ...) may already have been called.
     Not called by the admin commands. Return value ignored.
+    """
+
+
+@hookspec
+def ms1_config_reloaded(old: Config, new: Config, changed: Sequence[tuple[str, str]]) -> None:
+    """A reload (SIGHUP) took effect: apply your reloadable options here.
+
+    Called once per accepted reload, from the main thread, after the core applied its
+    reloadable options (the sender threads already read the new settings) and while
+    the pipeline threads run: what you change must be safe to change under them (set
+    an attribute the component reads per use, or take its lock). Not called for a file
+    that was refused, nor by the admin commands.
+
+    :param old: the configuration that was running.
+    :param new: the one running now: the file's values for every reloadable key, the
+        running values kept for keys that need a restart (so ``new`` never holds a
+        value that is not in effect).
+    :param changed: the ``(section, key)`` pairs whose value changed, sorted: every
+        one is reloadable (core and plugins alike); empty when nothing did. Look for
+        your own section's keys; the API key is no option (compare ``old.api_key``).
+        Return value ignored; an exception is logged and skipped (the reload stands).
     """
 
 

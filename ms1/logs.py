@@ -19,7 +19,9 @@ The structured fields are whatever the call passed as ``extra={...}``. A
 stack text, and the extras through ms1's one redaction (:mod:`ms1.redaction`: every known
 secret in any form, URL passwords, password-like query values) before any formatter sees
 the record. :func:`add_secret` teaches it a new secret (after a key reload); every
-:class:`ms1.config.Secret` is known from the moment it is made.
+:class:`ms1.config.Secret` is known from the moment it is made. A reload (SIGHUP) changes
+the level and the format at once with :func:`apply_log_settings`: the same handler and
+its redaction, a new formatter.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "RedactingFilter",
     "TextFormatter",
     "add_secret",
+    "apply_log_settings",
     "escape_controls",
     "extras",
     "setup_logging",
@@ -152,19 +155,9 @@ def setup_logging(level: str, fmt: str = "text", secrets: Iterable[str] = (),
     ``httpx`` and ``httpcore`` log at WARNING.
     Raises ValueError for an unknown level or format.
     """
-    levels = logging.getLevelNamesMapping()
-    name = level.strip().upper()
-    if name not in levels:
-        raise ValueError(f"unknown log level {level!r}")
-    formatter: logging.Formatter
-    if fmt == "text":
-        formatter = TextFormatter()
-    elif fmt == "kv":
-        formatter = KeyValueFormatter()
-    elif fmt == "json":
-        formatter = JsonFormatter()
-    else:
-        raise ValueError(f"unknown log format {fmt!r} (one of {', '.join(FORMATS)})")
+    global _handler
+    number = _level(level)
+    formatter = _formatter(fmt)
 
     remember(*secrets)
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
@@ -176,9 +169,49 @@ def setup_logging(level: str, fmt: str = "text", secrets: Iterable[str] = (),
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
-    root.setLevel(levels[name])
+    _handler = handler
+    root.setLevel(number)
     for quiet in QUIET_LOGGERS:
         logging.getLogger(quiet).setLevel(logging.WARNING)
+
+
+#: the handler :func:`setup_logging` installed (None: logging was set up by someone else)
+_handler: logging.Handler | None = None
+
+
+def apply_log_settings(level: str, fmt: str) -> None:
+    """A reload: the root logger's level, and the format of the handler
+    :func:`setup_logging` installed, from the next record on.
+
+    The handler stays (no record is lost or written unredacted while it changes): only
+    its formatter is replaced, its :class:`RedactingFilter` is kept. Without such a
+    handler (ms1 embedded, tests) only the level is set. Raises ValueError for an
+    unknown level or format, changing nothing.
+    """
+    number = _level(level)
+    formatter = _formatter(fmt)
+    handler = _handler
+    if handler is not None and handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
+    logging.getLogger().setLevel(number)
+
+
+def _level(level: str) -> int:
+    levels = logging.getLevelNamesMapping()
+    name = level.strip().upper()
+    if name not in levels:
+        raise ValueError(f"unknown log level {level!r}")
+    return levels[name]
+
+
+def _formatter(fmt: str) -> logging.Formatter:
+    if fmt == "text":
+        return TextFormatter()
+    if fmt == "kv":
+        return KeyValueFormatter()
+    if fmt == "json":
+        return JsonFormatter()
+    raise ValueError(f"unknown log format {fmt!r} (one of {', '.join(FORMATS)})")
 
 
 def add_secret(value: str) -> None:

@@ -46,8 +46,9 @@ ENTRY_POINT_GROUP = "ms1"
 #: environment variable naming plugins not to load, comma-separated
 BLOCK_ENV = "MS1_BLOCK_PLUGINS"
 #: the hooks called through :class:`Observers`, one plugin at a time
-OBSERVER_HOOKS = ("ms1_service_started", "ms1_service_stopped", "ms1_batch_enqueued",
-                  "ms1_batch_sent", "ms1_batch_failed", "ms1_payload_rejected")
+OBSERVER_HOOKS = ("ms1_service_started", "ms1_service_stopped", "ms1_config_reloaded",
+                  "ms1_batch_enqueued", "ms1_batch_sent", "ms1_batch_failed",
+                  "ms1_payload_rejected")
 
 # --- the plugin manager ------------------------------------------------------------------
 
@@ -311,6 +312,10 @@ class Observers:
 
     def service_stopped(self) -> None:
         self._call("ms1_service_stopped")
+
+    def config_reloaded(self, old: Config, new: Config,
+                        changed: Sequence[tuple[str, str]]) -> None:
+        self._call("ms1_config_reloaded", old=old, new=new, changed=tuple(changed))
 
     def batch_enqueued(self, batch: Batch) -> None:
         self._call("ms1_batch_enqueued", batch=batch)

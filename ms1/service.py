@@ -26,11 +26,12 @@ from ms1.components import Components, make_pacer
 from ms1.config import Config, Secret
 from ms1.errors import Ms1Error
 from ms1.intake import Intake, Work
+from ms1.logs import apply_log_settings
 from ms1.metrics import Exporter, ServiceView
 from ms1.model import InboundMessage
 from ms1.outbound import QueueStats
 from ms1.pluginmanager import Observers
-from ms1.sending.sender import Sender
+from ms1.sending.sender import InFlight, Sender, SendSettings, SharedSettings
 from ms1.stats import RunStats
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ ABORT_GRACE = 1.5
 #: most batches (or dead-letter lists) the committer stores in one round trip
 COMMIT_GROUP = 16
 
+
+#: the [batch] options a reload sets on the running batch policy
+_BATCH_LIMITS = ("max_items", "max_bytes", "max_wait")
 
 #: most skipped inputs the summary lists one by one (the log names every one)
 SUMMARY_SKIPPED_LISTED = 20
@@ -139,6 +143,11 @@ class Service:
             stats=self.stats, abort=self.abort, handoff=self._to_committer)
         self._batcher_done = threading.Event()
         self.pacer = make_pacer(config, components.limiter)
+        #: what every sender reads per delivery and per retry; a reload replaces it
+        self.send_settings = SharedSettings(SendSettings.from_config(config))
+        #: requests to MS4 in flight now, over every sender (ms1_requests_in_flight)
+        self.in_flight = InFlight()
+        #: active senders first, then retiring ones (leaving after their current batch)
         self._senders: list[tuple[Sender, threading.Thread]] = []
         self._sender_seq = 0
         self.exporter: Exporter | None = None
@@ -175,19 +184,28 @@ class Service:
             name=f"sender-{self._sender_seq}", queue=self.parts.queue,
             transport=self.parts.transport, dead_letters=self.parts.dead_letters,
             observers=self.observers, stats=self.stats, pacer=self.pacer,
-            stop=self.senders_stop, abort=self.abort,
-            retry_initial=self.config.get_float("send", "retry_initial"),
-            retry_max=self.config.get_float("send", "retry_max"),
-            max_deliveries=self.config.get_int("send", "max_deliveries"))
+            stop=self.senders_stop, abort=self.abort, settings=self.send_settings,
+            in_flight=self.in_flight)
 
     def _set_sender_count(self, count: int) -> None:
-        self._senders = [(s, t) for s, t in self._senders if t.is_alive()]
-        while len(self._senders) < count:
+        """``count`` active senders: keep retiring ones that have not left yet, then start
+        new ones; or retire the newest (each leaves after its current batch, releasing
+        nothing). Never more than ``count`` take new batches."""
+        alive = [(s, t) for s, t in self._senders if t.is_alive()]
+        active = [pair for pair in alive if not pair[0].retiring]
+        retiring = [pair for pair in alive if pair[0].retiring]
+        while len(active) < count and retiring:
+            pair = retiring.pop()
+            if pair[0].keep():
+                active.append(pair)
+        while len(active) < count:
             sender = self._new_sender()
-            self._senders.append((sender, self._spawn(sender.name, sender.run)))
-        while len(self._senders) > count:
-            sender, _ = self._senders.pop()
-            sender.retire()
+            active.append((sender, self._spawn(sender.name, sender.run)))
+        while len(active) > count:
+            pair = active.pop()
+            pair[0].retire()
+            retiring.append(pair)
+        self._senders = active + retiring
 
     def _spawn(self, name: str, target: Any) -> threading.Thread:
         thread = threading.Thread(target=self._guard, args=(name, target), name=name,
@@ -335,36 +353,63 @@ class Service:
         return not self._failed and not self.abort.is_set()
 
     def reload(self, config: Config) -> list[str]:
-        """Apply a new, already validated config without losing anything.
+        """Apply a new, already validated config without losing anything; return the
+        changed keys that need a restart, as ``[section] key``.
 
-        Takes effect at once: the API key (ends a 401 spell), rate limit, retry and pause
-        settings, batch limits, sender count, log level. Component choices, URLs and the
-        metrics address need a restart: they are kept, and listed in the return value.
+        Every reloadable option (``Option.reloadable``) that changed takes effect at once:
+        the core's here (API key, rate limit, retry, pause, breaker and probe settings,
+        ``max_deliveries``, batch limits, sender count, log level and format...), then the
+        plugins' in their ``ms1_config_reloaded`` hook. Any other changed key keeps its
+        running value (``self.config`` holds what is in effect) and is returned.
         """
         old = self.config
-        ignored = [f"[{sec}] {key}" for (sec, key) in sorted(config.options)
-                   if (sec.startswith(("source", "queue", "dead_letters", "transport", "redis",
-                                       "metrics")) or (sec, key) in {("ms4", "transport"),
-                                                                     ("batch", "policy"),
-                                                                     ("send", "rate_limiter")})
-                   and config.get(sec, key) != old.get(sec, key)]
-        self.config = config
-        if config.api_key != old.api_key:
-            self.set_api_key(config.api_key)
-        self.pacer.limiter.configure(config.get_int("send", "requests_per_minute"),
-                                     config.get_float("send", "rate_window"))
-        self.pacer.retry_after_default = config.get_float("send", "retry_after_default")
-        self.pacer.retry_after_cap = config.get_float("send", "retry_after_max")
-        self.pacer.auth_probe_interval = config.get_float("send", "auth_probe_interval")
+        restart = [key for key in old.changed(config)
+                   if not (key in config.options and config.options[key].reloadable)
+                   or not self._can_apply(key)]
+        new = config.keeping(old, restart)
+        changed = old.changed(new)
+        # the log first: what the reload logs is in the new format already
+        apply_log_settings(new.get_str("ms1", "log_level"), new.get_str("ms1", "log_format"))
+        self.config = new
+        if new.api_key != old.api_key:
+            self.set_api_key(new.api_key)
+        self.send_settings.replace(SendSettings.from_config(new))
+        self.pacer.limiter.configure(new.get_int("send", "requests_per_minute"),
+                                     new.get_float("send", "rate_window"))
+        self.pacer.configure(
+            retry_after_default=new.get_float("send", "retry_after_default"),
+            retry_after_cap=new.get_float("send", "retry_after_max"),
+            auth_probe_interval=new.get_float("send", "auth_probe_interval"),
+            breaker_failures=new.get_int("send", "breaker_failures"),
+            breaker_reset=new.get_float("send", "breaker_reset"))
+        self._read_chunk = new.get_int("source", "read_chunk")
+        self.parts.dead_letters.max_payload_bytes = new.get_int("dead_letters",
+                                                                "max_payload_bytes")
+        if hasattr(self.parts.queue, "max_payload_bytes"):  # what it sets aside (redis)
+            setattr(self.parts.queue, "max_payload_bytes",  # noqa: B010 - not in the ABC
+                    new.get_int("dead_letters", "max_payload_bytes"))
+        self._apply_batch_limits(new)
+        self._set_sender_count(new.get_int("send", "threads"))
+        self.observers.config_reloaded(old, new, changed)
+        return [f"[{sec}] {key}" for sec, key in sorted(set(restart))]
+
+    def _can_apply(self, key: tuple[str, str]) -> bool:
+        """False for a ``[batch]`` limit the running policy has no attribute for (a
+        third-party policy): that change needs a restart."""
+        section, name = key
+        return section != "batch" or name not in _BATCH_LIMITS \
+            or hasattr(self.parts.policy, name)
+
+    def _apply_batch_limits(self, config: Config) -> None:
+        """Set the ``[batch]`` limits on the running policy, where it has them."""
         policy = self.parts.policy
-        for key in ("max_items", "max_bytes", "max_wait"):
-            if hasattr(policy, key) and not (key == "max_items" and policy.name == "unit"):
+        for key in _BATCH_LIMITS:
+            if key == "max_items" and policy.name == "unit":
+                continue  # one object per request, whatever max_items says
+            if hasattr(policy, key):
                 value = config.get_float("batch", key) if key == "max_wait" \
                     else config.get_int("batch", key)
                 setattr(policy, key, value)
-        self._set_sender_count(config.get_int("send", "threads"))
-        logging.getLogger().setLevel(config.get_str("ms1", "log_level"))
-        return ignored
 
     def run_once(self, timeout: float) -> Summary:
         """Process what the source holds, wait until all is delivered (or ``timeout``)."""

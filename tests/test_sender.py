@@ -15,7 +15,7 @@ from ms1.outbound import MemoryQueue
 from ms1.sending.breaker import Breaker
 from ms1.sending.limiter import SlidingWindowLimiter
 from ms1.sending.pacer import Pacer
-from ms1.sending.sender import Sender
+from ms1.sending.sender import Sender, SendSettings
 from ms1.stats import RunStats
 from ms1.transport import MemoryTransport, Request, Response
 
@@ -161,7 +161,8 @@ def test_failing_observer_plugin_does_not_stop_delivery() -> None:
 
 def test_batch_handed_out_more_than_max_deliveries_is_dead_lettered() -> None:
     rig = Rig(MemoryTransport())
-    rig.sender._max_deliveries = 2
+    rig.sender.settings.replace(SendSettings(retry_initial=0.001, retry_max=0.01,
+                                             max_deliveries=2))
     batch = make_batch(["a", "b"])
     rig.queue.put(batch)
     for _ in range(2):  # two deliveries that never finished (crashed senders)

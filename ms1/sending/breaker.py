@@ -56,6 +56,21 @@ class Breaker:
     def state(self) -> str:
         return str(self._cb.current_state)
 
+    @property
+    def fail_max(self) -> int:
+        return int(self._cb.fail_max)
+
+    @property
+    def reset_timeout(self) -> float:
+        return float(self._cb.reset_timeout)
+
+    def configure(self, fail_max: int, reset_timeout: float) -> None:
+        """New figures (a reload): the failure count and an open breaker's wait so far
+        are kept; the new ones hold from the next outcome and admission on."""
+        with self._lock:
+            self._cb.fail_max = fail_max
+            self._cb.reset_timeout = reset_timeout
+
     def admit(self) -> tuple[bool, float]:
         """``(True, 0)`` if a request may go (the probe, when half-open), else ``(False, wait)``."""
         with self._lock:

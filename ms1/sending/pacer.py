@@ -195,6 +195,17 @@ class Pacer:
             self._auth_blocked = False
         log.warning("MS4 accepts the API key again: sending resumes")
 
+    def configure(self, *, retry_after_default: float, retry_after_cap: float,
+                  auth_probe_interval: float, breaker_failures: int,
+                  breaker_reset: float) -> None:
+        """New ``[send]`` figures (a reload); they hold from the next request or answer on.
+        A running 429 pause or 401 probe interval keeps the end it was given."""
+        with self._lock:
+            self.retry_after_default = retry_after_default
+            self.retry_after_cap = retry_after_cap
+            self.auth_probe_interval = auth_probe_interval
+        self.breaker.configure(breaker_failures, breaker_reset)
+
     def key_changed(self, api_key: Secret | None) -> None:
         """A new API key was loaded: end a 401 spell at once. A 401 answering a request
         admitted before this call is about the old key and starts no spell (key rotation:

@@ -20,6 +20,14 @@ answer at all          the circuit breaker counts the failure; the batch stays
 Before each attempt the sender asks the shared :class:`~ms1.sending.pacer.Pacer` for
 permission (rate limit, 429 pause, 401 spell, breaker) and tells it the outcome.
 
+Settings: every sender reads the one :class:`SharedSettings` the service holds — a frozen
+:class:`SendSettings` (``retry_initial``, ``retry_max``, ``max_deliveries``) that a reload
+replaces whole — once per delivery (``max_deliveries``) and once per retry (the backoff),
+never a copy taken when the sender was built. :class:`InFlight` counts the requests in
+flight over all senders (``ms1_requests_in_flight``). A sender retired by a reload that
+lowers ``[send] threads`` leaves after its current batch; a reload that raises the count
+again before it left keeps it (:meth:`Sender.keep`) instead of starting a new one.
+
 On shutdown a sender finishes its current attempt; a batch it could not
 deliver before the deadline is released back to the queue, never dropped.
 """
@@ -31,9 +39,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
+from ms1.config import Config
 from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error, QueueError, TransportError
 from ms1.model import Batch, DeadLetter
@@ -49,6 +60,75 @@ log = logging.getLogger(__name__)
 SPLIT_STATUSES = frozenset({400, 413})
 #: answers after which the pacer, not the backoff, decides when to send again
 PACED_STATUSES = frozenset({401, 429})
+
+
+@dataclass(frozen=True)
+class SendSettings:
+    """The ``[send]`` options a sender reads while it runs; a reload replaces the whole
+    object (:meth:`SharedSettings.replace`), so an attempt sees one consistent set."""
+
+    retry_initial: float = 0.5
+    retry_max: float = 30.0
+    max_deliveries: int = 0
+
+    @classmethod
+    def from_config(cls, config: Config) -> SendSettings:
+        return cls(retry_initial=config.get_float("send", "retry_initial"),
+                   retry_max=config.get_float("send", "retry_max"),
+                   max_deliveries=config.get_int("send", "max_deliveries"))
+
+    def backoff(self, state: RetryCallState) -> float:
+        """Seconds before the next retry: exponential from ``retry_initial``, with jitter,
+        at most ``retry_max``."""
+        wait = wait_exponential_jitter(multiplier=self.retry_initial * 2, max=self.retry_max,
+                                       jitter=self.retry_initial)
+        return float(wait(state))
+
+
+class SharedSettings:
+    """The one :class:`SendSettings` every sender reads; the service swaps it on reload
+    (one reference assignment: a reader sees the old object or the new one, whole)."""
+
+    def __init__(self, settings: SendSettings) -> None:
+        self._settings = settings
+
+    @property
+    def current(self) -> SendSettings:
+        return self._settings
+
+    def replace(self, settings: SendSettings) -> None:
+        self._settings = settings
+
+
+class InFlight:
+    """Requests to MS4 in flight now, over every sender (``with in_flight:`` around a
+    send); :meth:`take_peak` gives the most at once since it was last called."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._now = 0
+        self._peak = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._now += 1
+            self._peak = max(self._peak, self._now)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        with self._lock:
+            self._now -= 1
+
+    @property
+    def current(self) -> int:
+        with self._lock:
+            return self._now
+
+    def take_peak(self) -> int:
+        """The most requests in flight at once since the last call (or the start)."""
+        with self._lock:
+            peak, self._peak = self._peak, self._now
+            return peak
 
 
 class _SendFailed(Exception):
@@ -67,9 +147,12 @@ class Sender:
         self, *, name: str, queue: QueueBackend, transport: Transport,
         dead_letters: DeadLetterStore, observers: Observers, stats: RunStats,
         pacer: Pacer, stop: threading.Event, abort: threading.Event,
+        settings: SharedSettings | None = None, in_flight: InFlight | None = None,
         retry_initial: float = 0.5, retry_max: float = 30.0, poll: float = 0.2,
         max_deliveries: int = 0,
     ) -> None:
+        """``settings``: the shared settings to read (the service's); without it, the
+        sender has its own, from ``retry_initial``, ``retry_max`` and ``max_deliveries``."""
         self.name = name
         self._queue = queue
         self._transport = transport
@@ -79,20 +162,50 @@ class Sender:
         self._pacer = pacer
         self._stop = stop
         self._abort = abort
-        self._retry_initial = retry_initial
-        self._backoff = wait_exponential_jitter(multiplier=retry_initial * 2, max=retry_max,
-                                                jitter=retry_initial)
+        self.settings = settings if settings is not None else SharedSettings(SendSettings(
+            retry_initial=retry_initial, retry_max=retry_max, max_deliveries=max_deliveries))
+        self._in_flight = in_flight if in_flight is not None else InFlight()
         self._poll = poll
-        self._max_deliveries = max_deliveries
+        self._retire_lock = threading.Lock()
         self._retired = False
+        self._left = False
+
+    @property
+    def retiring(self) -> bool:
+        """Told to leave after its current batch (and not kept since)."""
+        with self._retire_lock:
+            return self._retired
 
     def retire(self) -> None:
         """Leave after the current batch (the sender count was lowered by a reload)."""
-        self._retired = True
+        with self._retire_lock:
+            self._retired = True
+
+    def keep(self) -> bool:
+        """Undo :meth:`retire` (the count was raised again): True if the sender stays,
+        False if it has already left its loop."""
+        with self._retire_lock:
+            if self._left:
+                return False
+            self._retired = False
+            return True
+
+    def _leaving(self) -> bool:
+        with self._retire_lock:
+            if self._retired:
+                self._left = True
+            return self._retired
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            with self._retire_lock:
+                self._left = True
+
+    def _run(self) -> None:
         failing = False
-        while not self._stop.is_set() and not self._abort.is_set() and not self._retired:
+        while not self._stop.is_set() and not self._abort.is_set() and not self._leaving():
             try:
                 delivery = self._queue.get(self.name, timeout=self._poll)
             except QueueError as exc:
@@ -110,8 +223,9 @@ class Sender:
 
     def deliver(self, delivery: Delivery) -> None:
         """Send one delivery until it is settled (acked, split, dead-lettered) or released."""
-        if self._max_deliveries and delivery.attempts > self._max_deliveries:
-            self._give_up(delivery)
+        max_deliveries = self.settings.current.max_deliveries
+        if max_deliveries and delivery.attempts > max_deliveries:
+            self._give_up(delivery, max_deliveries)
             return
         try:
             try:
@@ -144,7 +258,7 @@ class Sender:
         failure = outcome.exception() if outcome is not None else None
         if isinstance(failure, _SendFailed) and failure.status in PACED_STATUSES:
             return 0.0
-        return float(self._backoff(state))
+        return self.settings.current.backoff(state)
 
     def _settle(self, action: Callable[[], object], what: str) -> None:
         """Run a queue/dead-letter step until it succeeds; on abort, leave the batch queued
@@ -164,11 +278,11 @@ class Sender:
                 log.warning("recovered: could %s", what)
             return
 
-    def _give_up(self, delivery: Delivery) -> None:
+    def _give_up(self, delivery: Delivery, max_deliveries: int) -> None:
         """Dead-letter every object of a batch delivered more than ``max_deliveries`` times."""
         batch = delivery.batch
         reason = (f"batch {batch.id} was delivered {delivery.attempts} times without being "
-                  f"accepted ([send] max_deliveries = {self._max_deliveries})")
+                  f"accepted ([send] max_deliveries = {max_deliveries})")
         letters = [DeadLetter(reason=reason, stage="ms4", payload=payload, message_id=mid,
                               invoice_id=iid)
                    for payload, iid, mid in zip(batch.payloads, batch.invoice_ids,
@@ -184,7 +298,7 @@ class Sender:
             self._observers.payload_rejected(letter)
 
     def _first_wait(self, failure: _SendFailed) -> float:
-        return 0.0 if failure.status in PACED_STATUSES else self._retry_initial
+        return 0.0 if failure.status in PACED_STATUSES else self.settings.current.retry_initial
 
     def _sleep(self, seconds: float) -> None:
         if self._abort.wait(seconds):
@@ -196,7 +310,8 @@ class Sender:
         admission = self._pacer.admit(self._abort)
         started = time.perf_counter()
         try:
-            response = self._transport.send(request)
+            with self._in_flight:
+                response = self._transport.send(request)
         except TransportError as exc:
             self._pacer.done(admission, None)
             self._failed(batch, None, str(exc), attempt)
