@@ -843,3 +843,55 @@ def _inject_and_check(own_redis: RedisServer, sim: Sim, service: Service, produc
     assert status == 0, f"exit {status} after SIGTERM"
     assert int(client.xlen(INBOUND)) == 0 and int(client.xlen(OUTBOUND)) == 0
     assert pending(client, INBOUND) == 0 and pending(client, OUTBOUND) == 0
+
+
+# --- the checker checked (fast: no processes) ----------------------------------------------
+
+
+def _letter(stage: str, reason: str, payload: bytes, **more: str) -> dict[bytes, bytes]:
+    fields = {b"stage": stage.encode(), b"reason": reason.encode(), b"payload": payload}
+    return fields | {k.encode(): v.encode() for k, v in more.items()}
+
+
+def test_analyse_finds_losses_bad_letters_and_unidentifiable_duplicates() -> None:
+    """The chaos test's verdicts on a made-up outcome: it must see every kind of failure."""
+    rejected = next(f"{PREFIX}-{i:07d}" for i in range(1000)
+                    if is_rejected_by_sim(f"{PREFIX}-{i:07d}", REJECT_EVERY))
+    fine = [f"{PREFIX}-{i:07d}" for i in range(1000)
+            if not is_rejected_by_sim(f"{PREFIX}-{i:07d}", REJECT_EVERY)][:5]
+    binary = {b"\xff": b"\x00\x80", b"x": b"y"}
+    produced = Produced(valid={**{i: f"1-{n}" for n, i in enumerate(fine)}, rejected: "2-0"},
+                        garbage={"3-0": ("binary_fields", binary),
+                                 "3-1": ("not_json", {b"email": b"{nope"}),
+                                 "3-2": ("empty_email", {b"email": b""}),
+                                 "3-3": ("no_email", {b"a": b"b"})})
+    accepted = [
+        {"idempotency_key": "k1", "invoice_ids": [fine[0], fine[1]], "answer": "dropped"},
+        {"idempotency_key": "k1", "invoice_ids": [fine[0], fine[1]], "answer": "202"},
+        {"idempotency_key": "k1", "invoice_ids": [fine[0], fine[1]], "answer": "202"},
+        {"idempotency_key": "k2", "invoice_ids": [fine[2], fine[1]], "answer": "202"},
+        {"idempotency_key": "k3", "invoice_ids": ["STRANGER-1"], "answer": "202"},
+    ]
+    raw = json.dumps({"fields": [[{"base64": base64.b64encode(b"\xff").decode()},
+                                  {"base64": base64.b64encode(b"\x00\x80").decode()}],
+                                 ["x", "y"]]}).encode()
+    letters = [
+        ("9-0", _letter("ms4", REJECT_EVERY_REASON, b"{}", invoice_id=rejected)),
+        ("9-1", _letter("ms4", "MS4 said no", b"{}", invoice_id=fine[3])),
+        ("9-2", _letter("source", "no email field", raw, source_ref="3-0")),
+        ("9-3", _letter("processor", "not JSON", b"{nope", source_ref="3-1")),
+        ("9-4", _letter("processor", "", b"", source_ref="3-2")),  # no reason
+        ("9-5", _letter("processor", "who knows", b"?", source_ref="7-7")),
+    ]
+    figures = analyse(produced, accepted, letters)
+    assert figures.lost == [fine[3], fine[4]]
+    assert figures.wrongly_dead_lettered == [fine[3]]
+    assert [g.split(" ")[0] for g in figures.garbage_missing] == ["3-3"]
+    assert [g.split(" ")[0] for g in figures.garbage_wrong] == ["3-2"]
+    assert len(figures.stray_letters) == 1 and figures.stray_letters[0].startswith("9-5")
+    assert figures.stray_accepted == ["STRANGER-1"]
+    assert figures.other_key_duplicates == [fine[1]]
+    # k1 again after its lost answer: explained; k1 a third time: a kill's re-send
+    assert (figures.duplicate_batches, figures.resent_after_lost_answer,
+            figures.resent_unexplained_batches, figures.resent_unexplained) == (2, 2, 1, 2)
+    assert figures.duplicate_invoices == 5 and figures.lost_answers == 1
