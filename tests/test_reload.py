@@ -402,6 +402,90 @@ def test_log_format_and_level_switch_at_once_keeping_redaction(write_config: Any
 
 # --- defect 3: [send] threads 4 -> 16 -> 2 -> 16 under load --------------------------
 
+
+class GatedMs4:
+    """MS4 answering 202 once ``gate`` is open; counts the requests in flight itself."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+        self.batch_ids: list[str] = []
+
+    def __call__(self, request: Any) -> int:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            self.gate.wait(30)
+            with self.lock:
+                self.batch_ids.append(request.idempotency_key)
+            return 202
+        finally:
+            with self.lock:
+                self.now -= 1
+
+    def in_flight(self) -> int:
+        with self.lock:
+            return self.now
+
+
+def test_threads_lowered_then_raised_mid_flight_never_exceeds_the_count(
+        pm: pluggy.PluginManager, write_config: Any) -> None:
+    """16 senders all inside a request; SIGHUP to 2, then at once back to 16: the 14
+    retiring senders are kept, not doubled by 14 new ones (before the fix: 30 requests in
+    flight). Lowering to 2 retires senders after their current batch: every batch sent
+    once, none released, the count settles at 2."""
+    import dataclasses
+
+    from ms1.transport import MemoryTransport
+
+    path = write_config("[send]\nthreads = 16\nrequests_per_minute = 100000\n")
+    config = pluginmanager.load(pm, str(path))
+    ms4 = GatedMs4()
+    built = Components.build(pm, config.with_values({("source", "name"): "memory"}))
+    parts = dataclasses.replace(built, transport=MemoryTransport(ms4))
+    built.transport.close()
+    batches = [Batch.of(BATCH_PATH, [Item(b"{}", f"T-{n}", f"<T-{n}>", "")])
+               for n in range(200)]
+    parts.queue.put_many(batches)
+    service = Service(config, pm, parts)
+    released: list[str] = []
+
+    class Watch:
+        @hookimpl
+        def ms1_batch_failed(self, batch: Batch, error: str) -> None:
+            released.append(f"{batch.id}: {error}")
+
+    pm.register(Watch())
+    service.start()
+    try:
+        assert wait_until(lambda: ms4.in_flight() == 16, 10), ms4.in_flight()
+
+        def alive() -> int:
+            return sum(1 for _, t in service._senders if t.is_alive())
+
+        for threads in (2, 16):
+            path.write_text(f"[send]\nthreads = {threads}\nrequests_per_minute = 100000\n")
+            cli._reload(service, pm)
+        assert alive() == 16
+        assert not wait_until(lambda: ms4.most > 16, 1.0, interval=0.02), ms4.most
+        path.write_text("[send]\nthreads = 2\nrequests_per_minute = 100000\n")
+        cli._reload(service, pm)
+        ms4.gate.set()  # the 14 retiring senders finish their batch, then leave
+        assert wait_until(lambda: alive() == 2, 10), alive()
+        assert wait_until(lambda: parts.queue.stats().empty, 30)
+        assert ms4.most == 16
+        assert sorted(ms4.batch_ids) == sorted(b.id for b in batches)  # each once
+        assert released == []
+        assert service.alive()
+    finally:
+        ms4.gate.set()
+        service.shutdown(5)
+        parts.close()
+
+
 #: runs the service with a thread that writes, every 50 ms, the most requests in flight
 #: since the last line (Service.in_flight, what ms1_requests_in_flight will export)
 SAMPLER = """\
