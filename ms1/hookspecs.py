@@ -93,7 +93,9 @@ def ms1_config_options() -> Sequence[Option]:
     every reload), so the file can be validated against the whole schema: a key
     no plugin declares is an error. Use a section of your own (``[queue.redis]``,
     ``[transport.http]``) and give every option a default and a help text (shown
-    by ``ms1-service check``).
+    by ``ms1-service check``). Mark an option ``reloadable=True`` only if your
+    :func:`ms1_config_reloaded` applies a new value to what is running; any other
+    option's change is reported by a reload as needing a restart.
 
     :return: the plugin's :class:`~ms1.config.Option` s. All results are merged
         (not ``firstresult``).
