@@ -38,6 +38,7 @@ from ms1.config import Config
 from ms1.errors import ConfigError, Ms1Error
 from ms1.logs import add_secret, escape_controls, setup_logging
 from ms1.notify import Notifier, Watchdog
+from ms1.progress import call_within
 from ms1.redaction import redact
 from ms1.service import Service
 from ms1.tools import samples
@@ -46,6 +47,11 @@ log = logging.getLogger("ms1")
 
 COMMANDS = ("run", "check", "samples", "enqueue", "status", "dlq")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: a second SIGINT: exit at once, as a shell's Ctrl-C does (128 + SIGINT)
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+#: seconds closing the components (Redis connections, prefetched batches) may take at exit:
+#: past it ms1 exits anyway, and what they still hold stays pending in a durable queue
+CLOSE_TIMEOUT = 0.3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,7 +163,17 @@ def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once
         if signum == signal.SIGHUP:
             reload_requested.set()
             return
-        log.info("received %s: draining", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop_requested.is_set():
+            if signum == signal.SIGINT:
+                # at once: no drain, no summary. A durable queue keeps every batch and the
+                # source every unacknowledged e-mail, for the next run
+                log.warning("second SIGINT: exiting at once (status %d) without draining; a "
+                            "durable queue keeps what was not delivered", EXIT_INTERRUPTED)
+                os._exit(EXIT_INTERRUPTED)
+            log.info("received %s: already draining (a second SIGINT exits at once)", name)
+            return
+        log.info("received %s: draining", name)
         stop_requested.set()
 
     handled = [signal.SIGTERM, signal.SIGINT] + ([] if once else [signal.SIGHUP])
@@ -166,16 +182,17 @@ def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once
     try:
         service.start()
         if once:
-            summary = service.run_once(config.get_float("ms1", "once_timeout"))
-            print(summary.render())
+            summary = service.run_once(config.get_float("ms1", "once_timeout"),
+                                       stop=stop_requested)
+            print(summary.render(), flush=True)
         else:
             if _wait_until_connected(service, stop_requested):
                 notifier.ready(_status(service))
                 log.info("ready")
             interval = notifier.watchdog_interval
             if interval is not None:
-                watchdog = Watchdog(notifier, interval, healthy=service.alive,
-                                    status=lambda: _status(service))
+                watchdog = Watchdog(notifier, interval, healthy=service.healthy,
+                                    status=lambda: _status(service), problem=service.health)
                 watchdog.start()
             while not stop_requested.wait(0.5):
                 if reload_requested.is_set():
@@ -194,7 +211,11 @@ def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once
             watchdog.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        components.close()
+        try:  # bounded: a frozen Redis must not hold the exit (shutdown_timeout + 2 s)
+            call_within(components.close, CLOSE_TIMEOUT, "closing the components")
+        except TimeoutError as exc:
+            log.warning("%s; exiting anyway (unreleased batches stay pending in a durable "
+                        "queue and are sent again)", exc)
         notifier.close()
     if once:
         return EXIT_OK if summary.ok else EXIT_FAILED
@@ -208,7 +229,7 @@ def _wait_until_connected(service: Service, stop: threading.Event) -> bool:
     waited = False
     while not stop.is_set():
         try:
-            service.parts.queue.stats()
+            service.read_queue(1.0)
             return True
         except Ms1Error as exc:
             if not waited:

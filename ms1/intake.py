@@ -26,6 +26,7 @@ from ms1.model import Batch, DeadLetter, InboundMessage, Item
 from ms1.outbound import QueueBackend
 from ms1.pluginmanager import Observers
 from ms1.processor import Accepted, unified_email_processor
+from ms1.progress import Progress
 from ms1.source import Source
 from ms1.stats import RunStats
 
@@ -42,8 +43,11 @@ class Intake:
         self, *, source: Source, policy: BatchPolicy, queue: QueueBackend,
         dead_letters: DeadLetterStore, observers: Observers, stats: RunStats,
         abort: threading.Event, retry_delay: float = 1.0,
-        handoff: Callable[[Work], None] | None = None,
+        handoff: Callable[[Work], None] | None = None, progress: Progress | None = None,
     ) -> None:
+        """``progress``: where the committing thread beats before each store it tries and
+        marks its retries while the store is unreachable (the service's)."""
+        self._progress = progress if progress is not None else Progress()
         self._handoff = handoff or self.commit
         self._source = source
         self._policy = policy
@@ -155,7 +159,9 @@ class Intake:
     def _persist(self, action: Callable[[], T], what: str) -> T:
         """Run ``action`` until it succeeds: the data is held here until it is safe."""
         failing = False
+        thread = threading.current_thread().name
         while True:
+            self._progress.beat(thread, what)
             try:
                 result = action()
             except Ms1Error as exc:
@@ -167,5 +173,7 @@ class Intake:
                 if failing:
                     log.warning("recovered: could %s again", what)
                 return result
-            if self._abort.wait(self._retry_delay):
-                raise Ms1Error(f"shutdown deadline passed before we could {what}")
+            with self._progress.waiting(thread, f"cannot {what}: retrying every "
+                                                f"{self._retry_delay:g} s"):
+                if self._abort.wait(self._retry_delay):
+                    raise Ms1Error(f"shutdown deadline passed before we could {what}")

@@ -87,13 +87,149 @@ _BREAKER = {"closed": 0, "half-open": 1, "open": 2}
 @dataclass(frozen=True)
 class ServiceView:
     """What the exporter reads of a running service, at scrape time: read-only, so the
-    exporter never imports or steers the service."""
+    exporter never imports or steers the service.
+
+    ``health`` says why the service is unhealthy (a thread died or is stalled), None when
+    it is healthy; without it, health is ``alive()``. ``queue_watch`` is the service's own
+    :class:`QueueWatch`; without one the exporter runs its own on ``queue_stats`` and
+    ``dead_letter_count``. Nothing an HTTP request runs waits for Redis or MS4."""
 
     counters: Callable[[], dict[str, int]]
     alive: Callable[[], bool]
     pacer: Pacer
     queue_stats: Callable[[], QueueStats]
     dead_letter_count: Callable[[], int]
+    health: Callable[[], str | None] | None = None
+    queue_watch: QueueWatch | None = None
+
+
+@dataclass(frozen=True)
+class QueueReading:
+    """What :class:`QueueWatch` last learnt: the last successful reading (``at``, its
+    ``time.monotonic()``; 0: none yet) and the last error (``error_at``; 0: none)."""
+
+    stats: QueueStats | None = None
+    dead_letters: int | None = None
+    at: float = 0.0
+    error: str = ""
+    error_at: float = 0.0
+
+
+class QueueWatch:
+    """Reads the queue's counts (and the dead-letter count) every ``interval`` seconds in
+    a thread of its own, so that health checks, scrapes, ``--once`` and shutdown never
+    wait for the queue backend: they read :meth:`latest`, or ask for a fresh reading and
+    wait for it at most as long as they choose (:meth:`fresh`). One call at a time: a
+    frozen Redis holds this thread (for up to ``[redis] socket_timeout``), nobody else.
+
+    :meth:`unreachable` says why the queue counts as unreachable: no successful reading
+    for ``stale_after`` seconds (the last error, or how long the backend has not answered).
+    """
+
+    def __init__(self, stats: Callable[[], QueueStats],
+                 dead_letter_count: Callable[[], int] | None = None, *,
+                 interval: float = 1.0, stale_after: float = 3.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._stats = stats
+        self._letters = dead_letter_count
+        self.interval = interval
+        self.stale_after = stale_after
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._reading = QueueReading()
+        self._asked = 0  # readings asked for (fresh)
+        self._done = 0  # readings finished (successful or not)
+        self._busy_since = 0.0  # a reading in progress since (0: none)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread ``queue-watch`` (no-op if it runs)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="queue-watch", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread; never waits for a reading in progress."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def want_dead_letters(self, count: Callable[[], int]) -> None:
+        """Read the dead-letter count too (for /metrics)."""
+        self._letters = count
+
+    def latest(self) -> QueueReading:
+        with self._cond:
+            return self._reading
+
+    def fresh(self, timeout: float) -> QueueStats:
+        """Counts read after this call began, waiting at most ``timeout`` s; Ms1Error with
+        the backend's error, or saying it did not answer in time."""
+        with self._cond:
+            self._asked += 1
+            ticket = self._asked
+            running = self._thread is not None and not self._stop.is_set()
+            if running:
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: self._done >= ticket, timeout)
+        if not running:  # not started (or closed): read in this thread
+            self._read_once()
+        with self._cond:
+            reading, done, busy_since = self._reading, self._done, self._busy_since
+        if done >= ticket:
+            if reading.stats is not None and reading.at >= reading.error_at:
+                return reading.stats
+            raise Ms1Error(reading.error)
+        busy = self._clock() - busy_since if busy_since else 0.0
+        raise Ms1Error(f"the queue backend did not answer within {timeout:.1f} s (a read has "
+                       f"been waiting for {busy:.1f} s)"
+                       + (f"; last error: {reading.error}" if reading.error else ""))
+
+    def unreachable(self) -> str | None:
+        """None while a reading succeeded within ``stale_after`` seconds; else why the
+        queue counts as unreachable (the last error, or how long it has not answered)."""
+        now = self._clock()
+        with self._cond:
+            reading, busy_since = self._reading, self._busy_since
+        if reading.at and now - reading.at <= self.stale_after:
+            return None
+        if reading.error and reading.error_at >= reading.at:
+            return reading.error
+        if busy_since:
+            return f"no answer from the queue backend for {now - busy_since:.0f} s"
+        return "the queue has not been read yet"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._read_once()
+            with self._cond:
+                if self._asked <= self._done:
+                    self._cond.wait_for(lambda: self._asked > self._done or self._stop.is_set(),
+                                        self.interval)
+
+    def _read_once(self) -> None:
+        with self._cond:
+            ticket = self._asked
+            self._busy_since = self._clock()
+        try:
+            stats = self._stats()
+            letters = self._letters() if self._letters is not None else None
+        except Exception as exc:  # Ms1Error, or a plugin's bug: either way, no reading
+            if not isinstance(exc, Ms1Error):
+                log.debug("reading the queue failed", exc_info=True)
+            with self._cond:
+                self._reading = dataclasses.replace(self._reading, error=str(exc),
+                                                    error_at=self._clock())
+        else:
+            with self._cond:
+                self._reading = dataclasses.replace(self._reading, stats=stats,
+                                                    dead_letters=letters, at=self._clock())
+        finally:
+            with self._cond:
+                self._busy_since = 0.0
+                self._done = max(self._done, ticket)
+                self._cond.notify_all()
 
 
 class _State(Collector):
@@ -128,19 +264,23 @@ class _State(Collector):
                      pacer.paused_for)
         yield _gauge("ms1_auth_blocked", "1 while MS4 rejects the API key (401 spell)",
                      1 if pacer.auth_blocked else 0)
-        yield _gauge("ms1_up", "1 while every pipeline thread is alive",
-                     1 if service.alive() else 0)
-        try:
-            queue = service.queue_stats()
-            letters = service.dead_letter_count()
-        except Ms1Error:
-            yield _gauge("ms1_queue_reachable", "1 when the queue backend answers", 0)
+        yield _gauge("ms1_up", "1 while every pipeline thread is alive and making progress",
+                     1 if self._exporter.health() is None else 0)
+        watch = self._exporter.queue_watch
+        reading = watch.latest()
+        yield _gauge("ms1_queue_reachable", "1 when the queue backend answers",
+                     0 if watch.unreachable() else 1)
+        if reading.stats is None:
             return
-        yield _gauge("ms1_queue_reachable", "1 when the queue backend answers", 1)
-        yield _gauge("ms1_queue_ready_batches", "Batches waiting for a sender", queue.ready)
-        yield _gauge("ms1_queue_in_flight_batches", "Batches handed out, not yet acked",
-                     queue.in_flight)
-        yield _gauge("ms1_dead_letters", "Dead letters kept", letters)
+        yield _gauge("ms1_queue_ready_batches", "Batches waiting for a sender (last reading)",
+                     reading.stats.ready)
+        yield _gauge("ms1_queue_in_flight_batches",
+                     "Batches handed out, not yet acked (last reading)", reading.stats.in_flight)
+        if reading.dead_letters is not None:
+            yield _gauge("ms1_dead_letters", "Dead letters kept (last reading)",
+                         reading.dead_letters)
+        yield _gauge("ms1_queue_reading_age_seconds",
+                     "Seconds since the queue counts were last read", time.monotonic() - reading.at)
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
@@ -156,6 +296,9 @@ class Exporter:
         self.service = service
         self._rejected: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
+        self.queue_watch = service.queue_watch or QueueWatch(service.queue_stats)
+        self._own_watch = service.queue_watch is None
+        self.queue_watch.want_dead_letters(service.dead_letter_count)
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_State(self))
         self.batch_size = Histogram(
@@ -175,12 +318,21 @@ class Exporter:
         return f"[{host!s}]:{port}" if ":" in str(host) else f"{host!s}:{port}"
 
     def start(self) -> None:
+        self.queue_watch.start()
         self._thread.start()
         log.info("metrics and health on http://%s/metrics, /healthz, /readyz", self.address)
 
     def close(self) -> None:
+        if self._own_watch:
+            self.queue_watch.close()
         self._server.shutdown()
         self._server.server_close()
+
+    def health(self) -> str | None:
+        """None when healthy, else why not (a thread died or shows no progress)."""
+        if self.service.health is not None:
+            return self.service.health()
+        return None if self.service.alive() else "a pipeline thread is not running"
 
     def rejected_counts(self) -> dict[tuple[str, str], int]:
         with self._lock:
@@ -189,16 +341,16 @@ class Exporter:
     def readiness(self) -> str | None:
         """None when ready, else why not."""
         pacer = self.service.pacer
-        if not self.service.alive():
-            return "a pipeline thread is not running"
+        unhealthy = self.health()
+        if unhealthy is not None:
+            return unhealthy
         if pacer.auth_blocked:
             return "paused: MS4 rejects the API key (401); fix the key and reload"
         if pacer.breaker.state == "open":
             return "circuit breaker open: MS4 is failing"
-        try:
-            self.service.queue_stats()
-        except Ms1Error as exc:
-            return f"queue unreachable: {exc}"
+        unreachable = self.queue_watch.unreachable()
+        if unreachable is not None:
+            return f"queue unreachable: {unreachable}"
         return None
 
     # --- observer hooks ---------------------------------------------------------------
@@ -224,8 +376,9 @@ def _handler(exporter: Exporter) -> type[BaseHTTPRequestHandler]:
             if path == "/metrics":
                 self._answer(200, generate_latest(exporter.registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                alive = exporter.service.alive()
-                self._answer(200 if alive else 503, b"ok\n" if alive else b"dead thread\n")
+                why = exporter.health()
+                self._answer(200 if why is None else 503,
+                             b"ok\n" if why is None else f"unhealthy: {why}\n".encode())
             elif path == "/readyz":
                 why = exporter.readiness()
                 self._answer(200 if why is None else 503,

@@ -7,7 +7,9 @@ Outside systemd the variable is unset and :class:`Notifier` does nothing, so the
 code runs in a terminal, under tests, or under a unit.
 
 :class:`Watchdog` pings ``WATCHDOG=1`` from a thread only while a health check passes, so
-a wedged pipeline stops pinging and systemd restarts the service.
+a wedged pipeline stops pinging and systemd restarts the service. The service's check is
+its progress (:mod:`ms1.progress`): no pipeline thread died, and none has gone longer than
+``[ms1] watchdog_timeout`` without progress outside a wait that is bounded by design.
 """
 
 from __future__ import annotations
@@ -152,20 +154,25 @@ class Notifier:
 class Watchdog:
     """Thread that pings WATCHDOG=1 every ``interval`` seconds while ``healthy()`` is true,
     and optionally sends STATUS=<status()> on each tick. When healthy() is false it sends
-    nothing (so systemd's WatchdogSec kills/restarts a wedged service).
+    no WATCHDOG=1 (so systemd's WatchdogSec kills/restarts a wedged service); with a
+    ``problem`` callback it logs why (when it turns unhealthy) and, on each tick, sends
+    ``STATUS=UNHEALTHY: <problem()>`` so ``systemctl status`` shows it.
 
     The first tick happens right at :meth:`start`. A ``healthy()`` that raises counts as
-    unhealthy; a ``status()`` that raises only drops the status line of that tick.
+    unhealthy; a ``status()`` or ``problem()`` that raises only drops the status line of
+    that tick.
     """
 
     def __init__(self, notifier: Notifier, interval: float, healthy: Callable[[], bool],
-                 status: Callable[[], str] | None = None) -> None:
+                 status: Callable[[], str] | None = None,
+                 problem: Callable[[], str | None] | None = None) -> None:
         if not interval > 0:
             raise ValueError(f"watchdog interval must be > 0, got {interval!r}")
         self._notifier = notifier
         self._interval = float(interval)
         self._healthy = healthy
         self._status = status
+        self._problem = problem
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._was_healthy = True
@@ -199,9 +206,12 @@ class Watchdog:
             log.exception("watchdog health check failed")
             healthy = False
         if not healthy:
+            why = self._why()
             if self._was_healthy:
-                log.warning("unhealthy: watchdog pings suspended")
+                log.warning("unhealthy: watchdog pings suspended%s", f": {why}" if why else "")
             self._was_healthy = False
+            if why:
+                self._notifier.notify(f"STATUS=UNHEALTHY: {_one_line(why)}")
             return False
         if not self._was_healthy:
             log.info("healthy again: watchdog pings resumed")
@@ -213,6 +223,15 @@ class Watchdog:
             except Exception:
                 log.exception("watchdog status callback failed")
         return self._notifier.notify(*assignments)
+
+    def _why(self) -> str:
+        if self._problem is None:
+            return ""
+        try:
+            return self._problem() or ""
+        except Exception:
+            log.exception("watchdog problem callback failed")
+            return ""
 
     def _run(self) -> None:
         while not self._stop.is_set():

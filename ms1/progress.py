@@ -26,6 +26,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +101,31 @@ class Progress:
         """What each known thread is doing or waiting for (for status lines)."""
         with self._lock:
             return dict(self._doing)
+
+
+def call_within(call: Callable[[], T], timeout: float, what: str) -> T:
+    """``call()`` in a daemon thread of its own, waited for at most ``timeout`` seconds.
+
+    Returns its result or raises its exception; raises :class:`TimeoutError` (naming
+    ``what``) when it has not returned in time. The call then goes on in its thread, and
+    its result is dropped: for calls that are safe to abandon (reading a count, closing
+    connections at exit) when a deadline matters more than their answer.
+    """
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # handed to the caller
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"bounded: {what}"[:60], daemon=True).start()
+    if not done.wait(max(0.0, timeout)):
+        raise TimeoutError(f"{what}: no answer within {timeout:.1f} s")
+    if failure:
+        raise failure[0]
+    return outcome[0]

@@ -27,10 +27,11 @@ from ms1.config import Config, Secret
 from ms1.errors import Ms1Error
 from ms1.intake import Intake, Work
 from ms1.logs import apply_log_settings
-from ms1.metrics import Exporter, ServiceView
+from ms1.metrics import Exporter, QueueWatch, ServiceView
 from ms1.model import InboundMessage
 from ms1.outbound import QueueStats
 from ms1.pluginmanager import Observers
+from ms1.progress import Progress, Stall
 from ms1.sending.sender import InFlight, Sender, SendSettings, SharedSettings
 from ms1.stats import RunStats
 
@@ -38,7 +39,12 @@ log = logging.getLogger(__name__)
 
 _EOF: list[InboundMessage] = []  # sentinel: identity-compared
 #: seconds the threads get, after the shutdown deadline, to give their work back
-ABORT_GRACE = 1.5
+ABORT_GRACE = 1.0
+#: seconds the final reading of the queue (the summary) may take after that grace:
+#: shutdown returns by ``timeout + ABORT_GRACE + FINAL_READ`` whatever Redis does
+FINAL_READ = 0.5
+#: seconds the queue's counts are read every (``QueueWatch``: /readyz, /metrics)
+QUEUE_READ_INTERVAL = 1.0
 #: most batches (or dead-letter lists) the committer stores in one round trip
 COMMIT_GROUP = 16
 
@@ -70,12 +76,16 @@ class Summary:
     skipped: tuple[tuple[str, str], ...] = ()
     not_stored: int = 0
     unacked_fate: str = ""
+    #: a --once run stopped by a signal; ``source_drained``: its source had been read to
+    #: the end before
+    interrupted: bool = False
+    source_drained: bool = True
 
     @property
     def ok(self) -> bool:
         """Everything read was stored and delivered (or dead-lettered), every input read."""
         return (self.undelivered is not None and self.undelivered.empty
-                and not self.skipped and self.not_stored == 0)
+                and not self.skipped and self.not_stored == 0 and not self.interrupted)
 
     def render(self) -> str:
         s = self.stats
@@ -89,6 +99,13 @@ class Summary:
             f"({delivered} invoices), dead-lettered: {s.get('dead_lettered', 0)}",
             f"elapsed: {self.elapsed:.2f} s, {rate:,.0f} invoices/s",
         ]
+        if self.interrupted:
+            lines.append(
+                "INTERRUPTED by a signal: the source had been read to the end"
+                if self.source_drained else
+                "INTERRUPTED by a signal before the source was read to the end: the e-mails "
+                "not read were not processed (a Redis stream keeps them for the next run; "
+                "input files must be given again)")
         if self.skipped:
             lines.append(f"inputs skipped: {len(self.skipped)} (not processed):")
             lines += [f"  {name}: {why}" for name, why in
@@ -135,12 +152,20 @@ class Service:
         self._threads: list[threading.Thread] = []
         self._failed: list[str] = []
         self._gave_up = ""  # why the committer stopped storing at the deadline
+        self._source_drained = False  # the reader read the source to its end
         self._started = 0.0
         self._read_chunk = config.get_int("source", "read_chunk")
+        #: each pipeline thread's last sign of progress: the watchdog and /healthz read it
+        self.progress = Progress()
+        self.watchdog_timeout = config.get_float("ms1", "watchdog_timeout")
+        #: the queue's counts, read in a thread of its own: health checks, --once and the
+        #: shutdown never wait on the queue backend longer than they choose
+        self.queue_watch = QueueWatch(components.queue.stats, interval=QUEUE_READ_INTERVAL)
         self.intake = Intake(
             source=components.source, policy=components.policy, queue=components.queue,
             dead_letters=components.dead_letters, observers=self.observers,
-            stats=self.stats, abort=self.abort, handoff=self._to_committer)
+            stats=self.stats, abort=self.abort, handoff=self._to_committer,
+            progress=self.progress)
         self._batcher_done = threading.Event()
         self.pacer = make_pacer(config, components.limiter)
         #: what every sender reads per delivery and per retry; a reload replaces it
@@ -157,7 +182,8 @@ class Service:
                 self.exporter = Exporter(ServiceView(
                     counters=self.stats.snapshot, alive=self.alive, pacer=self.pacer,
                     queue_stats=components.queue.stats,
-                    dead_letter_count=components.dead_letters.count), address)
+                    dead_letter_count=components.dead_letters.count, health=self.health,
+                    queue_watch=self.queue_watch), address)
             except (OSError, ValueError) as exc:
                 raise config.error("metrics", "address",
                                    f"cannot listen on {address!r}: {exc}") from None
@@ -167,6 +193,8 @@ class Service:
 
     def start(self) -> None:
         self._started = time.perf_counter()
+        self._check_watchdog_timeout()
+        self.queue_watch.start()
         log.info("ms1 starting: source=%s policy=%s queue=%s transport=%s senders=%d",
                  self.parts.source.name, self.parts.policy.name, self.parts.queue.name,
                  self.parts.transport.name, self.config.get_int("send", "threads"))
@@ -185,7 +213,7 @@ class Service:
             transport=self.parts.transport, dead_letters=self.parts.dead_letters,
             observers=self.observers, stats=self.stats, pacer=self.pacer,
             stop=self.senders_stop, abort=self.abort, settings=self.send_settings,
-            in_flight=self.in_flight)
+            in_flight=self.in_flight, progress=self.progress)
 
     def _set_sender_count(self, count: int) -> None:
         """``count`` active senders: keep retiring ones that have not left yet, then start
@@ -215,6 +243,7 @@ class Service:
         return thread
 
     def _guard(self, name: str, target: Any) -> None:
+        self.progress.beat(name, "starting")
         try:
             target()
         except Ms1Error as exc:
@@ -224,6 +253,8 @@ class Service:
                 log.warning("thread %s stopped at the shutdown deadline: %s", name, exc)
         except Exception:
             self._died(name)
+        finally:
+            self.progress.leave(name)  # ended (a death is in _failed): no stall to watch
 
     def _died(self, name: str) -> None:
         """In an ``except`` block: log the traceback, stop everything."""
@@ -235,9 +266,11 @@ class Service:
 
     def _read_loop(self) -> None:
         source = self.parts.source
+        progress = self.progress
         failing = False
         try:
             while not self.intake_stop.is_set():
+                progress.beat("reader", f"reading source {source.name}")
                 try:
                     messages = source.read(self._read_chunk, timeout=0.2)
                 except Ms1Error as exc:
@@ -245,7 +278,9 @@ class Service:
                         log.error("cannot read from source %s (%s); waiting for it",
                                   source.name, exc)
                     failing = True
-                    self.intake_stop.wait(1.0)
+                    with progress.waiting("reader", f"source {source.name} unreachable: "
+                                                    "reading again in 1 s"):
+                        self.intake_stop.wait(1.0)
                     continue
                 if failing:
                     log.warning("source %s answers again", source.name)
@@ -254,37 +289,45 @@ class Service:
                     self.stats.add("emails_taken", len(messages))
                     self._hand_over(messages)
                 elif source.exhausted or self.once:
+                    self._source_drained = True
                     break
         finally:
             self._hand_over(_EOF, force=True)
 
     def _hand_over(self, messages: list[InboundMessage], force: bool = False) -> None:
-        while True:
-            try:
-                self._inbox.put(messages, timeout=0.2)
-                return
-            except stdqueue.Full:
-                if self.abort.is_set() and not force:
-                    raise Ms1Error("aborted while handing over a chunk") from None
+        with self.progress.waiting("reader", "waiting for the batcher to take a chunk"):
+            while True:
+                try:
+                    self._inbox.put(messages, timeout=0.2)
+                    return
+                except stdqueue.Full:
+                    if self.abort.is_set() and not force:
+                        raise Ms1Error("aborted while handing over a chunk") from None
 
     def _to_committer(self, work: Work | None) -> None:
-        while True:
-            try:
-                self._outbox.put(work, timeout=0.2)
-                return
-            except stdqueue.Full:
-                if self.abort.is_set():
-                    if work is None:
-                        return  # the committer is gone; nothing waits for the end mark
-                    raise Ms1Error("aborted with work not yet committed") from None
+        with self.progress.waiting("batcher", "waiting for the committer to take work"):
+            while True:
+                try:
+                    self._outbox.put(work, timeout=0.2)
+                    return
+                except stdqueue.Full:
+                    if self.abort.is_set():
+                        if work is None:
+                            return  # the committer is gone; nothing waits for the end mark
+                        raise Ms1Error("aborted with work not yet committed") from None
 
     def _commit_loop(self) -> None:
         """Commit what the batcher hands over; whatever piled up meanwhile goes together
         (group commit: one round trip to the queue for up to ``COMMIT_GROUP`` batches)."""
         outbox = self._outbox
+        progress = self.progress
         try:
             ended = False
-            while not ended and (work := outbox.get()) is not None:
+            while not ended:
+                with progress.waiting("committer", "waiting for work from the batcher"):
+                    work = outbox.get()
+                if work is None:
+                    break
                 works = [work]
                 while len(works) < COMMIT_GROUP:
                     try:
@@ -296,7 +339,7 @@ class Service:
                         break
                     works.append(more)
                 try:
-                    self.intake.commit_many(works)
+                    self.intake.commit_many(works)  # beats before each store it tries
                 except Ms1Error as exc:  # only raised once the shutdown deadline passed
                     if not self.abort.is_set():
                         raise
@@ -320,8 +363,10 @@ class Service:
 
     def _batch_loop(self) -> None:
         intake = self.intake
+        progress = self.progress
         try:
             while True:
+                progress.beat("batcher", "batching")
                 deadline = intake.deadline()
                 wait = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
                 try:
@@ -351,6 +396,46 @@ class Service:
         when a finite source (files) is done, a sender when a reload retired it.
         """
         return not self._failed and not self.abort.is_set()
+
+    def stalls(self) -> list[Stall]:
+        """Pipeline threads that have shown no progress for longer than ``[ms1]
+        watchdog_timeout`` outside a bounded wait (see :mod:`ms1.progress`)."""
+        return self.progress.stalled(self.watchdog_timeout)
+
+    def health(self) -> str | None:
+        """None while the service is healthy; else why not: a pipeline thread died, or one
+        is stalled (named, with what it was doing). The watchdog and /healthz ask this."""
+        if self._failed:
+            return f"thread {', '.join(self._failed)} died"
+        if self.abort.is_set():
+            return "stopping: the shutdown deadline passed"
+        stalls = self.stalls()
+        if stalls:
+            return "; ".join(str(stall) for stall in stalls)
+        return None
+
+    def healthy(self) -> bool:
+        return self.health() is None
+
+    def _check_watchdog_timeout(self) -> None:
+        """WARNING when one call may by design last longer than ``watchdog_timeout``: it
+        would count as a stall while it is still within its own deadline."""
+        limit = self.watchdog_timeout
+
+        def option(section: str, key: str) -> float:
+            known = (section, key) in self.config.options
+            return self.config.get_float(section, key) if known else 0.0
+
+        request = option("transport.http", "request_timeout")
+        redis_call = option("redis", "socket_timeout") + option("redis", "connect_timeout")
+        if self.parts.transport.name == "http" and request >= limit:
+            log.warning("[ms1] watchdog_timeout (%g s) is not above [transport.http] "
+                        "request_timeout (%g s): a request still within its deadline counts "
+                        "as a stall", limit, request)
+        if "redis" in (self.parts.queue.name, self.parts.source.name) and redis_call >= limit:
+            log.warning("[ms1] watchdog_timeout (%g s) is not above [redis] socket_timeout + "
+                        "connect_timeout (%g s): a Redis call still within its timeouts "
+                        "counts as a stall", limit, redis_call)
 
     def reload(self, config: Config) -> list[str]:
         """Apply a new, already validated config without losing anything; return the
@@ -411,34 +496,58 @@ class Service:
                     else config.get_int("batch", key)
                 setattr(policy, key, value)
 
-    def run_once(self, timeout: float) -> Summary:
-        """Process what the source holds, wait until all is delivered (or ``timeout``)."""
+    def run_once(self, timeout: float, stop: threading.Event | None = None) -> Summary:
+        """Process what the source holds, wait until all is delivered (or ``timeout``).
+
+        When ``stop`` is set (SIGTERM, SIGINT) the run ends as a running service's does:
+        intake stops at once, in-flight sends finish (an in-memory queue is drained)
+        within ``[ms1] shutdown_timeout``, and the summary says the run was interrupted.
+        """
+        stop = stop if stop is not None else threading.Event()
         deadline = time.monotonic() + timeout
-        self._batcher_done.wait(max(0.0, deadline - time.monotonic()))
-        while time.monotonic() < deadline and not self.abort.is_set():
-            if self._batcher_done.is_set() and self._queue_empty():
-                break
-            time.sleep(0.01)
+        while (left := deadline - time.monotonic()) > 0 and not self.abort.is_set() \
+                and not stop.is_set():
+            if self._batcher_done.is_set():
+                if self._queue_empty(min(1.0, left)):
+                    break
+                stop.wait(0.01)
+            else:
+                stop.wait(min(0.05, left))
+        if stop.is_set():
+            log.warning("--once interrupted: stopping intake, delivering what is in flight "
+                        "within shutdown_timeout")
+            return self.shutdown(self.config.get_float("ms1", "shutdown_timeout"),
+                                 interrupted=True)
         return self.shutdown(max(0.1, min(5.0, deadline - time.monotonic())))
 
-    def _queue_empty(self) -> bool:
+    def read_queue(self, timeout: float) -> QueueStats:
+        """The queue's counts, read after this call began, waiting at most ``timeout`` s
+        (Ms1Error: unreachable, or no answer in time)."""
+        return self.queue_watch.fresh(timeout)
+
+    def _queue_empty(self, timeout: float = 1.0) -> bool:
         """True when the queue holds no batch; False too when it cannot be read (unknown)."""
         try:
-            return self.parts.queue.stats().empty
+            return self.read_queue(timeout).empty
         except Ms1Error:
             self.abort.wait(0.2)  # unreachable: ask again a little later, not 100 times a second
             return False
 
-    def shutdown(self, timeout: float) -> Summary:
-        """Stop intake, flush, let senders finish (drain a non-durable queue) within ``timeout``."""
+    def shutdown(self, timeout: float, *, interrupted: bool = False) -> Summary:
+        """Stop intake, flush, let senders finish (drain a non-durable queue) within
+        ``timeout``; then abort what is still in flight (each batch goes back to the queue)
+        and return by ``timeout + ABORT_GRACE + FINAL_READ`` s, whatever MS4 or the queue
+        backend do (a queue that does not answer in time leaves ``undelivered`` unknown).
+        ``interrupted``: a ``--once`` run stopped by a signal (said in the summary)."""
         deadline = time.monotonic() + timeout
         self.intake_stop.set()
         self._batcher_done.wait(max(0.0, deadline - time.monotonic()))
         if not self.parts.queue.durable:
-            while time.monotonic() < deadline and not self._queue_empty():
+            while (left := deadline - time.monotonic()) > 0 \
+                    and not self._queue_empty(min(1.0, left)):
                 if self.abort.is_set():
                     break
-                time.sleep(0.01)
+                self.abort.wait(0.01)
         self.senders_stop.set()
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -455,14 +564,23 @@ class Service:
             grace = time.monotonic() + ABORT_GRACE
             for thread in self._threads:
                 thread.join(max(0.0, grace - time.monotonic()))
+            still = [t.name for t in self._threads if t.is_alive()]
+            if still:  # inside a call to the queue backend: what they hold stays pending
+                log.warning("threads still busy at the end of the grace, left behind: %s "
+                            "(what they hold stays in the queue)", ", ".join(still))
+        final_read = max(0.1, deadline + ABORT_GRACE + FINAL_READ - time.monotonic())
         elapsed = time.perf_counter() - self._started
         undelivered: QueueStats | None = None
         queue_error = ""
+        unreachable = self.queue_watch.unreachable() if self.abort.is_set() else None
         try:
-            undelivered = self.parts.queue.stats()
+            if unreachable is not None:  # short of time, and known not to answer: no wait
+                raise Ms1Error(unreachable)
+            undelivered = self.read_queue(final_read)
         except Ms1Error as exc:
             queue_error = str(exc)
             log.error("cannot read what is left in the queue (state unknown): %s", exc)
+        self.queue_watch.close()
         source = self.parts.source
         stats = self.stats.snapshot()
         # every e-mail taken from the source ends stored by the intake, in a batch
@@ -477,7 +595,8 @@ class Service:
         summary = Summary(stats, elapsed, undelivered, self.parts.queue.name,
                           self.parts.queue.durable, queue_error=queue_error,
                           skipped=tuple(source.skipped()), not_stored=not_stored,
-                          unacked_fate=fate)
+                          unacked_fate=fate, interrupted=interrupted,
+                          source_drained=self._source_drained)
         self.observers.service_stopped()
         if self.exporter is not None:
             self.exporter.close()

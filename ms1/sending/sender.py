@@ -50,6 +50,7 @@ from ms1.errors import Ms1Error, QueueError, TransportError
 from ms1.model import Batch, DeadLetter
 from ms1.outbound import Delivery, QueueBackend
 from ms1.pluginmanager import Observers
+from ms1.progress import Progress
 from ms1.sending.pacer import Aborted, Pacer
 from ms1.stats import RunStats
 from ms1.transport import Request, Response, Transport
@@ -148,6 +149,7 @@ class Sender:
         dead_letters: DeadLetterStore, observers: Observers, stats: RunStats,
         pacer: Pacer, stop: threading.Event, abort: threading.Event,
         settings: SharedSettings | None = None, in_flight: InFlight | None = None,
+        progress: Progress | None = None,
         retry_initial: float = 0.5, retry_max: float = 30.0, poll: float = 0.2,
         max_deliveries: int = 0,
     ) -> None:
@@ -165,6 +167,8 @@ class Sender:
         self.settings = settings if settings is not None else SharedSettings(SendSettings(
             retry_initial=retry_initial, retry_max=retry_max, max_deliveries=max_deliveries))
         self._in_flight = in_flight if in_flight is not None else InFlight()
+        #: where this sender beats and marks its bounded waits (the service's)
+        self._progress = progress if progress is not None else Progress()
         self._poll = poll
         self._retire_lock = threading.Lock()
         self._retired = False
@@ -206,6 +210,7 @@ class Sender:
     def _run(self) -> None:
         failing = False
         while not self._stop.is_set() and not self._abort.is_set() and not self._leaving():
+            self._progress.beat(self.name, "taking a batch from the queue")
             try:
                 delivery = self._queue.get(self.name, timeout=self._poll)
             except QueueError as exc:
@@ -213,7 +218,8 @@ class Sender:
                     log.error("cannot take batches from queue %s (%s); waiting for it",
                               self._queue.name, exc)
                 failing = True
-                self._abort.wait(1.0)
+                with self._progress.waiting(self.name, "queue unreachable: asking again in 1 s"):
+                    self._abort.wait(1.0)
                 continue
             if failing:
                 log.warning("queue %s answers again", self._queue.name)
@@ -265,14 +271,16 @@ class Sender:
         (it will be redelivered: a possible duplicate, never a loss)."""
         failing = False
         while True:
+            self._progress.beat(self.name, what)
             try:
                 action()
             except Ms1Error as exc:
                 if not failing:
                     log.error("cannot %s (%s); retrying", what, exc)
                 failing = True
-                if self._abort.wait(0.5):
-                    raise Aborted from exc
+                with self._progress.waiting(self.name, f"cannot {what}: retrying"):
+                    if self._abort.wait(0.5):
+                        raise Aborted from exc
                 continue
             if failing:
                 log.warning("recovered: could %s", what)
@@ -301,13 +309,28 @@ class Sender:
         return 0.0 if failure.status in PACED_STATUSES else self.settings.current.retry_initial
 
     def _sleep(self, seconds: float) -> None:
-        if self._abort.wait(seconds):
-            raise Aborted
+        with self._progress.waiting(self.name, f"retry backoff ({seconds:.1f} s)"):
+            if self._abort.wait(seconds):
+                raise Aborted
+
+    def _held_back(self) -> str:
+        """What the pacer is holding this sender back for (a bounded wait), as it looks now."""
+        pacer = self._pacer
+        if pacer.auth_blocked:
+            return "held back by the pacer: 401 spell (a new key or a probe ends it)"
+        if pacer.paused_for > 0:
+            return f"held back by the pacer: 429 pause ({pacer.paused_for:.0f} s left)"
+        if pacer.breaker.state != "closed":
+            return f"held back by the pacer: circuit breaker {pacer.breaker.state}"
+        return "held back by the pacer: rate limit"
 
     def _attempt(self, delivery: Delivery, attempt: int) -> None:
         batch = delivery.batch
         request = Request(batch.path, batch.body(), batch.id, len(batch))
-        admission = self._pacer.admit(self._abort)
+        with self._progress.waiting(self.name, self._held_back()):
+            admission = self._pacer.admit(self._abort)
+        # a request in flight is no bounded wait: past watchdog_timeout it is a stall
+        self._progress.beat(self.name, f"sending batch {batch.id} to MS4 (attempt {attempt})")
         started = time.perf_counter()
         try:
             with self._in_flight:

@@ -1,0 +1,321 @@
+"""The progress watchdog (issue 12), through the real service as a subprocess with a
+systemd notify socket: WATCHDOG=1 and ``/healthz`` follow the pipeline's *progress*, not
+only its threads' lives. A sender wedged inside one request stops them; MS4 down (the
+senders in backoff and breaker waits) or Redis frozen (every call failing after
+``socket_timeout``, retried) does not. ``/readyz`` and ``/metrics`` answer at once while
+Redis is frozen."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import RedisServer, free_port
+from test_http_transport import Peer, Server, serving
+
+from ms1.tools import samples
+
+pytestmark = pytest.mark.slow
+
+WATCHDOG_TIMEOUT = 3.0
+WATCHDOG_USEC = 1_000_000  # pings every 0.5 s
+INTERVAL = WATCHDOG_USEC / 2 / 1e6
+
+
+# --- harness (shared with test_shutdown) ------------------------------------------------
+
+
+class NotifySocket:
+    """systemd's notify socket: records every datagram with its arrival time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.lock = threading.Lock()
+        self.got: list[tuple[float, str]] = []
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while not self.closed.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.got.append((time.monotonic(), data.decode()))
+
+    def env(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": str(self.path), "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+
+    def pings(self) -> list[float]:
+        with self.lock:
+            return [at for at, text in self.got if "WATCHDOG=1" in text.split("\n")]
+
+    def texts(self) -> list[str]:
+        with self.lock:
+            return [text for _, text in self.got]
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    receiver = NotifySocket(tmp_path / "notify.sock")
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Server]]:
+    yield from serving()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def config_file(tmp_path: Path, *, ms4_url: str, redis_url: str, metrics: str = "",
+                shutdown_timeout: float = 5, request_timeout: float = 30,
+                socket_timeout: float = 1, source: str = "redis", queue: str = "redis",
+                threads: int = 2, extra: str = "") -> Path:
+    path = tmp_path / "ms1.ini"
+    path.write_text(textwrap.dedent(f"""\
+        [ms1]
+        shutdown_timeout = {shutdown_timeout}
+        watchdog_timeout = {WATCHDOG_TIMEOUT}
+        once_timeout = 60
+        log_format = kv
+        [metrics]
+        address = {metrics}
+        [source]
+        name = {source}
+        [queue]
+        backend = {queue}
+        [dead_letters]
+        backend = {"redis" if source == "redis" else "memory"}
+        [batch]
+        max_items = 10
+        max_wait = 0.1
+        [send]
+        threads = {threads}
+        retry_initial = 0.05
+        retry_max = 0.3
+        requests_per_minute = 100000
+        breaker_failures = 3
+        breaker_reset = 0.5
+        [ms4]
+        transport = http
+        [transport.http]
+        base_url = {ms4_url}
+        connect_timeout = 1
+        read_timeout = {request_timeout}
+        request_timeout = {request_timeout}
+        [redis]
+        url = {redis_url}
+        consumer = watchdog-test
+        block_timeout = 0.2
+        socket_timeout = {socket_timeout}
+        connect_timeout = 1
+        visibility_timeout = 60
+        """) + textwrap.dedent(extra))
+    return path
+
+
+def enqueue(config: Path, tmp_path: Path, count: int) -> list[samples.Sample]:
+    emails = list(samples.generate(count, invalid_every=0))
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(b"".join(s.data + b"\n" for s in emails))
+    subprocess.run([sys.executable, "-m", "ms1.cli", "--config", str(config), "enqueue",
+                    str(data)], check=True, capture_output=True, timeout=60)
+    return emails
+
+
+def start_service(config: Path, log: Path, *args: str, env: dict[str, str] | None = None,
+                  stdout: int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ms1.cli", "--config", str(config), "run", *args],
+        stdout=stdout, stderr=log.open("wb"),
+        env={**os.environ, "MS1_MS4_API_KEY": "k", **(env or {})})
+
+
+def get(address: str, path: str, timeout: float = 5) -> tuple[int, str, float]:
+    """(status, body, seconds) of GET http://address/path; status 0: no answer."""
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout) as answer:
+            status, body = answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read().decode()
+    except (urllib.error.URLError, OSError):
+        status, body = 0, ""
+    return status, body, time.monotonic() - started
+
+
+def stop(service: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+         timeout: float = 30) -> tuple[int, float]:
+    """Send ``sig``; (exit status, seconds until the process ended)."""
+    signalled = time.monotonic()
+    service.send_signal(sig)
+    try:
+        status = service.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        service.kill()
+        service.wait()
+        return -999, time.monotonic() - signalled
+    return status, time.monotonic() - signalled
+
+
+def trickle(peer: Peer, n: int, request: bytes) -> bool:
+    """MS4 trickling: a 202 status line, then a body byte every second, never done."""
+    peer.send(b"HTTP/1.1 202 Accepted\r\nContent-Length: 1000\r\n\r\n")
+    peer.trickle(b"x" * 1000, 1.0)
+    return False
+
+
+def hang(peer: Peer, n: int, request: bytes) -> bool:
+    """MS4 hanging: takes the request, never answers."""
+    peer.stopped.wait(120)
+    return False
+
+
+def tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+# --- the tests ---------------------------------------------------------------------------
+
+
+def test_a_sender_wedged_in_a_trickling_request_stops_the_watchdog_and_healthz(
+        tmp_path: Path, redis_url: str, serve: Callable[..., Server],
+        notify_socket: NotifySocket) -> None:
+    server = serve(trickle)
+    metrics = f"127.0.0.1:{free_port()}"
+    config = config_file(tmp_path, ms4_url=server.url, redis_url=redis_url, metrics=metrics,
+                         request_timeout=30)
+    enqueue(config, tmp_path, 40)
+    log = tmp_path / "service.log"
+    service = start_service(config, log, env=notify_socket.env())
+    try:
+        assert wait_until(lambda: server.request_count() == 2, 20), tail(log)
+        wedged = time.monotonic()  # both senders are inside a request from now on
+        assert wait_until(lambda: bool(notify_socket.pings()), 5), tail(log)
+        limit = WATCHDOG_TIMEOUT + INTERVAL + 1.0
+        # silence: no ping for three intervals, starting before the limit
+        assert wait_until(lambda: time.monotonic() - notify_socket.pings()[-1] > 3 * INTERVAL,
+                          limit + 3 * INTERVAL + 2), tail(log)
+        last = notify_socket.pings()[-1]
+        status, body, _ = get(metrics, "/healthz")
+        print(f"last WATCHDOG=1 {last - wedged:.2f} s after both senders were wedged; "
+              f"/healthz {status}: {body.strip()}")
+        assert last - wedged <= limit
+        assert status == 503 and "sender-" in body and "no progress" in body
+        assert "WATCHDOG=1" not in "".join(notify_socket.texts()[-3:])
+        assert any("STATUS=" in t and "sender-" in t for t in notify_socket.texts())
+        code, took = stop(service)
+    finally:
+        if service.poll() is None:
+            service.kill()
+    print(f"SIGTERM to exit: {took:.2f} s")
+    assert code == 0 and took <= 5 + 2, tail(log)
+    assert "no progress" in log.read_text()
+
+
+def test_ms4_down_is_no_stall(tmp_path: Path, redis_url: str,
+                              notify_socket: NotifySocket) -> None:
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    metrics = f"127.0.0.1:{free_port()}"
+    config = config_file(tmp_path, ms4_url=down, redis_url=redis_url, metrics=metrics)
+    enqueue(config, tmp_path, 40)
+    log = tmp_path / "service.log"
+    service = start_service(config, log, env=notify_socket.env())
+    try:
+        assert wait_until(lambda: "circuit breaker open" in log.read_text(), 20), tail(log)
+        since = time.monotonic()
+        time_enough = since + WATCHDOG_TIMEOUT + 2 * INTERVAL + 1.0
+        while time.monotonic() < time_enough:  # pings go on the whole time
+            assert time.monotonic() - notify_socket.pings()[-1] < 3 * INTERVAL, tail(log)
+            status, body, _ = get(metrics, "/healthz")
+            assert status == 200, body
+            time.sleep(0.2)
+        assert get(metrics, "/readyz")[:2] == (503, "not ready: circuit breaker open: MS4 "
+                                                    "is failing\n")
+        code, took = stop(service)
+    finally:
+        if service.poll() is None:
+            service.kill()
+    assert code == 0 and took <= 5 + 2, tail(log)
+
+
+def test_redis_frozen_is_no_stall_and_health_answers_at_once(
+        tmp_path: Path, own_redis: RedisServer, notify_socket: NotifySocket) -> None:
+    sim = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0",
+                            "--rate-limit", "0", "--api-key", "k"], stdout=subprocess.PIPE,
+                           text=True)
+    assert sim.stdout is not None
+    sim_url = sim.stdout.readline().split()[-1]
+    metrics = f"127.0.0.1:{free_port()}"
+    config = config_file(tmp_path, ms4_url=sim_url, redis_url=own_redis.url, metrics=metrics)
+    enqueue(config, tmp_path, 30)
+    log = tmp_path / "service.log"
+    service = start_service(config, log, env=notify_socket.env())
+    assert own_redis.proc is not None
+    frozen = False
+    try:
+        assert wait_until(lambda: get(metrics, "/readyz")[0] == 200, 20), tail(log)
+        assert wait_until(lambda: "ms1_invoices_delivered_total 30.0"
+                          in get(metrics, "/metrics")[1], 20), tail(log)
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        frozen = True
+        since = time.monotonic()
+        answers: list[tuple[int, str, float]] = []
+        while time.monotonic() < since + WATCHDOG_TIMEOUT + 2 * INTERVAL + 1.5:
+            assert time.monotonic() - notify_socket.pings()[-1] < 3 * INTERVAL, tail(log)
+            assert get(metrics, "/healthz")[0] == 200
+            answers.append(get(metrics, "/readyz", timeout=5))
+            time.sleep(0.2)
+        scraped = get(metrics, "/metrics", timeout=5)
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+        frozen = False
+        slowest = max(took for _, _, took in answers)
+        print(f"/readyz while Redis is frozen: slowest answer {slowest * 1000:.0f} ms, "
+              f"last: {answers[-1][:2]}; /metrics in {scraped[2] * 1000:.0f} ms")
+        assert slowest < 0.1
+        assert answers[-1][0] == 503 and "queue unreachable" in answers[-1][1]
+        assert scraped[0] == 200 and scraped[2] < 0.5
+        assert "ms1_queue_reachable 0.0" in scraped[1]
+        assert wait_until(lambda: get(metrics, "/readyz")[0] == 200, 10), tail(log)
+        code, took = stop(service)
+    finally:
+        if frozen:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        if service.poll() is None:
+            service.kill()
+        sim.terminate()
+        sim.communicate(timeout=10)
+    assert code == 0 and took <= 5 + 2, tail(log)
+    assert "Traceback" not in log.read_text()
