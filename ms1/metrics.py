@@ -7,9 +7,18 @@ fed by the same hooks a third-party metrics plugin would use — plus a small HT
   field, batches and invoices enqueued / delivered / dead-lettered, MS4 responses by
   status, retries, queue ready / in flight, dead-letter count, breaker state, 429 pause
   and 401 spell, histograms of batch size and send latency;
-* ``/healthz`` — 200 while every pipeline thread is alive, else 503;
-* ``/readyz`` — 200 when ms1 can deliver; 503 naming why not: paused by a 401, breaker
-  open, or the queue backend (Redis) unreachable.
+* ``/healthz`` — 200 while every pipeline thread is alive and making progress
+  (:mod:`ms1.progress`), else 503 naming the dead or stalled thread and what it was doing;
+* ``/readyz`` — 200 when ms1 can deliver; 503 naming why not: unhealthy, paused by a 401,
+  breaker open, or the queue backend (Redis) unreachable.
+
+No request waits for Redis or MS4: health and readiness come from state the threads keep
+(the progress registry, the pacer), and the queue's counts and the dead-letter count from
+a :class:`QueueWatch`, which reads them about once a second in a thread of its own; the
+queue counts as unreachable when no reading succeeded for 3 s (``/readyz`` then says
+``queue unreachable: <last error>``). A scrape asks for fresh counts and waits for them at
+most :data:`SCRAPE_WAIT` (0.1 s), else serves the last reading
+(``ms1_queue_reading_age_seconds`` says how old it is).
 
 Counters are read from the run's :class:`~ms1.stats.RunStats` at scrape time, so they
 always agree with the ``--once`` summary and the logs.
@@ -82,6 +91,8 @@ _COUNTERS = (
      "Unexpected errors inside the processor (each e-mail dead-lettered)"),
 )
 _BREAKER = {"closed": 0, "half-open": 1, "open": 2}
+#: seconds a scrape waits for fresh queue counts before it serves the last reading
+SCRAPE_WAIT = 0.1
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,11 @@ class QueueWatch:
             self._thread = threading.Thread(target=self._run, name="queue-watch", daemon=True)
             self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """Its thread reads the queue (started, not closed)."""
+        return self._thread is not None and not self._stop.is_set()
+
     def close(self) -> None:
         """Stop the thread; never waits for a reading in progress."""
         self._stop.set()
@@ -169,7 +185,7 @@ class QueueWatch:
         with self._cond:
             self._asked += 1
             ticket = self._asked
-            running = self._thread is not None and not self._stop.is_set()
+            running = self.running
             if running:
                 self._cond.notify_all()
                 self._cond.wait_for(lambda: self._done >= ticket, timeout)
@@ -267,6 +283,9 @@ class _State(Collector):
         yield _gauge("ms1_up", "1 while every pipeline thread is alive and making progress",
                      1 if self._exporter.health() is None else 0)
         watch = self._exporter.queue_watch
+        if watch.running:
+            with contextlib.suppress(Ms1Error):  # fresh counts if the backend answers at once
+                watch.fresh(SCRAPE_WAIT)
         reading = watch.latest()
         yield _gauge("ms1_queue_reachable", "1 when the queue backend answers",
                      0 if watch.unreachable() else 1)

@@ -17,6 +17,19 @@ Redis or MS4 outage. So every pipeline thread tells :class:`Progress`:
 :meth:`Progress.stalled` names the threads that have done neither for longer than a
 limit (``[ms1] watchdog_timeout``): the process is wedged, health turns 503 and the
 watchdog stops pinging, so systemd restarts it.
+
+What counts as progress. A *call* — a request to MS4, a Redis command — is work, not a
+bounded wait: the thread beats before it and must come back within the limit. Every such
+call has a deadline of its own (``[transport.http] request_timeout``; ``[redis]
+socket_timeout`` + ``connect_timeout``), after which it fails and the thread goes round
+its loop (a retry, a backoff, a breaker wait: all progress). So with ``watchdog_timeout``
+above those deadlines (the default 120 s is, with the default 60 s and 10 + 3 s) a slow,
+trickling, refusing or frozen MS4 or Redis is *never* a stall: ms1 is doing what it should,
+and a restart would not help. A stall means a call outlived its own deadline or a thread
+is stuck outside any call (a deadlock, a bug) — what a restart is for. A ``watchdog_timeout``
+below ``request_timeout`` makes any request longer than it a stall (ms1 warns at start).
+Waiting for input (an idle queue, an empty stream) is a bounded wait too: an idle ms1 is
+healthy.
 """
 
 from __future__ import annotations

@@ -407,8 +407,6 @@ class Service:
         is stalled (named, with what it was doing). The watchdog and /healthz ask this."""
         if self._failed:
             return f"thread {', '.join(self._failed)} died"
-        if self.abort.is_set():
-            return "stopping: the shutdown deadline passed"
         stalls = self.stalls()
         if stalls:
             return "; ".join(str(stall) for stall in stalls)

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,8 +17,6 @@ from pathlib import Path
 import pytest
 from conftest import RedisServer
 from test_http_transport import Server
-from ms1.tools import samples
-
 from test_watchdog import (
     config_file,
     enqueue,
@@ -30,6 +27,8 @@ from test_watchdog import (
     tail,
     wait_until,
 )
+
+from ms1.tools import samples
 
 pytestmark = pytest.mark.slow
 SHUTDOWN_TIMEOUT = 2.0

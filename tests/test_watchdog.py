@@ -24,9 +24,12 @@ import pytest
 from conftest import RedisServer, free_port
 from test_http_transport import Peer, Server, serving
 
+from ms1.errors import Ms1Error
+from ms1.metrics import QueueWatch
+from ms1.notify import Notifier, Watchdog
+from ms1.outbound import QueueStats
+from ms1.progress import call_within
 from ms1.tools import samples
-
-pytestmark = pytest.mark.slow
 
 WATCHDOG_TIMEOUT = 3.0
 WATCHDOG_USEC = 1_000_000  # pings every 0.5 s
@@ -190,6 +193,14 @@ def stop(service: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
     return status, time.monotonic() - signalled
 
 
+def give_up(address: str, request: bytes) -> None:
+    """A client that sends its request and resets the connection without reading."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(request)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+
 def trickle(peer: Peer, n: int, request: bytes) -> bool:
     """MS4 trickling: a 202 status line, then a body byte every second, never done."""
     peer.send(b"HTTP/1.1 202 Accepted\r\nContent-Length: 1000\r\n\r\n")
@@ -210,6 +221,7 @@ def tail(log: Path) -> str:
 # --- the tests ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_sender_wedged_in_a_trickling_request_stops_the_watchdog_and_healthz(
         tmp_path: Path, redis_url: str, serve: Callable[..., Server],
         notify_socket: NotifySocket) -> None:
@@ -245,6 +257,7 @@ def test_a_sender_wedged_in_a_trickling_request_stops_the_watchdog_and_healthz(
     assert "no progress" in log.read_text()
 
 
+@pytest.mark.slow
 def test_ms4_down_is_no_stall(tmp_path: Path, redis_url: str,
                               notify_socket: NotifySocket) -> None:
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
@@ -271,6 +284,7 @@ def test_ms4_down_is_no_stall(tmp_path: Path, redis_url: str,
     assert code == 0 and took <= 5 + 2, tail(log)
 
 
+@pytest.mark.slow
 def test_redis_frozen_is_no_stall_and_health_answers_at_once(
         tmp_path: Path, own_redis: RedisServer, notify_socket: NotifySocket) -> None:
     sim = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0",
@@ -299,6 +313,9 @@ def test_redis_frozen_is_no_stall_and_health_answers_at_once(
             answers.append(get(metrics, "/readyz", timeout=5))
             time.sleep(0.2)
         scraped = get(metrics, "/metrics", timeout=5)
+        for _ in range(3):  # probes that give up at once: no traceback in the log
+            give_up(metrics, b"GET /readyz HTTP/1.0\r\n\r\n")
+            give_up(metrics, b"GET /metrics HTTP/1.0\r\n\r\n")
         os.kill(own_redis.proc.pid, signal.SIGCONT)
         frozen = False
         slowest = max(took for _, _, took in answers)
@@ -319,3 +336,99 @@ def test_redis_frozen_is_no_stall_and_health_answers_at_once(
         sim.communicate(timeout=10)
     assert code == 0 and took <= 5 + 2, tail(log)
     assert "Traceback" not in log.read_text()
+
+
+# --- the parts, in process --------------------------------------------------------------
+
+
+class FakeQueue:
+    """``stats()`` that answers, fails or blocks until released, as the test says."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail = ""
+        self.block = threading.Event()
+        self.block.set()
+
+    def stats(self) -> QueueStats:
+        self.calls += 1
+        self.block.wait(10)
+        if self.fail:
+            raise Ms1Error(self.fail)
+        return QueueStats(self.calls, 0)
+
+
+def test_queue_watch_answers_from_its_last_reading_and_never_waits() -> None:
+    queue = FakeQueue()
+    watch = QueueWatch(queue.stats, lambda: 7, interval=0.05, stale_after=0.3)
+    watch.start()
+    try:
+        first = watch.fresh(1.0)
+        assert first.ready >= 1 and watch.unreachable() is None
+        assert watch.fresh(1.0).ready > first.ready  # a reading begun after the ask
+        assert watch.latest().dead_letters == 7
+        queue.block.clear()  # Redis frozen: the watch's own thread is held, nobody else
+        started = time.monotonic()
+        with pytest.raises(Ms1Error, match=r"did not answer within 0\.2 s"):
+            watch.fresh(0.2)
+        assert time.monotonic() - started < 0.5
+        assert wait_until(lambda: watch.unreachable() is not None, 2)
+        started = time.monotonic()
+        assert "no answer from the queue backend" in str(watch.unreachable())
+        assert watch.latest().stats is not None  # the last reading is still there
+        assert time.monotonic() - started < 0.05
+        queue.fail = "read queue length: ConnectionError: refused"
+        queue.block.set()
+        assert wait_until(lambda: "refused" in str(watch.unreachable()), 2)
+        with pytest.raises(Ms1Error, match="refused"):
+            watch.fresh(1.0)
+        queue.fail = ""
+        assert wait_until(lambda: watch.unreachable() is None, 2)
+    finally:
+        queue.block.set()
+        watch.close()
+
+
+def test_queue_watch_not_started_reads_in_the_caller() -> None:
+    queue = FakeQueue()
+    watch = QueueWatch(queue.stats)
+    assert watch.unreachable() == "the queue has not been read yet"
+    assert watch.fresh(1.0) == QueueStats(1, 0)
+    assert watch.unreachable() is None
+
+
+def test_call_within_returns_raises_or_gives_up_in_time() -> None:
+    assert call_within(lambda: 42, 1.0, "answer") == 42
+    with pytest.raises(ValueError, match="bad"):
+        call_within(lambda: (_ for _ in ()).throw(ValueError("bad")), 1.0, "fail")
+    hold = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"close: no answer within 0\.1 s"):
+        call_within(lambda: hold.wait(10), 0.1, "close")
+    assert time.monotonic() - started < 0.5
+    hold.set()
+
+
+def test_an_unhealthy_watchdog_says_why_in_status_and_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "n.sock"))
+    receiver.settimeout(1)
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "n.sock")})
+    why: list[str | None] = [None]
+    dog = Watchdog(notifier, 1, lambda: why[0] is None, status=lambda: "3 delivered",
+                   problem=lambda: why[0])
+    try:
+        assert dog.tick() is True
+        assert receiver.recv(4096) == b"WATCHDOG=1\nSTATUS=3 delivered"
+        why[0] = "sender-1: no progress for 130 s (sending batch b1 to MS4 (attempt 1))"
+        with caplog.at_level("WARNING"):
+            assert dog.tick() is False
+            assert dog.tick() is False
+        assert receiver.recv(4096) == f"STATUS=UNHEALTHY: {why[0]}".encode()
+        assert caplog.text.count("watchdog pings suspended: sender-1: no progress") == 1
+        why[0] = None
+        assert dog.tick() is True
+    finally:
+        notifier.close()
+        receiver.close()
