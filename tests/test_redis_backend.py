@@ -72,6 +72,61 @@ def test_entry_of_a_dead_consumer_is_taken_over_after_the_visibility_timeout(red
     alive.close()
 
 
+def test_every_batch_of_a_dead_consumer_is_taken_over_at_once(redis_url) -> None:
+    """A killed instance held 20 batches (senders + prefetch): they come back together once
+    idle past the visibility timeout, not one per claim interval (the chaos test saw 14
+    batches come back 1.5 s apart; 5 s apart at the production visibility timeout)."""
+    dead = queue(redis_url, "dead", visibility=2)
+    for n in range(20):
+        dead.put(batch(n))
+    dead.link.client.xreadgroup("g", "dead", {"t:out": ">"}, count=20)  # held, never acked
+    dead.link.release()  # kill -9
+    alive = queue(redis_url, "alive", visibility=2)
+    taken: list = []
+    first = None
+    deadline = time.monotonic() + 20
+    while len(taken) < 20 and time.monotonic() < deadline:
+        got = alive.get("s", timeout=0.2)
+        if got is not None:
+            first = first or time.monotonic()
+            taken.append(got)
+    assert len(taken) == 20, f"only {len(taken)} of 20 taken over in 20 s"
+    assert first is not None and time.monotonic() - first < 1.0
+    assert all(d.attempts == 2 for d in taken)
+    for d in taken:
+        alive.ack(d)
+    assert alive.stats().empty
+    alive.close()
+
+
+def test_claimed_but_not_yet_handed_out_entries_are_refreshed_too(redis_url) -> None:
+    """Entries claimed in one page wait in this instance until a sender takes them: the
+    heartbeat refreshes them meanwhile, so no other instance takes them over as well."""
+    dead = queue(redis_url, "dead", visibility=1.5)
+    for n in range(6):
+        dead.put(batch(n))
+    dead.link.client.xreadgroup("g", "dead", {"t:out": ">"}, count=6)
+    dead.link.release()
+    slow = queue(redis_url, "slow", visibility=1.5)
+    deadline = time.monotonic() + 10
+    first = None
+    while first is None and time.monotonic() < deadline:
+        first = slow.get("s", timeout=0.2)  # claims all six, hands out one
+    assert first is not None
+    other = queue(redis_url, "other", visibility=1.5)
+    until = time.monotonic() + 4  # well past the visibility timeout
+    while time.monotonic() < until:
+        assert other.get("s", timeout=0.2) is None
+    rest = [slow.get("s", timeout=0.2) for _ in range(5)]
+    assert all(d is not None for d in rest)
+    for d in [first, *rest]:
+        assert d is not None
+        slow.ack(d)
+    assert slow.stats().empty
+    for q in (slow, other):
+        q.close()
+
+
 def test_restarted_instance_first_rereads_its_own_pending(redis_url) -> None:
     first = queue(redis_url, "host-a")
     for n in range(3):

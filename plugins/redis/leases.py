@@ -117,6 +117,10 @@ class Held:
             pipe.execute()
 
 
+#: most idle entries one XAUTOCLAIM takes over (a page; the scan goes on while full)
+CLAIM_PAGE = 100
+
+
 class Claimer:
     """Pending entries this consumer should (re)take: its own from a previous life, once,
     then those idle past the visibility timeout (dead consumers), with XAUTOCLAIM."""
@@ -139,14 +143,19 @@ class Claimer:
             self._cursor = "0-0"
 
     def take(self, count: int) -> list[Entry]:
+        """Up to ``count`` entries to (re)deliver. Entries are claimed a page at a time
+        (:data:`CLAIM_PAGE`, however few are asked for), so a dead instance's entries come
+        back together; the scan goes on at once while pages come back full. Claimed
+        entries are held (refreshed by the heartbeat) while they wait here."""
         with self._lock:
             if not self._own_loaded:
                 self._load_own()
                 self._own_loaded = True
-            if (not self._backlog and time.monotonic() >= self._next_claim
+            now = time.monotonic()
+            if (not self._backlog and now >= self._next_claim
                     and not self._link.recently_failed()):
-                self._next_claim = time.monotonic() + self._claim_every
-                self._autoclaim(count)
+                more = self._autoclaim(max(count, CLAIM_PAGE))
+                self._next_claim = now if more else now + self._claim_every
             return [self._backlog.popleft() for _ in range(min(count, len(self._backlog)))]
 
     def _load_own(self) -> None:
@@ -154,12 +163,15 @@ class Claimer:
         while entries := read_group(self._link, self._stream, self._group, self._consumer,
                                     500, start=last):
             self._backlog.extend(entries)
+            self._held.add([entry_id for entry_id, _ in entries])
             last = entries[-1][0]
         if self._backlog:
             log.warning("%s: re-reading %d entries this consumer (%s) held before it stopped",
                         self._stream, len(self._backlog), self._consumer)
 
-    def _autoclaim(self, count: int) -> None:
+    def _autoclaim(self, count: int) -> bool:
+        """Claim up to ``count`` idle entries into the backlog; True if the scan of the
+        pending list has more to go (the next page may be claimed at once)."""
         reply = self._link.client.xautoclaim(self._stream, self._group, self._consumer,
                                              self.visibility_ms, start_id=self._cursor,
                                              count=count)
@@ -169,9 +181,11 @@ class Claimer:
         claimed = [(decode(i), f or None) for i, f in reply[1]
                    if not self._held.holds(decode(i))]
         self._backlog.extend(claimed)
+        self._held.add([entry_id for entry_id, _ in claimed])
         if claimed:
             log.warning("%s: took over %d entries idle for more than %.0f s from other "
                         "consumers", self._stream, len(claimed), self.visibility_ms / 1000)
+        return self._cursor != "0-0"
 
 
 def describe_stream(link: RedisLink, stream: str, group: str,

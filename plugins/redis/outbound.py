@@ -213,7 +213,7 @@ class RedisQueue(QueueBackend):
                     return self._buffer.popleft()
             with translated(QueueError, "take a batch", self.link):
                 self._ensure()
-                claimed = self._claimer.take(1)
+                claimed = self._claimer.take(self._prefetch)
                 deliveries = self._deliveries(claimed, claimed=True)
                 if not deliveries:
                     block = min(self._block_ms, max(1, int(timeout * 1000)))
