@@ -674,3 +674,49 @@ def test_main_runs_a_command_against_the_sim_and_returns_its_status() -> None:
     assert proc.returncode == 2  # 202 - 200: the command's own status comes back
     stats = json.loads(proc.stdout.split("ms4-sim stats: ", 1)[1])
     assert stats["unique_invoices_accepted"] == 1
+
+
+@pytest.mark.parametrize(("status", "header"), [
+    (403, None), (404, None), (409, None), (422, None), (408, None), (503, "retry-after"),
+    (302, "location"), (301, "location"), (307, "location"), (308, "location"),
+    (405, "allow"), (200, None), (201, None), (204, None)])
+def test_answer_status_answers_every_request_so_until_turned_off(
+        make_sim: Callable[..., Ms4Sim], status: int, header: str | None) -> None:
+    sim = make_sim(answer_status=status)
+    with api_client(sim) as client:
+        r = client.post("/batch-metadata", json=[obj()])
+        assert r.status_code == status
+        if header is not None:
+            assert header in r.headers
+        if status == 204:
+            assert r.content == b""
+        elif status >= 300:
+            assert str(status) in r.json()["error"]
+        if header == "location":
+            assert r.headers["location"].endswith("/v2/batch-metadata")
+        assert sim.accepted_ids() == set()
+        assert sim.control(answer_status=0)["answer_status"] == 0
+        assert client.post("/batch-metadata", json=[obj()]).status_code == 202
+    assert sim.stats()["requests_by_status"] == {str(status): 1, "202": 1}
+
+
+def test_answer_status_and_refuse_status_are_validated(
+        make_sim: Callable[..., Ms4Sim], raw: httpx.Client) -> None:
+    sim = make_sim()
+    for bad in ({"answer_status": 202}, {"answer_status": 99}, {"answer_status": 600},
+                {"answer_status": "403"}, {"refuse_status": 409}):
+        r = raw.post(f"{sim.url}/_control", json=bad)
+        assert r.status_code == 400 and next(iter(bad)) in r.json()["error"], (bad, r.text)
+    with pytest.raises(ValueError, match="answer_status"):
+        SimConfig(answer_status=202)
+    assert raw.post(f"{sim.url}/_control", json={"answer_status": 403}).json()[
+        "answer_status"] == 403
+
+
+def test_refuse_status_422_answers_refused_objects_with_422(
+        make_sim: Callable[..., Ms4Sim]) -> None:
+    sim = make_sim(refuse_status=422)
+    with api_client(sim) as client:
+        r = client.post("/batch-metadata", json=[obj(), obj("INV-2", currency="eur")])
+        assert r.status_code == 422
+        assert r.json()["details"][0]["field"] == "currency"

@@ -5,8 +5,13 @@ Endpoints (MS4 contract):
 * ``POST /batch-metadata`` -- body is a non-empty JSON array of metadata objects.
 * ``POST /metadata``       -- body is ONE metadata object.
 
-Answers: 202 (empty body) accepted, 400 invalid (JSON body), 401 bad ``X-API-Key``,
-413 body too large, 429 rate limited (``Retry-After``), 500 injected failure.
+Answers: 202 (empty body) accepted, 400 invalid (JSON body; ``refuse_status = 422``
+answers 422 instead), 401 bad ``X-API-Key``, 413 body too large, 429 rate limited
+(``Retry-After``), 500 injected failure. ``answer_status = N`` (``--answer-status``,
+or at runtime through ``/_control``): every API request is answered N (200..599 but
+202) at once, after its body and ``latency``, before anything else -- an MS4 (or
+whatever sits at its address) that answers 403, 404, 409, 302 ... to everything; a 3xx
+carries a ``Location``, a 405 ``Allow``, a 429 or 503 ``Retry-After``. 0 turns it off.
 
 Control endpoints (no API key, not counted in the stats, no latency):
 
@@ -19,12 +24,12 @@ Control endpoints (no API key, not counted in the stats, no latency):
 * ``POST /_control`` -- body: a JSON object of settings to change at once, any of
   :data:`CONTROLLABLE` (``api_key``, ``latency``, ``fail_500``, ``fail_429``, ``fail_401``,
   ``drop``, ``reset``, ``retry_after``, ``retry_after_form``, ``rate_limit``, ``window``,
-  ``reject_every``); 200 with the new settings, or 400 naming what is wrong (nothing
+  ``reject_every``, ``answer_status``, ``refuse_status``); 200 with the new settings, or 400 naming what is wrong (nothing
   changed then). Requests already past the step that reads a setting keep the old one
   (an in-flight request checked against the old key still answers as it would have).
 
 Request handling order for an API POST: read body -> ``latency`` (the server's work) ->
-API key -> sliding-window rate limit -> injected faults -> parse JSON -> shape ->
+``answer_status`` -> API key -> sliding-window rate limit -> injected faults -> parse JSON -> shape ->
 validate every object -> accept (record, then maybe drop the connection without
 answering, or reset it after part of the answer) -> 202 at once. Like a real server,
 the sim does its work and then answers: an accepted request's 202 is on its way as soon
@@ -91,8 +96,10 @@ ACCEPTED_PATH = "/accepted"
 CONTROL_PATH = "/_control"
 #: settings ``POST /_control`` may change while the sim runs
 CONTROLLABLE = ("api_key", "latency", "fail_500", "fail_429", "fail_401", "drop", "reset",
-                "retry_after", "retry_after_form", "rate_limit", "window", "reject_every")
+                "retry_after", "retry_after_form", "rate_limit", "window", "reject_every",
+                "answer_status", "refuse_status")
 RETRY_AFTER_FORMS = ("seconds", "http-date")
+REFUSE_STATUSES = (400, 422)
 API_PATHS = (BATCH_PATH, SINGLE_PATH)
 REJECT_EVERY_REASON = "rejected by sim (reject_every)"
 
@@ -137,6 +144,8 @@ class SimConfig:
     reject_every: int = 0  # > 0: reject objects with crc32(invoice_id) % N == 0
     seed: int | None = None  # RNG seed for fault injection
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    answer_status: int = 0  # 200..599 but 202: answer every API request so; 0 = off
+    refuse_status: int = 400  # the status of a refused object (400 or 422)
 
     def __post_init__(self) -> None:
         for name in ("fail_500", "fail_429", "fail_401", "drop", "reset"):
@@ -162,6 +171,13 @@ class SimConfig:
             raise ValueError("max_body_bytes must be > 0")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be in [0, 65535]")
+        if self.answer_status != 0 and (not 200 <= self.answer_status <= 599
+                                        or self.answer_status == 202):
+            raise ValueError("answer_status must be 0 (off) or a status in 200..599 but 202, "
+                             f"got {self.answer_status!r}")
+        if self.refuse_status not in REFUSE_STATUSES:
+            raise ValueError(f"refuse_status must be one of {REFUSE_STATUSES}, "
+                             f"got {self.refuse_status!r}")
 
 
 # ------------------------------------------------------------------------ validation
@@ -498,6 +514,22 @@ def _error(status: int, message: str, headers: tuple[tuple[str, str], ...] = ())
     return _Outcome(status, json.dumps({"error": message}).encode(), headers)
 
 
+def _forced(status: int, host: str, path: str) -> _Outcome:
+    """The answer of ``answer_status``: what such a status looks like from a real server."""
+    if status in (204, 304):
+        return _Outcome(status)  # no body allowed
+    headers: tuple[tuple[str, str], ...] = ()
+    if 300 <= status < 400:
+        headers = (("Location", f"http://{host}/v2{path}"),)
+    elif status == 405:
+        headers = (("Allow", "GET"),)
+    elif status in (429, 503):
+        headers = (("Retry-After", "1"),)
+    if 200 <= status < 300:
+        return _Outcome(status, json.dumps({"status": "ok"}).encode(), headers)
+    return _error(status, f"answer_status {status} (set by the sim's control)", headers)
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid JSON constant {name}")
 
@@ -714,6 +746,9 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(latency)
         if path not in API_PATHS:
             return _error(404, "not found")
+        forced = self._state.config.answer_status
+        if forced:
+            return _forced(forced, self.headers.get("Host") or "ms4.invalid", path)
         return self._process(path, body)
 
     def _process(self, path: str, body: bytes) -> _Outcome:
@@ -762,7 +797,7 @@ class _Handler(BaseHTTPRequestHandler):
                 )
         if details:
             body_out = json.dumps({"error": "invalid object(s)", "details": details}).encode()
-            return _Outcome(400, body_out)
+            return _Outcome(cfg.refuse_status, body_out)
         invoice_ids = [str(obj["invoice_id"]) for obj in objects]
         lost = state.accept(path, self.headers.get("Idempotency-Key"), invoice_ids)
         return _Outcome(202, drop=lost == "dropped", reset=lost == "reset")
@@ -795,7 +830,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             if outcome.body:
                 self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(outcome.body)))
+            if outcome.status not in (204, 304):  # neither may carry a Content-Length
+                self.send_header("Content-Length", str(len(outcome.body)))
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
@@ -945,6 +981,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reject-every", type=int, default=d.reject_every)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--answer-status", type=int, default=d.answer_status,
+                   help="answer every API request with this status (200..599 but 202; "
+                        "0 = off); POST /_control {\"answer_status\": 0} ends it")
+    p.add_argument("--refuse-status", type=int, choices=REFUSE_STATUSES,
+                   default=d.refuse_status, help="status of an answer refusing objects")
     return p
 
 
@@ -974,6 +1015,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             reject_every=args.reject_every,
             seed=args.seed,
             max_body_bytes=args.max_body_bytes,
+            answer_status=args.answer_status,
+            refuse_status=args.refuse_status,
         )
     except ValueError as exc:
         parser.error(str(exc))
