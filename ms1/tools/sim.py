@@ -24,14 +24,15 @@ Control endpoints (no API key, not counted in the stats, no latency):
 * ``POST /_control`` -- body: a JSON object of settings to change at once, any of
   :data:`CONTROLLABLE` (``api_key``, ``latency``, ``fail_500``, ``fail_429``, ``fail_401``,
   ``drop``, ``reset``, ``retry_after``, ``retry_after_form``, ``rate_limit``, ``window``,
-  ``reject_every``, ``answer_status``, ``refuse_status``); 200 with the new settings, or 400 naming what is wrong (nothing
-  changed then). Requests already past the step that reads a setting keep the old one
-  (an in-flight request checked against the old key still answers as it would have).
+  ``reject_every``, ``answer_status``, ``refuse_status``); 200 with the new settings, or
+  400 naming what is wrong (nothing changed then). Requests already past the step that
+  reads a setting keep the old one (an in-flight request checked against the old key
+  still answers as it would have).
 
 Request handling order for an API POST: read body -> ``latency`` (the server's work) ->
-``answer_status`` -> API key -> sliding-window rate limit -> injected faults -> parse JSON -> shape ->
-validate every object -> accept (record, then maybe drop the connection without
-answering, or reset it after part of the answer) -> 202 at once. Like a real server,
+``answer_status`` -> API key -> sliding-window rate limit -> injected faults -> parse
+JSON -> shape -> validate every object -> accept (record, then maybe drop the connection
+without answering, or reset it after part of the answer) -> 202 at once. Like a real server,
 the sim does its work and then answers: an accepted request's 202 is on its way as soon
 as it is recorded.
 
