@@ -40,7 +40,6 @@ import select
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import urllib.request
@@ -53,6 +52,7 @@ from typing import Any, cast
 import pytest
 import redis as redis_py
 from conftest import RedisServer
+from support import service_ini, tail, wait_until
 
 from ms1.tools import samples
 from ms1.tools.sim import REJECT_EVERY_REASON, is_rejected_by_sim
@@ -72,23 +72,6 @@ DEFAULT_SECONDS = 35.0
 STALL_TIMEOUT = 20.0
 DRAIN_TIMEOUT = 90.0
 PREFIX = "CHAOS"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    """Poll ``predicate`` until it is true (True) or ``timeout`` s have passed (False)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    if not path.exists():
-        return f"({path} does not exist)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def catches(pid: int, signum: int) -> bool:
@@ -169,48 +152,17 @@ class Service:
 
     def config(self, consumer: str) -> Path:
         path = self.dir / f"ms1-{consumer}.ini"
-        path.write_text(textwrap.dedent(f"""\
-            [ms1]
-            shutdown_timeout = 10
-            [source]
-            name = redis
-            [queue]
-            backend = redis
-            [dead_letters]
-            backend = redis
-            [batch]
-            max_items = {BATCH}
-            max_wait = 0.2
-            [send]
-            threads = {THREADS}
-            retry_initial = 0.05
-            retry_max = 0.5
-            rate_limiter = redis
-            requests_per_minute = 6000
-            rate_window = 6
-            retry_after_default = 1
-            retry_after_max = 3
-            breaker_failures = 5
-            breaker_reset = 1
-            auth_probe_interval = 2
-            [ms4]
-            transport = http
-            api_key_file = {self.key_file}
-            [transport.http]
-            base_url = {self.sim_url}
-            connect_timeout = 1
-            read_timeout = 5
-            write_timeout = 5
-            pool_timeout = 5
-            request_timeout = 5
-            [redis]
-            url = {self.redis_url}
-            consumer = {consumer}
-            visibility_timeout = 6
-            block_timeout = 0.2
-            socket_timeout = 2
-            connect_timeout = 1
-            """))
+        path.write_text(service_ini(self.redis_url, ms4_url=self.sim_url, settings={
+            "ms1": {"shutdown_timeout": 10},
+            "batch": {"max_items": BATCH},
+            "send": {"threads": THREADS, "rate_limiter": "redis", "requests_per_minute": 6000,
+                     "rate_window": 6, "retry_after_default": 1, "retry_after_max": 3,
+                     "breaker_failures": 5, "breaker_reset": 1, "auth_probe_interval": 2},
+            "ms4": {"api_key_file": self.key_file},
+            "transport.http": {"connect_timeout": 1, "read_timeout": 5, "write_timeout": 5,
+                               "pool_timeout": 5, "request_timeout": 5},
+            "redis": {"consumer": consumer, "visibility_timeout": 6},
+        }))
         return path
 
     @property

@@ -10,12 +10,12 @@ import json
 import logging
 import subprocess
 import sys
-import textwrap
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import service_ini
 
 from ms1 import processor
 from ms1.batching import SizeBatchPolicy
@@ -240,24 +240,10 @@ INBOUND, DEAD = "ms1:emails", "ms1:dead-letters"
 
 
 def write_config(path: Path, redis_url: str) -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        [ms1]
-        once_timeout = 60
-        [source]
-        name = redis
-        [queue]
-        backend = redis
-        [dead_letters]
-        backend = redis
-        [batch]
-        max_wait = 0.2
-        [ms4]
-        transport = memory
-        [redis]
-        url = {redis_url}
-        consumer = hostile
-        block_timeout = 0.1
-        """))
+    path.write_text(service_ini(redis_url, settings={
+        "ms1": {"once_timeout": 60},
+        "redis": {"consumer": "hostile", "block_timeout": 0.1},
+    }))
     return path
 
 

@@ -14,7 +14,6 @@ import socket
 import struct
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import urllib.error
@@ -25,6 +24,7 @@ from pathlib import Path
 import pluggy
 import pytest
 from conftest import free_port
+from support import service_ini, wait_until
 
 from ms1 import metrics, pluginmanager
 
@@ -33,16 +33,6 @@ ROOT = Path(__file__).parent.parent
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
 
 def get(address: str, path: str, timeout: float = 5) -> tuple[int, str]:
     """Status and body of GET ``path``; 0 when nothing answered."""
@@ -75,37 +65,14 @@ def sim_accepted(url: str) -> int:
 
 def write_config(tmp_path: Path, *, redis_url: str, metrics: str, sim_url: str = "",
                  log_level: str = "INFO") -> Path:
-    transport = (f"transport = http\napi_key_env = MS1_MS4_API_KEY\n"
-                 f"[transport.http]\nbase_url = {sim_url}\n") if sim_url \
-        else "transport = memory\n"
     path = tmp_path / "ms1.ini"
-    path.write_text(textwrap.dedent(f"""\
-        [ms1]
-        shutdown_timeout = 5
-        log_format = json
-        log_level = {log_level}
-        [metrics]
-        address = {metrics}
-        [source]
-        name = redis
-        [queue]
-        backend = redis
-        [dead_letters]
-        backend = redis
-        [batch]
-        max_wait = 0.1
-        [send]
-        threads = 4
-        retry_initial = 0.05
-        retry_max = 0.2
-        requests_per_minute = 100000
-        [redis]
-        url = {redis_url}
-        consumer = metrics-test
-        block_timeout = 0.2
-        socket_timeout = 2
-        [ms4]
-        """) + transport)
+    path.write_text(service_ini(redis_url, ms4_url=sim_url or None, settings={
+        "ms1": {"shutdown_timeout": 5, "log_format": "json", "log_level": log_level},
+        "metrics": {"address": metrics},
+        "batch": {"max_wait": 0.1},
+        "send": {"threads": 4, "retry_max": 0.2},
+        "redis": {"consumer": "metrics-test"},
+    }))
     return path
 
 

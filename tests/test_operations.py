@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
+from support import service_ini, wait_until
 
 from ms1.tools import samples
 
@@ -44,38 +44,14 @@ def write_config(tmp_path: Path, *, sim_url: str, redis_url: str, max_wait: floa
                  api_key_file: Path | None = None, auth_probe_interval: float = 60,
                  metrics_address: str = "") -> Path:
     path = tmp_path / "ms1.ini"
-    path.write_text(textwrap.dedent(f"""\
-        [ms1]
-        shutdown_timeout = 5
-        log_format = kv
-        [metrics]
-        address = {metrics_address}
-        [source]
-        name = redis
-        [queue]
-        backend = redis
-        [dead_letters]
-        backend = redis
-        [batch]
-        max_wait = {max_wait}
-        [send]
-        threads = 2
-        retry_initial = 0.05
-        retry_max = 0.2
-        requests_per_minute = 100000
-        auth_probe_interval = {auth_probe_interval}
-        [ms4]
-        transport = http
-        api_key_file = {api_key_file or ""}
-        [transport.http]
-        base_url = {sim_url}
-        [redis]
-        url = {redis_url}
-        consumer = ops-test
-        block_timeout = 0.2
-        socket_timeout = 2
-        visibility_timeout = {max(60, max_wait * 2 + 10)}
-        """))
+    path.write_text(service_ini(redis_url, ms4_url=sim_url, settings={
+        "ms1": {"shutdown_timeout": 5, "log_format": "kv"},
+        "metrics": {"address": metrics_address},
+        "batch": {"max_wait": max_wait},
+        "send": {"threads": 2, "retry_max": 0.2, "auth_probe_interval": auth_probe_interval},
+        "ms4": {"api_key_file": api_key_file or ""},
+        "redis": {"consumer": "ops-test", "visibility_timeout": max(60, max_wait * 2 + 10)},
+    }))
     return path
 
 
@@ -93,15 +69,6 @@ def start_service(config: Path, log: Path, env: dict[str, str] | None = None
     return subprocess.Popen([sys.executable, "-m", "ms1.cli", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=log.open("wb"),
                             env={**os.environ, **(env or {})})
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 @pytest.fixture

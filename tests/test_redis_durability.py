@@ -16,7 +16,6 @@ import select
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import service_ini, tail, wait_until
 
 from ms1.tools import samples
 from ms1.tools.sim import REJECT_EVERY_REASON, is_rejected_by_sim
@@ -36,23 +36,6 @@ INBOUND, OUTBOUND, DEAD_LETTERS = "ms1:emails", "ms1:outbound", "ms1:dead-letter
 
 
 # --- helpers -------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    """Poll ``predicate`` until it is true (True) or ``timeout`` s have passed (False)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    if not path.exists():
-        return f"({path} does not exist)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 class Sim:
@@ -100,36 +83,12 @@ def start_sim(procs: list[subprocess.Popen[bytes]], tmp_path: Path, *args: str,
 def write_config(path: Path, *, sim_url: str, redis_url: str, consumer: str = "instance-1",
                  requests_per_minute: int = 100_000, rate_window: float = 60,
                  threads: int = 4) -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        [ms1]
-        shutdown_timeout = 10
-        [source]
-        name = redis
-        [queue]
-        backend = redis
-        [dead_letters]
-        backend = redis
-        [batch]
-        max_wait = 0.2
-        [send]
-        threads = {threads}
-        retry_initial = 0.05
-        retry_max = 0.5
-        rate_limiter = redis
-        requests_per_minute = {requests_per_minute}
-        rate_window = {rate_window}
-        [ms4]
-        transport = http
-        [transport.http]
-        base_url = {sim_url}
-        [redis]
-        url = {redis_url}
-        consumer = {consumer}
-        visibility_timeout = 10
-        block_timeout = 0.2
-        socket_timeout = 2
-        connect_timeout = 1
-        """))
+    path.write_text(service_ini(redis_url, ms4_url=sim_url, settings={
+        "ms1": {"shutdown_timeout": 10},
+        "send": {"threads": threads, "rate_limiter": "redis",
+                 "requests_per_minute": requests_per_minute, "rate_window": rate_window},
+        "redis": {"consumer": consumer, "visibility_timeout": 10},
+    }))
     return path
 
 

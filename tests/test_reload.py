@@ -20,7 +20,6 @@ import logging
 import re
 import signal
 import sys
-import textwrap
 import threading
 import time
 import urllib.error
@@ -33,6 +32,7 @@ from typing import Any
 import pluggy
 import pytest
 from conftest import RedisServer, free_port
+from support import service_ini
 from test_redis_durability import (
     DEAD_LETTERS,
     INBOUND,
@@ -83,42 +83,16 @@ def write_config(path: Path, *, sim_url: str, redis_url: str, threads: int = 2,
                  log_format: str = "kv", log_level: str = "INFO", max_items: int = 50,
                  metrics_address: str = "", block_timeout: float = 0.2,
                  breaker_failures: int = 5) -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        [ms1]
-        shutdown_timeout = 10
-        log_format = {log_format}
-        log_level = {log_level}
-        [metrics]
-        address = {metrics_address}
-        [source]
-        name = redis
-        [queue]
-        backend = redis
-        [dead_letters]
-        backend = redis
-        [batch]
-        max_wait = 0.2
-        max_items = {max_items}
-        [send]
-        threads = {threads}
-        retry_initial = {retry_initial}
-        retry_max = {retry_max}
-        max_deliveries = {max_deliveries}
-        breaker_failures = {breaker_failures}
-        rate_limiter = redis
-        requests_per_minute = 100000
-        [ms4]
-        transport = http
-        [transport.http]
-        base_url = {sim_url}
-        [redis]
-        url = {redis_url}
-        consumer = reload-test
-        visibility_timeout = 10
-        block_timeout = {block_timeout}
-        socket_timeout = 2
-        connect_timeout = 1
-        """))
+    path.write_text(service_ini(redis_url, ms4_url=sim_url, settings={
+        "ms1": {"shutdown_timeout": 10, "log_format": log_format, "log_level": log_level},
+        "metrics": {"address": metrics_address},
+        "batch": {"max_items": max_items},
+        "send": {"threads": threads, "retry_initial": retry_initial, "retry_max": retry_max,
+                 "max_deliveries": max_deliveries, "breaker_failures": breaker_failures,
+                 "rate_limiter": "redis"},
+        "redis": {"consumer": "reload-test", "visibility_timeout": 10,
+                  "block_timeout": block_timeout},
+    }))
     return path
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import RedisServer, free_port
+from support import service_ini, wait_until
 from test_http_transport import Peer, Server, serving
 
 from ms1.errors import Ms1Error
@@ -93,59 +94,26 @@ def serve() -> Iterator[Callable[..., Server]]:
     yield from serving()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
 def config_file(tmp_path: Path, *, ms4_url: str, redis_url: str, metrics: str = "",
                 shutdown_timeout: float = 5, request_timeout: float = 30,
                 socket_timeout: float = 1, source: str = "redis", queue: str = "redis",
                 threads: int = 2, extra: str = "") -> Path:
     path = tmp_path / "ms1.ini"
-    path.write_text(textwrap.dedent(f"""\
-        [ms1]
-        shutdown_timeout = {shutdown_timeout}
-        watchdog_timeout = {WATCHDOG_TIMEOUT}
-        once_timeout = 60
-        log_format = kv
-        [metrics]
-        address = {metrics}
-        [source]
-        name = {source}
-        [queue]
-        backend = {queue}
-        [dead_letters]
-        backend = {"redis" if source == "redis" else "memory"}
-        [batch]
-        max_items = 10
-        max_wait = 0.1
-        [send]
-        threads = {threads}
-        retry_initial = 0.05
-        retry_max = 0.3
-        requests_per_minute = 100000
-        breaker_failures = 3
-        breaker_reset = 0.5
-        [ms4]
-        transport = http
-        [transport.http]
-        base_url = {ms4_url}
-        connect_timeout = 1
-        read_timeout = {request_timeout}
-        request_timeout = {request_timeout}
-        [redis]
-        url = {redis_url}
-        consumer = watchdog-test
-        block_timeout = 0.2
-        socket_timeout = {socket_timeout}
-        connect_timeout = 1
-        visibility_timeout = 60
-        """) + textwrap.dedent(extra))
+    path.write_text(service_ini(redis_url, ms4_url=ms4_url, settings={
+        "ms1": {"shutdown_timeout": shutdown_timeout, "watchdog_timeout": WATCHDOG_TIMEOUT,
+                "once_timeout": 60, "log_format": "kv"},
+        "metrics": {"address": metrics},
+        "source": {"name": source},
+        "queue": {"backend": queue},
+        "dead_letters": {"backend": "redis" if source == "redis" else "memory"},
+        "batch": {"max_items": 10, "max_wait": 0.1},
+        "send": {"threads": threads, "retry_max": 0.3, "breaker_failures": 3,
+                 "breaker_reset": 0.5},
+        "transport.http": {"connect_timeout": 1, "read_timeout": request_timeout,
+                           "request_timeout": request_timeout},
+        "redis": {"consumer": "watchdog-test", "socket_timeout": socket_timeout,
+                  "visibility_timeout": 60},
+    }) + textwrap.dedent(extra))
     return path
 
 

@@ -1,0 +1,55 @@
+"""Helpers shared by the tests that run the real service in a subprocess."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+Settings = Mapping[str, Mapping[str, object]]
+
+
+def ini(sections: Settings) -> str:
+    """INI text from ``{section: {key: value}}``."""
+    return "".join(f"[{name}]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items())
+                   for name, keys in sections.items())
+
+
+def service_ini(redis_url: str, *, ms4_url: str | None = None,
+                settings: Settings | None = None) -> str:
+    """A config for the service on Redis (source, queue and dead letters) sending to
+    ``ms4_url`` with the http transport, or to the in-memory MS4 without one; short test
+    timings. ``settings`` adds sections and keys or overrides these."""
+    sections: dict[str, dict[str, object]] = {
+        "source": {"name": "redis"},
+        "queue": {"backend": "redis"},
+        "dead_letters": {"backend": "redis"},
+        "batch": {"max_wait": 0.2},
+        "send": {"retry_initial": 0.05, "retry_max": 0.5, "requests_per_minute": 100_000},
+        "ms4": {"transport": "http" if ms4_url else "memory"},
+        "redis": {"url": redis_url, "block_timeout": 0.2, "socket_timeout": 2,
+                  "connect_timeout": 1},
+    }
+    if ms4_url:
+        sections["transport.http"] = {"base_url": ms4_url}
+    for name, keys in (settings or {}).items():
+        sections.setdefault(name, {}).update(keys)
+    return ini(sections)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` s have passed (its last
+    answer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file, for assertion messages."""
+    if not path.exists():
+        return f"({path} does not exist)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
