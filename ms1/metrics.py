@@ -9,8 +9,9 @@ fed by the same hooks a third-party metrics plugin would use — plus a small HT
   and 401 spell, histograms of batch size and send latency;
 * ``/healthz`` — 200 while every pipeline thread is alive and making progress
   (:mod:`ms1.progress`), else 503 naming the dead or stalled thread and what it was doing;
-* ``/readyz`` — 200 when ms1 can deliver; 503 naming why not: unhealthy, paused by a 401,
-  breaker open, or the queue backend (Redis) unreachable.
+* ``/readyz`` — 200 when ms1 can deliver; 503 naming why not: unhealthy, stopped by a
+  401, a 403 or a configuration error (3xx, 404, 405 ...: ``[transport.http] base_url``),
+  breaker open (naming the last failure), or the queue backend (Redis) unreachable.
 
 No request waits for Redis or MS4: health and readiness come from state the threads keep
 (the progress registry, the pacer), and the queue's counts and the dead-letter count from
@@ -112,6 +113,8 @@ class ServiceView:
     dead_letter_count: Callable[[], int]
     health: Callable[[], str | None] | None = None
     queue_watch: QueueWatch | None = None
+    #: requests to MS4 in flight now, over every sender (``ms1_requests_in_flight``)
+    in_flight: Callable[[], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -278,8 +281,10 @@ class _State(Collector):
                      _BREAKER.get(pacer.breaker.state, -1))
         yield _gauge("ms1_paused_seconds", "Seconds every sender still pauses after a 429",
                      pacer.paused_for)
-        yield _gauge("ms1_auth_blocked", "1 while MS4 rejects the API key (401 spell)",
+        yield _gauge("ms1_auth_blocked", "1 while MS4 rejects the API key (401/403 stop)",
                      1 if pacer.auth_blocked else 0)
+        yield _gauge("ms1_requests_in_flight", "Requests to MS4 in flight now, all senders",
+                     service.in_flight() if service.in_flight is not None else 0)
         yield _gauge("ms1_up", "1 while every pipeline thread is alive and making progress",
                      1 if self._exporter.health() is None else 0)
         watch = self._exporter.queue_watch
@@ -363,10 +368,13 @@ class Exporter:
         unhealthy = self.health()
         if unhealthy is not None:
             return unhealthy
+        stop = pacer.stop
+        if stop is not None:  # 401, 403, a configuration error (3xx, 404 ...): its reason
+            return stop.reason
         if pacer.auth_blocked:
             return "paused: MS4 rejects the API key (401); fix the key and reload"
         if pacer.breaker.state == "open":
-            return "circuit breaker open: MS4 is failing"
+            return pacer.held_back() or "circuit breaker open: MS4 is failing"
         unreachable = self.queue_watch.unreachable()
         if unreachable is not None:
             return f"queue unreachable: {unreachable}"

@@ -183,7 +183,8 @@ class Service:
                     counters=self.stats.snapshot, alive=self.alive, pacer=self.pacer,
                     queue_stats=components.queue.stats,
                     dead_letter_count=components.dead_letters.count, health=self.health,
-                    queue_watch=self.queue_watch), address)
+                    queue_watch=self.queue_watch, in_flight=lambda: self.in_flight.current),
+                    address)
             except (OSError, ValueError) as exc:
                 raise config.error("metrics", "address",
                                    f"cannot listen on {address!r}: {exc}") from None

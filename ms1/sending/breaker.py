@@ -31,12 +31,17 @@ def _fail() -> None:
 
 
 class _BreakerLog(pybreaker.CircuitBreakerListener):
+    def __init__(self) -> None:
+        #: the last failure fed in (``"503 Service Unavailable"``), named when it opens
+        self.last_failure = ""
+
     def state_change(self, cb: pybreaker.CircuitBreaker, old: object, new: object) -> None:
         old_name = getattr(old, "name", old)
         new_name = getattr(new, "name", new)
         if new_name == pybreaker.STATE_OPEN:
-            log.error("circuit breaker open (was %s): MS4 is failing; next probe in %.1f s",
-                      old_name, cb.reset_timeout)
+            last = f" (last: {self.last_failure})" if self.last_failure else ""
+            log.error("circuit breaker open (was %s): MS4 is failing%s; next probe in %.1f s",
+                      old_name, last, cb.reset_timeout)
         else:
             log.warning("circuit breaker %s (was %s)", new_name, old_name)
 
@@ -46,15 +51,22 @@ class Breaker:
 
     def __init__(self, fail_max: int, reset_timeout: float) -> None:
         self._storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+        self._log = _BreakerLog()
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max, reset_timeout=reset_timeout, state_storage=self._storage,
-            listeners=[_BreakerLog()], throw_new_error_on_trip=False, name="ms4")
+            listeners=[self._log], throw_new_error_on_trip=False, name="ms4")
         self._lock = threading.Lock()
         self._probe = False
 
     @property
     def state(self) -> str:
         return str(self._cb.current_state)
+
+    @property
+    def last_failure(self) -> str:
+        """The last failure recorded (``"409 Conflict"``, ``"no answer"``; empty: none)."""
+        with self._lock:
+            return self._log.last_failure
 
     @property
     def fail_max(self) -> int:
@@ -91,10 +103,13 @@ class Breaker:
             self._probe = True
             return True, 0.0
 
-    def record(self, ok: bool) -> None:
-        """Feed one outcome through pybreaker (its lock is held only for a no-op)."""
+    def record(self, ok: bool, failure: str = "") -> None:
+        """Feed one outcome through pybreaker (its lock is held only for a no-op);
+        ``failure`` names a failed one (``"503 Service Unavailable"``) for the logs."""
         with self._lock:
             self._probe = False
+            if not ok:
+                self._log.last_failure = failure
             if ok and self._storage.counter == 0 and self._storage.state == pybreaker.STATE_CLOSED:
                 return  # nothing for pybreaker to change: skip its machinery on the hot path
             with contextlib.suppress(_Failed, pybreaker.CircuitBreakerError):

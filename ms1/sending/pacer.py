@@ -6,11 +6,16 @@
   sliding window (default 120 per 60 s);
 * a **429 pause**: every sender waits until ``Retry-After``
   (:mod:`ms1.sending.retry_after`) has passed;
-* a **401 spell**: no sender sends until the API key changes (reload) or a
-  slow probe — one request every ``auth_probe_interval`` s — is accepted;
+* a **stop** (:class:`Stop`): after an answer no resend will change — 401 or 403
+  (the key; one probe every ``auth_probe_interval`` s, a key reload ends it at once), or
+  a configuration error, 3xx, 404, 405 ... (one probe every ``breaker_reset`` s) — no
+  sender sends but the probe, until a probe gets another kind of answer;
 * the **circuit breaker** (:mod:`ms1.sending.breaker`): opens after N consecutive
-  failures (5xx, timeouts, connection errors), lets one probe through after
+  failures (5xx, 408, 409, timeouts, connection errors), lets one probe through after
   ``reset_timeout``.
+
+What each answer means is :mod:`ms1.sending.answers`' table; :meth:`Pacer.done` reads it
+and returns the row, so the sender acts on the same verdict.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ms1.config import Secret
 from ms1.errors import Ms1Error
+from ms1.sending.answers import Answer, Kind, classify
 from ms1.sending.breaker import Breaker
 from ms1.sending.limiter import RateLimiter
 from ms1.sending.retry_after import parse_retry_after
@@ -46,6 +53,42 @@ class Admission:
         self.key_generation = key_generation
 
 
+@dataclass(frozen=True)
+class Stop:
+    """Every sender is stopped by ``answer`` (401, 403 or a configuration error);
+    ``reason`` says so for ``/readyz`` and the watchdog."""
+
+    answer: Answer
+    reason: str
+    detail: str = ""
+
+    @property
+    def status(self) -> int | None:
+        return self.answer.status
+
+
+def _stop_texts(answer: Answer, detail: str, interval: float) -> tuple[str, str]:
+    """(the CRITICAL line, the readiness reason) of a stop by ``answer``."""
+    said = f"MS4 answered {answer.name}" + (f" ({detail})" if detail else "")
+    kept = "All senders stopped; every batch stays queued"
+    if answer.status == 401:
+        return (f"MS4 answered 401 Unauthorized: the API key is rejected. {kept}. Fix the key "
+                f"and reload (SIGHUP); a probe is sent every {interval:.0f} s",
+                "paused: MS4 rejects the API key (401); fix the key and reload")
+    if answer.status == 403:
+        return (f"{said}: the API key is known but lacks the right to post metadata. {kept}. "
+                f"Give the key that right at MS4, or put a key that has it in place and reload "
+                f"(SIGHUP); a probe is sent every {interval:.0f} s",
+                "paused: MS4 refuses the API key the right to post (403 Forbidden); fix the "
+                "key's rights or load another key and reload")
+    return (f"unexpected answer from MS4: {said.removeprefix('MS4 answered ')}, which is not "
+            f"in MS4's contract: is [transport.http] base_url right (ms1 follows no "
+            f"redirect)? {kept}. Fix base_url and restart; a probe is sent every "
+            f"{interval:.0f} s ([send] breaker_reset)",
+            f"stopped: MS4 answered {answer.name}, not MS4's contract: is [transport.http] "
+            f"base_url right? (a probe every {interval:.0f} s)")
+
+
 class Pacer:
     """Decides when the next request may go; told every outcome. Shared by all senders."""
 
@@ -62,8 +105,8 @@ class Pacer:
         self._clock = clock
         self._lock = threading.Lock()
         self._paused_until = 0.0
-        self._auth_blocked = False
-        self._auth_probe_in_flight = False
+        self._stop: Stop | None = None
+        self._auth_probe_in_flight = False  # a stop's probe (the name is historical)
         self._next_auth_probe = 0.0
         self._limiter_down = False
         self._key_generation = 0
@@ -76,8 +119,29 @@ class Pacer:
 
     @property
     def auth_blocked(self) -> bool:
+        """Stopped because MS4 refuses the API key (401 or 403)."""
         with self._lock:
-            return self._auth_blocked
+            return self._stop is not None and self._stop.answer.kind is Kind.UNAUTHORIZED
+
+    @property
+    def stop(self) -> Stop | None:
+        """The stop every sender is held in (401, 403, a configuration error), or None."""
+        with self._lock:
+            return self._stop
+
+    def held_back(self) -> str | None:
+        """Why every sender is held back now (a stop, an open breaker, a 429 pause), or
+        None: the rate limit is then all that paces them."""
+        stop = self.stop
+        if stop is not None:
+            return stop.reason
+        if self.breaker.state == "open":
+            last = self.breaker.last_failure
+            return "circuit breaker open: MS4 is failing" + (f" ({last})" if last else "")
+        paused = self.paused_for
+        if paused > 0:
+            return f"paused by a 429 ({paused:.0f} s left)"
+        return None
 
     def admit(self, abort: threading.Event) -> Admission:
         """Block until a request may be sent; raise :class:`Aborted` if ``abort`` is set."""
@@ -128,14 +192,19 @@ class Pacer:
         with self._lock:
             if self._paused_until > self._clock():
                 return False, self._paused_until - self._clock()
-            if not self._auth_blocked:
+            if self._stop is None:
                 return False, 0.0
             now = self._clock()
             if self._auth_probe_in_flight or now < self._next_auth_probe:
                 return False, max(0.05, self._next_auth_probe - now)
             self._auth_probe_in_flight = True
-            self._next_auth_probe = now + self.auth_probe_interval
+            self._next_auth_probe = now + self._probe_interval(self._stop.answer)
             return True, 0.0
+
+    def _probe_interval(self, answer: Answer) -> float:
+        if answer.kind is Kind.UNAUTHORIZED:
+            return self.auth_probe_interval
+        return self.breaker.reset_timeout
 
     def _release_auth(self, probe: bool) -> None:
         if probe:
@@ -143,25 +212,30 @@ class Pacer:
                 self._auth_probe_in_flight = False
 
     def done(self, admission: Admission, status: int | None,
-             retry_after: str | None = None) -> None:
-        """Record the outcome of an admitted request (``status`` None: no answer)."""
+             retry_after: str | None = None, detail: str = "") -> Answer:
+        """Record the outcome of an admitted request (``status`` None: no answer) and return
+        its row of the answer table. ``detail``: what to quote of the answer in an alert
+        (a 3xx's ``Location``, MS4's text)."""
         try:
             self.limiter.finish(admission.token)
         except Ms1Error as exc:  # the slot then expires with its lease
             log.warning("could not stamp the rate-limit slot (%s)", exc)
         self._release_auth(admission.auth_probe)
-        if status is None or status >= 500 or status in (404, 405) or status < 200:
-            self.breaker.record(False)
-        elif status == 429:
+        answer = classify(status)
+        kind = answer.kind
+        if kind.breaker_failure:
+            self.breaker.record(False, answer.name)
+        elif kind is Kind.RATE_LIMITED:
             self.breaker.release_probe()  # not a breaker failure
             self._pause(retry_after)
-        elif status == 401:
-            self.breaker.release_probe()
-            self._auth_failed(admission.key_generation)
+        elif kind.stops_senders:
+            self.breaker.release_probe()  # the stop paces: not a breaker failure
+            self._stopped(answer, admission, detail)
         else:
             self.breaker.record(True)
-        if status is not None and status != 401:
-            self._auth_ok(admission.auth_probe)
+        if status is not None and admission.auth_probe:
+            self._probe_answered(answer)
+        return answer
 
     def _pause(self, retry_after: str | None) -> None:
         delay = parse_retry_after(retry_after, default=self.retry_after_default,
@@ -173,33 +247,46 @@ class Pacer:
                 log.warning("MS4 answered 429: all senders pause %.1f s (Retry-After: %r)",
                             delay, retry_after)
 
-    def _auth_failed(self, key_generation: int) -> None:
+    def _stopped(self, answer: Answer, admission: Admission, detail: str) -> None:
+        """Begin a stop (once per spell: an answer of the same stop changes nothing; a
+        probe answered with another stopping status replaces it, with its own alert)."""
         with self._lock:
-            if key_generation != self._key_generation:
+            if answer.kind is Kind.UNAUTHORIZED and \
+                    admission.key_generation != self._key_generation:
                 # sent with a key that has been replaced since: says nothing of the new one
-                log.warning("MS4 answered 401 to a request sent with the previous API key; "
-                            "the batch is sent again with the current key")
+                log.warning("MS4 answered %s to a request sent with the previous API key; "
+                            "the batch is sent again with the current key", answer.name)
                 return
-            if self._auth_blocked:
+            current = self._stop
+            if current is not None and (current.status == answer.status
+                                        or not admission.auth_probe):
                 return
-            self._auth_blocked = True
-            self._next_auth_probe = self._clock() + self.auth_probe_interval
-        log.critical("MS4 answered 401 Unauthorized: the API key is rejected. All senders "
-                     "stopped; every batch stays queued. Fix the key and reload (SIGHUP); "
-                     "a probe is sent every %.0f s", self.auth_probe_interval)
+            interval = self._probe_interval(answer)
+            alert, reason = _stop_texts(answer, detail, interval)
+            self._stop = Stop(answer, reason, detail)
+            self._next_auth_probe = self._clock() + interval
+        log.critical("%s", alert)
 
-    def _auth_ok(self, was_probe: bool) -> None:
+    def _probe_answered(self, answer: Answer) -> None:
+        """A stop's probe got an answer of another kind: the stop ends; that answer's own
+        row (202, a breaker failure, a 429 pause...) takes over."""
         with self._lock:
-            if not self._auth_blocked or not was_probe:
+            stop = self._stop
+            if stop is None or answer.kind.stops_senders:
                 return
-            self._auth_blocked = False
-        log.warning("MS4 accepts the API key again: sending resumes")
+            self._stop = None
+        if stop.answer.kind is Kind.UNAUTHORIZED:
+            log.warning("MS4 accepts the API key again (a probe was answered %s): sending "
+                        "resumes", answer.name)
+        else:
+            log.warning("MS4 answers again (a probe was answered %s, not %s): sending resumes",
+                        answer.name, stop.answer.name)
 
     def configure(self, *, retry_after_default: float, retry_after_cap: float,
                   auth_probe_interval: float, breaker_failures: int,
                   breaker_reset: float) -> None:
         """New ``[send]`` figures (a reload); they hold from the next request or answer on.
-        A running 429 pause or 401 probe interval keeps the end it was given."""
+        A running 429 pause or a stop's probe interval keeps the end it was given."""
         with self._lock:
             self.retry_after_default = retry_after_default
             self.retry_after_cap = retry_after_cap
@@ -207,13 +294,15 @@ class Pacer:
         self.breaker.configure(breaker_failures, breaker_reset)
 
     def key_changed(self, api_key: Secret | None) -> None:
-        """A new API key was loaded: end a 401 spell at once. A 401 answering a request
-        admitted before this call is about the old key and starts no spell (key rotation:
-        the key file is reloaded before MS4 switches, or while a probe is in flight)."""
+        """A new API key was loaded: end a 401/403 stop at once (a stop for a configuration
+        error stays: the key is not its cause). A 401 or 403 answering a request admitted
+        before this call is about the old key and starts no stop (key rotation: the key
+        file is reloaded before MS4 switches, or while a probe is in flight)."""
         with self._lock:
-            was = self._auth_blocked
-            self._auth_blocked = False
-            self._auth_probe_in_flight = False
+            was = self._stop is not None and self._stop.answer.kind is Kind.UNAUTHORIZED
+            if was:
+                self._stop = None
+                self._auth_probe_in_flight = False
             self._key_generation += 1
         if was:
             log.warning("API key reloaded: sending resumes")

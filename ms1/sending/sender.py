@@ -1,19 +1,20 @@
 """Stage 4: the sender threads — where a batch gets acked.
 
 Each :class:`Sender` takes a batch from the queue, sends it through the
-transport and settles it by MS4's answer:
+transport and settles it by the row of MS4's answer in the answer table
+(:mod:`ms1.sending.answers`, which :meth:`Pacer.done` returns):
 
 =====================  ========================================================
-202                    ack the batch in the queue
-400, 413               split the batch in halves (``QueueBackend.replace``);
-                       a single object is dead-lettered with MS4's text, then
-                       acked — an unchanged batch is never resent after a 400
-401                    every sender stops (:class:`~ms1.sending.pacer.Pacer`): the
-                       batch is kept and resent once the key is reloaded or a
-                       slow probe is accepted
-429                    every sender pauses until ``Retry-After``; then resend
-5xx, other, or no      retry with exponential backoff and jitter (tenacity);
-answer at all          the circuit breaker counts the failure; the batch stays
+ACCEPTED (202)         ack the batch in the queue
+REFUSED (400, 413,     split the batch in halves (``QueueBackend.replace``);
+422)                   a single object is dead-lettered with MS4's text, then
+                       acked — an unchanged batch is never resent after a refusal
+UNAUTHORIZED (401,     every sender stops (:class:`~ms1.sending.pacer.Pacer`): the
+403), MISCONFIGURED    batch is kept and resent once the stop ends (a reloaded
+(3xx, 404, 405, ...)   key, a probe answered otherwise)
+RATE_LIMITED (429)     every sender pauses until ``Retry-After``; then resend
+RETRY (408, 409, 5xx,  retry with exponential backoff and jitter (tenacity);
+no answer)             the circuit breaker counts the failure; the batch stays
                        pending in the queue until delivered
 =====================  ========================================================
 
@@ -51,6 +52,7 @@ from ms1.model import Batch, DeadLetter
 from ms1.outbound import Delivery, QueueBackend
 from ms1.pluginmanager import Observers
 from ms1.progress import Progress
+from ms1.sending.answers import TABLE, Kind
 from ms1.sending.pacer import Aborted, Pacer
 from ms1.stats import RunStats
 from ms1.transport import Request, Response, Transport
@@ -58,9 +60,11 @@ from ms1.transport import Request, Response, Transport
 log = logging.getLogger(__name__)
 
 #: answers meaning "this batch holds an object MS4 will not take": split, never resend
-SPLIT_STATUSES = frozenset({400, 413})
-#: answers after which the pacer, not the backoff, decides when to send again
-PACED_STATUSES = frozenset({401, 429})
+#: (from the answer table, :mod:`ms1.sending.answers`)
+SPLIT_STATUSES = frozenset(s for s, kind in TABLE.items() if kind is Kind.REFUSED)
+#: answers after which the pacer, not the backoff, decides when to send again (those the
+#: table names; every status a stop or 429 follows: :attr:`Kind.paced`)
+PACED_STATUSES = frozenset(s for s, kind in TABLE.items() if kind.paced)
 
 
 @dataclass(frozen=True)
@@ -133,12 +137,14 @@ class InFlight:
 
 
 class _SendFailed(Exception):
-    """An attempt that should be retried (no answer, 5xx, 401, 429, unexpected status)."""
+    """An attempt that should be retried (no answer, 5xx, 401, 429, unexpected status);
+    ``paced``: the pacer decides when (a stop or a 429 pause), not the backoff."""
 
-    def __init__(self, status: int | None, error: str) -> None:
+    def __init__(self, status: int | None, error: str, paced: bool = False) -> None:
         super().__init__(error)
         self.status = status
         self.error = error
+        self.paced = paced
 
 
 class Sender:
@@ -259,10 +265,11 @@ class Sender:
                 attempt=0, will_retry=False)
 
     def _wait(self, state: RetryCallState) -> float:
-        """Backoff before the next attempt; none after 401/429, where the pacer waits."""
+        """Backoff before the next attempt; none after a stop or a 429, where the pacer
+        waits."""
         outcome = state.outcome
         failure = outcome.exception() if outcome is not None else None
-        if isinstance(failure, _SendFailed) and failure.status in PACED_STATUSES:
+        if isinstance(failure, _SendFailed) and failure.paced:
             return 0.0
         return self.settings.current.backoff(state)
 
@@ -306,7 +313,7 @@ class Sender:
             self._observers.payload_rejected(letter)
 
     def _first_wait(self, failure: _SendFailed) -> float:
-        return 0.0 if failure.status in PACED_STATUSES else self.settings.current.retry_initial
+        return 0.0 if failure.paced else self.settings.current.retry_initial
 
     def _sleep(self, seconds: float) -> None:
         with self._progress.waiting(self.name, f"retry backoff ({seconds:.1f} s)"):
@@ -316,13 +323,10 @@ class Sender:
     def _held_back(self) -> str:
         """What the pacer is holding this sender back for (a bounded wait), as it looks now."""
         pacer = self._pacer
-        if pacer.auth_blocked:
-            return "held back by the pacer: 401 spell (a new key or a probe ends it)"
-        if pacer.paused_for > 0:
-            return f"held back by the pacer: 429 pause ({pacer.paused_for:.0f} s left)"
-        if pacer.breaker.state != "closed":
-            return f"held back by the pacer: circuit breaker {pacer.breaker.state}"
-        return "held back by the pacer: rate limit"
+        why = pacer.held_back()
+        if why is None and pacer.breaker.state != "closed":
+            why = f"circuit breaker {pacer.breaker.state}"
+        return f"held back by the pacer: {why or 'rate limit'}"
 
     def _attempt(self, delivery: Delivery, attempt: int) -> None:
         batch = delivery.batch
@@ -343,9 +347,12 @@ class Sender:
             self._pacer.done(admission, None)
             raise
         latency = time.perf_counter() - started
-        self._pacer.done(admission, response.status, response.headers.get("retry-after"))
+        location = response.headers.get("location")
+        detail = f"Location: {location}" if location else response.text[:200].strip()
+        answer = self._pacer.done(admission, response.status,
+                                  response.headers.get("retry-after"), detail)
         self._stats.add(f"responses_{response.status}")
-        if response.status == 202:
+        if answer.kind is Kind.ACCEPTED:
             self._settle(lambda: self._queue.ack(delivery), f"ack batch {batch.id}")
             self._stats.add("batches_delivered")
             self._stats.add("invoices_delivered", len(batch))
@@ -353,15 +360,13 @@ class Sender:
                                           "attempt": attempt, "latency_ms": latency * 1000})
             self._observers.batch_sent(batch, status=202, attempt=attempt, latency=latency)
             return
-        if response.status in SPLIT_STATUSES:
+        if answer.kind is Kind.REFUSED:
             self._split(delivery, response, attempt)
             return
-        error = f"MS4 answered {response.status}: {response.text[:200]}".rstrip(": ")
-        if response.status not in PACED_STATUSES and response.status < 500:
-            log.error("unexpected answer from MS4 for batch %s: %s (is [transport.http] "
-                      "base_url right?); the batch stays queued", batch.id, error)
+        # the pacer has alerted (a stop: once per spell; the breaker: when it opens)
+        error = f"MS4 answered {answer.name}: {detail}".rstrip(": ")
         self._failed(batch, response.status, error, attempt)
-        raise _SendFailed(response.status, error)
+        raise _SendFailed(response.status, error, paced=answer.kind.paced)
 
     def _failed(self, batch: Batch, status: int | None, error: str, attempt: int) -> None:
         log.warning("batch failed: %s", error,
