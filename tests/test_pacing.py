@@ -10,6 +10,7 @@ from email.utils import format_datetime
 
 import pytest
 
+from ms1.sending.answers import Kind, classify
 from ms1.sending.breaker import Breaker
 from ms1.sending.limiter import SlidingWindowLimiter
 from ms1.sending.pacer import Aborted, Pacer
@@ -261,3 +262,99 @@ def test_a_reload_during_a_probe_gives_one_critical_line_per_spell(caplog) -> No
         pacer.done(probe, 401)                    # the old key's answer: not a new spell
     assert not pacer.auth_blocked
     assert len([r for r in caplog.records if r.levelname == "CRITICAL"]) == 1
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    (202, Kind.ACCEPTED),
+    (400, Kind.REFUSED), (413, Kind.REFUSED), (422, Kind.REFUSED),
+    (401, Kind.UNAUTHORIZED), (403, Kind.UNAUTHORIZED),
+    (301, Kind.MISCONFIGURED), (302, Kind.MISCONFIGURED), (307, Kind.MISCONFIGURED),
+    (308, Kind.MISCONFIGURED), (404, Kind.MISCONFIGURED), (405, Kind.MISCONFIGURED),
+    (200, Kind.MISCONFIGURED), (201, Kind.MISCONFIGURED), (204, Kind.MISCONFIGURED),
+    (410, Kind.MISCONFIGURED), (418, Kind.MISCONFIGURED),
+    (429, Kind.RATE_LIMITED),
+    (408, Kind.RETRY), (409, Kind.RETRY), (500, Kind.RETRY), (503, Kind.RETRY),
+    (599, Kind.RETRY), (101, Kind.RETRY), (None, Kind.RETRY),
+])
+def test_the_answer_table(status: int | None, kind: Kind) -> None:
+    assert classify(status).kind is kind
+
+
+def test_every_stopping_or_breaker_answer_is_paced_or_a_breaker_failure() -> None:
+    """Nothing is resent at full rate: every answer but 202 and a refusal is either
+    paced by the pacer (a stop, a 429) or a breaker failure."""
+    for status in [None, *range(100, 600)]:
+        kind = classify(status).kind
+        assert kind in (Kind.ACCEPTED, Kind.REFUSED) or kind.paced or kind.breaker_failure
+
+
+def test_403_stops_every_sender_with_its_own_critical_line(caplog) -> None:
+    pacer = make_pacer(auth_probe_interval=3600)
+    abort = threading.Event()
+    with caplog.at_level("CRITICAL", logger="ms1.sending.pacer"):
+        in_flight = [pacer.admit(abort) for _ in range(3)]  # 3 senders, all answered 403
+        for admission in in_flight:
+            pacer.done(admission, 403, detail="key lacks metadata:write")
+    assert pacer.auth_blocked and pacer.stop is not None and pacer.stop.status == 403
+    assert "403" in pacer.stop.reason
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "CRITICAL"]
+    assert "403 Forbidden" in line and "lacks the right" in line
+    assert pacer.breaker.state == "closed"
+    threading.Timer(0.2, abort.set).start()
+    with pytest.raises(Aborted):
+        pacer.admit(abort)  # stopped: no probe due for an hour
+    abort.clear()
+    pacer.key_changed(None)  # a reloaded key ends it
+    assert pacer.stop is None
+    pacer.admit(abort)
+
+
+@pytest.mark.parametrize("status", [302, 404, 405, 200, 418])
+def test_a_configuration_error_stops_every_sender_and_probes_every_breaker_reset(
+        status: int, caplog) -> None:
+    pacer = Pacer(SlidingWindowLimiter(1000, 60), Breaker(100, 0.2))
+    abort = threading.Event()
+    with caplog.at_level("CRITICAL", logger="ms1.sending.pacer"):
+        for admission in [pacer.admit(abort) for _ in range(4)]:
+            pacer.done(admission, status, detail="Location: http://elsewhere/")
+    stop = pacer.stop
+    assert stop is not None and stop.status == status and not pacer.auth_blocked
+    assert "[transport.http] base_url" in stop.reason and str(status) in stop.reason
+    assert pacer.held_back() == stop.reason
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "CRITICAL"]
+    assert "[transport.http] base_url" in line and "Location: http://elsewhere/" in line
+    pacer.key_changed(None)  # the key is not the cause: the stop stays
+    assert pacer.stop is stop
+    started = time.monotonic()
+    probe = pacer.admit(abort)  # one probe after breaker_reset
+    assert probe.auth_probe and time.monotonic() - started >= 0.15
+    pacer.done(probe, status)
+    assert pacer.stop is stop
+    probe = pacer.admit(abort)
+    assert pacer.done(probe, 202).kind is Kind.ACCEPTED
+    assert pacer.stop is None and pacer.held_back() is None
+    assert pacer.breaker.state == "closed"
+
+
+def test_a_probe_answered_403_during_a_401_stop_turns_it_into_a_403_stop(caplog) -> None:
+    pacer = make_pacer(auth_probe_interval=0.05)
+    abort = threading.Event()
+    with caplog.at_level("CRITICAL", logger="ms1.sending.pacer"):
+        pacer.done(pacer.admit(abort), 401)
+        pacer.done(pacer.admit(abort), 403)  # the probe (the key is known now)
+    assert pacer.stop is not None and pacer.stop.status == 403
+    assert len([r for r in caplog.records if r.levelname == "CRITICAL"]) == 2
+
+
+@pytest.mark.parametrize("status", [408, 409, 500, None])
+def test_408_409_5xx_and_no_answer_are_breaker_failures_named_when_it_opens(
+        status: int | None, caplog) -> None:
+    pacer = Pacer(SlidingWindowLimiter(1000, 60), Breaker(2, 60))
+    abort = threading.Event()
+    with caplog.at_level("ERROR", logger="ms1.sending.breaker"):
+        for _ in range(2):
+            pacer.done(pacer.admit(abort), status)
+    assert pacer.breaker.state == "open" and pacer.stop is None
+    name = classify(status).name
+    assert pacer.held_back() == f"circuit breaker open: MS4 is failing ({name})"
+    assert f"(last: {name})" in caplog.text

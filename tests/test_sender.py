@@ -177,3 +177,36 @@ def test_batch_handed_out_more_than_max_deliveries_is_dead_lettered() -> None:
     letters = rig.dead.all()
     assert [letter.invoice_id for letter in letters] == ["a", "b"]
     assert "delivered 3 times" in letters[0].reason and "max_deliveries = 2" in letters[0].reason
+
+
+def test_422_splits_like_400_until_the_refused_object_is_isolated() -> None:
+    def ms4(request: Request) -> Response:
+        ids = [o["invoice_id"] for o in json.loads(request.body)]
+        return Response(422, text="unprocessable: k5") if "k5" in ids else Response(202)
+
+    transport = MemoryTransport(ms4)
+    rig = Rig(transport)
+    rig.queue.put(make_batch([f"k{i}" for i in range(8)]))
+    rig.drain()
+    [letter] = rig.dead.all()
+    assert letter.invoice_id == "k5" and letter.ms4_answer == "422 unprocessable: k5"
+    bodies = [r.body for r in transport.requests]
+    assert len(bodies) == len(set(bodies))  # no unchanged batch resent
+    assert rig.queue.stats().empty
+
+
+@pytest.mark.parametrize("status", [409, 408, 200, 204, 302])
+def test_answers_that_are_no_acceptance_resend_the_unchanged_batch(status: int) -> None:
+    """409 (a request with this key in progress), 408, a 2xx but 202, a redirect: never
+    acked, never split (new keys would duplicate what MS4 may be storing), never dropped:
+    the same batch, same key, until 202."""
+    transport = MemoryTransport()
+    transport.script(status, 202)
+    rig = Rig(transport)
+    batch = make_batch(["a", "b"])
+    rig.queue.put(batch)
+    rig.drain()
+    assert [(r.idempotency_key, r.body) for r in transport.requests] == \
+        [(batch.id, batch.body())] * 2
+    assert rig.events == [("failed", (status, True)), ("sent", (batch.id, 2))]
+    assert rig.dead.all() == [] and rig.queue.stats().empty
