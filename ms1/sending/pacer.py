@@ -223,8 +223,8 @@ class Pacer:
         self._release_auth(admission.auth_probe)
         answer = classify(status)
         kind = answer.kind
-        if kind.breaker_failure:
-            self.breaker.record(False, answer.name)
+        if kind.breaker_failure:  # named when the breaker opens, if MS4 answered at all
+            self.breaker.record(False, answer.name if status is not None else "")
         elif kind is Kind.RATE_LIMITED:
             self.breaker.release_probe()  # not a breaker failure
             self._pause(retry_after)
