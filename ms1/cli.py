@@ -243,10 +243,9 @@ def _status(service: Service) -> str:
     stats = service.stats.snapshot()
     text = (f"{stats.get('invoices_delivered', 0)} invoices delivered, "
             f"{stats.get('dead_lettered', 0)} dead-lettered")
-    if service.pacer.auth_blocked:
-        text += "; PAUSED: MS4 rejects the API key (401)"
-    elif service.pacer.breaker.state == "open":
-        text += "; MS4 failing (breaker open)"
+    held_back = service.pacer.held_back()
+    if held_back is not None:
+        text += f"; {held_back}"
     return text
 
 

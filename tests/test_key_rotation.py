@@ -5,6 +5,7 @@ must start no 401 spell (before: CRITICAL, then nothing sent for auth_probe_inte
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import urllib.request
@@ -70,7 +71,7 @@ def test_rotating_the_key_with_requests_in_flight_raises_no_false_alarm(
     stats = sim.stats()
     status = stop_service(service, log)
     text = log.read_text()
-    gaps = [b[0] - a[0] for a, b in zip(accepted_at, accepted_at[1:], strict=False)
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(accepted_at)
             if b[0] >= rotated - 1]
     print(f"\n401 answers {stats['requests_by_status'].get('401', 0)}, longest gap between "
           f"accepted batches after the switch {max(gaps):.2f} s")
