@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+
+from ms1 import logs, redaction
 
 Settings = Mapping[str, Mapping[str, object]]
 
@@ -53,3 +57,24 @@ def tail(path: Path, lines: int = 40) -> str:
     if not path.exists():
         return f"({path} does not exist)"
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextmanager
+def logging_restored() -> Iterator[None]:
+    """Put back the root logger's handlers and level, the quiet loggers' levels and the
+    known secrets, as they were (for tests that set logging up)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    quiet = {name: logging.getLogger(name).level for name in logs.QUIET_LOGGERS}
+    known = redaction.KNOWN.snapshot()
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        for name, lvl in quiet.items():
+            logging.getLogger(name).setLevel(lvl)
+        redaction.KNOWN.restore(known)

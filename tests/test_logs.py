@@ -11,8 +11,9 @@ import threading
 from collections.abc import Iterator, Mapping
 
 import pytest
+from support import logging_restored
 
-from ms1 import logs, redaction
+from ms1 import logs
 from ms1.logs import (
     JsonFormatter,
     KeyValueFormatter,
@@ -27,19 +28,8 @@ EXTRA = {"batch": "ab12", "size": 50, "status": 202, "attempt": 1, "latency_ms":
 
 @pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    quiet = {name: logging.getLogger(name).level for name in logs.QUIET_LOGGERS}
-    known = redaction.KNOWN.snapshot()
-    yield
-    for handler in root.handlers[:]:
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    for name, lvl in quiet.items():
-        logging.getLogger(name).setLevel(lvl)
-    redaction.KNOWN.restore(known)
+    with logging_restored():
+        yield
 
 
 def configure(fmt: str, secrets: tuple[str, ...] = (SECRET,)) -> io.StringIO:

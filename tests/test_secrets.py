@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from support import logging_restored
 
 from ms1 import cli, logs, redaction
 from ms1.config import Config, Secret
@@ -45,17 +46,9 @@ def assert_nowhere(text: str, *secrets: str) -> None:
 
 
 @pytest.fixture(autouse=True)
-def restore_state() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    known = redaction.KNOWN.snapshot()
-    yield
-    for handler in root.handlers[:]:
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    redaction.KNOWN.restore(known)
+def restore_logging() -> Iterator[None]:
+    with logging_restored():
+        yield
 
 
 def ms1(args: list[str], cwd: Path, env: dict[str, str] | None = None,
