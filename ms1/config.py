@@ -31,6 +31,7 @@ from typing import Any
 
 from ms1.errors import ConfigError
 from ms1.redaction import redact, remember, url_secrets
+from ms1.sending.refusals import DEFAULT_INDEX_PATTERN, check_index_pattern
 
 #: which option names the component of each kind (for "no plugin provides ..." errors)
 COMPONENT_KEYS: dict[str, tuple[str, str]] = {
@@ -326,6 +327,16 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("send", "max_deliveries", "int", 0,
            "dead-letter a batch handed out more often than this (a batch that keeps crashing "
            "senders); 0: no maximum, keep trying", min=0, max=1_000_000, reloadable=True),
+    Option("send", "refusal_json_details", "bool", True,
+           "on a refused batch (400/422), read a JSON answer's details[].index (0-based in the "
+           "batch as sent, as ms4-sim answers): dead-letter exactly the objects named, send "
+           "the rest in one request; no: only refusal_index_pattern names objects",
+           reloadable=True),
+    Option("send", "refusal_index_pattern", "str", DEFAULT_INDEX_PATTERN,
+           "regular expression with a named group 'index' (0-based in the batch as sent) "
+           "finding the objects a refusal (400/422) names in its text, or in each string of a "
+           "JSON answer; empty: off. An answer naming nothing, an index out of range or twice "
+           "splits the batch in halves", check=check_index_pattern, reloadable=True),
     Option("send", "rate_limiter", "str", "memory",
            "rate limiter plugin: memory (this process) or redis (shared by every instance on "
            "the Redis)"),

@@ -50,7 +50,8 @@ False, means a change needs a restart. For the keys that changed:
   ``max_deliveries`` (read by the senders per delivery and per retry),
   ``requests_per_minute``, ``rate_window`` (``RateLimiter.configure``),
   ``retry_after_default``, ``retry_after_max``, ``breaker_failures``,
-  ``breaker_reset``, ``auth_probe_interval``; ``[ms4] api_key_env``,
+  ``breaker_reset``, ``auth_probe_interval``, ``refusal_json_details``,
+  ``refusal_index_pattern`` (read per refusal); ``[ms4] api_key_env``,
   ``api_key_file`` and the key itself (``Transport.set_api_key``; ends a 401 spell);
 * **reloadable plugin options** are applied by the plugin that declares them, in
   :func:`ms1_config_reloaded`, called once the core has applied its part;

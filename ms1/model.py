@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 BATCH_PATH = "/batch-metadata"
@@ -104,6 +105,19 @@ class Batch:
             raise ValueError("a batch of one object cannot be split")
         mid = len(self.payloads) // 2
         return self._slice(0, mid), self._slice(mid, len(self.payloads))
+
+    def select(self, indexes: Iterable[int]) -> Batch:
+        """The objects at ``indexes`` (0-based, in this order) as a batch of their own, with
+        its own id (the rest of a refused batch, once the objects MS4 named are set aside)."""
+        keep = list(indexes)
+        return Batch(
+            path=self.path,
+            payloads=tuple(self.payloads[i] for i in keep),
+            invoice_ids=tuple(self.invoice_ids[i] for i in keep),
+            message_ids=tuple(self.message_ids[i] for i in keep),
+            created_at=self.created_at,
+            refs=tuple(self.refs[i] for i in keep) if len(self.refs) == len(self) else (),
+        )
 
     def _slice(self, start: int, stop: int) -> Batch:
         return Batch(

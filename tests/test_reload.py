@@ -71,6 +71,7 @@ CORE_RELOADABLE = {
     ("send", "retry_after_default"), ("send", "retry_after_max"),
     ("send", "breaker_failures"), ("send", "breaker_reset"),
     ("send", "auth_probe_interval"), ("send", "max_deliveries"),
+    ("send", "refusal_json_details"), ("send", "refusal_index_pattern"),
     ("ms4", "api_key_env"), ("ms4", "api_key_file"),
 }
 

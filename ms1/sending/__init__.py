@@ -2,6 +2,8 @@
 
 * :mod:`~ms1.sending.sender` — the sender threads: **where a batch gets acked** (202),
   split (400/413) or retried;
+* :mod:`~ms1.sending.refusals` — which objects a refusal (400/422) names, so that only
+  those are dead-lettered and the rest is sent in one request;
 * :mod:`~ms1.sending.pacer` — the :class:`~ms1.sending.pacer.Pacer` every sender asks
   before a request: rate limit, 429 pause, 401 spell, circuit breaker;
 * :mod:`~ms1.sending.limiter` — the sliding-window rate limiter contract and the

@@ -8,9 +8,12 @@ is ever dropped, and nothing is sent at full rate into an answer that will not c
 answer                      :class:`Kind`   ms1 does
 ==========================  ==============  ===============================================
 202                         ACCEPTED        ack the batch
-400, 413, 422               REFUSED         split the batch until the refused object is
-                                            isolated; dead-letter it with MS4's text; never
-                                            resend an unchanged batch
+400, 413, 422               REFUSED         dead-letter the objects the answer names
+                                            (:mod:`ms1.sending.refusals`), resend the rest
+                                            as one batch; naming none: split the batch
+                                            until the refused object is isolated; dead-
+                                            letter it with MS4's text; never resend an
+                                            unchanged batch
 401, 403                    UNAUTHORIZED    every sender stops; CRITICAL once per spell;
                                             one probe every ``auth_probe_interval`` s; a
                                             key reload or a probe answered otherwise ends it

@@ -6,9 +6,13 @@ transport and settles it by the row of MS4's answer in the answer table
 
 =====================  ========================================================
 ACCEPTED (202)         ack the batch in the queue
-REFUSED (400, 413,     split the batch in halves (``QueueBackend.replace``);
-422)                   a single object is dead-lettered with MS4's text, then
-                       acked — an unchanged batch is never resent after a refusal
+REFUSED (400, 413,     the objects MS4's answer names (:mod:`ms1.sending.refusals`)
+422)                   are dead-lettered with its text for each, the rest put
+                       back as one batch (``QueueBackend.replace``); an answer
+                       naming none (or untrusted; any 413): split the batch in
+                       halves; a single object is dead-lettered with MS4's text,
+                       then acked — an unchanged batch is never resent after a
+                       refusal
 UNAUTHORIZED (401,     every sender stops (:class:`~ms1.sending.pacer.Pacer`): the
 403), MISCONFIGURED    batch is kept and resent once the stop ends (a reloaded
 (3xx, 404, 405, ...)   key, a probe answered otherwise)
@@ -22,9 +26,10 @@ Before each attempt the sender asks the shared :class:`~ms1.sending.pacer.Pacer`
 permission (rate limit, 429 pause, 401 spell, breaker) and tells it the outcome.
 
 Settings: every sender reads the one :class:`SharedSettings` the service holds — a frozen
-:class:`SendSettings` (``retry_initial``, ``retry_max``, ``max_deliveries``) that a reload
-replaces whole — once per delivery (``max_deliveries``) and once per retry (the backoff),
-never a copy taken when the sender was built. :class:`InFlight` counts the requests in
+:class:`SendSettings` (``retry_initial``, ``retry_max``, ``max_deliveries``,
+``refusals``) that a reload replaces whole — once per delivery (``max_deliveries``), once
+per retry (the backoff) and once per refusal, never a copy taken when the sender was
+built. :class:`InFlight` counts the requests in
 flight over all senders (``ms1_requests_in_flight``). A sender retired by a reload that
 lowers ``[send] threads`` leaves after its current batch; a reload that raises the count
 again before it left keeps it (:meth:`Sender.keep`) instead of starting a new one.
@@ -40,7 +45,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
@@ -54,6 +59,7 @@ from ms1.pluginmanager import Observers
 from ms1.progress import Progress
 from ms1.sending.answers import TABLE, Kind
 from ms1.sending.pacer import Aborted, Pacer
+from ms1.sending.refusals import RefusalReader
 from ms1.stats import RunStats
 from ms1.transport import Request, Response, Transport
 
@@ -75,12 +81,16 @@ class SendSettings:
     retry_initial: float = 0.5
     retry_max: float = 30.0
     max_deliveries: int = 0
+    #: which objects a refusal names (``[send] refusal_json_details``,
+    #: ``refusal_index_pattern``)
+    refusals: RefusalReader = field(default_factory=RefusalReader)
 
     @classmethod
     def from_config(cls, config: Config) -> SendSettings:
         return cls(retry_initial=config.get_float("send", "retry_initial"),
                    retry_max=config.get_float("send", "retry_max"),
-                   max_deliveries=config.get_int("send", "max_deliveries"))
+                   max_deliveries=config.get_int("send", "max_deliveries"),
+                   refusals=RefusalReader.from_config(config))
 
     def backoff(self, state: RetryCallState) -> float:
         """Seconds before the next retry: exponential from ``retry_initial``, with jitter,
@@ -382,6 +392,15 @@ class Sender:
         self._observers.batch_failed(batch, status=response.status, error=answer[:500],
                                      attempt=attempt, will_retry=False)
         if len(batch) > 1:
+            reading = self.settings.current.refusals.read(response.status, response.text,
+                                                          batch.invoice_ids)
+            if reading.named:
+                self._set_aside(delivery, reading.named, answer)
+                return
+            if reading.problem is not None:
+                log.info("batch %s (%d invoices) rejected with %d, and the answer is not "
+                         "trusted (%s): splitting it in halves", batch.id, len(batch),
+                         response.status, reading.problem)
             parts = batch.split()
             self._settle(lambda: self._queue.replace(delivery, parts),
                          f"replace batch {batch.id} by its halves")
@@ -402,3 +421,32 @@ class Sender:
         log.warning("invoice %s (message %s) dead-lettered: MS4 answered %s",
                     batch.invoice_ids[0], batch.message_ids[0], answer[:200])
         self._observers.payload_rejected(letter)
+
+    def _set_aside(self, delivery: Delivery, named: dict[int, str], answer: str) -> None:
+        """Dead-letter the objects a refusal named (index → MS4's text for it), then put the
+        rest back as one batch (a new id: another body), or ack if nothing is left."""
+        batch = delivery.batch
+        letters = [DeadLetter(reason=f"MS4 rejected the object: {what}", stage="ms4",
+                              payload=batch.payloads[i], message_id=batch.message_ids[i],
+                              invoice_id=batch.invoice_ids[i], ms4_answer=answer[:4000])
+                   for i, what in named.items()]
+        rest = batch.select(i for i in range(len(batch)) if i not in named)
+        self._settle(lambda: self._dead_letters.add(letters),
+                     f"dead-letter {len(letters)} invoices of batch {batch.id}")
+        if len(rest):
+            self._settle(lambda: self._queue.replace(delivery, [rest]),
+                         f"replace batch {batch.id} by the {len(rest)} invoices not refused")
+        else:
+            self._settle(lambda: self._queue.ack(delivery), f"ack batch {batch.id}")
+        self._stats.add("dead_lettered", len(letters))
+        self._stats.add("refusals_named")
+        log.info("batch %s (%d invoices) rejected; MS4 named %d: dead-lettered, the other %d "
+                 "sent again as batch %s", batch.id, len(batch), len(letters), len(rest),
+                 rest.id if len(rest) else "-")
+        for letter in letters:
+            log.warning("invoice %s (message %s) dead-lettered: %s", letter.invoice_id,
+                        letter.message_id, letter.reason[:200])
+        if len(rest):
+            self._observers.batch_enqueued(rest)
+        for letter in letters:
+            self._observers.payload_rejected(letter)
