@@ -117,6 +117,31 @@ def _probe(component: C, describe: Callable[[C], dict[str, Any]]) -> dict[str, A
         component.close()
 
 
+def _sending(config: Config, queue: dict[str, Any]) -> dict[str, Any]:
+    """What status can say of sending without a running instance: MS4's ceiling, and when
+    the queue's backlog will have drained at it (one request per batch). How many requests
+    each instance has in flight, its concurrency target and what holds its senders back
+    are on its /metrics (``ms1_requests_in_flight``, ``ms1_concurrency_target``,
+    ``ms1_held_back_seconds_total``)."""
+    limit = config.get_int("send", "requests_per_minute")
+    window = config.get_float("send", "rate_window")
+    items = config.get_int("batch", "max_items")
+    info: dict[str, Any] = {
+        "ceiling": f"{limit} requests per {window:g} s",
+        "ceiling_invoices_per_minute": round(limit * items * 60 / window),
+    }
+    batches = queue.get("length")
+    if batches is None and isinstance(queue.get("ready"), int):
+        batches = queue["ready"] + int(queue.get("in_flight") or 0)
+    if isinstance(batches, int):
+        info["backlog_batches"] = batches
+        invoices = queue.get("invoices")
+        info["backlog_invoices"] = invoices if isinstance(invoices, int) \
+            else f"at most {batches * items}"
+        info["drained_in_s"] = round(batches * window / limit, 1)
+    return info
+
+
 def status(config: Config, pm: pluggy.PluginManager, *, as_json: bool) -> int:
     parts: dict[str, Any] = {
         "source": _probe(pluginmanager.build_source(pm, config), lambda s: s.describe()),
@@ -124,9 +149,11 @@ def status(config: Config, pm: pluggy.PluginManager, *, as_json: bool) -> int:
         "dead_letters": _probe(pluginmanager.build_dead_letters(pm, config),
                                lambda d: {"backend": d.name, "count": d.count()}),
     }
+    parts["sending"] = _sending(config, parts["queue"])
     if as_json:
         print(json.dumps(parts, indent=2, default=str))
         return EXIT_OK
+    sending = parts.pop("sending")
     for kind, info in parts.items():
         consumers = info.pop("consumers", None) if isinstance(info, dict) else None
         fields = ", ".join(f"{k} {v}" for k, v in info.items())
@@ -134,6 +161,15 @@ def status(config: Config, pm: pluggy.PluginManager, *, as_json: bool) -> int:
         for consumer in consumers or []:
             print(f"  consumer {consumer['name']}: pending {consumer['pending']}, "
                   f"idle {consumer['idle_s']} s")
+    line = (f"sending: MS4's ceiling {sending['ceiling']} "
+            f"({sending['ceiling_invoices_per_minute']:,} invoices/min in full batches)")
+    if "drained_in_s" in sending:
+        line += (f"; backlog {sending['backlog_batches']} batches "
+                 f"({sending['backlog_invoices']} invoices) drained in about "
+                 f"{sending['drained_in_s']:g} s at the ceiling")
+    print(line)
+    print("  per instance (requests in flight, concurrency target, seconds held back by "
+          "cause): its /metrics")
     return EXIT_OK
 
 

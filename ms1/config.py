@@ -297,6 +297,13 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "one is clipped and keeps the original's length and SHA-256", min=1024,
            max=64 * 1024 * 1024, reloadable=True),
     Option("send", "threads", "int", 4, "sender threads", min=1, max=256, reloadable=True),
+    Option("send", "min_concurrency", "int", 1,
+           "adaptive concurrency (threads not set): fewest requests in flight the "
+           "controller goes down to", min=1, max=256, reloadable=True),
+    Option("send", "max_concurrency", "int", 64,
+           "adaptive concurrency (threads not set): most requests in flight, and the "
+           "sender threads started; setting threads fixes the concurrency instead",
+           min=1, max=256, reloadable=True),
     Option("send", "retry_initial", "float", 0.5,
            "first retry delay in seconds after a failed send (exponential backoff, jitter)",
            min=0.0, max=600, reloadable=True),

@@ -75,6 +75,7 @@ from ms1.errors import Ms1Error
 from ms1.hookspecs import hookimpl
 from ms1.model import Batch, DeadLetter
 from ms1.outbound import QueueStats
+from ms1.sending.concurrency import Controller
 from ms1.sending.pacer import Pacer
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ class ServiceView:
     queue_watch: QueueWatch | None = None
     #: requests to MS4 in flight now, over every sender (``ms1_requests_in_flight``)
     in_flight: Callable[[], int] | None = None
+    #: the concurrency controller (``ms1_concurrency_target``, ``ms1_ms4_latency_seconds``)
+    concurrency: Controller | None = None
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,21 @@ class _State(Collector):
                      1 if pacer.auth_blocked else 0)
         yield _gauge("ms1_requests_in_flight", "Requests to MS4 in flight now, all senders",
                      service.in_flight() if service.in_flight is not None else 0)
+        if service.concurrency is not None:
+            yield _gauge("ms1_concurrency_target",
+                         "Most requests to MS4 in flight allowed now (adaptive, or [send] "
+                         "threads when set)", service.concurrency.target)
+            latency = service.concurrency.latency
+            if latency is not None:
+                yield _gauge("ms1_ms4_latency_seconds",
+                             "Moving average of the latency of accepted requests",
+                             latency)
+        held = CounterMetricFamily("ms1_held_back_seconds",
+                                   "Seconds senders spent held back (summed over senders), "
+                                   "by cause", labels=["cause"])
+        for cause, seconds in pacer.held.snapshot().items():
+            held.add_metric([cause], seconds)
+        yield held
         yield _gauge("ms1_up", "1 while every pipeline thread is alive and making progress",
                      1 if self._exporter.health() is None else 0)
         watch = self._exporter.queue_watch

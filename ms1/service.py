@@ -32,6 +32,7 @@ from ms1.model import InboundMessage
 from ms1.outbound import QueueStats
 from ms1.pluginmanager import Observers
 from ms1.progress import Progress, Stall
+from ms1.sending.concurrency import Controller
 from ms1.sending.sender import InFlight, Sender, SendSettings, SharedSettings
 from ms1.stats import RunStats
 
@@ -131,6 +132,16 @@ class Summary:
         return "\n".join(lines)
 
 
+def _concurrency_settings(config: Config) -> dict[str, Any]:
+    """The :class:`Controller`'s bounds: ``[send] threads`` set in the config fixes the
+    concurrency (the manual override); else it adapts between min and max_concurrency."""
+    top = config.get_int("send", "max_concurrency")
+    fixed = config.get_int("send", "threads") if ("send", "threads") in config.explicit \
+        else None
+    return {"min_concurrency": min(config.get_int("send", "min_concurrency"), top),
+            "max_concurrency": top, "fixed": fixed}
+
+
 class Service:
     """One ms1 process: ``start()``, then ``run_once()`` or ``wait()`` + ``shutdown()``."""
 
@@ -172,6 +183,11 @@ class Service:
         self.send_settings = SharedSettings(SendSettings.from_config(config))
         #: requests to MS4 in flight now, over every sender (ms1_requests_in_flight)
         self.in_flight = InFlight()
+        #: sizes the gate every sender takes a slot of around an attempt: fixed at
+        #: ``[send] threads`` when the config sets it, else adaptive (ms1_concurrency_target)
+        self.concurrency = Controller(
+            rate=self._allowed_rate, held_back=lambda: self.pacer.held_back() is not None,
+            **_concurrency_settings(config))
         #: active senders first, then retiring ones (leaving after their current batch)
         self._senders: list[tuple[Sender, threading.Thread]] = []
         self._sender_seq = 0
@@ -183,7 +199,8 @@ class Service:
                     counters=self.stats.snapshot, alive=self.alive, pacer=self.pacer,
                     queue_stats=components.queue.stats,
                     dead_letter_count=components.dead_letters.count, health=self.health,
-                    queue_watch=self.queue_watch, in_flight=lambda: self.in_flight.current),
+                    queue_watch=self.queue_watch, in_flight=lambda: self.in_flight.current,
+                    concurrency=self.concurrency),
                     address)
             except (OSError, ValueError) as exc:
                 raise config.error("metrics", "address",
@@ -196,13 +213,14 @@ class Service:
         self._started = time.perf_counter()
         self._check_watchdog_timeout()
         self.queue_watch.start()
-        log.info("ms1 starting: source=%s policy=%s queue=%s transport=%s senders=%d",
-                 self.parts.source.name, self.parts.policy.name, self.parts.queue.name,
-                 self.parts.transport.name, self.config.get_int("send", "threads"))
+        log.info("ms1 starting: source=%s policy=%s queue=%s transport=%s senders=%d "
+                 "(concurrency %s)", self.parts.source.name, self.parts.policy.name,
+                 self.parts.queue.name, self.parts.transport.name, self.concurrency.pool,
+                 "adaptive" if self.concurrency.adaptive else "fixed: [send] threads")
         self._spawn("reader", self._read_loop)
         self._spawn("batcher", self._batch_loop)
         self._spawn("committer", self._commit_loop)
-        self._set_sender_count(self.config.get_int("send", "threads"))
+        self._set_sender_count(self.concurrency.pool)
         if self.exporter is not None:
             self.exporter.start()
         self.observers.service_started(self.config)
@@ -214,7 +232,12 @@ class Service:
             transport=self.parts.transport, dead_letters=self.parts.dead_letters,
             observers=self.observers, stats=self.stats, pacer=self.pacer,
             stop=self.senders_stop, abort=self.abort, settings=self.send_settings,
-            in_flight=self.in_flight, progress=self.progress)
+            in_flight=self.in_flight, progress=self.progress, concurrency=self.concurrency)
+
+    def _allowed_rate(self) -> float:
+        """Requests per second the rate limiter allows (the whole limit, every instance)."""
+        limiter = self.pacer.limiter
+        return limiter.limit / limiter.window
 
     def _set_sender_count(self, count: int) -> None:
         """``count`` active senders: keep retiring ones that have not left yet, then start
@@ -473,7 +496,8 @@ class Service:
             setattr(self.parts.queue, "max_payload_bytes",  # noqa: B010 - not in the ABC
                     new.get_int("dead_letters", "max_payload_bytes"))
         self._apply_batch_limits(new)
-        self._set_sender_count(new.get_int("send", "threads"))
+        self.concurrency.configure(**_concurrency_settings(new))
+        self._set_sender_count(self.concurrency.pool)
         self.observers.config_reloaded(old, new, changed)
         return [f"[{sec}] {key}" for sec, key in sorted(set(restart))]
 

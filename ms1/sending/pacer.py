@@ -41,6 +41,29 @@ class Aborted(Exception):
     """The shutdown deadline passed while waiting for permission to send."""
 
 
+#: why senders were held back (``ms1_held_back_seconds_total{cause=...}``): the rate
+#: limiter's budget, a 429 pause, a 401/403 stop, another stop (configuration error), an
+#: open breaker, the rate limiter unreachable, and (counted by the senders) nothing to send
+HELD_CAUSES = ("rate_budget", "429_pause", "401_spell", "stop", "breaker_open",
+               "limiter_down", "empty_queue")
+
+
+class HeldTime:
+    """Seconds senders spent held back, by cause (summed over senders: sender-seconds)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds = dict.fromkeys(HELD_CAUSES, 0.0)
+
+    def add(self, cause: str, seconds: float) -> None:
+        with self._lock:
+            self._seconds[cause] = self._seconds.get(cause, 0.0) + max(0.0, seconds)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._seconds)
+
+
 class Admission:
     """Permission for one request; hand it back to :meth:`Pacer.done`."""
 
@@ -110,6 +133,8 @@ class Pacer:
         self._next_auth_probe = 0.0
         self._limiter_down = False
         self._key_generation = 0
+        #: seconds senders were held back, by cause (ms1_held_back_seconds_total)
+        self.held = HeldTime()
 
     # state, for status/metrics/readiness
     @property
@@ -144,13 +169,14 @@ class Pacer:
         return None
 
     def admit(self, abort: threading.Event) -> Admission:
-        """Block until a request may be sent; raise :class:`Aborted` if ``abort`` is set."""
+        """Block until a request may be sent; raise :class:`Aborted` if ``abort`` is set.
+        Each wait is counted in :attr:`held` under its cause."""
         while True:
             if abort.is_set():
                 raise Aborted
             wait = self._gate()
             if wait > 0:
-                abort.wait(min(wait, 0.5))
+                self._hold(abort, wait, "429_pause")
                 continue
             try:
                 token, wait = self.limiter.try_acquire()
@@ -159,30 +185,46 @@ class Pacer:
                 if not self._limiter_down:
                     log.error("rate limiter unavailable (%s): not sending until it is back", exc)
                 self._limiter_down = True
-                abort.wait(0.5)
+                self._hold(abort, 0.5, "limiter_down")
                 continue
             if self._limiter_down:
                 log.warning("rate limiter available again")
                 self._limiter_down = False
             if token is None:
-                abort.wait(min(wait, 0.5))
+                self._hold(abort, wait, "rate_budget")
                 continue
             probe, wait = self._claim_auth()
             if wait > 0:
                 with contextlib.suppress(Ms1Error):
                     self.limiter.cancel(token)
-                abort.wait(min(wait, 0.5))
+                self._hold(abort, wait, self._stop_cause())
                 continue
             allowed, wait = self.breaker.admit()
             if not allowed:
                 self._release_auth(probe)
                 with contextlib.suppress(Ms1Error):
                     self.limiter.cancel(token)
-                abort.wait(min(wait, 0.5))
+                self._hold(abort, wait, "breaker_open")
                 continue
             with self._lock:
                 generation = self._key_generation
             return Admission(token, probe, generation)
+
+    def _hold(self, abort: threading.Event, wait: float, cause: str) -> None:
+        """Wait (at most 0.5 s, or until ``abort``) and count the time under ``cause``."""
+        started = time.monotonic()
+        abort.wait(min(wait, 0.5))
+        self.held.add(cause, time.monotonic() - started)
+
+    def _stop_cause(self) -> str:
+        """The cause :meth:`_claim_auth` made a sender wait for: a 429 pause or a stop."""
+        with self._lock:
+            if self._paused_until > self._clock():
+                return "429_pause"
+            stop = self._stop
+        if stop is not None and stop.answer.kind is Kind.UNAUTHORIZED:
+            return "401_spell"
+        return "stop"
 
     def _gate(self) -> float:
         with self._lock:

@@ -34,6 +34,11 @@ flight over all senders (``ms1_requests_in_flight``). A sender retired by a relo
 lowers ``[send] threads`` leaves after its current batch; a reload that raises the count
 again before it left keeps it (:meth:`Sender.keep`) instead of starting a new one.
 
+Each attempt holds a slot of the service's concurrency gate
+(:mod:`ms1.sending.concurrency`), taken once the sender has a batch and given back after
+the answer: the gate, not the thread count, bounds the requests in flight (adaptive
+unless ``[send] threads`` is set), and each outcome is told to its controller.
+
 On shutdown a sender finishes its current attempt; a batch it could not
 deliver before the deadline is released back to the queue, never dropped.
 """
@@ -57,7 +62,8 @@ from ms1.model import Batch, DeadLetter
 from ms1.outbound import Delivery, QueueBackend
 from ms1.pluginmanager import Observers
 from ms1.progress import Progress
-from ms1.sending.answers import TABLE, Kind
+from ms1.sending.answers import TABLE, Answer, Kind
+from ms1.sending.concurrency import Controller
 from ms1.sending.pacer import Aborted, Pacer
 from ms1.sending.refusals import RefusalReader
 from ms1.stats import RunStats
@@ -165,7 +171,7 @@ class Sender:
         dead_letters: DeadLetterStore, observers: Observers, stats: RunStats,
         pacer: Pacer, stop: threading.Event, abort: threading.Event,
         settings: SharedSettings | None = None, in_flight: InFlight | None = None,
-        progress: Progress | None = None,
+        progress: Progress | None = None, concurrency: Controller | None = None,
         retry_initial: float = 0.5, retry_max: float = 30.0, poll: float = 0.2,
         max_deliveries: int = 0,
     ) -> None:
@@ -186,6 +192,8 @@ class Sender:
         #: where this sender beats and marks its bounded waits (the service's)
         self._progress = progress if progress is not None else Progress()
         self._poll = poll
+        #: the gate an attempt takes a slot of, and is told its outcome (None: no gate)
+        self._concurrency = concurrency
         self._retire_lock = threading.Lock()
         self._retired = False
         self._left = False
@@ -227,6 +235,7 @@ class Sender:
         failing = False
         while not self._stop.is_set() and not self._abort.is_set() and not self._leaving():
             self._progress.beat(self.name, "taking a batch from the queue")
+            polled = time.monotonic()
             try:
                 delivery = self._queue.get(self.name, timeout=self._poll)
             except QueueError as exc:
@@ -242,6 +251,8 @@ class Sender:
                 failing = False
             if delivery is not None:
                 self.deliver(delivery)
+            else:
+                self._pacer.held.add("empty_queue", time.monotonic() - polled)
 
     def deliver(self, delivery: Delivery) -> None:
         """Send one delivery until it is settled (acked, split, dead-lettered) or released."""
@@ -339,6 +350,26 @@ class Sender:
         return f"held back by the pacer: {why or 'rate limit'}"
 
     def _attempt(self, delivery: Delivery, attempt: int) -> None:
+        """One attempt in a slot of the concurrency gate: taken with a batch in hand (a
+        sender without one holds none), given back once the answer is settled."""
+        controller = self._concurrency
+        if controller is None:
+            self._attempt_in_slot(delivery, attempt)
+            return
+        gate = controller.gate
+        with self._progress.waiting(self.name, f"waiting for a concurrency slot "
+                                               f"({gate.size} in flight at most)"):
+            gate.acquire(self._abort)
+        try:
+            self._attempt_in_slot(delivery, attempt)
+        finally:
+            gate.release()
+
+    def _observe(self, answer: Answer, latency: float) -> None:
+        if self._concurrency is not None:
+            self._concurrency.observe(answer, latency)
+
+    def _attempt_in_slot(self, delivery: Delivery, attempt: int) -> None:
         batch = delivery.batch
         request = Request(batch.path, batch.body(), batch.id, len(batch))
         with self._progress.waiting(self.name, self._held_back()):
@@ -350,7 +381,7 @@ class Sender:
             with self._in_flight:
                 response = self._transport.send(request)
         except TransportError as exc:
-            self._pacer.done(admission, None)
+            self._observe(self._pacer.done(admission, None), time.perf_counter() - started)
             self._failed(batch, None, str(exc), attempt)
             raise _SendFailed(None, str(exc)) from exc
         except BaseException:
@@ -361,6 +392,7 @@ class Sender:
         detail = f"Location: {location}" if location else response.text[:200].strip()
         answer = self._pacer.done(admission, response.status,
                                   response.headers.get("retry-after"), detail)
+        self._observe(answer, latency)
         self._stats.add(f"responses_{response.status}")
         if answer.kind is Kind.ACCEPTED:
             self._settle(lambda: self._queue.ack(delivery), f"ack batch {batch.id}")

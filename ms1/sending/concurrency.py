@@ -1,0 +1,212 @@
+"""How many requests to MS4 may be in flight at once: the gate and its controller.
+
+The service runs a fixed pool of sender threads; each takes a batch, then a slot of the
+:class:`Gate` before its attempt (the pacer's admission, the request, the answer) and
+gives it back after: a sender without a batch holds no slot, so at light load no more
+is in flight than there is work.
+
+The :class:`Controller` sizes the gate:
+
+* **fixed** (``[send] threads`` set in the config: the manual override): ``threads``;
+* **adaptive** (``threads`` not set): between ``[send] min_concurrency`` and
+  ``max_concurrency``, enough for the rate limiter — not the senders — to be the
+  bottleneck. By Little's law a rate R with latency L needs R * L requests in flight; the
+  target is ``ceil(R * L * 1.5 + 1)`` (headroom), R the limiter's ``limit / window``, L an
+  EWMA of the latency of accepted requests. An AIMD cap bounds it: halved on every
+  failure (timeout, no answer, 5xx, 408, 409: multiplicative decrease), cut by a quarter
+  (at most once per latency) when the latency rises above twice its slow average, and
+  raised by one per accepted request otherwise (additive increase; from 4 at the start,
+  so it doubles per round trip like a TCP slow start, never opening dozens of
+  connections to MS4 at once). The target never
+  grows while the pacer holds every sender back (a 429 pause, a 401/403 or configuration
+  stop, an open breaker).
+
+Several instances sharing the Redis limiter each size their gate from the whole limit's
+rate (capped by ``max_concurrency``); the shared limiter keeps the total under the limit,
+so each instance ends up using the share it gets.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+
+from ms1.sending.answers import Answer, Kind
+from ms1.sending.pacer import Aborted
+
+#: Little's law headroom: target = rate * latency * HEADROOM + EXTRA
+HEADROOM = 1.5
+EXTRA = 1
+#: target before any latency was observed (the former default sender count)
+INITIAL = 4
+#: EWMA weights of the latency: the one Little's law reads, and the slow baseline the
+#: rising-latency check compares it with
+FAST = 0.2
+SLOW = 0.02
+#: latency above this many times its slow average counts as rising (congestion)
+RISING = 2.0
+#: the cap's cut on rising latency; on a failure it halves
+LATENCY_CUT = 0.75
+#: samples before the rising-latency check trusts its baseline
+WARMUP = 10
+
+
+class Gate:
+    """A semaphore whose size can change: at most ``size`` slots held at once. Lowering
+    the size takes nothing back; new slots are given only below the new size."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("size must be >= 1")
+        self._size = size
+        self._held = 0
+        self._cond = threading.Condition()
+
+    @property
+    def size(self) -> int:
+        with self._cond:
+            return self._size
+
+    @property
+    def held(self) -> int:
+        with self._cond:
+            return self._held
+
+    def resize(self, size: int) -> None:
+        with self._cond:
+            self._size = max(1, size)
+            self._cond.notify_all()
+
+    def acquire(self, abort: threading.Event, poll: float = 0.2) -> None:
+        """Take a slot, waiting for one; raise :class:`Aborted` once ``abort`` is set (seen
+        within ``poll`` s: an Event cannot wake a Condition) — the pacer's, which the
+        sender already handles."""
+        with self._cond:
+            while self._held >= self._size:
+                if abort.is_set():
+                    raise Aborted
+                self._cond.wait(poll)
+            if abort.is_set():
+                raise Aborted
+            self._held += 1
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = max(0, self._held - 1)
+            self._cond.notify()
+
+
+class Controller:
+    """Sets the :class:`Gate`'s size from the rate the limiter allows, the observed latency
+    and failures (see the module text). Thread-safe; senders call :meth:`observe` after
+    every answered (or unanswered) request."""
+
+    def __init__(
+        self, *, rate: Callable[[], float], held_back: Callable[[], bool],
+        min_concurrency: int = 1, max_concurrency: int = 64, fixed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``rate``: requests per second the limiter allows now; ``held_back``: True while
+        the pacer holds every sender back (no growth then)."""
+        self._rate = rate
+        self._held_back = held_back
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._min = 1
+        self._max = 1
+        self._fixed: int | None = None
+        self._latency: float | None = None  # fast EWMA: what Little's law reads
+        self._baseline: float | None = None  # slow EWMA: what "rising" compares with
+        self._samples = 0
+        self._next_cut = 0.0
+        #: the AIMD cap: starts at INITIAL and grows by one per accepted request (a slow
+        #: start: it doubles per round trip), so no burst of new connections hits MS4
+        self._cap = float(INITIAL)
+        self._target = 1
+        self.gate = Gate(1)
+        self.configure(min_concurrency=min_concurrency, max_concurrency=max_concurrency,
+                       fixed=fixed)
+
+    def configure(self, *, min_concurrency: int, max_concurrency: int,
+                  fixed: int | None) -> None:
+        """New bounds, or a fixed concurrency (None: adaptive); they hold at once."""
+        if min_concurrency < 1 or max_concurrency < min_concurrency:
+            raise ValueError("need 1 <= min_concurrency <= max_concurrency")
+        with self._lock:
+            self._min, self._max, self._fixed = min_concurrency, max_concurrency, fixed
+            self._cap = max(float(min_concurrency), min(self._cap, float(max_concurrency)))
+            target = self._little() if self._latency is not None else INITIAL
+            self._set(target)
+
+    @property
+    def adaptive(self) -> bool:
+        with self._lock:
+            return self._fixed is None
+
+    @property
+    def target(self) -> int:
+        """The gate's size now: most requests in flight (``ms1_concurrency_target``)."""
+        with self._lock:
+            return self._target
+
+    @property
+    def latency(self) -> float | None:
+        """The EWMA of accepted requests' latency, seconds (None: none seen yet)."""
+        with self._lock:
+            return self._latency
+
+    @property
+    def pool(self) -> int:
+        """Sender threads the service should run: the most the gate can ever let through."""
+        with self._lock:
+            return self._fixed if self._fixed is not None else self._max
+
+    def observe(self, answer: Answer, latency: float) -> None:
+        """A request ended with ``answer`` (no answer: ``classify(None)``) after
+        ``latency`` s; adjust the target."""
+        held = self._held_back()
+        with self._lock:
+            if self._fixed is not None:
+                return
+            previous = self._target
+            kind = answer.kind
+            if kind is Kind.ACCEPTED:
+                rising = self._sample(latency)
+                if rising:
+                    now = self._clock()
+                    if now >= self._next_cut:
+                        self._cap = max(float(self._min),
+                                        min(self._cap, float(previous)) * LATENCY_CUT)
+                        self._next_cut = now + latency
+                elif not held:
+                    self._cap = min(float(self._max), self._cap + 1)
+            elif kind.breaker_failure:
+                self._cap = max(float(self._min), min(self._cap, float(previous)) / 2)
+            target = self._little() if self._latency is not None else previous
+            if held:
+                target = min(target, previous)
+            self._set(target)
+
+    def _sample(self, latency: float) -> bool:
+        """Fold ``latency`` into the averages; True if it rose past RISING * baseline."""
+        self._samples += 1
+        if self._latency is None or self._baseline is None:
+            self._latency = self._baseline = latency
+            return False
+        self._latency += FAST * (latency - self._latency)
+        self._baseline += SLOW * (latency - self._baseline)
+        return self._samples > WARMUP and self._latency > RISING * self._baseline
+
+    def _little(self) -> int:
+        latency = self._latency or 0.0
+        return math.ceil(self._rate() * latency * HEADROOM + EXTRA)
+
+    def _set(self, target: int) -> None:
+        if self._fixed is not None:
+            target = self._fixed
+        else:
+            target = max(self._min, min(self._max, int(self._cap), target))
+        self._target = target
+        self.gate.resize(target)

@@ -1,0 +1,290 @@
+"""Adaptive concurrency (issue 13): the controller's rules, the gate, and the share of
+MS4's ceiling reached against ms4-sim at 0.25 s and 0.5 s latency with default settings.
+
+The measurement compresses MS4's limit 10x (120 requests per 6 s on both sides) and
+measures like tests/test_unitvsbatch_performance.py: the share of the ceiling is the
+window over the mean gap between accepted request k and k-120 (sim timestamps).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pluggy
+import pytest
+
+from ms1 import pluginmanager
+from ms1.components import Components
+from ms1.config import Config
+from ms1.deadletters import MemoryDeadLetters
+from ms1.outbound import MemoryQueue
+from ms1.sending.answers import classify
+from ms1.sending.concurrency import Controller, Gate
+from ms1.sending.pacer import Aborted
+from ms1.service import Service
+from ms1.source import MemorySource
+from ms1.tools import samples
+from ms1.tools.sim import Ms4Sim, SimConfig
+
+ACCEPTED = classify(202)
+FAILED = classify(500)
+NO_ANSWER = classify(None)
+PAUSED = classify(429)
+
+
+class Held:
+    def __init__(self) -> None:
+        self.now = False
+
+    def __call__(self) -> bool:
+        return self.now
+
+
+def controller(rate: float = 20.0, held: Held | None = None, **kwargs: Any) -> Controller:
+    settings: dict[str, Any] = {"min_concurrency": 1, "max_concurrency": 64, **kwargs}
+    return Controller(rate=lambda: rate, held_back=held or Held(), **settings)
+
+
+def warm(c: Controller, latency: float, times: int = 20) -> None:
+    for _ in range(times):
+        c.observe(ACCEPTED, latency)
+
+
+# --- the controller ------------------------------------------------------------------
+
+def test_little_law_target_from_rate_and_latency() -> None:
+    c = controller(rate=20.0)
+    assert c.target == 4  # nothing observed yet: the former default
+    c.observe(ACCEPTED, 0.5)
+    assert c.target == 5  # a slow start: one more per accepted request
+    warm(c, 0.5)
+    assert c.target == 16  # ceil(20/s * 0.5 s * 1.5 + 1)
+    assert c.gate.size == 16
+    fast = controller(rate=20.0)
+    warm(fast, 0.05)
+    assert fast.target == 3  # ceil(20 * 0.05 * 1.5 + 1)
+
+
+def test_bounds() -> None:
+    c = controller(rate=1000.0, min_concurrency=2, max_concurrency=10)
+    warm(c, 1.0)
+    assert c.target == 10
+    slow = controller(rate=0.01, min_concurrency=3, max_concurrency=10)
+    for _ in range(5):
+        slow.observe(ACCEPTED, 0.01)
+    assert slow.target == 3
+    assert controller(max_concurrency=10).pool == 10
+
+
+def test_multiplicative_decrease_on_failures_down_to_min() -> None:
+    c = controller(rate=20.0, min_concurrency=1)
+    warm(c, 0.5)
+    assert c.target == 16
+    c.observe(FAILED, 0.5)
+    assert c.target == 8
+    c.observe(NO_ANSWER, 10.0)  # a timeout
+    assert c.target == 4
+    c.observe(FAILED, 0.5)
+    c.observe(FAILED, 0.5)
+    assert c.target == 1
+    c.observe(FAILED, 0.5)
+    assert c.target == 1
+    for _ in range(3):  # additive increase after the failures
+        c.observe(ACCEPTED, 0.5)
+    assert c.target == 4
+
+
+def test_rising_latency_shrinks() -> None:
+    c = controller(rate=20.0)
+    for _ in range(20):
+        c.observe(ACCEPTED, 0.2)
+    before = c.target
+    assert before == 7
+    for _ in range(10):
+        c.observe(ACCEPTED, 2.0)  # MS4 slows down tenfold: no Little's-law growth
+    assert c.target <= before
+
+
+def test_no_growth_while_held_back() -> None:
+    held = Held()
+    rate = [20.0]
+    c = Controller(rate=lambda: rate[0], held_back=held, min_concurrency=1,
+                   max_concurrency=64)
+    warm(c, 0.5)
+    assert c.target == 16
+    held.now = True  # a 429 pause, a stop or an open breaker
+    rate[0] = 100.0  # a reload raised the limit: Little's law would want 76
+    for _ in range(10):
+        c.observe(ACCEPTED, 0.5)
+        c.observe(PAUSED, 0.5)
+    assert c.target == 16
+    c.observe(FAILED, 0.5)  # but it still shrinks
+    assert c.target == 8
+    held.now = False
+    for _ in range(3):
+        c.observe(ACCEPTED, 0.5)
+    assert c.target == 11  # additive increase again
+
+
+def test_fixed_concurrency_ignores_observations() -> None:
+    c = controller(fixed=7)
+    assert c.target == 7 and c.pool == 7 and not c.adaptive
+    c.observe(FAILED, 0.1)
+    c.observe(ACCEPTED, 5.0)
+    assert c.target == 7
+    c.configure(min_concurrency=1, max_concurrency=32, fixed=None)
+    assert c.adaptive and c.pool == 32
+
+
+def test_gate_resize_and_abort() -> None:
+    gate = Gate(2)
+    never = threading.Event()
+    gate.acquire(never)
+    gate.acquire(never)
+    got = threading.Event()
+
+    def third() -> None:
+        gate.acquire(never)
+        got.set()
+
+    waiter = threading.Thread(target=third, daemon=True)
+    waiter.start()
+    assert not got.wait(0.3)
+    gate.resize(3)
+    assert got.wait(5)
+    assert gate.held == 3
+    gate.resize(1)  # takes nothing back
+    gate.release()
+    gate.release()
+    assert gate.held == 1
+    abort = threading.Event()
+    abort.set()
+    with pytest.raises(Aborted):
+        gate.acquire(abort)
+    waiter.join(5)
+
+
+def test_service_threads_set_means_fixed(make_config: Any) -> None:
+    from ms1.service import _concurrency_settings
+
+    assert _concurrency_settings(make_config(""))["fixed"] is None
+    assert _concurrency_settings(make_config("[send]\nthreads = 4\n"))["fixed"] == 4
+    settings = _concurrency_settings(make_config("[send]\nmin_concurrency = 9\n"
+                                                 "max_concurrency = 5\n"))
+    assert settings["min_concurrency"] == 5 and settings["max_concurrency"] == 5
+
+
+# --- against ms4-sim ---------------------------------------------------------------------
+
+LIMIT, WINDOW = 120, 6.0  # MS4's 120 per 60 s, time compressed 10x on both sides
+
+
+def run_against_sim(pm: pluggy.PluginManager, config: Config, sim: Ms4Sim,
+                    invoices: int) -> Service:
+    transport = pluginmanager.build(pm, config, "transport")
+    transport.set_api_key(config.api_key)
+    parts = Components(source=MemorySource((s.data for s in samples.generate(invoices)),
+                                           finite=True),
+                       policy=pluginmanager.build(pm, config, "batch_policy"),
+                       queue=MemoryQueue(), dead_letters=MemoryDeadLetters(),
+                       transport=transport)
+    service = Service(config, pm, parts, once=True)
+    service.start()
+    summary = service.run_once(120)
+    transport.close()
+    assert summary.ok, summary.render()
+    return service
+
+
+def share_of_ceiling(accepted: list[float]) -> float:
+    gaps = [accepted[k] - accepted[k - LIMIT] for k in range(LIMIT, len(accepted))]
+    return WINDOW / (sum(gaps) / len(gaps))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("latency", [0.25, 0.5])
+def test_share_of_the_ceiling_with_default_settings(make_config: Any, pm: pluggy.PluginManager,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   latency: float) -> None:
+    monkeypatch.setenv("MS1_MS4_API_KEY", "k")
+    sim = Ms4Sim(SimConfig(api_key="k", rate_limit=LIMIT, window=WINDOW,
+                           latency=latency)).start()
+    invoices = 15_000  # 300 requests of 50
+    try:
+        config = make_config(f"[ms4]\ntransport = http\n[transport.http]\nbase_url = "
+                             f"{sim.url}\n[send]\nrequests_per_minute = {LIMIT}\n"
+                             f"rate_window = {WINDOW}\n")
+        service = run_against_sim(pm, config, sim, invoices)
+        stats = sim.stats()
+        accepted = sorted(r.at for r in sim.accepted_requests())
+    finally:
+        sim.stop()
+    share = share_of_ceiling(accepted)
+    # the limiter stamps a slot when its request ends, so request k can reach MS4 no
+    # sooner than `window` after request k-120 *ended*: WINDOW / (WINDOW + latency) is the
+    # most a limiter that never risks a 429 can reach whatever MS4 counts
+    safe = WINDOW / (WINDOW + latency)
+    held = service.pacer.held.snapshot()
+    print(f"\nlatency {latency} s: {len(accepted)} requests, share of the ceiling "
+          f"{share:.1%} (safe ceiling {safe:.1%}: {share / safe:.1%} of it), target "
+          f"{service.concurrency.target}, held back "
+          f"{ {k: round(v, 1) for k, v in held.items() if v} }")
+    assert stats["requests_by_status"].get("429", 0) == 0
+    assert stats["unique_invoices_accepted"] == invoices  # lost 0
+    assert len(accepted) == invoices // 50
+    assert share / safe >= 0.95
+
+
+@pytest.mark.slow
+def test_failing_ms4_brings_concurrency_down_to_min(make_config: Any,
+                                                    pm: pluggy.PluginManager,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MS1_MS4_API_KEY", "k")
+    sim = Ms4Sim(SimConfig(api_key="k", rate_limit=0, latency=0.5)).start()
+    config = make_config(f"[ms4]\ntransport = http\n[transport.http]\nbase_url = {sim.url}\n"
+                         f"[send]\nrequests_per_minute = {LIMIT}\nrate_window = {WINDOW}\n"
+                         "breaker_failures = 1000\nretry_initial = 0.05\nretry_max = 0.2\n")
+    transport = pluginmanager.build(pm, config, "transport")
+    transport.set_api_key(config.api_key)
+    parts = Components(source=MemorySource((s.data for s in samples.generate(5_000)),
+                                           finite=False),
+                       policy=pluginmanager.build(pm, config, "batch_policy"),
+                       queue=MemoryQueue(), dead_letters=MemoryDeadLetters(),
+                       transport=transport)
+    service = Service(config, pm, parts)
+    service.start()
+    try:
+        deadline = time.monotonic() + 30
+        while service.concurrency.target < 16 and time.monotonic() < deadline:
+            service.abort.wait(0.05)
+        start = service.concurrency.target
+        assert start >= 16  # ceil(20/s * 0.5 s * 1.5 + 1), latency a little over 0.5 s
+        failures_before = service.stats.snapshot().get("send_failures", 0)
+        sim.control(fail_500=1.0)
+        deadline = time.monotonic() + 30
+        while service.concurrency.target > 1 and time.monotonic() < deadline:
+            service.abort.wait(0.05)
+        failures = service.stats.snapshot().get("send_failures", 0) - failures_before
+        assert service.concurrency.target == 1
+        print(f"\nMS4 answering 500: concurrency {start} -> 1 after {failures} failures")
+        assert failures <= start + 5  # halving per failure; those in flight fail too
+        sim.control(fail_500=0.0)
+    finally:
+        service.shutdown(5)
+        transport.close()
+        sim.stop()
+
+
+def test_status_says_when_the_backlog_drains_at_the_ceiling(make_config: Any) -> None:
+    from ms1.admin import _sending
+
+    config = make_config("[send]\nrequests_per_minute = 120\n")
+    redis_like = _sending(config, {"stream": "outbound", "length": 600})
+    assert redis_like["drained_in_s"] == 300.0  # 600 requests at 2 per second
+    assert redis_like["backlog_invoices"] == "at most 30000"
+    memory = _sending(config, {"ready": 10, "in_flight": 2, "invoices": 500})
+    assert memory["backlog_batches"] == 12 and memory["backlog_invoices"] == 500
+    assert memory["ceiling_invoices_per_minute"] == 6000
+    assert "drained_in_s" not in _sending(config, {"error": "unreachable"})
