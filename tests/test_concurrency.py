@@ -21,8 +21,10 @@ from ms1.config import Config
 from ms1.deadletters import MemoryDeadLetters
 from ms1.outbound import MemoryQueue
 from ms1.sending.answers import classify
+from ms1.sending.breaker import Breaker
 from ms1.sending.concurrency import Controller, Gate
-from ms1.sending.pacer import Aborted
+from ms1.sending.limiter import SlidingWindowLimiter
+from ms1.sending.pacer import Aborted, Pacer
 from ms1.service import Service
 from ms1.source import MemorySource
 from ms1.tools import samples
@@ -134,8 +136,10 @@ def test_fixed_concurrency_ignores_observations() -> None:
     c.observe(FAILED, 0.1)
     c.observe(ACCEPTED, 5.0)
     assert c.target == 7
-    c.configure(min_concurrency=1, max_concurrency=32, fixed=None)
-    assert c.adaptive and c.pool == 32
+    c.configure(min_concurrency=1, max_concurrency=32, fixed=None)  # threads unset: adaptive
+    assert c.pool == 32
+    c.observe(FAILED, 0.1)
+    assert c.target < 7
 
 
 def test_gate_resize_and_abort() -> None:
@@ -288,3 +292,64 @@ def test_status_says_when_the_backlog_drains_at_the_ceiling(make_config: Any) ->
     assert memory["backlog_batches"] == 12 and memory["backlog_invoices"] == 500
     assert memory["ceiling_invoices_per_minute"] == 6000
     assert "drained_in_s" not in _sending(config, {"error": "unreachable"})
+
+
+# --- why it is not sending faster: held-back seconds by cause ---------------------------
+
+def admit_once(pacer: Pacer, within: float = 5.0) -> None:
+    abort = threading.Event()
+    timer = threading.Timer(within, abort.set)  # a bound, never the synchronisation
+    timer.start()
+    try:
+        pacer.done(pacer.admit(abort), 202)
+    finally:
+        timer.cancel()
+
+
+def test_pacer_counts_held_back_seconds_by_cause() -> None:
+    budget = Pacer(SlidingWindowLimiter(1, 0.3), Breaker(100, 60))
+    admit_once(budget)
+    admit_once(budget)  # the one slot expires 0.3 s after the first request ended
+    assert budget.held.snapshot()["rate_budget"] >= 0.2
+
+    paused = Pacer(SlidingWindowLimiter(1000, 60), Breaker(100, 60), retry_after_cap=0.3)
+    paused.done(paused.admit(threading.Event()), 429, "10")
+    admit_once(paused)
+    assert paused.held.snapshot()["429_pause"] >= 0.2
+
+    broken = Pacer(SlidingWindowLimiter(1000, 60), Breaker(1, 0.3))
+    broken.done(broken.admit(threading.Event()), 500)
+    admit_once(broken)  # the probe after the breaker's reset timeout
+    assert broken.held.snapshot()["breaker_open"] >= 0.2
+
+    stopped = Pacer(SlidingWindowLimiter(1000, 60), Breaker(100, 60), auth_probe_interval=3600)
+    stopped.done(stopped.admit(threading.Event()), 401)
+    with pytest.raises(Aborted):
+        admit_once(stopped, within=0.3)
+    held = stopped.held.snapshot()
+    assert held["401_spell"] >= 0.2
+    assert held["rate_budget"] == held["429_pause"] == held["breaker_open"] == 0.0
+
+
+def test_metrics_export_the_target_and_held_back_seconds() -> None:
+    from prometheus_client import generate_latest
+
+    from ms1.metrics import Exporter, ServiceView
+    from ms1.outbound import QueueStats
+
+    pacer = Pacer(SlidingWindowLimiter(1000, 60), Breaker(100, 60))
+    pacer.held.add("empty_queue", 1.5)
+    c = controller(rate=20.0)
+    warm(c, 0.5)
+    exporter = Exporter(ServiceView(
+        counters=dict, alive=lambda: True, pacer=pacer,
+        queue_stats=lambda: QueueStats(0, 0, 0), dead_letter_count=lambda: 0,
+        in_flight=lambda: 3, concurrency=c), "127.0.0.1:0")
+    try:
+        text = generate_latest(exporter.registry).decode()
+    finally:
+        exporter.close()
+    assert "ms1_concurrency_target 16.0" in text
+    assert "ms1_requests_in_flight 3.0" in text
+    assert 'ms1_held_back_seconds_total{cause="empty_queue"} 1.5' in text
+    assert 'ms1_held_back_seconds_total{cause="rate_budget"} 0.0' in text
