@@ -296,7 +296,10 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "bytes of its payload (e-mail, object or raw entry) a dead letter keeps; a longer "
            "one is clipped and keeps the original's length and SHA-256", min=1024,
            max=64 * 1024 * 1024, reloadable=True),
-    Option("send", "threads", "int", 4, "sender threads", min=1, max=256, reloadable=True),
+    Option("send", "threads", "int", 4,
+           "set: fixed concurrency, that many sender threads and requests in flight (the "
+           "manual override); not set: adaptive between min_concurrency and "
+           "max_concurrency", min=1, max=256, reloadable=True),
     Option("send", "min_concurrency", "int", 1,
            "adaptive concurrency (threads not set): fewest requests in flight the "
            "controller goes down to", min=1, max=256, reloadable=True),

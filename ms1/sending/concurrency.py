@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from ms1.config import Config
 from ms1.sending.answers import Answer, Kind
 from ms1.sending.pacer import Aborted
 
@@ -210,3 +211,12 @@ class Controller:
             target = max(self._min, min(self._max, int(self._cap), target))
         self._target = target
         self.gate.resize(target)
+
+
+def sender_threads(config: Config) -> int:
+    """How many sender threads a service with this config runs (what pools sized for
+    "one per sender" must hold): ``[send] threads`` when it is set (fixed concurrency),
+    else ``max_concurrency`` (adaptive)."""
+    if ("send", "threads") in config.explicit:
+        return config.get_int("send", "threads")
+    return config.get_int("send", "max_concurrency")

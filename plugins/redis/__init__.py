@@ -63,6 +63,7 @@ from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error
 from ms1.hookspecs import hookimpl
 from ms1.outbound import MemoryQueue, QueueBackend
+from ms1.sending.concurrency import sender_threads
 from ms1.sending.limiter import RateLimiter
 from ms1.source import Source
 
@@ -142,7 +143,7 @@ def _queue(config: Config, link: RedisLink) -> RedisQueue:
                       group=config.get_str(SECTION, "group"), consumer=consumer_name(config),
                       visibility_timeout=config.get_float(SECTION, "visibility_timeout"),
                       block_timeout=config.get_float(SECTION, "block_timeout"),
-                      prefetch=min(8, config.get_int("send", "threads")),
+                      prefetch=min(8, sender_threads(config)),
                       dead_letter_stream=config.get_str(SECTION, "dead_letter_stream"),
                       max_payload_bytes=config.get_int("dead_letters", "max_payload_bytes"))
 

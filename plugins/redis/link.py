@@ -40,6 +40,7 @@ from redis.retry import Retry
 from ms1.config import Config, Secret
 from ms1.errors import Ms1Error
 from ms1.redaction import redact
+from ms1.sending.concurrency import sender_threads
 
 log = logging.getLogger(__name__)
 SECTION = "redis"
@@ -211,7 +212,7 @@ def link_for(config: Config) -> RedisLink:
             link = RedisLink(url, password=password,
                              socket_timeout=config.get_float(SECTION, "socket_timeout"),
                              connect_timeout=config.get_float(SECTION, "connect_timeout"),
-                             max_connections=pool_size(config.get_int("send", "threads")))
+                             max_connections=pool_size(sender_threads(config)))
         except Ms1Error as exc:
             raise config.error(SECTION, "url", str(exc)) from None
         by_url[url] = link
