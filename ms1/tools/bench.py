@@ -15,6 +15,16 @@ R e-mails per second, for added latency). ``--reference PATH`` also runs the bar
 reference loop (``shared/bench/limit.py``) with the same N right before and right
 after ms1, and prints ms1's end-to-end throughput as a ratio to their mean;
 ``--repeat K`` does that K times and prints the median ratio.
+
+``--sweep 0.05,0.25,0.5,1.0``: for each MS4 latency, ms1 with its default settings
+(adaptive concurrency: no ``[send] threads``) against an ms4-sim limited like MS4 but
+time-compressed ten-fold (120 requests per 6 s on the sim and in ms1's config), with
+every e-mail ready at once (default 15,000: 300 requests of 50); prints the share of
+the ceiling reached (the window over the mean gap between request k and k-120, from the
+times ms1 saw each 202), the most and mean requests in flight and concurrency target,
+the sim's 429s, the invoices lost (enqueued - accepted by MS4 - dead-lettered), and the
+most a limiter that stamps a slot when its request ends can reach, window / (window +
+latency); then one table.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -58,6 +69,7 @@ class LatencyRecorder:
         self.requests = 0
         self.first_sent: float | None = None
         self.last_sent = 0.0
+        self.sent_at: list[float] = []  # when each 202 came back (time.monotonic())
         self._lock = threading.Lock()
         self.done = threading.Event()
         self.target = 0
@@ -65,7 +77,9 @@ class LatencyRecorder:
     @hookimpl
     def ms1_batch_sent(self, batch: Batch, status: int, attempt: int, latency: float) -> None:
         now = time.time()
+        mono = time.monotonic()
         with self._lock:
+            self.sent_at.append(mono)
             counts = self.counts
             for ref in batch.refs:
                 waited = now - int(ref[:ref.index("-")]) / 1000
@@ -135,7 +149,25 @@ def produce(config_path: str, count: int, rate: float, ready: bool = False) -> N
     source.close()
 
 
+#: MS4's limit, 120 requests per 60 s, compressed ten-fold in time for --sweep
+SWEEP_LIMIT = 120
+SWEEP_WINDOW = 6.0
+
+
+def share_of_ceiling(sent_at: Sequence[float], limit: int, window: float) -> float:
+    """The window over the mean gap between request k and k-``limit`` (1.0: every request
+    followed the one ``limit`` before it by exactly the window); NaN below limit+1."""
+    times = sorted(sent_at)
+    gaps = [times[k] - times[k - limit] for k in range(limit, len(times))]
+    return window / (sum(gaps) / len(gaps)) if gaps else float("nan")
+
+
 def _config(path: Path, redis_url: str, sim_url: str, args: argparse.Namespace) -> None:
+    if args.sweep:  # ms1's defaults (adaptive concurrency), MS4's limit compressed
+        send = (f"requests_per_minute = {args.sweep_limit}\n"
+                f"rate_window = {args.sweep_window:g}")
+    else:
+        send = f"threads = {args.threads}\nrequests_per_minute = 1000000"
     path.write_text(f"""[ms1]
 log_level = WARNING
 [source]
@@ -149,8 +181,7 @@ backend = redis
 max_items = 50
 max_wait = {args.max_wait}
 [send]
-threads = {args.threads}
-requests_per_minute = 1000000
+{send}
 [ms4]
 transport = http
 [transport.http]
@@ -161,7 +192,13 @@ consumer = bench
 """)
 
 
-def run(args: argparse.Namespace) -> dict[str, float]:
+def _sim_stats(url: str) -> dict[str, object]:
+    with urllib.request.urlopen(f"{url}/stats", timeout=10) as answer:
+        stats: dict[str, object] = json.loads(answer.read())
+    return stats
+
+
+def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="ms1-bench-"))
     redis_port, sim_port = _free_port(), _free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
@@ -172,15 +209,18 @@ def run(args: argparse.Namespace) -> dict[str, float]:
              "--appendonly", "no" if args.aof == "no" else "yes",
              *(["--appendfsync", args.aof] if args.aof != "no" else [])],
             stdout=subprocess.DEVNULL, text=True))
+        limit = (["--rate-limit", str(args.sweep_limit), "--window", f"{args.sweep_window:g}",
+                  "--latency", f"{latency:g}"] if args.sweep else ["--rate-limit", "0"])
         sim = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", str(sim_port),
-                                "--rate-limit", "0", "--api-key", "bench-key"],
+                                *limit, "--api-key", "bench-key"],
                                stdout=subprocess.PIPE, text=True)
         procs.append(sim)
         assert sim.stdout is not None
         sim.stdout.readline()
         time.sleep(0.3)
         config_path = tmp / "bench.ini"
-        _config(config_path, redis_url, f"http://127.0.0.1:{sim_port}", args)
+        sim_url = f"http://127.0.0.1:{sim_port}"
+        _config(config_path, redis_url, sim_url, args)
         os.environ["MS1_MS4_API_KEY"] = "bench-key"
         producer_cmd = [sys.executable, "-m", "ms1.tools.bench", "--produce", str(config_path),
                         str(args.count), str(args.rate), "stream" if args.backlog else "ready"]
@@ -216,6 +256,16 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                                     service._outbox.qsize()))
 
         threading.Thread(target=sample, daemon=True).start()
+        flight: list[tuple[int, int]] = []  # (requests in flight, concurrency target)
+
+        def sample_flight() -> None:
+            service.in_flight.take_peak()
+            while not recorder.done.wait(0.01):  # from the first request on
+                if flight or service.in_flight.current:
+                    flight.append((service.in_flight.current, service.concurrency.target))
+
+        if args.sweep:
+            threading.Thread(target=sample_flight, daemon=True).start()
         finished = recorder.done.wait(args.timeout)
         if backlog:
             n = len(backlog)
@@ -224,8 +274,33 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             print(f"mean backlog: inbox {inbox:.1f} chunks, to commit {to_commit:.1f}, "
                   f"outbound ready {ready:.1f}, in flight {in_flight:.1f} batches")
         ended = recorder.last_sent
+        peak_in_flight = service.in_flight.take_peak()
         service.shutdown(10)
+        dead_lettered = components.dead_letters.count()
         components.close()
+        if args.sweep:
+            stats = _sim_stats(sim_url)
+            by_status = stats["requests_by_status"]
+            accepted = stats["unique_invoices_accepted"]
+            assert isinstance(by_status, dict) and isinstance(accepted, int)
+            window = args.sweep_window
+            return {
+                "latency_s": latency, "requests": len(recorder.sent_at),
+                "seconds": (recorder.last_sent - recorder.first_sent
+                            if recorder.first_sent is not None else float("nan")),
+                "share": share_of_ceiling(recorder.sent_at, args.sweep_limit, window),
+                "theoretical_max": window / (window + latency),
+                "in_flight_max": peak_in_flight,
+                "in_flight_mean": (statistics.fmean(f[0] for f in flight)
+                                   if flight else float("nan")),
+                "target_max": max((f[1] for f in flight), default=0),
+                "target_mean": (statistics.fmean(f[1] for f in flight)
+                                if flight else float("nan")),
+                "answers_429": int(by_status.get("429", 0)),
+                "lost": args.count - accepted - dead_lettered,
+                "dead_lettered": dead_lettered,
+                "finished": float(finished),
+            }
         if not finished:
             raise SystemExit(f"timed out: {recorder.delivered:,} of {args.count:,} delivered")
         if not args.backlog:
@@ -281,9 +356,57 @@ def _report(args: argparse.Namespace, result: dict[str, float]) -> None:
           f"{result['cpu_us_per_invoice']:.0f} us/invoice", flush=True)
 
 
+def _sweep_line(r: dict[str, float]) -> str:
+    return (f"{r['latency_s']:>6.2f} s  {r['share']:>6.1%}  {r['theoretical_max']:>6.1%}  "
+            f"{r['share'] / r['theoretical_max']:>6.1%}  {r['in_flight_max']:>4.0f} / "
+            f"{r['in_flight_mean']:>4.1f}  {r['target_max']:>4.0f} / {r['target_mean']:>4.1f}  "
+            f"{r['answers_429']:>4.0f}  {r['lost']:>4.0f}  {r['requests']:>8.0f}  "
+            f"{r['seconds']:>5.1f} s")
+
+
+SWEEP_HEADER = ("  latency   share     max  of max  in flight    target        429s  lost  "
+                "requests   202s over")
+
+
+def sweep(args: argparse.Namespace, latencies: Sequence[float]) -> list[dict[str, float]]:
+    """Run ms1 (default settings) against the compressed limit at each latency; print a
+    line per latency as it ends, then the table."""
+    window = args.sweep_window
+    print(f"sweep: {args.count:,} invoices per latency (batches of 50), ms1 default settings "
+          f"(adaptive concurrency), MS4 limit {args.sweep_limit} per {window:g} s on ms4-sim "
+          f"and in ms1; max = {window:g} / ({window:g} + latency); in flight and target: "
+          "most / mean", flush=True)
+    print(SWEEP_HEADER, flush=True)
+    results = []
+    for latency in latencies:
+        result = run(args, latency)
+        results.append(result)
+        print(_sweep_line(result), flush=True)
+    print()
+    print(SWEEP_HEADER)
+    for result in results:
+        print(_sweep_line(result))
+    if any(not r["finished"] for r in results):
+        print(f"some latency timed out after {args.timeout:g} s: what was not delivered is "
+              "counted lost")
+    return results
+
+
+def _latencies(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of seconds: {text!r}"
+                                         ) from None
+    if not values or any(not 0 <= v <= 60 for v in values):
+        raise argparse.ArgumentTypeError(f"latencies must be in [0, 60] s: {text!r}")
+    return values
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ms1-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=50_000, help="e-mails (default 50,000)")
+    parser.add_argument("--count", type=int,
+                        help="e-mails (default 50,000; with --sweep 15,000 per latency)")
     parser.add_argument("--backlog", action="store_true",
                         help="queue every e-mail in Redis before ms1 starts")
     parser.add_argument("--rate", type=float, default=0.0,
@@ -292,7 +415,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-wait", type=float, default=0.05, help="[batch] max_wait (s)")
     parser.add_argument("--aof", choices=("no", "everysec", "always"), default="no",
                         help="Redis persistence (default no, like the reference loop)")
-    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--timeout", type=float,
+                        help="seconds to wait for every 202 (default 1800; with --sweep 120 "
+                             "per latency, what is undelivered then counts as lost)")
+    parser.add_argument("--sweep", type=_latencies, metavar="L1,L2,...",
+                        help="MS4 latencies (s): ms1 with default settings against MS4's "
+                             "limit compressed ten-fold, one table")
+    parser.add_argument("--sweep-limit", type=int, default=SWEEP_LIMIT, help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-window", type=float, default=SWEEP_WINDOW,
+                        help=argparse.SUPPRESS)
     parser.add_argument("--reference", metavar="LIMIT_PY",
                         help="also run the reference loop with the same count, right before "
                              "and right after ms1; print ms1's throughput as a ratio to "
@@ -308,6 +439,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if shutil.which("redis-server") is None:
         parser.error("redis-server is not installed")
+    if args.count is None:
+        args.count = 15_000 if args.sweep else 50_000
+    if args.timeout is None:
+        args.timeout = 120.0 if args.sweep else 1800.0
+    if args.sweep:
+        if args.backlog or args.rate or args.reference:
+            parser.error("--sweep runs every e-mail at once: no --backlog, --rate, --reference")
+        sweep(args, args.sweep)
+        return 0
     if not args.reference:
         _report(args, run(args))
         return 0
