@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from ms1 import logs, redaction
+import pluggy
+
+from ms1 import logs, pluginmanager, redaction
+from ms1.components import Components
+from ms1.config import Config
+from ms1.deadletters import MemoryDeadLetters
+from ms1.outbound import MemoryQueue
+from ms1.service import Service
+from ms1.source import MemorySource
 
 Settings = Mapping[str, Mapping[str, object]]
 
@@ -78,3 +86,21 @@ def logging_restored() -> Iterator[None]:
         for name, lvl in quiet.items():
             logging.getLogger(name).setLevel(lvl)
         redaction.KNOWN.restore(known)
+
+
+def run_in_process(pm: pluggy.PluginManager, config: Config, emails: Iterable[bytes],
+                   timeout: float = 120) -> Service:
+    """Run the service once in this process on ``emails`` (memory source, queue and dead
+    letters; the transport the config names) and return it, everything delivered."""
+    transport = pluginmanager.build_transport(pm, config)
+    transport.set_api_key(config.api_key)
+    parts = Components(source=MemorySource(emails, finite=True),
+                       policy=pluginmanager.build_batch_policy(pm, config),
+                       queue=MemoryQueue(), dead_letters=MemoryDeadLetters(),
+                       transport=transport)
+    service = Service(config, pm, parts, once=True)
+    service.start()
+    summary = service.run_once(timeout)
+    transport.close()
+    assert summary.ok, summary.render()
+    return service

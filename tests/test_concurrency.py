@@ -14,6 +14,7 @@ from typing import Any
 
 import pluggy
 import pytest
+from support import run_in_process
 
 from ms1 import pluginmanager
 from ms1.components import Components
@@ -27,7 +28,7 @@ from ms1.sending.limiter import SlidingWindowLimiter
 from ms1.sending.pacer import Aborted, Pacer
 from ms1.service import Service
 from ms1.source import MemorySource
-from ms1.tools import samples
+from ms1.tools import bench, samples
 from ms1.tools.sim import Ms4Sim, SimConfig
 
 ACCEPTED = classify(202)
@@ -187,24 +188,11 @@ LIMIT, WINDOW = 120, 6.0  # MS4's 120 per 60 s, time compressed 10x on both side
 
 def run_against_sim(pm: pluggy.PluginManager, config: Config, sim: Ms4Sim,
                     invoices: int) -> Service:
-    transport = pluginmanager.build(pm, config, "transport")
-    transport.set_api_key(config.api_key)
-    parts = Components(source=MemorySource((s.data for s in samples.generate(invoices)),
-                                           finite=True),
-                       policy=pluginmanager.build(pm, config, "batch_policy"),
-                       queue=MemoryQueue(), dead_letters=MemoryDeadLetters(),
-                       transport=transport)
-    service = Service(config, pm, parts, once=True)
-    service.start()
-    summary = service.run_once(120)
-    transport.close()
-    assert summary.ok, summary.render()
-    return service
+    return run_in_process(pm, config, (s.data for s in samples.generate(invoices)))
 
 
 def share_of_ceiling(accepted: list[float]) -> float:
-    gaps = [accepted[k] - accepted[k - LIMIT] for k in range(LIMIT, len(accepted))]
-    return WINDOW / (sum(gaps) / len(gaps))
+    return bench.share_of_ceiling(accepted, LIMIT, WINDOW)
 
 
 @pytest.mark.slow

@@ -16,15 +16,10 @@ import sys
 import time
 
 import pytest
+from support import run_in_process
 
-from ms1 import pluginmanager
-from ms1.components import Components
 from ms1.config import Config
-from ms1.deadletters import MemoryDeadLetters
 from ms1.hookspecs import hookimpl
-from ms1.outbound import MemoryQueue
-from ms1.service import Service
-from ms1.source import MemorySource
 from ms1.tools import samples
 from ms1.tools.sim import Ms4Sim, SimConfig
 
@@ -53,18 +48,10 @@ class SendTimes:
 def deliver(pm, config: Config, emails: list[samples.Sample]) -> SendTimes:
     times = SendTimes()
     pm.register(times)
-    transport = pluginmanager.build(pm, config, "transport")
-    transport.set_api_key(config.api_key)
-    parts = Components(source=MemorySource((s.data for s in emails), finite=True),
-                       policy=pluginmanager.build(pm, config, "batch_policy"),
-                       queue=MemoryQueue(), dead_letters=MemoryDeadLetters(),
-                       transport=transport)
-    service = Service(config, pm, parts, once=True)
-    service.start()
-    summary = service.run_once(120)
-    transport.close()
-    pm.unregister(times)
-    assert summary.ok, summary.render()
+    try:
+        run_in_process(pm, config, (s.data for s in emails))
+    finally:
+        pm.unregister(times)
     assert times.invoices == len(emails)
     return times
 
