@@ -12,12 +12,13 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import pluggy
 
 from ms1 import pluginmanager
 from ms1.batching import SizeBatchPolicy
+from ms1.components import C
 from ms1.config import Config
 from ms1.deadletters import DeadLetterStore, letter_to_json
 from ms1.errors import ConfigError, Ms1Error
@@ -31,13 +32,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 RAW_ENTRY_STAGES = frozenset({"source", "queue"})
 #: e-mails ``enqueue`` pushes to the source per call
 ENQUEUE_CHUNK = 1000
-
-
-class _Closable(Protocol):
-    def close(self) -> None: ...
-
-
-C = TypeVar("C", bound=_Closable)
 
 
 def run(args: argparse.Namespace, config: Config, pm: pluggy.PluginManager) -> int:
@@ -173,12 +167,8 @@ def status(config: Config, pm: pluggy.PluginManager, *, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _store(config: Config, pm: pluggy.PluginManager) -> DeadLetterStore:
-    return pluginmanager.build_dead_letters(pm, config)
-
-
 def dlq_list(config: Config, pm: pluggy.PluginManager, *, limit: int, as_json: bool) -> int:
-    store = _store(config, pm)
+    store = pluginmanager.build_dead_letters(pm, config)
     try:
         letters = store.list(limit=limit)
         total = store.count()
@@ -196,7 +186,7 @@ def dlq_list(config: Config, pm: pluggy.PluginManager, *, limit: int, as_json: b
 
 
 def dlq_replay(config: Config, pm: pluggy.PluginManager, ids: list[str] | None) -> int:
-    store = _store(config, pm)
+    store = pluginmanager.build_dead_letters(pm, config)
     queue = pluginmanager.build_queue(pm, config)
     try:
         if not queue.durable:

@@ -29,11 +29,11 @@ from ms1.transport import Transport
 log = logging.getLogger(__name__)
 
 
-class _Closable(Protocol):
+class Closable(Protocol):
     def close(self) -> None: ...
 
 
-C = TypeVar("C", bound=_Closable)
+C = TypeVar("C", bound=Closable)
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Components:
     def build(cls, pm: pluggy.PluginManager, config: Config,
               inputs: Sequence[str] = ()) -> Components:
         """Build every part the config names; if one fails, close those already built."""
-        built: list[_Closable] = []
+        built: list[Closable] = []
 
         def keep(component: C) -> C:
             built.append(component)

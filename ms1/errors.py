@@ -39,7 +39,7 @@ class ConfigError(Ms1Error):
             where.append(path)
         if section is not None:
             where.append(f"[{section}]" + (f" {key}" if key else ""))
-        super().__init__(": ".join([*where, self.problem]))
+        super().__init__(": ".join([*where, problem]))  # Ms1Error redacts the whole text
 
 
 class PluginNotFoundError(ConfigError):

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 from ms1.errors import SourceError
 from ms1.model import InboundMessage
-from ms1.source import Source
+from ms1.source import MAX_EMAIL_BYTES, Source
 
 from .leases import (
     Claimer,
@@ -50,8 +50,6 @@ from .link import RedisLink, translated
 log = logging.getLogger(__name__)
 #: e-mails per pipeline of ``push``
 XADD_CHUNK = 500
-#: default bound of an inbound e-mail (``[batch] max_bytes``'s default)
-MAX_EMAIL_BYTES = 1_048_576
 
 
 def inbound_message(stream: str, entry_id: str, fields: dict[bytes, bytes],
