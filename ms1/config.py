@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ms1.errors import ConfigError
+from ms1.model import DEFAULT_MAX_PAYLOAD_BYTES
 from ms1.redaction import redact, remember, url_secrets
 from ms1.sending.refusals import DEFAULT_INDEX_PATTERN, check_index_pattern
 
@@ -292,7 +293,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "outbound queue plugin holding batches until MS4 accepted them (built in: memory)"),
     Option("dead_letters", "backend", "str", "memory",
            "where rejected objects go, with the reason (built in: memory, jsonl)"),
-    Option("dead_letters", "max_payload_bytes", "int", 65536,
+    Option("dead_letters", "max_payload_bytes", "int", DEFAULT_MAX_PAYLOAD_BYTES,
            "bytes of its payload (e-mail, object or raw entry) a dead letter keeps; a longer "
            "one is clipped and keeps the original's length and SHA-256", min=1024,
            max=64 * 1024 * 1024, reloadable=True),

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ms1.model import Batch
+from ms1.model import DEFAULT_MAX_PAYLOAD_BYTES, Batch
 from ms1.source import Source
 
 
@@ -52,6 +52,9 @@ class QueueBackend(ABC):
     #: whether :meth:`put_many` is all-or-nothing (atomic, or idempotent when retried
     #: after a failure), so the committer may store several batches in one call
     group_commit: bool = False
+    #: most payload bytes a dead letter keeps when the backend sets aside an entry that is
+    #: no batch ([dead_letters] max_payload_bytes; set when the queue is built and reloaded)
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
 
     @abstractmethod
     def put(self, batch: Batch, source: Source | None = None) -> bool:

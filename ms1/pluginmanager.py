@@ -264,8 +264,11 @@ def build_batch_policy(pm: pluggy.PluginManager, config: Config) -> BatchPolicy:
 
 
 def build_queue(pm: pluggy.PluginManager, config: Config) -> QueueBackend:
-    """The outbound queue ``[queue] backend`` selects (``ms1_make_queue``)."""
-    return cast(QueueBackend, _make(pm, config, "queue"))
+    """The outbound queue ``[queue] backend`` selects (``ms1_make_queue``); what it sets
+    aside keeps at most ``[dead_letters] max_payload_bytes`` of a payload."""
+    queue = cast(QueueBackend, _make(pm, config, "queue"))
+    queue.max_payload_bytes = config.get_int("dead_letters", "max_payload_bytes")
+    return queue
 
 
 def build_dead_letters(pm: pluggy.PluginManager, config: Config) -> DeadLetterStore:

@@ -490,11 +490,9 @@ class Service:
             breaker_failures=new.get_int("send", "breaker_failures"),
             breaker_reset=new.get_float("send", "breaker_reset"))
         self._read_chunk = new.get_int("source", "read_chunk")
-        self.parts.dead_letters.max_payload_bytes = new.get_int("dead_letters",
-                                                                "max_payload_bytes")
-        if hasattr(self.parts.queue, "max_payload_bytes"):  # what it sets aside (redis)
-            setattr(self.parts.queue, "max_payload_bytes",  # noqa: B010 - not in the ABC
-                    new.get_int("dead_letters", "max_payload_bytes"))
+        max_payload = new.get_int("dead_letters", "max_payload_bytes")
+        self.parts.dead_letters.max_payload_bytes = max_payload
+        self.parts.queue.max_payload_bytes = max_payload
         self._apply_batch_limits(new)
         self.concurrency.configure(**_concurrency_settings(new))
         self._set_sender_count(self.concurrency.pool)

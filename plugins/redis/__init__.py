@@ -144,8 +144,7 @@ def _queue(config: Config, link: RedisLink) -> RedisQueue:
                       visibility_timeout=config.get_float(SECTION, "visibility_timeout"),
                       block_timeout=config.get_float(SECTION, "block_timeout"),
                       prefetch=min(8, sender_threads(config)),
-                      dead_letter_stream=config.get_str(SECTION, "dead_letter_stream"),
-                      max_payload_bytes=config.get_int("dead_letters", "max_payload_bytes"))
+                      dead_letter_stream=config.get_str(SECTION, "dead_letter_stream"))
 
 
 @hookimpl

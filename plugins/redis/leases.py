@@ -78,9 +78,15 @@ def field_names(fields: Mapping[bytes, bytes]) -> list[str]:
     return sorted(k.decode("utf-8", "backslashreplace") for k in fields)
 
 
-def times_delivered(link: RedisLink, stream: str, group: str, entry_id: str) -> int:
-    info = link.client.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
-    return int(info[0]["times_delivered"]) if info else 1
+def times_delivered(link: RedisLink, stream: str, group: str,
+                    entry_ids: Sequence[str]) -> dict[str, int]:
+    """How often each entry has been delivered (1 if it is no longer pending), in one
+    round trip."""
+    pipe = link.client.pipeline(transaction=False)
+    for entry_id in entry_ids:
+        pipe.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
+    return {entry_id: int(info[0]["times_delivered"]) if info else 1
+            for entry_id, info in zip(entry_ids, pipe.execute(), strict=True)}
 
 
 class Held:

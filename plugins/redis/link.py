@@ -152,10 +152,6 @@ class RedisLink:
                                                    daemon=True)
                 self._heartbeat.start()
 
-    @property
-    def heartbeat_interval(self) -> float:
-        return self._interval
-
     def _beat(self) -> None:
         wait = self._interval
         while not self._stop.wait(wait):

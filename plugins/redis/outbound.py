@@ -25,6 +25,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 
 import redis
 
@@ -247,9 +248,11 @@ class RedisQueue(QueueBackend):
                     reason=reason, stage="queue", payload=raw_fields(fields),
                     source_ref=entry_id).clipped(self.max_payload_bytes))]))
                 continue
-            attempts = times_delivered(self.link, self.stream, self.group, entry_id) \
-                if claimed else 1
-            deliveries.append(Delivery(batch, entry_id, attempts))
+            deliveries.append(Delivery(batch, entry_id))
+        if claimed and deliveries:  # taken over or re-read: count earlier deliveries
+            counts = times_delivered(self.link, self.stream, self.group,
+                                     [d.token for d in deliveries])
+            deliveries = [replace(d, attempts=counts[d.token]) for d in deliveries]
         self._held.add([d.token for d in deliveries])
         for entry_id, letters in odd:
             try:
