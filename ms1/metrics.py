@@ -389,8 +389,6 @@ class Exporter:
         stop = pacer.stop
         if stop is not None:  # 401, 403, a configuration error (3xx, 404 ...): its reason
             return stop.reason
-        if pacer.auth_blocked:
-            return "paused: MS4 rejects the API key (401); fix the key and reload"
         if pacer.breaker.state == "open":
             return pacer.held_back() or "circuit breaker open: MS4 is failing"
         unreachable = self.queue_watch.unreachable()

@@ -32,7 +32,7 @@ from ms1.model import InboundMessage
 from ms1.outbound import QueueStats
 from ms1.pluginmanager import Observers
 from ms1.progress import Progress, Stall
-from ms1.sending.concurrency import Controller
+from ms1.sending.concurrency import Controller, fixed_concurrency
 from ms1.sending.sender import InFlight, Sender, SendSettings, SharedSettings
 from ms1.stats import RunStats
 
@@ -136,8 +136,7 @@ def _concurrency_settings(config: Config) -> dict[str, Any]:
     """The :class:`Controller`'s bounds: ``[send] threads`` set in the config fixes the
     concurrency (the manual override); else it adapts between min and max_concurrency."""
     top = config.get_int("send", "max_concurrency")
-    fixed = config.get_int("send", "threads") if ("send", "threads") in config.explicit \
-        else None
+    fixed = fixed_concurrency(config)
     return {"min_concurrency": min(config.get_int("send", "min_concurrency"), top),
             "max_concurrency": top, "fixed": fixed}
 
@@ -186,7 +185,7 @@ class Service:
         #: sizes the gate every sender takes a slot of around an attempt: fixed at
         #: ``[send] threads`` when the config sets it, else adaptive (ms1_concurrency_target)
         self.concurrency = Controller(
-            rate=self._allowed_rate, held_back=lambda: self.pacer.held_back() is not None,
+            rate=self._allowed_rate, held_back=self.pacer.holding,
             **_concurrency_settings(config))
         #: active senders first, then retiring ones (leaving after their current batch)
         self._senders: list[tuple[Sender, threading.Thread]] = []

@@ -167,10 +167,10 @@ class Controller:
     def observe(self, answer: Answer, latency: float) -> None:
         """A request ended with ``answer`` (no answer: ``classify(None)``) after
         ``latency`` s; adjust the target."""
+        if self._fixed is not None:  # fixed concurrency: nothing to adjust
+            return
         held = self._held_back()
         with self._lock:
-            if self._fixed is not None:
-                return
             previous = self._target
             kind = answer.kind
             if kind is Kind.ACCEPTED:
@@ -213,10 +213,17 @@ class Controller:
         self.gate.resize(target)
 
 
+def fixed_concurrency(config: Config) -> int | None:
+    """``[send] threads`` when the config sets it (fixed concurrency, the manual
+    override), else None (adaptive)."""
+    if ("send", "threads") in config.explicit:
+        return config.get_int("send", "threads")
+    return None
+
+
 def sender_threads(config: Config) -> int:
     """How many sender threads a service with this config runs (what pools sized for
     "one per sender" must hold): ``[send] threads`` when it is set (fixed concurrency),
     else ``max_concurrency`` (adaptive)."""
-    if ("send", "threads") in config.explicit:
-        return config.get_int("send", "threads")
-    return config.get_int("send", "max_concurrency")
+    fixed = fixed_concurrency(config)
+    return fixed if fixed is not None else config.get_int("send", "max_concurrency")

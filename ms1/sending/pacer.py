@@ -154,6 +154,11 @@ class Pacer:
         with self._lock:
             return self._stop
 
+    def holding(self) -> bool:
+        """True while a stop, an open breaker or a 429 pause holds every sender back (what
+        :meth:`held_back` names, without building the text)."""
+        return self.stop is not None or self.breaker.state == "open" or self.paused_for > 0
+
     def held_back(self) -> str | None:
         """Why every sender is held back now (a stop, an open breaker, a 429 pause), or
         None: the rate limit is then all that paces them."""

@@ -62,7 +62,7 @@ from ms1.model import Batch, DeadLetter
 from ms1.outbound import Delivery, QueueBackend
 from ms1.pluginmanager import Observers
 from ms1.progress import Progress
-from ms1.sending.answers import TABLE, Answer, Kind
+from ms1.sending.answers import Answer, Kind
 from ms1.sending.concurrency import Controller
 from ms1.sending.pacer import Aborted, Pacer
 from ms1.sending.refusals import RefusalReader
@@ -71,12 +71,6 @@ from ms1.transport import Request, Response, Transport
 
 log = logging.getLogger(__name__)
 
-#: answers meaning "this batch holds an object MS4 will not take": split, never resend
-#: (from the answer table, :mod:`ms1.sending.answers`)
-SPLIT_STATUSES = frozenset(s for s, kind in TABLE.items() if kind is Kind.REFUSED)
-#: answers after which the pacer, not the backoff, decides when to send again (those the
-#: table names; every status a stop or 429 follows: :attr:`Kind.paced`)
-PACED_STATUSES = frozenset(s for s, kind in TABLE.items() if kind.paced)
 
 
 @dataclass(frozen=True)
@@ -341,14 +335,6 @@ class Sender:
             if self._abort.wait(seconds):
                 raise Aborted
 
-    def _held_back(self) -> str:
-        """What the pacer is holding this sender back for (a bounded wait), as it looks now."""
-        pacer = self._pacer
-        why = pacer.held_back()
-        if why is None and pacer.breaker.state != "closed":
-            why = f"circuit breaker {pacer.breaker.state}"
-        return f"held back by the pacer: {why or 'rate limit'}"
-
     def _attempt(self, delivery: Delivery, attempt: int) -> None:
         """One attempt in a slot of the concurrency gate: taken with a batch in hand (a
         sender without one holds none), given back once the answer is settled."""
@@ -357,8 +343,7 @@ class Sender:
             self._attempt_in_slot(delivery, attempt)
             return
         gate = controller.gate
-        with self._progress.waiting(self.name, f"waiting for a concurrency slot "
-                                               f"({gate.size} in flight at most)"):
+        with self._progress.waiting(self.name, "waiting for a concurrency slot"):
             gate.acquire(self._abort)
         try:
             self._attempt_in_slot(delivery, attempt)
@@ -372,7 +357,7 @@ class Sender:
     def _attempt_in_slot(self, delivery: Delivery, attempt: int) -> None:
         batch = delivery.batch
         request = Request(batch.path, batch.body(), batch.id, len(batch))
-        with self._progress.waiting(self.name, self._held_back()):
+        with self._progress.waiting(self.name, "held back by the pacer"):
             admission = self._pacer.admit(self._abort)
         # a request in flight is no bounded wait: past watchdog_timeout it is a stall
         self._progress.beat(self.name, f"sending batch {batch.id} to MS4 (attempt {attempt})")
