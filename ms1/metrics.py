@@ -6,7 +6,13 @@ fed by the same hooks a third-party metrics plugin would use — plus a small HT
 * ``/metrics`` — Prometheus text format: e-mails read, payloads rejected by stage and
   field, batches and invoices enqueued / delivered / dead-lettered, MS4 responses by
   status, retries, queue ready / in flight, dead-letter count, breaker state, 429 pause
-  and 401 spell, histograms of batch size and send latency;
+  and 401 spell, histograms of batch size and send latency; MS4's ceiling
+  (``ms1_ms4_ceiling_requests_per_second``) and how long the queued backlog takes to
+  drain at it (``ms1_backlog_drain_seconds``, the estimate ``status`` prints), the
+  pipeline threads alive by stage (``ms1_pipeline_threads{stage}``), and the standard
+  ``process_*`` metrics (start time, CPU, memory, open file descriptors). The alert rules
+  and the Grafana dashboard in ``conf/`` use these names (``tests/test_dashboard.py``
+  checks every name they use against a running service's ``/metrics``);
 * ``/healthz`` — 200 while every pipeline thread is alive and making progress
   (:mod:`ms1.progress`), else 503 naming the dead or stalled thread and what it was doing;
 * ``/readyz`` — 200 when ms1 can deliver; 503 naming why not: unhealthy, stopped by a
@@ -67,7 +73,13 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -93,6 +105,9 @@ _COUNTERS = (
      "Unexpected errors inside the processor (each e-mail dead-lettered)"),
 )
 _BREAKER = {"closed": 0, "half-open": 1, "open": 2}
+#: the stages of the pipeline threads :mod:`ms1.service` starts, by thread name (``reader``,
+#: ``batcher``, ``committer``, ``sender-N``): ``ms1_pipeline_threads{stage}``
+PIPELINE_STAGES = ("reader", "batcher", "committer", "sender")
 #: seconds a scrape waits for fresh queue counts before it serves the last reading
 SCRAPE_WAIT = 0.1
 
@@ -305,6 +320,18 @@ class _State(Collector):
         yield held
         yield _gauge("ms1_up", "1 while every pipeline thread is alive and making progress",
                      1 if self._exporter.health() is None else 0)
+        threads = GaugeMetricFamily(
+            "ms1_pipeline_threads", "Pipeline threads alive in this process, by stage "
+            "(reader, batcher, committer: 1 each while the service runs; sender: one per "
+            "sender, retiring ones included)", labels=["stage"])
+        for stage, count in pipeline_threads().items():
+            threads.add_metric([stage], count)
+        yield threads
+        limiter = pacer.limiter
+        ceiling = limiter.limit / limiter.window
+        yield _gauge("ms1_ms4_ceiling_requests_per_second",
+                     "Requests per second MS4's limit allows, every instance together "
+                     "([send] requests_per_minute / rate_window)", ceiling)
         watch = self._exporter.queue_watch
         if watch.running:
             with contextlib.suppress(Ms1Error):  # fresh counts if the backend answers at once
@@ -318,11 +345,27 @@ class _State(Collector):
                      reading.stats.ready)
         yield _gauge("ms1_queue_in_flight_batches",
                      "Batches handed out, not yet acked (last reading)", reading.stats.in_flight)
+        yield _gauge("ms1_backlog_drain_seconds",
+                     "Seconds the queued backlog (ready + in flight, last reading) takes to "
+                     "drain at MS4's ceiling, one request per batch (as status estimates it)",
+                     (reading.stats.ready + reading.stats.in_flight) / ceiling)
         if reading.dead_letters is not None:
             yield _gauge("ms1_dead_letters", "Dead letters kept (last reading)",
                          reading.dead_letters)
         yield _gauge("ms1_queue_reading_age_seconds",
                      "Seconds since the queue counts were last read", time.monotonic() - reading.at)
+
+
+def pipeline_threads() -> dict[str, int]:
+    """Pipeline threads alive in this process, by stage (:data:`PIPELINE_STAGES`), from
+    the names :mod:`ms1.service` gives them."""
+    counts = dict.fromkeys(PIPELINE_STAGES, 0)
+    for thread in threading.enumerate():
+        name = thread.name
+        stage = "sender" if name.startswith("sender-") and name[7:].isdigit() else name
+        if stage in counts:
+            counts[stage] += 1
+    return counts
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
@@ -343,6 +386,7 @@ class Exporter:
         self.queue_watch.want_dead_letters(service.dead_letter_count)
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_State(self))
+        ProcessCollector(registry=self.registry)  # process_* (restarts, CPU, memory, fds)
         self.batch_size = Histogram(
             "ms1_batch_size", "Invoices per batch MS4 accepted", registry=self.registry,
             buckets=(1, 2, 5, 10, 20, 30, 40, 45, 50, 75, 100, 200, 500, 1000))
