@@ -120,6 +120,22 @@ def _closing(tokens: list[_Token], start: int, expr: str) -> int:
     raise PromQLError(f"unclosed {tokens[start].text!r} at {tokens[start].pos} in {expr!r}")
 
 
+def _balanced(tokens: list[_Token], expr: str) -> None:
+    """PromQLError unless every bracket of ``expr`` is closed by its own kind."""
+    pairs = {"(": ")", "[": "]", "{": "}"}
+    stack: list[_Token] = []
+    for token in tokens:
+        if token.kind != "punct":
+            continue
+        if token.text in pairs:
+            stack.append(token)
+        elif token.text in (")", "]", "}") and (
+                not stack or pairs[stack.pop().text] != token.text):
+            raise PromQLError(f"unbalanced {token.text!r} at {token.pos} in {expr!r}")
+    if stack:
+        raise PromQLError(f"unclosed {stack[-1].text!r} at {stack[-1].pos} in {expr!r}")
+
+
 def _unquote(text: str) -> str:
     if text.startswith("`"):
         return text[1:-1]
@@ -134,6 +150,7 @@ def metric_names(expr: str) -> list[str]:
     ``[[x]]``) are not metrics. An identifier followed by ``(`` that is no PromQL function
     or aggregation raises :class:`PromQLError` (a typo must not pass unnoticed)."""
     tokens = _tokens(expr)
+    _balanced(tokens, expr)
     names: list[str] = []
     index = 0
     while index < len(tokens):
