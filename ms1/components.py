@@ -22,7 +22,7 @@ from ms1.deadletters import DeadLetterStore
 from ms1.outbound import QueueBackend
 from ms1.sending.breaker import Breaker
 from ms1.sending.limiter import RateLimiter, SlidingWindowLimiter
-from ms1.sending.pacer import Pacer
+from ms1.sending.pacer import Pacer, PacerSettings
 from ms1.source import Source
 from ms1.transport import Transport
 
@@ -88,12 +88,9 @@ class Components:
 
 def make_pacer(config: Config, limiter: RateLimiter | None = None) -> Pacer:
     """The shared pacer (rate limit, 429/401 pauses, breaker) the ``[send]`` options describe."""
+    settings = PacerSettings.from_config(config)
     if limiter is None:
-        limiter = SlidingWindowLimiter(config.get_int("send", "requests_per_minute"),
-                                       config.get_float("send", "rate_window"))
-    breaker = Breaker(config.get_int("send", "breaker_failures"),
-                      config.get_float("send", "breaker_reset"))
-    return Pacer(limiter, breaker,
-                 retry_after_default=config.get_float("send", "retry_after_default"),
-                 retry_after_cap=config.get_float("send", "retry_after_max"),
-                 auth_probe_interval=config.get_float("send", "auth_probe_interval"))
+        limiter = SlidingWindowLimiter(settings.limit, settings.window)
+    pacer = Pacer(limiter, Breaker(settings.breaker_failures, settings.breaker_reset))
+    pacer.configure(settings)
+    return pacer

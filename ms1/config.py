@@ -320,6 +320,16 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("send", "rate_window", "float", 60.0,
            "length in seconds of the rate-limit window (60: per minute; tests shorten it to "
            "compress time)", min=0.001, max=86400, reloadable=True),
+    Option("send", "ms4_counts_at", "choice", "arrival",
+           "when MS4 counts a request against its limit: arrival (a rate limiter in front of "
+           "MS4: the slot is stamped when the request was out, plus count_margin) or answer "
+           "(the slot is stamped when the answer came: safe whatever MS4 does, but a slot "
+           "is then held for MS4's latency too)", choices=("arrival", "answer"),
+           reloadable=True),
+    Option("send", "count_margin", "float", 0.1,
+           "seconds added to a slot's stamp with ms4_counts_at = arrival: the most a "
+           "request can take from leaving ms1 to being counted by MS4", min=0.0, max=60,
+           reloadable=True),
     Option("send", "retry_after_default", "float", 5.0,
            "seconds every sender pauses after a 429 whose Retry-After is missing or unreadable",
            min=0.0, max=86400, reloadable=True),

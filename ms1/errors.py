@@ -63,8 +63,14 @@ class SourceError(Ms1Error):
 class TransportError(Ms1Error):
     """The transport could not get an answer from MS4 (connection error, timeout).
 
-    The batch was not acknowledged by MS4 and stays queued.
+    The batch was not acknowledged by MS4 and stays queued. ``sent``: as
+    :attr:`ms1.transport.Response.sent`, when the request was out before the failure
+    (None: it was not, or the transport does not say).
     """
+
+    def __init__(self, *args: object, sent: float | None = None) -> None:
+        super().__init__(*args)
+        self.sent = sent
 
 
 class ShutdownTimeout(Ms1Error):

@@ -33,6 +33,7 @@ from ms1.outbound import QueueStats
 from ms1.pluginmanager import Observers
 from ms1.progress import Progress, Stall
 from ms1.sending.concurrency import Controller, fixed_concurrency
+from ms1.sending.pacer import PacerSettings
 from ms1.sending.sender import InFlight, Sender, SendSettings, SharedSettings
 from ms1.stats import RunStats
 
@@ -480,14 +481,7 @@ class Service:
         if new.api_key != old.api_key:
             self.set_api_key(new.api_key)
         self.send_settings.replace(SendSettings.from_config(new))
-        self.pacer.limiter.configure(new.get_int("send", "requests_per_minute"),
-                                     new.get_float("send", "rate_window"))
-        self.pacer.configure(
-            retry_after_default=new.get_float("send", "retry_after_default"),
-            retry_after_cap=new.get_float("send", "retry_after_max"),
-            auth_probe_interval=new.get_float("send", "auth_probe_interval"),
-            breaker_failures=new.get_int("send", "breaker_failures"),
-            breaker_reset=new.get_float("send", "breaker_reset"))
+        self.pacer.configure(PacerSettings.from_config(new))
         self._read_chunk = new.get_int("source", "read_chunk")
         max_payload = new.get_int("dead_letters", "max_payload_bytes")
         self.parts.dead_letters.max_payload_bytes = max_payload

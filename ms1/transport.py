@@ -10,7 +10,9 @@ in-process MS4 that records every request and can be scripted, like httpx's
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -32,11 +34,15 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Response:
-    """MS4's answer. ``headers`` keys are lower case."""
+    """MS4's answer. ``headers`` keys are lower case. ``sent``: ``time.monotonic()`` when
+    the whole request had been handed to the network — the latest moment MS4 can have
+    begun to receive it, where a rate limiter counting arrivals stamps it (None: the
+    transport does not say; the sender then stamps the slot when the answer came)."""
 
     status: int
     headers: Mapping[str, str] = field(default_factory=dict)
     text: str = ""
+    sent: float | None = None
 
 
 class Transport(ABC):
@@ -46,7 +52,10 @@ class Transport(ABC):
 
     @abstractmethod
     def send(self, request: Request) -> Response:
-        """POST the request; return MS4's answer or raise TransportError if none came."""
+        """POST the request; return MS4's answer or raise TransportError if none came.
+        Set :attr:`Response.sent` (and :attr:`TransportError.sent` once the request was
+        out) when the transport knows it: with it the rate limiter spends no slot on the
+        time a request spends at MS4."""
 
     def set_api_key(self, api_key: Secret | None) -> None:  # noqa: B027 - optional
         """Use this key from now on (called at start and on reload)."""
@@ -92,6 +101,7 @@ class MemoryTransport(Transport):
             self._api_key = api_key
 
     def send(self, request: Request) -> Response:
+        sent = time.monotonic()
         with self._lock:
             self.requests.append(request)
             answer: Answer | None = self._script.popleft() if self._script else None
@@ -106,6 +116,8 @@ class MemoryTransport(Transport):
         if isinstance(answer, Exception):
             raise answer
         response = answer if isinstance(answer, Response) else Response(answer)
+        if response.sent is None:
+            response = dataclasses.replace(response, sent=sent)
         if response.status == 202:
             with self._lock:
                 self.accepted.append(request)

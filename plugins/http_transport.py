@@ -38,7 +38,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
@@ -68,6 +68,7 @@ class _Deadline(threading.local):
 
     at: float | None = None
     clamped: bool = False  # the last socket operation was cut short by the deadline
+    sent: float | None = None  # when the request's last byte was handed to the socket
 
 
 class _DeadlineNetwork(httpcore.NetworkBackend):
@@ -265,7 +266,8 @@ class HttpTransport(Transport):
         self._network = _DeadlineNetwork(self._deadline)
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout,
                                 write=write_timeout, pool=pool_timeout)
-        self._extensions = {"timeout": timeout.as_dict()}
+        # httpcore's trace (a public httpx request extension) tells when the request is out
+        self._extensions = {"timeout": timeout.as_dict(), "trace": self._trace}
         limits = httpx.Limits(max_connections=max_connections,
                               max_keepalive_connections=max_connections,
                               keepalive_expiry=KEEPALIVE_EXPIRY)
@@ -298,6 +300,7 @@ class HttpTransport(Transport):
             url = self._urls.setdefault(request.path, httpx.URL(self.base_url + request.path))
         self._deadline.at = time.monotonic() + self.request_timeout
         self._deadline.clamped = False
+        self._deadline.sent = None
         try:
             # a Request built here and sent through the shared Client: its pool, timeouts
             # and auth, without merging a base URL and headers per call
@@ -311,14 +314,20 @@ class HttpTransport(Transport):
         except httpx.TimeoutException as exc:
             self._timed_out(exc)
         except httpx.HTTPError as exc:
-            raise TransportError(f"{type(exc).__name__}: {exc} ({self.base_url})") from None
+            raise TransportError(f"{type(exc).__name__}: {exc} ({self.base_url})",
+                                 sent=self._deadline.sent) from None
         except RuntimeError as exc:  # httpx: "the client has been closed"
             if not self._closed:
                 raise
             raise TransportError(f"the transport to MS4 at {self.base_url} is closed: "
-                                 f"{exc}") from None
+                                 f"{exc}", sent=self._deadline.sent) from None
         finally:
             self._deadline.at = None
+
+    def _trace(self, event: str, info: Mapping[str, Any]) -> None:
+        """httpcore's trace callback: note when the request's body has been written."""
+        if event == "http11.send_request_body.complete":
+            self._deadline.sent = time.monotonic()
 
     def _read(self, answer: httpx.Response, request: Request) -> Response:
         """The status, headers and at most ``max_answer_bytes`` of the body."""
@@ -336,7 +345,8 @@ class HttpTransport(Transport):
                 body += chunk
         text = body.decode(answer.encoding or "utf-8", errors="replace")
         return Response(answer.status_code,
-                        {k.lower(): v for k, v in answer.headers.items()}, text)
+                        {k.lower(): v for k, v in answer.headers.items()}, text,
+                        sent=self._deadline.sent)
 
     def _timed_out(self, exc: httpx.TimeoutException) -> NoReturn:
         kind = type(exc).__name__
@@ -344,7 +354,7 @@ class HttpTransport(Transport):
         limit = (f"{option} {self._timeouts[option]:g} s" if option is not None
                  else "the timeouts")
         raise TransportError(f"{kind}: no answer from MS4 at {self.base_url} within "
-                             f"{limit}") from None
+                             f"{limit}", sent=self._deadline.sent) from None
 
     def close(self) -> None:
         """Never blocks: shuts every socket down (a sender in a read gets TransportError),

@@ -10,20 +10,26 @@ The :class:`Controller` sizes the gate:
 * **fixed** (``[send] threads`` set in the config: the manual override): ``threads``;
 * **adaptive** (``threads`` not set): between ``[send] min_concurrency`` and
   ``max_concurrency``, enough for the rate limiter — not the senders — to be the
-  bottleneck. By Little's law a rate R with latency L needs R * L requests in flight; the
-  target is ``ceil(R * L * 1.5 + 1)`` (headroom), R the limiter's ``limit / window``, L an
-  EWMA of the latency of accepted requests. An AIMD cap bounds it: halved on every
-  failure (timeout, no answer, 5xx, 408, 409: multiplicative decrease), cut by a quarter
-  (at most once per latency) when the latency rises above twice its slow average, and
-  raised by one per accepted request otherwise (additive increase; from 4 at the start,
-  so it doubles per round trip like a TCP slow start, never opening dozens of
-  connections to MS4 at once). The target never
-  grows while the pacer holds every sender back (a 429 pause, a 401/403 or configuration
-  stop, an open breaker).
+  bottleneck. Little's law: a request in flight for L seconds can use one slot of the
+  window, so the senders need as many in flight as the window lets go within the next
+  L. The limiter says so at every grant (its ``free_hint``: slots free now, plus those
+  leaving the window within :attr:`Controller.lookahead` = 1.5 L — a backlog after a
+  quiet spell goes out as fast as the window allows, and a burst that filled the window
+  is followed by one as fast when its slots come free). The target is the larger of
+  that hint + 1 and the steady rate's share ``ceil(R * L * 1.5 + 1)`` (R the limiter's
+  ``limit / window``, L an EWMA of the latency of accepted requests); it is recomputed at
+  every grant and every answer. An AIMD cap bounds it: halved on every failure
+  (timeout, no answer, 5xx, 408, 409: multiplicative decrease), cut by a quarter (at
+  most once per latency) when the latency rises above twice its slow average, and raised
+  by one per accepted request otherwise (additive increase). The target never grows
+  while the pacer holds every sender back (a 429 pause, a 401/403 or configuration stop,
+  an open breaker). At light load the gate does not matter: a sender holds a slot only
+  with a batch in hand, so no more is in flight than there is work.
 
 Several instances sharing the Redis limiter each size their gate from the whole limit's
-rate (capped by ``max_concurrency``); the shared limiter keeps the total under the limit,
-so each instance ends up using the share it gets.
+rate and the shared window's free slots (capped by ``max_concurrency``); the shared
+limiter keeps the total under the limit, so each instance ends up using the share it
+gets.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from ms1.sending.pacer import Aborted
 #: Little's law headroom: target = rate * latency * HEADROOM + EXTRA
 HEADROOM = 1.5
 EXTRA = 1
-#: target before any latency was observed (the former default sender count)
+#: Little's-law part of the target before any latency was observed
 INITIAL = 4
 #: EWMA weights of the latency: the one Little's law reads, and the slow baseline the
 #: rising-latency check compares it with
@@ -122,9 +128,10 @@ class Controller:
         self._baseline: float | None = None  # slow EWMA: what "rising" compares with
         self._samples = 0
         self._next_cut = 0.0
-        #: the AIMD cap: starts at INITIAL and grows by one per accepted request (a slow
-        #: start: it doubles per round trip), so no burst of new connections hits MS4
-        self._cap = float(INITIAL)
+        #: the AIMD cap: starts at max_concurrency (MS4's window allows its whole budget at
+        #: once), halved on failures, grown by one per accepted request
+        self._cap = float(max_concurrency)
+        self._free = 0  # the limiter's free_hint at its last grant
         self._target = 1
         self.gate = Gate(1)
         self.configure(min_concurrency=min_concurrency, max_concurrency=max_concurrency,
@@ -138,8 +145,7 @@ class Controller:
         with self._lock:
             self._min, self._max, self._fixed = min_concurrency, max_concurrency, fixed
             self._cap = max(float(min_concurrency), min(self._cap, float(max_concurrency)))
-            target = self._little() if self._latency is not None else INITIAL
-            self._set(target)
+            self._set(self._want())
 
     @property
     def adaptive(self) -> bool:
@@ -164,6 +170,22 @@ class Controller:
         with self._lock:
             return self._fixed if self._fixed is not None else self._max
 
+    @property
+    def lookahead(self) -> float:
+        """How far ahead the limiter's free-slot hint should look: 1.5 latencies (0 before
+        one is known)."""
+        with self._lock:
+            return (self._latency or 0.0) * HEADROOM
+
+    def admitted(self, free: int | None) -> None:
+        """The limiter granted a slot and lets ``free`` more go within :attr:`lookahead`
+        (None: it cannot say): the target follows at once."""
+        if self._fixed is not None:
+            return
+        with self._lock:
+            self._free = max(0, free or 0)
+            self._set(self._want())
+
     def observe(self, answer: Answer, latency: float) -> None:
         """A request ended with ``answer`` (no answer: ``classify(None)``) after
         ``latency`` s; adjust the target."""
@@ -185,7 +207,7 @@ class Controller:
                     self._cap = min(float(self._max), self._cap + 1)
             elif kind.breaker_failure:
                 self._cap = max(float(self._min), min(self._cap, float(previous)) / 2)
-            target = self._little() if self._latency is not None else previous
+            target = self._want()
             if held:
                 target = min(target, previous)
             self._set(target)
@@ -200,9 +222,14 @@ class Controller:
         self._baseline += SLOW * (latency - self._baseline)
         return self._samples > WARMUP and self._latency > RISING * self._baseline
 
-    def _little(self) -> int:
-        latency = self._latency or 0.0
-        return math.ceil(self._rate() * latency * HEADROOM + EXTRA)
+    def _want(self) -> int:
+        """The larger of the window's hint and the steady rate's share (before any latency
+        is known: INITIAL)."""
+        if self._latency is None:
+            steady = INITIAL
+        else:
+            steady = math.ceil(self._rate() * self._latency * HEADROOM + EXTRA)
+        return max(steady, self._free + EXTRA)
 
     def _set(self, target: int) -> None:
         if self._fixed is not None:

@@ -3,7 +3,12 @@
 :class:`Pacer` holds the four things that can hold a request back:
 
 * the **rate limiter** (:mod:`ms1.sending.limiter`): at most N requests in any
-  sliding window (default 120 per 60 s);
+  sliding window (default 120 per 60 s). A request's slot is stamped with the moment MS4
+  counted it: by default (``[send] ms4_counts_at = arrival``) when the transport says the
+  request was out (:attr:`~ms1.transport.Response.sent`) plus ``count_margin`` (the
+  network's one-way delay, at most), so a slot is not held for the time MS4 works on the
+  request; with ``answer`` (an MS4 counting requests as it answers them), or when the
+  transport does not say, when the answer came;
 * a **429 pause**: every sender waits until ``Retry-After``
   (:mod:`ms1.sending.retry_after`) has passed;
 * a **stop** (:class:`Stop`): after an answer no resend will change — 401 or 403
@@ -27,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ms1.config import Secret
+from ms1.config import Config, Secret
 from ms1.errors import Ms1Error
 from ms1.sending.answers import Answer, Kind, classify
 from ms1.sending.breaker import Breaker
@@ -62,6 +67,38 @@ class HeldTime:
     def snapshot(self) -> dict[str, float]:
         with self._lock:
             return dict(self._seconds)
+
+
+#: where MS4 counts a request against its limit (``[send] ms4_counts_at``)
+COUNTS_AT = ("arrival", "answer")
+
+
+@dataclass(frozen=True)
+class PacerSettings:
+    """The ``[send]`` options the pacer (with its limiter and breaker) runs by: read in one
+    place, for the start and for a reload (:meth:`Pacer.configure` takes a whole set)."""
+
+    limit: int = 120
+    window: float = 60.0
+    retry_after_default: float = 5.0
+    retry_after_cap: float = 300.0
+    auth_probe_interval: float = 60.0
+    breaker_failures: int = 5
+    breaker_reset: float = 30.0
+    counts_at: str = "arrival"
+    count_margin: float = 0.1
+
+    @classmethod
+    def from_config(cls, config: Config) -> PacerSettings:
+        return cls(limit=config.get_int("send", "requests_per_minute"),
+                   window=config.get_float("send", "rate_window"),
+                   retry_after_default=config.get_float("send", "retry_after_default"),
+                   retry_after_cap=config.get_float("send", "retry_after_max"),
+                   auth_probe_interval=config.get_float("send", "auth_probe_interval"),
+                   breaker_failures=config.get_int("send", "breaker_failures"),
+                   breaker_reset=config.get_float("send", "breaker_reset"),
+                   counts_at=config.get_str("send", "ms4_counts_at"),
+                   count_margin=config.get_float("send", "count_margin"))
 
 
 class Admission:
@@ -118,13 +155,18 @@ class Pacer:
     def __init__(
         self, limiter: RateLimiter, breaker: Breaker, *, retry_after_default: float = 5.0,
         retry_after_cap: float = 300.0, auth_probe_interval: float = 60.0,
+        counts_at: str = "arrival", count_margin: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if counts_at not in COUNTS_AT:
+            raise ValueError(f"counts_at must be one of {COUNTS_AT}")
         self.limiter = limiter
         self.breaker = breaker
         self.retry_after_default = retry_after_default
         self.retry_after_cap = retry_after_cap
         self.auth_probe_interval = auth_probe_interval
+        self.counts_at = counts_at
+        self.count_margin = count_margin
         self._clock = clock
         self._lock = threading.Lock()
         self._paused_until = 0.0
@@ -173,9 +215,10 @@ class Pacer:
             return f"paused by a 429 ({paused:.0f} s left)"
         return None
 
-    def admit(self, abort: threading.Event) -> Admission:
+    def admit(self, abort: threading.Event, ahead: float = 0.0) -> Admission:
         """Block until a request may be sent; raise :class:`Aborted` if ``abort`` is set.
-        Each wait is counted in :attr:`held` under its cause."""
+        Each wait is counted in :attr:`held` under its cause. ``ahead``: how far the
+        limiter's :attr:`~ms1.sending.limiter.RateLimiter.free_hint` looks ahead."""
         while True:
             if abort.is_set():
                 raise Aborted
@@ -184,7 +227,7 @@ class Pacer:
                 self._hold(abort, wait, "429_pause")
                 continue
             try:
-                token, wait = self.limiter.try_acquire()
+                token, wait = self.limiter.try_acquire(ahead)
             except Ms1Error as exc:
                 # fail closed: without the shared count we cannot know we are under the limit
                 if not self._limiter_down:
@@ -259,12 +302,17 @@ class Pacer:
                 self._auth_probe_in_flight = False
 
     def done(self, admission: Admission, status: int | None,
-             retry_after: str | None = None, detail: str = "") -> Answer:
+             retry_after: str | None = None, detail: str = "",
+             sent: float | None = None) -> Answer:
         """Record the outcome of an admitted request (``status`` None: no answer) and return
         its row of the answer table. ``detail``: what to quote of the answer in an alert
-        (a 3xx's ``Location``, MS4's text)."""
+        (a 3xx's ``Location``, MS4's text); ``sent``: when the request was out
+        (``time.monotonic()``; None: unknown — the slot is then stamped now)."""
+        ago = 0.0
+        if sent is not None and self.counts_at == "arrival":
+            ago = time.monotonic() - sent - self.count_margin
         try:
-            self.limiter.finish(admission.token)
+            self.limiter.finish(admission.token, ago)
         except Ms1Error as exc:  # the slot then expires with its lease
             log.warning("could not stamp the rate-limit slot (%s)", exc)
         self._release_auth(admission.auth_probe)
@@ -329,16 +377,20 @@ class Pacer:
             log.warning("MS4 answers again (a probe was answered %s, not %s): sending resumes",
                         answer.name, stop.answer.name)
 
-    def configure(self, *, retry_after_default: float, retry_after_cap: float,
-                  auth_probe_interval: float, breaker_failures: int,
-                  breaker_reset: float) -> None:
-        """New ``[send]`` figures (a reload); they hold from the next request or answer on.
-        A running 429 pause or a stop's probe interval keeps the end it was given."""
+    def configure(self, settings: PacerSettings) -> None:
+        """New ``[send]`` figures (the start, a reload), for the pacer, its limiter and its
+        breaker; they hold from the next request or answer on. A running 429 pause or a
+        stop's probe interval keeps the end it was given."""
+        if settings.counts_at not in COUNTS_AT:
+            raise ValueError(f"counts_at must be one of {COUNTS_AT}")
         with self._lock:
-            self.retry_after_default = retry_after_default
-            self.retry_after_cap = retry_after_cap
-            self.auth_probe_interval = auth_probe_interval
-        self.breaker.configure(breaker_failures, breaker_reset)
+            self.retry_after_default = settings.retry_after_default
+            self.retry_after_cap = settings.retry_after_cap
+            self.auth_probe_interval = settings.auth_probe_interval
+            self.counts_at = settings.counts_at
+            self.count_margin = settings.count_margin
+        self.limiter.configure(settings.limit, settings.window)
+        self.breaker.configure(settings.breaker_failures, settings.breaker_reset)
 
     def key_changed(self, api_key: Secret | None) -> None:
         """A new API key was loaded: end a 401/403 stop at once (a stop for a configuration

@@ -64,7 +64,7 @@ from ms1.pluginmanager import Observers
 from ms1.progress import Progress
 from ms1.sending.answers import Answer, Kind
 from ms1.sending.concurrency import Controller
-from ms1.sending.pacer import Aborted, Pacer
+from ms1.sending.pacer import Aborted, Admission, Pacer
 from ms1.sending.refusals import RefusalReader
 from ms1.stats import RunStats
 from ms1.transport import Request, Response, Transport
@@ -354,11 +354,19 @@ class Sender:
         if self._concurrency is not None:
             self._concurrency.observe(answer, latency)
 
+    def _admit(self) -> Admission:
+        controller = self._concurrency
+        ahead = controller.lookahead if controller is not None else 0.0
+        with self._progress.waiting(self.name, "held back by the pacer"):
+            admission = self._pacer.admit(self._abort, ahead)
+        if controller is not None:  # what the window lets go next may open the gate
+            controller.admitted(self._pacer.limiter.free_hint)
+        return admission
+
     def _attempt_in_slot(self, delivery: Delivery, attempt: int) -> None:
         batch = delivery.batch
         request = Request(batch.path, batch.body(), batch.id, len(batch))
-        with self._progress.waiting(self.name, "held back by the pacer"):
-            admission = self._pacer.admit(self._abort)
+        admission = self._admit()
         # a request in flight is no bounded wait: past watchdog_timeout it is a stall
         self._progress.beat(self.name, f"sending batch {batch.id} to MS4 (attempt {attempt})")
         started = time.perf_counter()
@@ -366,7 +374,8 @@ class Sender:
             with self._in_flight:
                 response = self._transport.send(request)
         except TransportError as exc:
-            self._observe(self._pacer.done(admission, None), time.perf_counter() - started)
+            self._observe(self._pacer.done(admission, None, sent=exc.sent),
+                          time.perf_counter() - started)
             self._failed(batch, None, str(exc), attempt)
             raise _SendFailed(None, str(exc)) from exc
         except BaseException:
@@ -376,7 +385,7 @@ class Sender:
         location = response.headers.get("location")
         detail = f"Location: {location}" if location else response.text[:200].strip()
         answer = self._pacer.done(admission, response.status,
-                                  response.headers.get("retry-after"), detail)
+                                  response.headers.get("retry-after"), detail, response.sent)
         self._observe(answer, latency)
         self._stats.add(f"responses_{response.status}")
         if answer.kind is Kind.ACCEPTED:

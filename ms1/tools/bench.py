@@ -23,8 +23,10 @@ every e-mail ready at once (default 15,000: 300 requests of 50); prints the shar
 the ceiling reached (the window over the mean gap between request k and k-120, from the
 times ms1 saw each 202), the most and mean requests in flight and concurrency target,
 the sim's 429s, the invoices lost (enqueued - accepted by MS4 - dead-lettered), and the
-most a limiter that stamps a slot when its request ends can reach, window / (window +
-latency); then one table.
+most a limiter that never risks a 429 can reach: window / (window + count_margin) when
+MS4 counts requests as they arrive (``--count-at arrival``, the default, on the sim and
+in ms1's config), window / (window + latency) when it counts them as it answers; then
+one table.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ def share_of_ceiling(sent_at: Sequence[float], limit: int, window: float) -> flo
 def _config(path: Path, redis_url: str, sim_url: str, args: argparse.Namespace) -> None:
     if args.sweep:  # ms1's defaults (adaptive concurrency), MS4's limit compressed
         send = (f"requests_per_minute = {args.sweep_limit}\n"
-                f"rate_window = {args.sweep_window:g}")
+                f"rate_window = {args.sweep_window:g}\nms4_counts_at = {args.count_at}")
     else:
         send = f"threads = {args.threads}\nrequests_per_minute = 1000000"
     path.write_text(f"""[ms1]
@@ -210,7 +212,8 @@ def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
              *(["--appendfsync", args.aof] if args.aof != "no" else [])],
             stdout=subprocess.DEVNULL, text=True))
         limit = (["--rate-limit", str(args.sweep_limit), "--window", f"{args.sweep_window:g}",
-                  "--latency", f"{latency:g}"] if args.sweep else ["--rate-limit", "0"])
+                  "--latency", f"{latency:g}", "--count-at", args.count_at]
+                 if args.sweep else ["--rate-limit", "0"])
         sim = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", str(sim_port),
                                 *limit, "--api-key", "bench-key"],
                                stdout=subprocess.PIPE, text=True)
@@ -289,7 +292,12 @@ def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
                 "seconds": (recorder.last_sent - recorder.first_sent
                             if recorder.first_sent is not None else float("nan")),
                 "share": share_of_ceiling(recorder.sent_at, args.sweep_limit, window),
-                "theoretical_max": window / (window + latency),
+                # a slot is held past the window by the latency (MS4 counting answers) or
+                # by count_margin (arrivals): the most a limiter never risking a 429 reaches
+                "theoretical_max": window / (window + (
+                    latency if args.count_at == "answer"
+                    else config.get_float("send", "count_margin"))),
+                "max_in_window": int(stats["max_in_window"]),  # type: ignore[call-overload]
                 "in_flight_max": peak_in_flight,
                 "in_flight_mean": (statistics.fmean(f[0] for f in flight)
                                    if flight else float("nan")),
@@ -403,7 +411,7 @@ def _latencies(text: str) -> list[float]:
     return values
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ms1-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int,
                         help="e-mails (default 50,000; with --sweep 15,000 per latency)")
@@ -421,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sweep", type=_latencies, metavar="L1,L2,...",
                         help="MS4 latencies (s): ms1 with default settings against MS4's "
                              "limit compressed ten-fold, one table")
+    parser.add_argument("--count-at", choices=("arrival", "answer"), default="arrival",
+                        help="with --sweep: when ms4-sim counts a request against its limit, "
+                             "and what ms1 is told ([send] ms4_counts_at; default arrival)")
     parser.add_argument("--sweep-limit", type=int, default=SWEEP_LIMIT, help=argparse.SUPPRESS)
     parser.add_argument("--sweep-window", type=float, default=SWEEP_WINDOW,
                         help=argparse.SUPPRESS)
@@ -432,20 +443,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --reference: rounds of reference, ms1, reference "
                              "(the machine is noisy: the median ratio is the figure)")
     parser.add_argument("--produce", nargs=4, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``ms1-bench``'s arguments, with the defaults that depend on the mode filled in."""
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.count is None:
+        args.count = 15_000 if args.sweep else 50_000
+    if args.timeout is None:
+        args.timeout = 120.0 if args.sweep else 1800.0
+    if args.sweep and (args.backlog or args.rate or args.reference):
+        parser.error("--sweep runs every e-mail at once: no --backlog, --rate, --reference")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.produce:
         config_path, count, rate, mode = args.produce
         produce(config_path, int(count), float(rate), ready=mode == "ready")
         return 0
     if shutil.which("redis-server") is None:
-        parser.error("redis-server is not installed")
-    if args.count is None:
-        args.count = 15_000 if args.sweep else 50_000
-    if args.timeout is None:
-        args.timeout = 120.0 if args.sweep else 1800.0
+        _parser().error("redis-server is not installed")
     if args.sweep:
-        if args.backlog or args.rate or args.reference:
-            parser.error("--sweep runs every e-mail at once: no --backlog, --rate, --reference")
         sweep(args, args.sweep)
         return 0
     if not args.reference:

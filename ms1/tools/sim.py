@@ -29,8 +29,11 @@ Control endpoints (no API key, not counted in the stats, no latency):
   reads a setting keep the old one (an in-flight request checked against the old key
   still answers as it would have).
 
-Request handling order for an API POST: read body -> ``latency`` (the server's work) ->
-``answer_status`` -> API key -> sliding-window rate limit -> injected faults -> parse
+Request handling order for an API POST: read body -> sliding-window rate limit (with
+``count_at = "arrival"``, the default: a request with the right key is counted as it
+arrives, and one over the limit is answered 429 at once) -> ``latency`` (the server's work) ->
+``answer_status`` -> API key -> sliding-window rate limit (with ``count_at = "answer"``:
+counted after the work) -> injected faults -> parse
 JSON -> shape -> validate every object -> accept (record, then maybe drop the connection
 without answering, or reset it after part of the answer) -> 202 at once. Like a real server,
 the sim does its work and then answers: an accepted request's 202 is on its way as soon
@@ -97,9 +100,13 @@ ACCEPTED_PATH = "/accepted"
 CONTROL_PATH = "/_control"
 #: settings ``POST /_control`` may change while the sim runs
 CONTROLLABLE = ("api_key", "latency", "fail_500", "fail_429", "fail_401", "drop", "reset",
-                "retry_after", "retry_after_form", "rate_limit", "window", "reject_every",
+                "retry_after", "retry_after_form", "rate_limit", "window", "count_at",
+                "reject_every",
                 "answer_status", "refuse_status")
 RETRY_AFTER_FORMS = ("seconds", "http-date")
+#: where the rate limiter counts a request: as it arrives (before the work, like a rate
+#: limiter in front of a service: over the limit, 429 at once) or as it is answered
+COUNT_AT = ("arrival", "answer")
 REFUSE_STATUSES = (400, 422)
 API_PATHS = (BATCH_PATH, SINGLE_PATH)
 REJECT_EVERY_REASON = "rejected by sim (reject_every)"
@@ -134,6 +141,7 @@ class SimConfig:
     api_key: str = "sim-key"
     rate_limit: int = 120  # requests per sliding window; 0 = unlimited
     window: float = 60.0  # seconds, sliding window
+    count_at: str = "arrival"  # when the limiter counts a request: "arrival" or "answer"
     latency: float = 0.0  # seconds slept before every API answer
     fail_500: float = 0.0  # probability of an injected 500
     fail_429: float = 0.0  # probability of an injected 429 (Retry-After: retry_after)
@@ -163,6 +171,8 @@ class SimConfig:
             raise ValueError("reject_every must be >= 0")
         if not 0 <= self.retry_after <= 86_400:
             raise ValueError("retry_after must be in [0, 86400] seconds")
+        if self.count_at not in COUNT_AT:
+            raise ValueError(f"count_at must be one of {COUNT_AT}, got {self.count_at!r}")
         if self.retry_after_form not in RETRY_AFTER_FORMS:
             raise ValueError(f"retry_after_form must be one of {RETRY_AFTER_FORMS}, "
                              f"got {self.retry_after_form!r}")
@@ -515,6 +525,10 @@ def _error(status: int, message: str, headers: tuple[tuple[str, str], ...] = ())
     return _Outcome(status, json.dumps({"error": message}).encode(), headers)
 
 
+def _rate_limited(retry_after: int) -> _Outcome:
+    return _error(429, "rate limit exceeded", (("Retry-After", str(retry_after)),))
+
+
 def _forced(status: int, host: str, path: str) -> _Outcome:
     """The answer of ``answer_status``: what such a status looks like from a real server."""
     if status in (204, 304):
@@ -538,6 +552,9 @@ def _reject_constant(name: str) -> Any:
 class _SimHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    #: listen backlog: socketserver's 5 resets a burst of new connections (a client
+    #: opening dozens at once, as MS4's window allows); a web server's usual is 128+
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], state: _SimState) -> None:
         self.state = state
@@ -742,6 +759,12 @@ class _Handler(BaseHTTPRequestHandler):
         except _BadBody as exc:
             self.close_connection = True
             return _error(400, str(exc))
+        counted = (self._state.config.count_at == "arrival" and path in API_PATHS
+                   and self._key_ok() and not self._state.config.answer_status)
+        if counted:  # a rate limiter in front of the work: over the limit, 429 at once
+            retry_after = self._state.admit()
+            if retry_after is not None:
+                return _rate_limited(retry_after)
         latency = self._state.config.latency
         if latency > 0:  # the server's work: then it decides and answers at once
             time.sleep(latency)
@@ -750,17 +773,22 @@ class _Handler(BaseHTTPRequestHandler):
         forced = self._state.config.answer_status
         if forced:
             return _forced(forced, self.headers.get("Host") or "ms4.invalid", path)
-        return self._process(path, body)
+        return self._process(path, body, counted)
 
-    def _process(self, path: str, body: bytes) -> _Outcome:
+    def _key_ok(self) -> bool:
+        key = self.headers.get("X-API-Key")
+        expected = self._state.config.api_key
+        return key is not None and hmac.compare_digest(key.encode(), expected.encode())
+
+    def _process(self, path: str, body: bytes, counted: bool) -> _Outcome:
         state = self._state
         cfg = state.config
-        key = self.headers.get("X-API-Key")
-        if key is None or not hmac.compare_digest(key.encode(), cfg.api_key.encode()):
+        if not self._key_ok():
             return _error(401, "invalid API key")
-        retry_after = state.admit()
-        if retry_after is not None:
-            return _error(429, "rate limit exceeded", (("Retry-After", str(retry_after)),))
+        if not counted:
+            retry_after = state.admit()
+            if retry_after is not None:
+                return _rate_limited(retry_after)
         fault = state.draw_fault()
         if fault == 500:
             return _error(500, "internal server error (injected by sim)")
@@ -967,6 +995,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rate-limit", type=int, default=d.rate_limit, help="0 = unlimited")
     p.add_argument("--window", type=float, default=d.window, help="sliding window, seconds")
+    p.add_argument("--count-at", choices=COUNT_AT, default=d.count_at,
+                   help="when the rate limit counts a request: as it arrives (default; over "
+                        "the limit: 429 at once) or as it is answered (after --latency)")
     p.add_argument("--latency", type=float, default=d.latency, help="seconds per request")
     p.add_argument("--fail-500", type=_probability, default=d.fail_500)
     p.add_argument("--fail-429", type=_probability, default=d.fail_429)
@@ -999,26 +1030,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         arguments, command = arguments[:cut], arguments[cut + 1:]
     args = parser.parse_args(arguments)
     try:
-        config = SimConfig(
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            rate_limit=args.rate_limit,
-            window=args.window,
-            latency=args.latency,
-            fail_500=args.fail_500,
-            fail_429=args.fail_429,
-            fail_401=args.fail_401,
-            drop=args.drop,
-            reset=args.reset,
-            retry_after=args.retry_after,
-            retry_after_form=args.retry_after_form,
-            reject_every=args.reject_every,
-            seed=args.seed,
-            max_body_bytes=args.max_body_bytes,
-            answer_status=args.answer_status,
-            refuse_status=args.refuse_status,
-        )
+        config = SimConfig(**{f.name: getattr(args, f.name)
+                              for f in dataclasses.fields(SimConfig)})
     except ValueError as exc:
         parser.error(str(exc))
     stop_requested = threading.Event()
