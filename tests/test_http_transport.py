@@ -659,3 +659,40 @@ def test_https_verifies_the_certificate(serve, tmp_path: Path) -> None:
     assert [post(trusting) for _ in range(3)] == [202] * 3
     assert server.connections == 1  # the refused handshake is not counted; one kept alive
     trusting.close()
+
+
+# --- when the request was out (issue 13: where a rate-limit slot is stamped) -------------
+
+def test_the_answer_says_when_the_request_was_out_not_when_it_came(serve) -> None:
+    def handle(peer: Peer, n: int, request: bytes) -> bool:
+        peer.stopped.wait(0.4)  # MS4's work
+        peer.send(answer())
+        return True
+
+    server = serve(handle)
+    transport = client(server.url)
+    before = time.monotonic()
+    response = transport.send(Request(BATCH_PATH, BODY, "idem-1", 1))
+    after = time.monotonic()
+    assert response.status == 202
+    assert response.sent is not None
+    assert before <= response.sent < before + 0.2  # out at once, answered 0.4 s later
+    assert after - response.sent >= 0.35
+    transport.close()
+
+
+def test_a_timeout_after_the_request_was_out_says_when_and_a_refusal_says_none(serve) -> None:
+    server = serve(lambda peer, n, request: peer.stopped.wait(5.0) and False)
+    transport = client(server.url, read_timeout=0.3)
+    before = time.monotonic()
+    with pytest.raises(TransportError) as timed_out:
+        post(transport)
+    assert timed_out.value.sent is not None and before <= timed_out.value.sent < before + 0.2
+    transport.close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        refused = client(f"http://127.0.0.1:{sock.getsockname()[1]}")
+        with pytest.raises(TransportError) as never_out:
+            post(refused)
+        assert never_out.value.sent is None  # never reached MS4: nothing it could count
+        refused.close()

@@ -720,3 +720,33 @@ def test_refuse_status_422_answers_refused_objects_with_422(
         r = client.post("/batch-metadata", json=[obj(), obj("INV-2", currency="eur")])
         assert r.status_code == 422
         assert r.json()["details"][0]["field"] == "currency"
+
+
+# --- where the rate limit counts a request (issue 13) ------------------------------------
+
+def test_count_at_arrival_answers_429_at_once_and_counts_before_the_work(
+        make_sim: Callable[..., Ms4Sim]) -> None:
+    sim = make_sim(rate_limit=1, window=60, latency=0.5)
+    with api_client(sim) as c:
+        started = time.monotonic()
+        assert c.post("/batch-metadata", json=[obj("A")]).status_code == 202
+        assert time.monotonic() - started >= 0.5  # the work
+        started = time.monotonic()
+        refused = c.post("/batch-metadata", json=[obj("B")])
+        assert refused.status_code == 429
+        assert time.monotonic() - started < 0.3  # a limiter in front: no work done
+    passed = sim._state.passed
+    assert len(passed) == 1 and passed[0] < started - 0.4  # counted as it arrived
+
+
+def test_count_at_answer_counts_after_the_work(make_sim: Callable[..., Ms4Sim]) -> None:
+    sim = make_sim(rate_limit=1, window=60, latency=0.5, count_at="answer")
+    with api_client(sim) as c:
+        started = time.monotonic()
+        assert c.post("/batch-metadata", json=[obj("A")]).status_code == 202
+        refused_at = time.monotonic()
+        assert c.post("/batch-metadata", json=[obj("B")]).status_code == 429
+        assert time.monotonic() - refused_at >= 0.5  # refused only after the work
+    assert sim._state.passed[0] >= started + 0.5
+    with pytest.raises(ValueError, match="count_at"):
+        SimConfig(count_at="sometimes")
