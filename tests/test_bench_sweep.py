@@ -23,3 +23,18 @@ def test_sweep_one_latency(capsys: pytest.CaptureFixture[str]) -> None:
     assert row[0] == "0.05" and row[11:13] == ["0", "0"], out  # no 429, none lost
     assert row[13] == "150"
     assert float(row[4].rstrip("%")) >= 90.0, out  # share of the safe maximum
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_light_load_keeps_few_requests_in_flight_and_adds_little_latency() -> None:
+    """One e-mail every 100 ms through the real pipeline with ms1's default (adaptive)
+    concurrency: at most 2 requests in flight on average, p99 inbound-to-202 within
+    max_wait + 50 ms."""
+    args = bench.parse_args(["--count", "100", "--rate", "10", "--timeout", "60"])
+    result = bench.run(args)
+    print(f"\nlight load: in flight mean {result['in_flight_mean']:.2f}, most "
+          f"{result['in_flight_max']:.0f}; p50 {result['p50_ms']:.1f} ms, "
+          f"p99 {result['p99_ms']:.1f} ms")
+    assert result["in_flight_mean"] <= 2
+    assert result["p99_ms"] <= args.max_wait * 1000 + 50

@@ -169,7 +169,8 @@ def _config(path: Path, redis_url: str, sim_url: str, args: argparse.Namespace) 
         send = (f"requests_per_minute = {args.sweep_limit}\n"
                 f"rate_window = {args.sweep_window:g}\nms4_counts_at = {args.count_at}")
     else:
-        send = f"threads = {args.threads}\nrequests_per_minute = 1000000"
+        send = ((f"threads = {args.threads}\n" if args.threads else "")
+                + "requests_per_minute = 1000000")
     path.write_text(f"""[ms1]
 log_level = WARNING
 [source]
@@ -267,8 +268,7 @@ def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
                 if flight or service.in_flight.current:
                     flight.append((service.in_flight.current, service.concurrency.target))
 
-        if args.sweep:
-            threading.Thread(target=sample_flight, daemon=True).start()
+        threading.Thread(target=sample_flight, daemon=True).start()
         finished = recorder.done.wait(args.timeout)
         if backlog:
             n = len(backlog)
@@ -330,6 +330,9 @@ def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
             "requests_per_s": recorder.requests / drain,
             "p50_ms": recorder.percentile(0.50) * 1000, "p99_ms": recorder.percentile(0.99) * 1000,
             "peak_rss_mib": rss, "cpu_us_per_invoice": cpu / args.count * 1e6,
+            "in_flight_mean": (statistics.fmean(f[0] for f in flight)
+                               if flight else float("nan")),
+            "in_flight_max": peak_in_flight,
         }
         return result
     finally:
@@ -355,13 +358,15 @@ def reference(path: str, count: int) -> float:
 
 def _report(args: argparse.Namespace, result: dict[str, float]) -> None:
     mode = "backlog" if args.backlog else (f"{args.rate:g}/s" if args.rate else "overlapped")
-    print(f"ms1: {args.count:,} invoices ({mode}, {args.threads} senders, max_wait "
+    senders = f"{args.threads} senders" if args.threads else "adaptive concurrency"
+    print(f"ms1: {args.count:,} invoices ({mode}, {senders}, max_wait "
           f"{args.max_wait} s): end-to-end {result['invoices_per_s']:,.0f} invoices/s, "
           f"drain {result['drain_invoices_per_s']:,.0f}/s, "
           f"{result['requests_per_s']:,.0f} requests/s, inbound-to-202 p50 "
           f"{result['p50_ms']:.1f} ms p99 {result['p99_ms']:.1f} ms, "
           f"peak RSS {result['peak_rss_mib']:.1f} MiB, ms1 CPU "
-          f"{result['cpu_us_per_invoice']:.0f} us/invoice", flush=True)
+          f"{result['cpu_us_per_invoice']:.0f} us/invoice, requests in flight mean "
+          f"{result['in_flight_mean']:.2f} most {result['in_flight_max']:.0f}", flush=True)
 
 
 def _sweep_line(r: dict[str, float]) -> str:
@@ -419,7 +424,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="queue every e-mail in Redis before ms1 starts")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="light load: e-mails per second (0: as fast as possible)")
-    parser.add_argument("--threads", type=int, default=4, help="sender threads")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="[send] threads: fixed concurrency (default: not set, adaptive)")
     parser.add_argument("--max-wait", type=float, default=0.05, help="[batch] max_wait (s)")
     parser.add_argument("--aof", choices=("no", "everysec", "always"), default="no",
                         help="Redis persistence (default no, like the reference loop)")
