@@ -25,9 +25,14 @@ Components (all on Redis Streams with one consumer group, ``[redis] group``):
 * rate limiter ``redis`` — a sliding-window log in a sorted set, updated by a Lua
   script on the server's clock, shared by every instance on the Redis.
 
-Connections: one redis-py client (hiredis parser) per config, on a blocking pool;
-a connection is checked out for one command (or pipeline, or script call) at a time,
-so any number of threads share the pool, waiting for a connection when it is busy.
+Connections: one redis-py client (hiredis parser) per config, on a blocking pool (per
+node in a cluster); a connection is checked out for one command (or pipeline, or script
+call) at a time, so any number of threads share the pool, waiting for a connection when
+it is busy. One Redis server (``[redis] url``), Sentinel (``[redis] sentinels``: the
+primary follows failovers) or Redis Cluster (``[redis] cluster = yes``: every key carries
+the hash tag ``[redis] key_tag``), all built in :mod:`.link`. With ``[redis]
+min_replicas_acked`` the ingestor's writes (``enqueue``, :mod:`ms1.inbound`) succeed only
+once that many replicas have them, and ms1's own scripts wait for them too (best effort).
 Explicit connect and socket timeouts, XREADGROUP BLOCK shorter than the socket timeout;
 redis-py's own retries are off (a retried XADD whose reply was lost would be a
 duplicate): ms1's loops retry, and when Redis is unreachable they log once, wait, and
@@ -37,8 +42,9 @@ carries more than a few thousand arguments.
 
 Modules:
 
-* :mod:`.link` — the client, its pool and scripts, the heartbeat thread, error
-  translation, URL redaction, :func:`link_for`;
+* :mod:`.link` — the client (one server, Sentinel, cluster), its pool and scripts,
+  waiting for replicas, the primary in use, the heartbeat thread, error translation, URL
+  redaction, the key names (:func:`~.link.key_names`), :func:`link_for`;
 * :mod:`.leases` — reading through the consumer group, held entries and their
   heartbeat refresh, takeover (own pending re-read, XAUTOCLAIM);
 * :mod:`.commit` — storing entries and acking their inbound e-mails in one step;
@@ -47,7 +53,8 @@ Modules:
 * :mod:`.deadletters` — :class:`RedisDeadLetters`;
 * :mod:`.limiter` — :class:`RedisRateLimiter`;
 * ``scripts/*.lua`` — ``enqueue`` (store + ack inbound), ``finish`` (ack an outbound
-  entry, with its replacements), ``limiter_acquire``, ``limiter_finish``;
+  entry, with its replacements), ``submit`` (the ingestor's e-mails, once per key),
+  ``limiter_acquire``, ``limiter_finish``;
 * this module — the plugin's hooks: options, components, factories.
 """
 
@@ -69,12 +76,22 @@ from ms1.source import Source
 
 from .deadletters import RedisDeadLetters
 from .limiter import RedisRateLimiter
-from .link import SECTION, RedisLink, check_url, link_for, redact_url, translated
+from .link import (
+    SECTION,
+    RedisLink,
+    check_addresses,
+    check_key_tag,
+    check_url,
+    key_names,
+    link_for,
+    redact_url,
+    translated,
+)
 from .outbound import RedisQueue
 from .source import RedisSource
 
 __all__ = ["RedisDeadLetters", "RedisLink", "RedisQueue", "RedisRateLimiter", "RedisSource",
-           "check_url", "consumer_name", "link_for", "redact_url", "translated"]
+           "check_url", "consumer_name", "key_names", "link_for", "redact_url", "translated"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +134,33 @@ def ms1_config_options() -> Sequence[Option]:
         Option(SECTION, "delete_acked_inbound", "bool", True,
                "delete inbound entries once safe (XDEL); say no if other consumer groups "
                "also read the inbound stream"),
+        Option(SECTION, "sentinels", "str", "",
+               "Redis Sentinel: host:port, host:port, ... of the Sentinels; set, ms1 asks them "
+               "for the primary of service_name and follows it through failovers (url then "
+               "gives only the database, TLS and credentials); empty: url is the server",
+               check=check_addresses),
+        Option(SECTION, "service_name", "str", "mymaster",
+               "with sentinels: the name the Sentinels monitor the primary under"),
+        Option(SECTION, "sentinel_password_env", "str", "",
+               "with sentinels: environment variable holding the Sentinels' own password "
+               "(when they have requirepass); the primary's is password_env"),
+        Option(SECTION, "cluster", "bool", False,
+               "Redis Cluster: url (and cluster_nodes) are startup nodes, the database is 0, "
+               "and every key carries the hash tag key_tag, so ms1's keys share one slot"),
+        Option(SECTION, "cluster_nodes", "str", "",
+               "with cluster: more startup nodes, host:port, host:port, ... (in case the "
+               "url's node is down when ms1 starts)", check=check_addresses),
+        Option(SECTION, "key_tag", "str", "",
+               "hash tag every key ms1 uses carries (without braces): ms1 makes ms1:emails "
+               "{ms1}:emails, any other name gets {tag}: in front; empty: names as they are "
+               "(with cluster = yes, empty means ms1)", check=check_key_tag),
+        Option(SECTION, "min_replicas_acked", "int", 0,
+               "replicas that must acknowledge a write (WAIT; WAITAOF on Redis 7.2+) before "
+               "'enqueue' and ms1.inbound report e-mails added (else they fail: retry); ms1's "
+               "own writes wait too, best effort; 0: no waiting (a failover can lose "
+               "e-mails the ingestor was told were added)", min=0, max=100),
+        Option(SECTION, "replica_ack_timeout", "float", 1.0,
+               "seconds a write waits for min_replicas_acked replicas", min=0.001, max=60),
     ]
 
 
@@ -139,12 +183,13 @@ def _check_linger(config: Config) -> None:
 
 
 def _queue(config: Config, link: RedisLink) -> RedisQueue:
-    return RedisQueue(link, stream=config.get_str(SECTION, "outbound_stream"),
+    keys = key_names(config)
+    return RedisQueue(link, stream=keys["outbound_stream"],
                       group=config.get_str(SECTION, "group"), consumer=consumer_name(config),
                       visibility_timeout=config.get_float(SECTION, "visibility_timeout"),
                       block_timeout=config.get_float(SECTION, "block_timeout"),
                       prefetch=min(8, sender_threads(config)),
-                      dead_letter_stream=config.get_str(SECTION, "dead_letter_stream"))
+                      dead_letter_stream=keys["dead_letter_stream"])
 
 
 @hookimpl
@@ -171,7 +216,7 @@ def ms1_make_source(name: str, config: Config, inputs: Sequence[str]) -> Source 
         raise config.error("source", "name", "the redis source reads the inbound stream, not "
                            "files: push files with 'ms1-service enqueue FILE...'")
     _check_linger(config)
-    return RedisSource(link_for(config), stream=config.get_str(SECTION, "inbound_stream"),
+    return RedisSource(link_for(config), stream=key_names(config)["inbound_stream"],
                        group=config.get_str(SECTION, "group"), consumer=consumer_name(config),
                        visibility_timeout=config.get_float(SECTION, "visibility_timeout"),
                        delete_acked=config.get_bool(SECTION, "delete_acked_inbound"),
@@ -182,8 +227,7 @@ def ms1_make_source(name: str, config: Config, inputs: Sequence[str]) -> Source 
 def ms1_make_dead_letters(name: str, config: Config) -> DeadLetterStore | None:
     if name != "redis":
         return None
-    return RedisDeadLetters(link_for(config),
-                            stream=config.get_str(SECTION, "dead_letter_stream"))
+    return RedisDeadLetters(link_for(config), stream=key_names(config)["dead_letter_stream"])
 
 
 @hookimpl
@@ -193,6 +237,6 @@ def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
     lease = 60.0  # the longest a request can take, unless the http transport says
     with contextlib.suppress(Ms1Error):
         lease = config.get_float("transport.http", "request_timeout") + 5.0
-    return RedisRateLimiter(link_for(config), key=config.get_str(SECTION, "rate_limit_key"),
+    return RedisRateLimiter(link_for(config), key=key_names(config)["rate_limit_key"],
                             limit=config.get_int("send", "requests_per_minute"),
                             window=config.get_float("send", "rate_window"), lease=lease)

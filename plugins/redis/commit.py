@@ -5,7 +5,9 @@ theirs) and acks each group's inbound refs with ``scripts/enqueue.lua``: atomic,
 idempotent per group (a group none of whose refs is still pending was stored by an
 earlier call whose reply was lost, and is skipped). That is where an inbound entry is
 acked when what became of it is stored on the same Redis; otherwise the caller stores,
-then acks with :meth:`~ms1_plugins.redis.source.RedisSource.ack`.
+then acks with :meth:`~ms1_plugins.redis.source.RedisSource.ack`. With ``[redis]
+min_replicas_acked`` each call is followed by a WAIT (best effort: a failover that loses the
+call makes the e-mails pending again, read again: nothing is lost either way).
 
 No script call carries more than :data:`MAX_SCRIPT_ARGS` arguments (Lua's ``unpack``
 has a limit, and one huge call blocks Redis meanwhile): a long list of groups goes in
@@ -56,7 +58,7 @@ def store(link: RedisLink, stream: str, groups: Sequence[EntryGroup],
         args = [*head, len(call)]
         for packed in call:
             args += packed
-        added += int(link.script("enqueue", keys, args))
+        added += int(link.script("enqueue", keys, args, replicate=True))
     if inbound is not None:
         inbound.forget([ref for _, refs in groups for ref in refs])
     return added

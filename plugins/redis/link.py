@@ -1,22 +1,51 @@
-"""The connection to Redis: one redis-py client per config and URL, and what goes with it.
+"""The connection to Redis: one redis-py client per config, and what goes with it.
 
 :class:`RedisLink` holds the client, its connection pool, the Lua scripts (``scripts/*.lua``,
 registered with redis-py, which loads one again when Redis lost its script cache) and
 the heartbeat thread. :func:`link_for` builds or shares the link of a config,
 :func:`translated` turns redis-py's errors into ms1's, :func:`redact_url` hides the
-password (ms1's one redaction), :func:`check_url` is the ``[redis] url`` option's check.
+password (ms1's one redaction), :func:`check_url` is the ``[redis] url`` option's check,
+:func:`key_names` is the one rule that names every key ms1 uses.
 
-Connections: a :class:`redis.BlockingConnectionPool`; every command checks a connection
-out for that command only (no connection is kept by a thread), so a pool smaller than the
-thread count is no error: a caller finding it busy waits for a free connection (at most
-``connect_timeout + socket_timeout``), as in a burst every command is short. The longest
-holds are the blocking reads (one XREADGROUP BLOCK at a time for the source, one for the
-queue, each at most ``block_timeout``). The pool is sized ``max(16, [send] threads + 8)``
-when the link is built; raising ``[send] threads`` on reload needs no new connections,
-only shares the same ones. Explicit connect and socket timeouts; TCP keepalive on TCP
-URLs (redis-py refuses the option on a ``unix://`` socket); redis-py's own retries are off
-(a retried XADD whose reply was lost would be a duplicate): ms1's loops retry, and when
-Redis is unreachable they log once, wait, and carry on when it is back.
+**Topologies** (:class:`Topology`), all built here and nowhere else:
+
+* one server: ``redis.Redis`` on a :class:`redis.BlockingConnectionPool` from ``[redis] url``;
+* Sentinel (``[redis] sentinels``): ``redis.sentinel.Sentinel(...).master_for(service_name)``
+  on :class:`BlockingSentinelPool` (redis-py's ``SentinelConnectionPool``, blocking like the
+  single-server pool). A new connection asks the Sentinels for the primary; a connection
+  that finds the old primary dead or demoted (``READONLY``) fails, the caller's loop
+  retries, and the retry connects to whichever primary the Sentinels name by then. While
+  none is named, every call fails as in a Redis outage and ms1 waits. The URL gives only
+  the database, TLS (``rediss``) and credentials;
+* Redis Cluster (``[redis] cluster = yes``): ``redis.cluster.RedisCluster`` with the URL
+  (and ``[redis] cluster_nodes``) as startup nodes, a blocking pool per node, its own
+  retries off (ms1's loops retry: a failed call makes the client read the slot table
+  again, and the retry goes to the new primary of the slot). Every key carries the hash
+  tag ``[redis] key_tag`` (:func:`key_names`), so each script's keys are in one slot.
+
+When the primary changes, the first call that succeeds afterwards logs one line naming the
+new one (:meth:`RedisLink.primary`; ``status`` shows it too).
+
+**Replicas.** With ``[redis] min_replicas_acked = n`` (:meth:`RedisLink.replicated`) a
+write is followed, on the same connection, by ``WAIT n timeout`` — or ``WAITAOF 0 n
+timeout`` on Redis 7.2 and later, where a replica counts once it has fsynced the write to
+its AOF. The ingestor's writes (``enqueue``, :mod:`ms1.inbound`) fail when fewer replicas
+acknowledged them; ms1's own scripts (enqueue-and-ack, a batch's ack) wait too, but only
+to bound what a failover can make it send twice: a shortfall is logged and delivery goes
+on (WAITs of its own are then left out for :data:`OWN_WAIT_PAUSE` s, so a missing replica
+does not slow every call down).
+
+Connections: every command checks a connection out for that command only (no connection
+is kept by a thread), so a pool smaller than the thread count is no error: a caller finding
+it busy waits for a free connection (at most ``connect_timeout + socket_timeout``), as in a
+burst every command is short. The longest holds are the blocking reads (one XREADGROUP
+BLOCK at a time for the source, one for the queue, each at most ``block_timeout``). The
+pool is sized ``max(16, [send] threads + 8)`` (per node, in a cluster) when the link is
+built; raising ``[send] threads`` on reload needs no new connections, only shares the same
+ones. Explicit connect and socket timeouts; TCP keepalive on TCP URLs (redis-py refuses
+the option on a ``unix://`` socket); redis-py's own retries are off (a retried XADD whose
+reply was lost would be a duplicate): ms1's loops retry, and when Redis is unreachable they
+log once, wait, and carry on when it is back.
 """
 
 from __future__ import annotations
@@ -28,16 +57,20 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from ms1.config import Config, Secret
+from ms1.config import Config, Secret, split_address
 from ms1.errors import Ms1Error
 from ms1.redaction import redact
 from ms1.sending.concurrency import sender_threads
@@ -45,9 +78,20 @@ from ms1.sending.concurrency import sender_threads
 log = logging.getLogger(__name__)
 SECTION = "redis"
 #: the Lua scripts, ``scripts/<name>.lua``
-SCRIPTS = ("enqueue", "finish", "limiter_acquire", "limiter_finish")
+SCRIPTS = ("enqueue", "finish", "submit", "limiter_acquire", "limiter_finish")
 #: a stream entry's fields as ms1 writes them
 Fields = dict[str, bytes | str]
+#: seconds ms1 leaves out the WAIT after its own scripts once one fell short
+OWN_WAIT_PAUSE = 5.0
+#: the hash tag of every key when ``[redis] cluster = yes`` and ``key_tag`` is empty
+CLUSTER_KEY_TAG = "ms1"
+#: options naming a key, and the key they name (:func:`key_names`)
+KEY_OPTIONS = ("inbound_stream", "outbound_stream", "dead_letter_stream", "rate_limit_key")
+#: errors that mean "Redis (or its primary) is not there right now", not "wrong command"
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,
+    redis.exceptions.ReadOnlyError, redis.exceptions.MovedError,
+    redis.exceptions.TryAgainError, RedisClusterException)
 
 
 def redact_url(url: str) -> str:
@@ -60,6 +104,63 @@ def check_url(url: str) -> None:
     """What redis-py refuses in ``[redis] url`` (its own parser: scheme, port, ``db``,
     query arguments): raise ValueError. Run at load, so ``check`` refuses it too."""
     redis.connection.parse_url(url)  # type: ignore[no-untyped-call]  # redis-py: untyped
+
+
+def parse_addresses(text: str) -> tuple[tuple[str, int], ...]:
+    """``host:port, host:port, ...`` (``[redis] sentinels``, ``cluster_nodes``) as pairs;
+    empty text: none. Raise ValueError naming the bad one."""
+    found = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        host, port = split_address(part)
+        found.append((host, port))
+    if text.strip() and not found:
+        raise ValueError(f"expected host:port, host:port, ..., got {text!r}")
+    return tuple(found)
+
+
+def check_addresses(text: str) -> None:
+    parse_addresses(text)
+
+
+def hash_tag(key: str) -> str | None:
+    """The hash tag of ``key`` as Redis Cluster reads it: what lies between the first
+    ``{`` and the next ``}``, if that is not empty; None if it has none."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    if end <= start + 1:
+        return None
+    return key[start + 1:end]
+
+
+def check_key_tag(tag: str) -> None:
+    if any(char in tag for char in "{}") or tag != tag.strip() or any(
+            not char.isprintable() for char in tag):
+        raise ValueError(f"a hash tag without braces or spaces, e.g. ms1 (keys become "
+                         f"{{ms1}}:emails ...), got {tag!r}")
+
+
+def tagged(name: str, tag: str) -> str:
+    """The key ms1 uses for the configured name ``name`` under hash tag ``tag`` (the one
+    key-naming rule): no tag, or a name that already carries it: the name as it is; a name
+    starting with ``tag:`` gets that prefix in braces (``ms1:emails`` -> ``{ms1}:emails``);
+    any other name gets ``{tag}:`` in front (``orders:in`` -> ``{ms1}:orders:in``). A name
+    carrying another hash tag is a ValueError (its keys would land in another slot)."""
+    if not tag:
+        return name
+    found = hash_tag(name)
+    if found == tag:
+        return name
+    if found is not None:
+        raise ValueError(f"{name!r} carries the hash tag {{{found}}}, not key_tag {{{tag}}}: "
+                         "every key must be in one slot")
+    if name.startswith(f"{tag}:"):
+        return f"{{{tag}}}{name[len(tag):]}"
+    return f"{{{tag}}}:{name}"
 
 
 def pool_size(threads: int) -> int:
@@ -76,48 +177,331 @@ def _script_text(name: str) -> str:
     return package.joinpath("scripts", f"{name}.lua").read_text()
 
 
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split("."):
+        digits = "".join(char for char in part if char.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+class BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """redis-py's Sentinel pool (its connections ask the Sentinels for the primary, and
+    drop a connection to a demoted one), blocking like ms1's single-server pool: a caller
+    finding every connection busy waits for one instead of failing."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How the primary is found: one server (the URL), Sentinels, or a Redis Cluster."""
+
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service_name: str = "mymaster"
+    sentinel_password: Secret | None = None
+    cluster: bool = False
+    cluster_nodes: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "sentinel" if self.sentinels else "cluster" if self.cluster else "single"
+
+    def describe(self) -> str:
+        if self.sentinels:
+            where = ", ".join(f"{h}:{p}" for h, p in self.sentinels)
+            return f"Sentinel service {self.service_name!r} ({where})"
+        return "Redis Cluster" if self.cluster else "one server"
+
+
+SINGLE = Topology()
+
+
+def _without_password(url: str) -> str:
+    """``url`` with no password in its userinfo (the password goes in by argument)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = (f"{parts.username}@" if parts.username else "") + host + \
+        (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 class RedisLink:
     """One redis-py client with ms1's settings, shared by the components of one config."""
 
     def __init__(self, url: str, *, password: Secret | None = None,
                  socket_timeout: float = 10.0, connect_timeout: float = 3.0,
-                 max_connections: int = 16) -> None:
-        self.url = redact_url(url)
-        kwargs: dict[str, Any] = {
-            "max_connections": max_connections,
-            "timeout": connect_timeout + socket_timeout,  # wait for a free pooled connection
-            "socket_timeout": socket_timeout,
-            "socket_connect_timeout": connect_timeout,
-            "health_check_interval": 30,
-            "retry": Retry(NoBackoff(), 0),
-            "client_name": "ms1",
-        }
-        if password is not None:
-            kwargs["password"] = password.reveal()
-        try:
-            if urlsplit(url).scheme in ("redis", "rediss"):
-                kwargs["socket_keepalive"] = True
-            pool = redis.BlockingConnectionPool.from_url(url, **kwargs)
-        except ValueError as exc:
-            raise Ms1Error(f"invalid Redis URL {self.url!r}: {exc}") from None
-        # typed Any: redis-py annotates replies as RESP2/RESP3 unions that never narrow
-        self.client: Any = redis.Redis(connection_pool=pool)
-        self._scripts: dict[str, Script] = {
-            name: self.client.register_script(_script_text(name)) for name in SCRIPTS}
+                 max_connections: int = 16, topology: Topology = SINGLE, key_tag: str = "",
+                 min_replicas: int = 0, replica_timeout: float = 1.0) -> None:
+        self.topology = topology
+        self.key_tag = CLUSTER_KEY_TAG if topology.cluster and not key_tag else key_tag
+        #: a key in the slot of every key ms1 uses (routes WAIT in a cluster)
+        self.home_key = f"{{{self.key_tag}}}" if self.key_tag else "ms1"
+        self.min_replicas = min_replicas
+        self.replica_timeout = replica_timeout
+        redacted = redact_url(url)
+        self.url = redacted if topology.kind == "single" else \
+            f"{topology.describe()}, {redacted}"
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._sentinel: Sentinel | None = None
+        self._scripts: dict[str, Script] = {}
+        self._build: Callable[[], Any]
+        self._make_client(url, password, socket_timeout, connect_timeout, max_connections)
         self._users = 0
         self.closed = False
-        self._lock = threading.Lock()
         self._refreshers: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._interval = 20.0
         #: time.monotonic() of the last failed Redis call (0: none yet)
         self.failed_at = 0.0
+        self._primary: str | None = None
+        self._waitaof: bool | None = None  # does the primary have WAITAOF (7.2+)?
+        self._own_wait_paused_until = 0.0
+
+    # --- the client ----------------------------------------------------------------------
+
+    def _make_client(self, url: str, password: Secret | None, socket_timeout: float,
+                     connect_timeout: float, max_connections: int) -> None:
+        kwargs: dict[str, Any] = {
+            "max_connections": max_connections,
+            "timeout": connect_timeout + socket_timeout,  # wait for a free pooled connection
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            "client_name": "ms1",
+        }
+        secret = password.reveal() if password is not None else None
+        kind = self.topology.kind
+        try:
+            scheme = urlsplit(url).scheme
+            if scheme in ("redis", "rediss"):
+                kwargs["socket_keepalive"] = True
+            if kind == "single":
+                if secret is not None:
+                    kwargs["password"] = secret
+                pool = redis.BlockingConnectionPool.from_url(
+                    url, health_check_interval=30, retry=Retry(NoBackoff(), 0), **kwargs)
+                self._client = redis.Redis(connection_pool=pool)
+                self._register_scripts()
+                return
+            if scheme == "unix":
+                raise ValueError(f"{kind} needs a redis:// or rediss:// URL, not unix://")
+            if kind == "sentinel":
+                self._sentinel_client(url, secret, kwargs, connect_timeout)
+                return
+            # a cluster: built on first use (construction reads the slot table)
+            options = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+            if options.get("db", 0) != 0:
+                raise ValueError("a Redis Cluster has database 0 only: drop /N from the URL")
+            if secret is not None:
+                url = _without_password(url)
+                kwargs["password"] = secret
+            nodes = [ClusterNode(host, port)  # type: ignore[no-untyped-call]  # redis-py
+                     for host, port in self.topology.cluster_nodes]
+            self._build = lambda: RedisCluster(
+                url=url, startup_nodes=nodes, retry=Retry(NoBackoff(), 0),
+                require_full_coverage=False,
+                connection_pool_class=redis.BlockingConnectionPool, **kwargs)
+        except ValueError as exc:
+            raise Ms1Error(f"invalid Redis URL {redact_url(url)!r}: {exc}") from None
+
+    def _sentinel_client(self, url: str, secret: str | None, kwargs: dict[str, Any],
+                         connect_timeout: float) -> None:
+        options = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+        ssl = options.pop("connection_class", None) is redis.SSLConnection
+        for name in ("host", "port"):
+            options.pop(name, None)
+        if secret is not None:
+            options["password"] = secret
+        if ssl:
+            options["ssl"] = True
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": connect_timeout, "socket_connect_timeout": connect_timeout,
+            "retry": Retry(NoBackoff(), 0), "client_name": "ms1-sentinel-query"}
+        if ssl:
+            sentinel_kwargs["ssl"] = True
+        if self.topology.sentinel_password is not None:
+            sentinel_kwargs["password"] = self.topology.sentinel_password.reveal()
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py: untyped
+            list(self.topology.sentinels), sentinel_kwargs=sentinel_kwargs)
+        self._client = self._sentinel.master_for(  # type: ignore[no-untyped-call]
+            self.topology.service_name, connection_pool_class=BlockingSentinelPool,
+            health_check_interval=30, retry=Retry(NoBackoff(), 0), **{**kwargs, **options})
+        self._register_scripts()
+
+    def _register_scripts(self) -> None:
+        self._scripts = {name: self._client.register_script(_script_text(name))
+                         for name in SCRIPTS}
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client (``redis.Redis``, Sentinel's primary client or
+        ``RedisCluster``). A cluster client is built on first use, which reads the slot
+        table: while no node answers this raises, like any call during an outage. Typed
+        Any: redis-py annotates replies as RESP2/RESP3 unions that never narrow."""
+        client = self._client
+        if client is not None:
+            return client
+        with self._lock:
+            if self._client is None:
+                self._client = self._build()
+                self._register_scripts()
+            return self._client
 
     def script(self, name: str, keys: Sequence[str],
-               args: Sequence[bytes | str | int | float]) -> Any:
-        """Run ``scripts/<name>.lua`` (EVALSHA; redis-py loads it again after NOSCRIPT)."""
-        return self._scripts[name](keys=keys, args=args)
+               args: Sequence[bytes | str | int | float], *, replicate: bool = False) -> Any:
+        """Run ``scripts/<name>.lua`` (EVALSHA; redis-py loads it again after NOSCRIPT).
+        ``replicate``: one of ms1's own writes that should reach ``min_replicas_acked``
+        replicas before it counts as done (best effort: see the module doc)."""
+        client = self.client
+        if not replicate or not self._own_wait_due():
+            return self._scripts[name](keys=keys, args=args, client=client)
+        replies, acked = self.replicated(
+            lambda pipe: self._scripts[name](keys=keys, args=args, client=pipe))
+        self._own_wait_done(acked, name)
+        return replies[0]
+
+    def script_on(self, pipe: Any, name: str, keys: Sequence[str],
+                  args: Sequence[bytes | str | int | float]) -> None:
+        """Queue ``scripts/<name>.lua`` on ``pipe`` (a pipeline of :meth:`replicated`)."""
+        self._scripts[name](keys=keys, args=args, client=pipe)
+
+    # --- replicas --------------------------------------------------------------------------
+
+    @property
+    def uses_waitaof(self) -> bool:
+        """True once the primary was found to have WAITAOF (Redis 7.2+)."""
+        return bool(self._waitaof)
+
+    def replicated(self, queue: Callable[[Any], object]) -> tuple[list[Any], int]:
+        """Run the commands ``queue`` puts on a pipeline, followed on the same connection
+        by ``WAIT min_replicas_acked timeout`` (``WAITAOF 0 n timeout`` on Redis 7.2+).
+        Returns their replies and how many replicas acknowledged them (0 without
+        ``min_replicas_acked``: then no WAIT is sent). Raises redis-py's errors."""
+        pipe = self._node_client().pipeline(transaction=False)
+        try:
+            queue(pipe)
+            count = len(pipe)
+            if self.min_replicas > 0:
+                waitaof = self._has_waitaof()
+                timeout_ms = max(1, int(self.replica_timeout * 1000))
+                if waitaof:
+                    pipe.execute_command("WAITAOF", 0, self.min_replicas, timeout_ms)
+                else:
+                    pipe.execute_command("WAIT", self.min_replicas, timeout_ms)
+            replies = pipe.execute()
+        except (redis.RedisError, RedisClusterException):
+            self._reroute()
+            raise
+        finally:
+            pipe.reset()
+        if self.min_replicas <= 0:
+            return list(replies), 0
+        ack = replies[count]
+        acked = int(ack[1]) if isinstance(ack, list | tuple) else int(ack)
+        return list(replies[:count]), acked
+
+    def _node_client(self) -> Any:
+        """A client of the primary holding every key ms1 uses: the client itself, or in a
+        cluster the node serving the keys' slot (a pipeline there is one connection, so a
+        WAIT follows the writes it is about)."""
+        client = self.client
+        if self.topology.cluster:
+            return client.get_redis_connection(client.get_node_from_key(self.home_key))
+        return client
+
+    def _reroute(self) -> None:
+        """After a failed call through a cluster node's own client: one routed call, so the
+        cluster client reads the slot table again (it does on a connection error or a
+        MOVED) and the next try goes to the slot's new primary."""
+        if self.topology.cluster and self._client is not None:
+            with contextlib.suppress(redis.RedisError, RedisClusterException):
+                self._client.exists(self.home_key)
+
+    def _has_waitaof(self) -> bool:
+        """Whether the primary has WAITAOF (Redis 7.2+); asked once per primary."""
+        if self._waitaof is None:
+            info = self._node_client().info("server")
+            version = str(info.get("redis_version", "0"))
+            self._waitaof = _version(version) >= (7, 2)
+            if self._waitaof:
+                log.info("Redis %s has WAITAOF: a write counts as on a replica once that "
+                         "replica has fsynced it to its AOF (replicas need appendonly yes)",
+                         version)
+            else:
+                log.info("Redis %s has no WAITAOF (7.2+): a write counts as on a replica once "
+                         "that replica has received it (WAIT)", version)
+        return self._waitaof
+
+    def _own_wait_due(self) -> bool:
+        return self.min_replicas > 0 and time.monotonic() >= self._own_wait_paused_until
+
+    def _own_wait_done(self, acked: int, what: str) -> None:
+        if acked >= self.min_replicas:
+            if self._own_wait_paused_until:
+                self._own_wait_paused_until = 0.0
+                log.warning("Redis replicas acknowledge ms1's writes again (%d of %d)",
+                            acked, self.min_replicas)
+            return
+        if not self._own_wait_paused_until:
+            log.warning("only %d of %d Redis replicas acknowledged ms1's %s within %g s "
+                        "([redis] min_replicas_acked, replica_ack_timeout): delivery goes on; "
+                        "a failover now can send some batches twice; waiting for replicas "
+                        "is left out for %g s at a time until they answer", acked,
+                        self.min_replicas, what, self.replica_timeout, OWN_WAIT_PAUSE)
+        self._own_wait_paused_until = time.monotonic() + OWN_WAIT_PAUSE
+
+    # --- the primary -----------------------------------------------------------------------
+
+    def primary(self) -> str | None:
+        """``host:port`` of the primary ms1 uses now, as the client last found it (no I/O):
+        the URL's server, the Sentinels' primary, the cluster node serving ms1's slot.
+        None before the first connection."""
+        client = self._client
+        if client is None:
+            return None
+        try:
+            if self.topology.sentinels:
+                address = client.connection_pool.master_address
+                return None if address is None else f"{address[0]}:{address[1]}"
+            if self.topology.cluster:
+                return str(client.get_node_from_key(self.home_key).name)
+        except (redis.RedisError, RedisClusterException, AttributeError):
+            return None
+        kwargs = client.connection_pool.connection_kwargs
+        if "path" in kwargs:
+            return str(kwargs["path"])
+        return f"{kwargs.get('host')}:{kwargs.get('port')}"
+
+    def succeeded(self) -> None:
+        """A call just succeeded: log which primary ms1 uses when it is not the one it used
+        before (the first one at INFO, a new one after a failover at WARNING). One attribute
+        read and a comparison when nothing changed; nothing with one server."""
+        if self.topology.kind == "single":
+            return
+        current = self.primary()
+        if current is None or current == self._primary:
+            return
+        with self._lock:
+            if current == self._primary:
+                return
+            previous, self._primary = self._primary, current
+            if previous is not None:
+                self._waitaof = None  # another server: ask again
+        if previous is None:
+            log.info("Redis: %s: primary %s", self.topology.describe(), current)
+        else:
+            log.warning("Redis: %s: the primary is now %s (was %s)", self.topology.describe(),
+                        current, previous)
+
+    def describe(self) -> dict[str, object]:
+        """For ``status``: the topology and the primary in use (nothing for one server)."""
+        if self.topology.kind == "single":
+            return {}
+        return {"redis": f"{self.topology.describe()}, primary {self.primary() or '?'}"}
+
+    # --- users -----------------------------------------------------------------------------
 
     def use(self) -> RedisLink:
         with self._lock:
@@ -131,14 +515,26 @@ class RedisLink:
             self.closed = last
         if last:
             self._stop.set()
-            self.client.close()
-            self.client.connection_pool.disconnect()
+            client = self._client
+            if client is not None:
+                client.close()
+                if not self.topology.cluster:
+                    client.connection_pool.disconnect()
+            if self._sentinel is not None:
+                with contextlib.suppress(redis.RedisError):
+                    self._sentinel.close()
 
     def ping(self) -> bool:
         try:
             return bool(self.client.ping())
-        except redis.RedisError:
+        except (redis.RedisError, RedisClusterException):
             return False
+
+    def server_config(self, name: str) -> str | None:
+        """``CONFIG GET name`` of the primary (of ms1's slot); raises redis-py's errors."""
+        reply = self._node_client().config_get(name)
+        value = reply.get(name)
+        return None if value is None else str(value)
 
     # --- heartbeat ---------------------------------------------------------------------
 
@@ -175,23 +571,74 @@ def translated(error: type[Ms1Error], what: str, link: RedisLink) -> Iterator[No
     """Turn redis-py's exceptions into ms1's, naming the operation and the (redacted) URL."""
     try:
         yield
-    except redis.RedisError as exc:
-        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+    except (redis.RedisError, RedisClusterException) as exc:
+        if isinstance(exc, OUTAGE_ERRORS):
             link.failed_at = time.monotonic()
         raise error(f"{what}: {type(exc).__name__}: {exc} (Redis at {link.url})") from exc
+    link.succeeded()
 
 
-# --- one link per config and URL -------------------------------------------------------
+# --- one link per config ---------------------------------------------------------------
 
 _links: weakref.WeakKeyDictionary[Config, dict[str, RedisLink]] = weakref.WeakKeyDictionary()
+
+
+def key_tag(config: Config) -> str:
+    """The hash tag every key carries: ``[redis] key_tag``; with ``cluster = yes`` and no
+    tag set, ``ms1``."""
+    tag = config.get_str(SECTION, "key_tag").strip("{}")
+    if not tag and config.get_bool(SECTION, "cluster"):
+        return CLUSTER_KEY_TAG
+    return tag
+
+
+def key_names(config: Config) -> dict[str, str]:
+    """The key of each key option (:data:`KEY_OPTIONS`) under the config's hash tag
+    (:func:`tagged`): the one place a key ms1 uses is named. Without a tag (one server,
+    Sentinel) the names are as configured."""
+    tag = key_tag(config)
+    names = {}
+    for option in KEY_OPTIONS:
+        try:
+            names[option] = tagged(config.get_str(SECTION, option), tag)
+        except ValueError as exc:
+            raise config.error(SECTION, option, str(exc)) from None
+    return names
+
+
+def topology_of(config: Config) -> Topology:
+    """``[redis] sentinels`` / ``cluster`` as a :class:`Topology` (checked together)."""
+    sentinels = parse_addresses(config.get_str(SECTION, "sentinels"))
+    cluster = config.get_bool(SECTION, "cluster")
+    if sentinels and cluster:
+        raise config.error(SECTION, "cluster", "a Redis Cluster has no Sentinels: set either "
+                           "sentinels or cluster = yes")
+    nodes = parse_addresses(config.get_str(SECTION, "cluster_nodes"))
+    if nodes and not cluster:
+        raise config.error(SECTION, "cluster_nodes", "only with cluster = yes")
+    password = None
+    env = config.get_str(SECTION, "sentinel_password_env")
+    if env and sentinels:
+        value = os.environ.get(env, "")
+        if not value:
+            raise config.error(SECTION, "sentinel_password_env", f"${env} is not set or empty")
+        password = Secret(value, f"${env}")
+    service = config.get_str(SECTION, "service_name")
+    if sentinels and not service:
+        raise config.error(SECTION, "service_name", "the Sentinels' name of the primary is "
+                           "needed with sentinels")
+    return Topology(sentinels=sentinels, service_name=service, sentinel_password=password,
+                    cluster=cluster, cluster_nodes=nodes)
 
 
 def link_for(config: Config) -> RedisLink:
     """The shared client of this config (created on first use, never at import); each
     component takes its own use of it (:meth:`RedisLink.use`) and releases it on close."""
     url = config.get_str(SECTION, "url")
+    topology = topology_of(config)
+    where = f"{url} {topology.kind} {topology.sentinels} {topology.cluster_nodes}"
     by_url = _links.setdefault(config, {})
-    link = by_url.get(url)
+    link = by_url.get(where)
     if link is None or link.closed:
         password = None
         env = config.get_str(SECTION, "password_env")
@@ -204,12 +651,16 @@ def link_for(config: Config) -> RedisLink:
                                                                            "socket_timeout"):
             raise config.error(SECTION, "block_timeout", "must be shorter than socket_timeout "
                                "(a blocked read would otherwise time out as an error)")
+        key_names(config)  # every key name valid under the tag
         try:
             link = RedisLink(url, password=password,
                              socket_timeout=config.get_float(SECTION, "socket_timeout"),
                              connect_timeout=config.get_float(SECTION, "connect_timeout"),
-                             max_connections=pool_size(sender_threads(config)))
+                             max_connections=pool_size(sender_threads(config)),
+                             topology=topology, key_tag=key_tag(config),
+                             min_replicas=config.get_int(SECTION, "min_replicas_acked"),
+                             replica_timeout=config.get_float(SECTION, "replica_ack_timeout"))
         except Ms1Error as exc:
             raise config.error(SECTION, "url", str(exc)) from None
-        by_url[url] = link
+        by_url[where] = link
     return link.use()

@@ -13,7 +13,10 @@ Where an outbound entry is acked: only in ``scripts/finish.lua``, called by
 ms1 batch (set aside: a dead letter with its raw fields and the reason, stage ``queue``,
 added to ``[redis] dead_letter_stream`` in the same step), and for an entry deleted while
 pending. XACK and XDEL go together: ms1 never trims, a stream's length is exactly the
-work not yet done.
+work not yet done. With ``[redis] min_replicas_acked`` the script is followed by a WAIT on
+the same connection, and an ack that fails (a failover under it) is retried by the sender
+until it is done on the new primary: a batch MS4 accepted is sent again after a failover
+only if it was in flight when the primary died.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from ms1.errors import QueueError
 from ms1.model import BATCH_PATH, DEFAULT_MAX_PAYLOAD_BYTES, UNIT_PATH, Batch, DeadLetter
@@ -170,9 +174,9 @@ class RedisQueue(QueueBackend):
 
     def _check_persistence(self) -> None:
         try:
-            aof = self.link.client.config_get("appendonly").get("appendonly")
-            policy = self.link.client.config_get("maxmemory-policy").get("maxmemory-policy")
-        except redis.RedisError:
+            aof = self.link.server_config("appendonly")
+            policy = self.link.server_config("maxmemory-policy")
+        except (redis.RedisError, RedisClusterException):
             return  # CONFIG may be disabled (managed Redis): nothing to check
         if aof != "yes":
             log.warning("Redis at %s runs without AOF (appendonly %s): a Redis crash can lose "
@@ -270,7 +274,8 @@ class RedisQueue(QueueBackend):
         once (``scripts/finish.lua``): the one place an outbound entry is acked."""
         with translated(QueueError, what, self.link):
             self.link.script("finish", [self.stream, to],
-                             [self.group, entry_id, *pack_entries(replacements)])
+                             [self.group, entry_id, *pack_entries(replacements)],
+                             replicate=True)
         self._held.discard([entry_id])
 
     def ack(self, delivery: Delivery) -> None:
@@ -303,7 +308,8 @@ class RedisQueue(QueueBackend):
         return QueueStats(max(0, int(length) - in_flight), in_flight, None)
 
     def describe(self) -> dict[str, object]:
-        return describe_stream(self.link, self.stream, self.group, QueueError)
+        return {**describe_stream(self.link, self.stream, self.group, QueueError),
+                **self.link.describe()}
 
     def close(self) -> None:
         """Give back prefetched batches no sender took, then let go of the connection."""

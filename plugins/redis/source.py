@@ -24,14 +24,24 @@ entry is:
 
 The intake makes an entry with a ``problem`` a dead letter (stage ``source``), acked
 atomically like every dead letter; the entries read with it are processed as usual.
+
+E-mails come in through :meth:`RedisSource.submit` (:mod:`ms1.inbound`, the ingestor's
+helper): ``scripts/submit.lua`` adds them with their key, once per key, and with ``[redis]
+min_replicas_acked`` a WAIT on the same connection tells whether enough replicas have them
+(:meth:`~.link.RedisLink.replicated`). :meth:`RedisSource.push` (``ms1-service enqueue``)
+submits chunk by chunk, retrying each under its key through a failover; with one server and
+no ``min_replicas_acked`` it pipelines plain XADDs, as it always did.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections.abc import Sequence
 
-from ms1.errors import SourceError
+from ms1.errors import Ms1Error, SourceError
+from ms1.inbound import SubmitError
 from ms1.model import InboundMessage
 from ms1.source import MAX_EMAIL_BYTES, Source
 
@@ -48,8 +58,14 @@ from .leases import (
 from .link import RedisLink, translated
 
 log = logging.getLogger(__name__)
-#: e-mails per pipeline of ``push``
+#: e-mails per pipeline of ``push``, and per script call of ``submit``
 XADD_CHUNK = 500
+#: seconds a submit key is remembered (a retry with it within that adds nothing twice)
+SUBMIT_MEMORY = 3600
+#: seconds ``push`` (``ms1-service enqueue``) retries a chunk through an outage or failover
+PUSH_RETRY = 120.0
+#: seconds between those retries
+RETRY_PAUSE = 0.5
 
 
 def inbound_message(stream: str, entry_id: str, fields: dict[bytes, bytes],
@@ -90,6 +106,8 @@ class RedisSource(Source):
         self.max_email_bytes = max_email_bytes
         self.stream, self.group, self.consumer = stream, group, consumer
         self.delete = delete_acked
+        #: the sorted set of submit keys (same hash tag as the stream: same slot)
+        self.submitted_key = f"{stream}:submitted"
         self._ready = False
         self._held = Held(link, stream, group, consumer)
         self._claimer = Claimer(link, stream, group, consumer, visibility_timeout,
@@ -129,6 +147,13 @@ class RedisSource(Source):
         self.forget(refs)
 
     def push(self, emails: Sequence[bytes]) -> int:
+        """Add e-mails (``ms1-service enqueue``). One server without ``min_replicas_acked``:
+        pipelined XADDs. Otherwise :meth:`submit` per chunk, each retried under its key for
+        up to :data:`PUSH_RETRY` s (through a failover, without adding any twice)."""
+        if self.link.topology.kind != "single" or self.link.min_replicas > 0:
+            for start in range(0, len(emails), XADD_CHUNK):
+                self.submit(emails[start:start + XADD_CHUNK], retry_for=PUSH_RETRY)
+            return len(emails)
         with translated(SourceError, f"add e-mails to {self.stream}", self.link):
             for start in range(0, len(emails), XADD_CHUNK):
                 pipe = self.link.client.pipeline(transaction=False)
@@ -137,8 +162,61 @@ class RedisSource(Source):
                 pipe.execute()
         return len(emails)
 
+    def submit(self, emails: Sequence[bytes], *, key: str | None = None,
+               retry_for: float = 0.0) -> str:
+        """Add ``emails`` under ``key`` (a new one if None) and return the key: once per
+        key, and with ``min_replicas_acked = n`` only reported done once ``n`` replicas
+        acknowledged them. Raises :class:`~ms1.inbound.SubmitError` otherwise, after
+        retrying for ``retry_for`` s (see :mod:`ms1.inbound`)."""
+        key = key or uuid.uuid4().hex
+        deadline = time.monotonic() + retry_for
+        failing = False
+        while True:
+            try:
+                self._submit_once(emails, key)
+            except SubmitError as exc:
+                if time.monotonic() + RETRY_PAUSE > deadline:
+                    raise
+                if not failing:
+                    log.warning("%s; retrying for up to %.0f s", exc, retry_for)
+                failing = True
+                time.sleep(RETRY_PAUSE)
+                continue
+            if failing:
+                log.warning("recovered: %d e-mails submitted to %s under key %s",
+                            len(emails), self.stream, key)
+            return key
+
+    def _submit_once(self, emails: Sequence[bytes], key: str) -> None:
+        chunks = [emails[start:start + XADD_CHUNK]
+                  for start in range(0, len(emails), XADD_CHUNK)]
+        keys = [self.stream, self.submitted_key]
+
+        def queue(pipe: object) -> None:
+            for n, chunk in enumerate(chunks):
+                token = key if len(chunks) == 1 else f"{key}:{n}"
+                self.link.script_on(pipe, "submit", keys, [token, SUBMIT_MEMORY, *chunk])
+
+        what = f"submit {len(emails)} e-mails to {self.stream} under key {key}"
+        try:
+            with translated(SourceError, what, self.link):
+                _, acked = self.link.replicated(queue)
+        except Ms1Error as exc:
+            raise SubmitError(f"{exc}: they may or may not be in the stream; retry with "
+                              f"key {key!r} to add none twice", key=key) from exc
+        wanted = self.link.min_replicas
+        if acked < wanted:
+            how = "fsynced" if self.link.uses_waitaof else "acknowledged"
+            raise SubmitError(
+                f"{what}: only {acked} of {wanted} replicas {how} them within "
+                f"{self.link.replica_timeout:g} s ([redis] min_replicas_acked, "
+                f"replica_ack_timeout): they are on the primary ({self.link.primary()}) but "
+                f"could be lost in a failover; retry with key {key!r} to add none twice",
+                key=key, added=True)
+
     def describe(self) -> dict[str, object]:
-        return describe_stream(self.link, self.stream, self.group, SourceError)
+        return {**describe_stream(self.link, self.stream, self.group, SourceError),
+                **self.link.describe()}
 
     def close(self) -> None:
         self.link.release()

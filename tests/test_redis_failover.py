@@ -1,0 +1,652 @@
+"""Redis that fails over, with every part in its own process: nothing lost across a failover.
+
+Topologies (``tests/redis_topologies.py``): a primary, a replica and three Sentinels; a
+Redis Cluster of three primaries with one replica each. The service (``python -m
+ms1.cli``) and ``ms4-sim`` run as processes; e-mails come in as the ingestor would send
+them, through ``ms1-service enqueue`` and the ingestor's helper (:mod:`ms1.inbound`) with
+``[redis] min_replicas_acked = 1``, retried under the same key when a submit is not
+acknowledged. Mid-run the test kills the primary with SIGKILL; Sentinel (or the cluster)
+promotes the replica; the killed server is started again and becomes a replica of the new
+primary. Then every e-mail must reach MS4 (lost = 0), with at most ``senders x batch size``
+duplicate invoices per failover, the service must say once which primary it now uses, and
+``status`` must show it.
+
+Also here: without ``min_replicas_acked`` an e-mail the old primary acknowledged is gone
+after a failover (the loss window is real, so the setting matters), while with it the
+same e-mail is reported as not safe and a retry under its key adds it once; the key rule,
+the options' checks, idempotent submits and secrets with Sentinel.
+
+The default run takes one failover per topology (2,500 invoices each). ``MS1_FAILOVER_FULL=1``
+runs the acceptance figures: three Sentinel runs of 10,000 invoices, a failover during a
+401 spell and one while the breaker is open, and 10,000 invoices through the cluster::
+
+    MS1_FAILOVER_FULL=1 .venv/bin/python -m pytest -s tests/test_redis_failover.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_py
+from redis_topologies import (  # the fixtures too, for the tests here
+    SERVICE,
+    ClusterSetup,
+    Node,
+    SentinelSetup,
+    cluster_setup_fixture,  # noqa: F401  # the fixture cluster_setup
+    sentinel_setup_fixture,  # noqa: F401  # the fixture sentinel_setup
+)
+from support import service_ini, tail, wait_until
+
+from ms1.errors import ConfigError
+from ms1.inbound import Inbound, SubmitError
+from ms1.tools import samples
+from ms1_plugins.redis import link_for
+from ms1_plugins.redis.link import key_names, tagged
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = os.environ.get("MS1_FAILOVER_FULL") == "1"
+API_KEY = "failover-test-key"
+THREADS, BATCH = 4, 50
+#: invoices per run: the acceptance figure with MS1_FAILOVER_FULL=1, else a CI-sized one
+COUNT = 10_000 if FULL else 2_500
+#: e-mails per helper call, and the pause between calls (a steady ingestor, some 330 a
+#: second: a run of 2,500 lasts about 8 s, one of 10,000 about 30 s)
+CHUNK, PAUSE = 50, 0.15
+#: e-mails pushed with 'ms1-service enqueue' before the helper takes over
+CLI_EMAILS = 500
+#: the drain fails once nothing has moved for this long
+STALL_TIMEOUT = 30.0
+
+
+# --- ms4-sim and the service as processes ------------------------------------------------
+
+
+class Sim:
+    def __init__(self, procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
+        self.log = tmp_path / "sim.log"
+        with self.log.open("ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--api-key", API_KEY,
+                 "--rate-limit", "0", "--latency", "0.02"],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
+        procs.append(self.proc)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 20)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        found = re.match(r"ms4-sim listening on (http://\S+)", line)
+        assert found, f"ms4-sim did not start: {line!r}\n{tail(self.log)}"
+        self.url = found.group(1)
+
+    def _get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as answer:
+            return json.loads(answer.read())
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._get("/stats"))
+
+    def accepted(self) -> list[dict[str, Any]]:
+        return list(self._get("/accepted"))
+
+    def control(self, **changes: Any) -> None:
+        request = urllib.request.Request(
+            f"{self.url}/_control", data=json.dumps(changes).encode(), method="POST",
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
+
+
+def start_service(procs: list[subprocess.Popen[bytes]], config: Path,
+                  log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "MS1_MS4_API_KEY": API_KEY}
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ms1.cli", "--config", str(config)],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    procs.append(proc)
+    return proc
+
+
+def stop_service(proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> int:
+    """SIGTERM once the service handles it; its exit status."""
+    assert wait_until(lambda: "ready" in log.read_text(errors="replace")
+                      or proc.poll() is not None, 60), f"never ready:\n{tail(log)}"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        pytest.fail(f"the service did not exit {timeout} s after SIGTERM:\n{tail(log)}")
+
+
+def cli(config: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ms1.cli", "--config", str(config), *args],
+                          cwd=ROOT, env={**os.environ, "MS1_MS4_API_KEY": API_KEY},
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# --- the topologies, as the run sees them ---------------------------------------------------
+
+
+class Topo:
+    """What a run needs of a topology: its [redis] settings, the primary, a failover."""
+
+    name = "?"
+
+    def settings(self) -> dict[str, object]:
+        raise NotImplementedError
+
+    def primary(self) -> Node:
+        raise NotImplementedError
+
+    def failover(self) -> tuple[Node, Node, float]:
+        raise NotImplementedError
+
+    def restart(self, node: Node) -> None:
+        raise NotImplementedError
+
+
+class SentinelTopo(Topo):
+    name = "sentinel"
+
+    def __init__(self, setup: SentinelSetup) -> None:
+        self.setup = setup
+
+    def settings(self) -> dict[str, object]:
+        return {"url": "redis://127.0.0.1/0", "sentinels": self.setup.sentinel_addresses,
+                "service_name": SERVICE}
+
+    def primary(self) -> Node:
+        return self.setup.primary()
+
+    def failover(self) -> tuple[Node, Node, float]:
+        return self.setup.failover()
+
+    def restart(self, node: Node) -> None:
+        self.setup.restart(node)
+
+
+class ClusterTopo(Topo):
+    name = "cluster"
+
+    def __init__(self, setup: ClusterSetup) -> None:
+        self.setup = setup
+
+    def settings(self) -> dict[str, object]:
+        return {"url": self.setup.url, "cluster": "yes",
+                "cluster_nodes": self.setup.startup_nodes}
+
+    def primary(self) -> Node:
+        return self.setup.primary_for("{ms1}")
+
+    def failover(self) -> tuple[Node, Node, float]:
+        return self.setup.failover("{ms1}")
+
+    def restart(self, node: Node) -> None:
+        self.setup.restart(node)
+
+
+# --- the ingestor ---------------------------------------------------------------------------
+
+
+class Feeder(threading.Thread):
+    """The ingestor: submits e-mails in chunks through :class:`ms1.inbound.Inbound`, and
+    when a submit is not acknowledged, submits the same chunk again under the same key
+    (the documented way: a retry adds nothing twice)."""
+
+    def __init__(self, config: Path, emails: list[samples.Sample]) -> None:
+        super().__init__(name="feeder", daemon=True)
+        self.config, self.emails = config, emails
+        self.done = 0
+        self.retries = 0
+        self.failure: BaseException | None = None
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        try:
+            with Inbound(str(self.config)) as inbound:
+                for start in range(0, len(self.emails), CHUNK):
+                    chunk = [s.data for s in self.emails[start:start + CHUNK]]
+                    key: str | None = None
+                    deadline = time.monotonic() + 120
+                    while True:
+                        try:
+                            key = inbound.submit(chunk, key=key)
+                            break
+                        except SubmitError as exc:
+                            key = exc.key
+                            self.retries += 1
+                            if len(self.errors) < 5:
+                                self.errors.append(str(exc)[:300])
+                            if time.monotonic() > deadline or self.stop.is_set():
+                                raise
+                            time.sleep(0.1)
+                    self.done += len(chunk)
+                    time.sleep(PAUSE)
+        except BaseException as exc:  # reported by the test
+            self.failure = exc
+
+
+# --- one run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    topology: str
+    mode: str
+    count: int
+    primary_before: str = ""
+    primary_after: str = ""
+    promoted_s: float = 0.0  # kill -9 -> the new primary serves
+    resumed_s: float = 0.0  # kill -9 -> MS4 accepts again
+    accepted: int = 0
+    lost: list[str] = field(default_factory=list)
+    duplicates: int = 0  # invoices MS4 accepted more than once
+    duplicate_batches: int = 0  # requests with an Idempotency-Key MS4 had accepted before
+    other_key_duplicates: int = 0  # invoices accepted under more than one key
+    bound: int = THREADS * BATCH
+    submit_retries: int = 0
+    elapsed_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"{self.topology}/{self.mode}: {self.count} invoices, lost {len(self.lost)}, "
+                f"duplicates {self.duplicates} (bound {self.bound}; same key "
+                f"{self.duplicate_batches} requests, other key {self.other_key_duplicates} "
+                f"invoices), primary {self.primary_before} -> {self.primary_after}, "
+                f"promoted {self.promoted_s:.1f} s, MS4 accepting again {self.resumed_s:.1f} s "
+                f"after the kill, submit retries {self.submit_retries}, run {self.elapsed_s:.1f} s")
+
+
+def write_config(path: Path, topo: Topo, sim_url: str, **redis: object) -> Path:
+    path.write_text(service_ini("redis://127.0.0.1/0", ms4_url=sim_url, settings={
+        "ms1": {"shutdown_timeout": 10},
+        "batch": {"max_items": BATCH, "max_wait": 0.2},
+        "send": {"threads": THREADS, "rate_limiter": "redis", "breaker_failures": 5,
+                 "breaker_reset": 1, "auth_probe_interval": 1},
+        "redis": {"consumer": f"failover-{topo.name}", "visibility_timeout": 6,
+                  "min_replicas_acked": 1, "replica_ack_timeout": 0.5,
+                  **topo.settings(), **redis},
+    }))
+    return path
+
+
+def stream_state(node: Node) -> tuple[int, int, int, int]:
+    """Inbound and outbound length and pending, read on ``node`` (the primary)."""
+    names = ("{ms1}:emails", "{ms1}:outbound") if "cluster" in str(node.dir) else \
+        ("ms1:emails", "ms1:outbound")
+    client = node.client(timeout=2)
+    try:
+        state = []
+        for stream in names:
+            state.append(int(client.xlen(stream)))
+            try:
+                state.append(int(client.xpending(stream, "ms1")["pending"]))
+            except redis_py.ResponseError:
+                state.append(0)
+        return tuple(state)  # type: ignore[return-value]
+    finally:
+        client.close()
+
+
+def failover_run(topo: Topo, tmp_path: Path, procs: list[subprocess.Popen[bytes]], *,
+                 count: int = COUNT, mode: str = "plain") -> Figures:
+    """Feed ``count`` e-mails (CLI first, then the helper) while the service runs; kill -9
+    the primary once 40 % are in (during a 401 spell or with the breaker open, by
+    ``mode``); restart it as a replica; drain; stop the service. Returns the figures."""
+    figures = Figures(topology=topo.name, mode=mode, count=count)
+    sim = Sim(procs, tmp_path)
+    config = write_config(tmp_path / "ms1.ini", topo, sim.url)
+    log = tmp_path / "service.log"
+    emails = list(samples.generate(count, prefix=f"FO{mode[:1].upper()}"))
+    started = time.monotonic()
+    first = tmp_path / "first.jsonl"
+    first.write_bytes(b"".join(s.data + b"\n" for s in emails[:CLI_EMAILS]))
+    pushed = cli(config, "enqueue", str(first))
+    assert pushed.returncode == 0, pushed.stderr
+    service = start_service(procs, config, log)
+    assert wait_until(lambda: "ready" in log.read_text(errors="replace"), 60), tail(log)
+    feeder = Feeder(config, emails[CLI_EMAILS:])
+    feeder.start()
+    try:
+        assert wait_until(lambda: feeder.done >= count * 0.4 - CLI_EMAILS or
+                          feeder.failure is not None, 120), "the feeder does not progress"
+        assert int(sim.stats()["invoices_accepted"]) > 0, f"nothing delivered:\n{tail(log)}"
+        assert feeder.failure is None, f"feeder: {feeder.failure!r}"
+        if mode == "401":
+            sim.control(api_key="not-the-key")
+            assert wait_until(lambda: "MS4 answered 401" in log.read_text(errors="replace"),
+                              30), f"no 401 spell:\n{tail(log)}"
+            figures.notes.append("401 spell begun before the kill")
+        elif mode == "breaker":
+            sim.control(fail_500=1.0)
+            assert wait_until(lambda: "breaker open" in log.read_text(errors="replace"), 30), \
+                f"the breaker did not open:\n{tail(log)}"
+            figures.notes.append("breaker open before the kill")
+        figures.primary_before = topo.primary().address
+        accepted_before = int(sim.stats()["invoices_accepted"])
+        old, new, figures.promoted_s = topo.failover()
+        killed_at = time.monotonic() - figures.promoted_s
+        figures.primary_after = new.address
+        if mode == "401":
+            sim.control(api_key=API_KEY)  # the spell ends: the probe gets a 202
+        elif mode == "breaker":
+            sim.control(fail_500=0.0)
+        topo.restart(old)
+        assert wait_until(lambda: int(sim.stats()["invoices_accepted"]) > accepted_before,
+                          60, 0.02), f"MS4 accepts nothing after the failover:\n{tail(log)}"
+        figures.resumed_s = time.monotonic() - killed_at
+        status = cli(config, "status")
+        assert status.returncode == 0, status.stderr
+        assert f"primary {new.address}" in status.stdout, status.stdout
+        feeder.join(180)
+        assert not feeder.is_alive(), "the feeder did not finish"
+        assert feeder.failure is None, f"feeder: {feeder.failure!r} {feeder.errors}"
+        figures.submit_retries = feeder.retries
+        drained = _drain(sim, new, count, service, log)
+    finally:
+        feeder.stop.set()
+    exit_status = stop_service(service, log)
+    figures.elapsed_s = time.monotonic() - started
+    _count(figures, emails, sim.accepted(), sim.stats())
+    text = log.read_text(errors="replace")
+    print(f"\n{figures.line()}" + "".join(f"\n  {note}" for note in figures.notes), flush=True)
+    assert not figures.lost, f"LOST {len(figures.lost)}: {figures.lost[:10]}\n{tail(log)}"
+    assert drained, f"not drained: {stream_state(new)}\n{tail(log)}"
+    assert exit_status == 0, f"exit {exit_status}\n{tail(log)}"
+    assert figures.duplicates <= figures.bound, figures.line()
+    changes = re.findall(r"the primary is now (\S+)", text)
+    assert changes == [new.address], f"primary changes logged: {changes}\n{tail(log)}"
+    assert "Traceback" not in text, tail(log, 80)
+    return figures
+
+
+def _drain(sim: Sim, primary: Node, count: int, service: subprocess.Popen[bytes],
+           log: Path) -> bool:
+    """Until MS4 has every invoice and both streams are empty with nothing pending (True),
+    or nothing has moved for STALL_TIMEOUT s (False)."""
+    moved = time.monotonic()
+    last: object = None
+    while True:
+        assert service.poll() is None, f"the service died:\n{tail(log)}"
+        unique = int(sim.stats()["unique_invoices_accepted"])
+        state = stream_state(primary)
+        if unique >= count and not any(state):
+            return True
+        if (unique, state) != last:
+            last, moved = (unique, state), time.monotonic()
+        if time.monotonic() - moved > STALL_TIMEOUT:
+            return False
+        time.sleep(0.2)
+
+
+def _count(figures: Figures, emails: list[samples.Sample], accepted: list[dict[str, Any]],
+           stats: dict[str, Any]) -> None:
+    keys_of: dict[str, set[str]] = {}
+    seen_keys: set[str] = set()
+    for request in accepted:
+        key = str(request["idempotency_key"])
+        figures.duplicate_batches += key in seen_keys
+        seen_keys.add(key)
+        for invoice_id in request["invoice_ids"]:
+            keys_of.setdefault(invoice_id, set()).add(key)
+    figures.accepted = len(keys_of)
+    figures.lost = [s.invoice_id for s in emails if s.invoice_id not in keys_of]
+    figures.duplicates = int(stats["duplicate_invoices"])
+    figures.other_key_duplicates = sum(1 for keys in keys_of.values() if len(keys) > 1)
+
+
+# --- the failover runs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", range(3 if FULL else 1))
+def test_sentinel_failover_mid_run_loses_nothing(sentinel_setup: SentinelSetup, tmp_path: Path,
+                                                 procs: list[subprocess.Popen[bytes]],
+                                                 run: int) -> None:
+    """kill -9 of the primary mid-run: Sentinel promotes the replica, the service carries
+    on without a restart and says once which primary it now uses; lost 0, duplicates at
+    most senders x batch size."""
+    failover_run(SentinelTopo(sentinel_setup), tmp_path, procs)
+
+
+@pytest.mark.skipif(not FULL, reason="acceptance run: MS1_FAILOVER_FULL=1")
+@pytest.mark.parametrize("mode", ["401", "breaker"])
+def test_sentinel_failover_while_sending_is_held_back(sentinel_setup: SentinelSetup,
+                                                      tmp_path: Path,
+                                                      procs: list[subprocess.Popen[bytes]],
+                                                      mode: str) -> None:
+    """The failover comes while every sender is stopped by a 401 spell, or while the
+    breaker is open: once MS4 answers again, everything is delivered."""
+    failover_run(SentinelTopo(sentinel_setup), tmp_path, procs, mode=mode)
+
+
+def test_cluster_failover_of_ms1s_slot_loses_nothing(cluster_setup: ClusterSetup,
+                                                     tmp_path: Path,
+                                                     procs: list[subprocess.Popen[bytes]]
+                                                     ) -> None:
+    """The full pipeline through a three-primary cluster; kill -9 of the primary holding
+    ms1's slot: its replica is promoted, lost 0."""
+    failover_run(ClusterTopo(cluster_setup), tmp_path, procs)
+
+
+# --- the loss window, and what min_replicas_acked does about it ---------------------------------
+
+
+def inbound_config(path: Path, redis: dict[str, object]) -> Path:
+    """A config the ingestor's helper can open (the service's, with the memory MS4)."""
+    path.write_text(service_ini("redis://127.0.0.1/0", settings={"redis": redis}))
+    return path
+
+
+def inbound_emails(node: Node, stream: str = "ms1:emails") -> list[bytes]:
+    client = node.client()
+    try:
+        return [fields[b"email"] for _, fields in client.xrange(stream)]
+    finally:
+        client.close()
+
+
+def test_without_min_replicas_acked_an_acknowledged_email_is_lost_in_a_failover(
+        sentinel_setup: SentinelSetup, tmp_path: Path) -> None:
+    """The loss window is real: the replica loses its link (and cannot get it back), the
+    ingestor adds an e-mail, the primary acknowledges it and dies, the replica is promoted
+    without it. With ``min_replicas_acked = 0`` the ingestor was told "added": the e-mail is
+    lost. With ``min_replicas_acked = 1`` the same submit fails (not acknowledged by a
+    replica), and the retry under its key, once a replica is back, adds it exactly once. An
+    e-mail submitted with ``min_replicas_acked = 1`` while the replica was healthy
+    survives."""
+    setup = sentinel_setup
+    where = {"sentinels": setup.sentinel_addresses, "service_name": SERVICE,
+             "replica_ack_timeout": 0.3}
+    unsafe = Inbound(str(inbound_config(tmp_path / "unsafe.ini", where)))
+    safe = Inbound(str(inbound_config(tmp_path / "safe.ini", {**where,
+                                                              "min_replicas_acked": 1})))
+    kept, lost, refused = (s.data for s in samples.generate(3, prefix="WINDOW"))
+    try:
+        safe.submit([kept])  # the replica is healthy: acknowledged
+        primary, replica = setup.primary(), setup.replica()
+        # the replica's link drops, and its next handshake is refused (AUTH as nobody)
+        replica_client, primary_client = replica.client(), primary.client()
+        replica_client.config_set("masteruser", "ms1-test-nobody")
+        replica_client.config_set("masterauth", "no-such-password")
+        primary_client.client_kill_filter(_type="replica")
+        assert wait_until(lambda: primary.info("replication")["connected_slaves"] == 0, 10)
+        unsafe.submit([lost])  # the primary alone has it, and says so
+        with pytest.raises(SubmitError) as caught:
+            safe.submit([refused])
+        assert caught.value.added is True and "only 0 of 1 replicas" in str(caught.value)
+        assert inbound_emails(primary) == [kept, lost, refused]
+
+        old, new, _ = setup.failover()
+        assert new is replica
+        replica_client.config_set("masteruser", "")
+        replica_client.config_set("masterauth", "")
+        after = inbound_emails(new)
+        assert kept in after  # acknowledged by a replica: kept
+        assert lost not in after  # acknowledged by the old primary only: LOST
+        assert refused not in after  # ... but the ingestor was told, and still has it
+
+        setup.restart(old)  # a replica again: WAITs can succeed
+        assert safe.submit([refused], key=caught.value.key) == caught.value.key
+        assert safe.submit([refused], key=caught.value.key) == caught.value.key  # again: no-op
+        assert inbound_emails(new) == [kept, refused]
+    finally:
+        unsafe.close()
+        safe.close()
+        for client in (locals().get("replica_client"), locals().get("primary_client")):
+            if client is not None:
+                client.close()
+
+
+# --- submits, keys, options (one server) ---------------------------------------------------------
+
+
+def test_a_submit_retried_under_its_key_adds_nothing_twice(redis_url: str,
+                                                          tmp_path: Path) -> None:
+    config = inbound_config(tmp_path / "ms1.ini", {"url": redis_url})
+    emails = [s.data for s in samples.generate(1_200, prefix="KEYED")]  # three chunks
+    client = redis_py.Redis.from_url(redis_url)
+    with Inbound(str(config)) as inbound:
+        key = inbound.submit(emails)
+        assert inbound.submit(emails, key=key) == key
+        assert inbound.submit(emails[:10], key="another-key") == "another-key"
+        assert inbound.submit(emails[:10], key="another-key") == "another-key"
+    stored = [fields[b"email"] for _, fields in client.xrange("ms1:emails")]
+    assert stored == [*emails, *emails[:10]]
+    client.close()
+
+
+def test_min_replicas_acked_without_a_replica_fails_the_submit_and_says_it_was_added(
+        redis_url: str, tmp_path: Path) -> None:
+    config = inbound_config(tmp_path / "ms1.ini", {"url": redis_url, "min_replicas_acked": 1,
+                                                   "replica_ack_timeout": 0.05})
+    client = redis_py.Redis.from_url(redis_url)
+    with Inbound(str(config)) as inbound:
+        with pytest.raises(SubmitError) as caught:
+            inbound.submit([b'{"n": 1}'])
+        assert caught.value.added is True
+        assert "retry with key" in str(caught.value)
+        with pytest.raises(SubmitError):
+            inbound.submit([b'{"n": 1}'], key=caught.value.key)
+    assert client.xlen("ms1:emails") == 1  # on the primary once, however often retried
+    client.close()
+
+
+def test_one_server_keeps_its_key_names_and_plain_xadds(redis_url: str, tmp_path: Path,
+                                                        make_config: Any, pm: Any) -> None:
+    """Nothing changes for a single Redis: the keys are named as configured, and
+    ``enqueue`` adds e-mails as plain XADDs (no submit keys are kept)."""
+    config = make_config(f"[redis]\nurl = {redis_url}\n")
+    assert key_names(config) == {"inbound_stream": "ms1:emails",
+                                 "outbound_stream": "ms1:outbound",
+                                 "dead_letter_stream": "ms1:dead-letters",
+                                 "rate_limit_key": "ms1:rate-limit"}
+    path = inbound_config(tmp_path / "cli.ini", {"url": redis_url})
+    emails = tmp_path / "in.jsonl"
+    emails.write_bytes(b"".join(s.data + b"\n" for s in samples.generate(20)))
+    result = cli(path, "enqueue", str(emails))
+    assert result.returncode == 0, result.stderr
+    client = redis_py.Redis.from_url(redis_url)
+    assert sorted(client.keys()) == [b"ms1:emails"]
+    client.close()
+
+
+def test_the_key_rule_gives_every_key_one_hash_tag(make_config: Any) -> None:
+    assert tagged("ms1:emails", "") == "ms1:emails"
+    assert tagged("ms1:emails", "ms1") == "{ms1}:emails"
+    assert tagged("orders:in", "ms1") == "{ms1}:orders:in"
+    assert tagged("{ms1}:emails", "ms1") == "{ms1}:emails"
+    with pytest.raises(ValueError, match="one slot"):
+        tagged("{other}:emails", "ms1")
+    names = key_names(make_config("[redis]\ncluster = yes\n"))
+    assert names == {"inbound_stream": "{ms1}:emails", "outbound_stream": "{ms1}:outbound",
+                     "dead_letter_stream": "{ms1}:dead-letters",
+                     "rate_limit_key": "{ms1}:rate-limit"}
+    assert key_names(make_config("[redis]\nkey_tag = eu\ninbound_stream = in\n"))[
+        "inbound_stream"] == "{eu}:in"
+    from redis_topologies import key_slot
+    assert len({key_slot(name) for name in names.values()}) == 1
+    assert len({key_slot(f"{names['inbound_stream']}:submitted"),
+                key_slot(names["inbound_stream"])}) == 1
+
+
+@pytest.mark.parametrize(("text", "where", "problem"), [
+    ("sentinels = 127.0.0.1:1\ncluster = yes", "[redis] cluster", "no Sentinels"),
+    ("cluster_nodes = 127.0.0.1:1", "[redis] cluster_nodes", "only with cluster"),
+    ("cluster = yes\nurl = redis://127.0.0.1:1/2", "[redis] url", "database 0"),
+    ("sentinels = 127.0.0.1:1\nurl = unix:///tmp/x.sock", "[redis] url", "not unix"),
+    ("cluster = yes\ninbound_stream = {x}:in", "[redis] inbound_stream", "one slot"),
+    ("sentinels = 127.0.0.1:1\nservice_name =", "[redis] service_name", "needed"),
+])
+def test_topology_options_are_checked_together(make_config: Any, text: str, where: str,
+                                               problem: str) -> None:
+    config = make_config(f"[redis]\n{text}\n")
+    with pytest.raises(ConfigError) as caught:
+        link_for(config).release()
+    assert where in str(caught.value) and problem in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("sentinels = 127.0.0.1", "[redis] sentinels"),
+    ("sentinels = 127.0.0.1:1, :", "[redis] sentinels"),
+    ("cluster_nodes = a:0", "[redis] cluster_nodes"),
+    ("key_tag = {ms1}", "[redis] key_tag"),
+    ("min_replicas_acked = -1", "[redis] min_replicas_acked"),
+])
+def test_topology_options_are_checked_at_load(make_config: Any, text: str, where: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(where)):
+        make_config(f"[redis]\n{text}\n")
+
+
+# --- secrets with Sentinel ------------------------------------------------------------------------
+
+
+def test_sentinel_and_redis_passwords_work_and_are_never_shown(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    redis_secret, sentinel_secret = "r3dis-pass-word-1", "s3ntinel-pass-word-2"
+    setup = SentinelSetup(tmp_path / "auth", password=redis_secret,
+                          sentinel_password=sentinel_secret)
+    try:
+        setup.start()
+        monkeypatch.setenv("MS1_TEST_REDIS_PASSWORD", redis_secret)
+        monkeypatch.setenv("MS1_TEST_SENTINEL_PASSWORD", sentinel_secret)
+        where = {"sentinels": setup.sentinel_addresses, "service_name": SERVICE,
+                 "password_env": "MS1_TEST_REDIS_PASSWORD",
+                 "sentinel_password_env": "MS1_TEST_SENTINEL_PASSWORD"}
+        config = inbound_config(tmp_path / "ms1.ini", where)
+        with caplog.at_level("DEBUG"), Inbound(str(config)) as inbound:
+            inbound.submit([b'{"n": 1}'])
+            shown = [repr(inbound._source.link), str(inbound._source.link.topology),  # type: ignore[attr-defined]
+                     repr(inbound._source.link.topology)]  # type: ignore[attr-defined]
+        assert inbound_emails(setup.primary()) == [b'{"n": 1}']
+        wrong = inbound_config(tmp_path / "wrong.ini", {**where, "service_name": "nope"})
+        with Inbound(str(wrong)) as inbound, pytest.raises(SubmitError) as caught:
+            inbound.submit([b"x"])
+        shown += [str(caught.value), repr(caught.value)]
+        result = cli(config, "check")
+        shown += [result.stdout, result.stderr]
+        status = cli(config, "status")
+        assert status.returncode == 0, status.stderr
+        assert f"primary {setup.primary().address}" in status.stdout
+        shown += [status.stdout, status.stderr, caplog.text]
+        for text in shown:
+            assert redis_secret not in text and sentinel_secret not in text, text
+    finally:
+        setup.stop()
