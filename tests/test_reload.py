@@ -69,6 +69,7 @@ CORE_RELOADABLE = {
     ("send", "threads"), ("send", "min_concurrency"), ("send", "max_concurrency"),
     ("send", "retry_initial"), ("send", "retry_max"),
     ("send", "requests_per_minute"), ("send", "rate_window"),
+    ("send", "ms4_counts_at"), ("send", "count_margin"),
     ("send", "retry_after_default"), ("send", "retry_after_max"),
     ("send", "breaker_failures"), ("send", "breaker_reset"),
     ("send", "auth_probe_interval"), ("send", "max_deliveries"),
