@@ -368,10 +368,69 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("ms4", "api_key_file", "path", "",
            "file holding the MS4 API key (takes precedence over the environment variable); "
            "re-read on reload", reloadable=True),
+    Option("fleet", "backend", "str", "auto",
+           "where every running instance publishes its state (about once a second, gone 10 s "
+           "after it stops) for the web console and top: auto (redis when [queue] backend "
+           "is redis or auto and a Redis queue was built, else memory), redis (every "
+           "instance on the Redis), memory (this process only)"),
+    Option("console", "address", "address", "",
+           "host:port of the web console (overview of every instance, dead-letter browser, "
+           "replay); empty: off. Keep it on loopback (reach it through an SSH tunnel or a "
+           "proxy listed in origins)"),
+    Option("console", "admin_token_env", "str", "MS1_CONSOLE_TOKEN",
+           "environment variable holding the console's admin token (at least 16 "
+           "characters), which replaying dead letters requires; unset or empty (and no "
+           "admin_token_file): the console is read-only"),
+    Option("console", "admin_token_file", "path", "",
+           "file holding the console's admin token (takes precedence over the environment "
+           "variable); the token is never read from this file's INI"),
+    Option("console", "origins", "str", "",
+           "more origins the console is reached under, comma-separated scheme://host:port "
+           "(a proxy, an SSH tunnel's local port); requests naming another host, and "
+           "state-changing requests from another origin, are refused",
+           check=lambda text: check_origins(text)),
+    Option("console", "max_connections", "int", 100,
+           "most connections the console holds open at once (more wait in the listen "
+           "backlog); it never takes the file descriptors kept for Redis and MS4",
+           min=1, max=10_000),
+    Option("console", "idle_timeout", "float", 30.0,
+           "seconds an idle console connection is kept open", min=1, max=3600),
 )
 
 #: keys that must never be in the INI (secrets) and where they belong instead
 _FORBIDDEN_KEYS = {("ms4", "api_key"), ("ms4", "key"), ("ms4", "x_api_key")}
+#: the console's admin token is never in the INI either
+_FORBIDDEN_CONSOLE_KEYS = {("console", "admin_token"), ("console", "token"),
+                           ("console", "password"), ("console", "admin_password")}
+
+
+def check_origins(text: str) -> None:
+    """``[console] origins``' check at load (:func:`parse_origins`)."""
+    parse_origins(text)
+
+
+def parse_origins(text: str) -> tuple[str, ...]:
+    """``[console] origins``: comma-separated ``scheme://host[:port]`` (http or https, no
+    path), normalised to lower case; raise ValueError naming the bad one."""
+    found = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        parts = urllib.parse.urlsplit(part)
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"not an origin (bad port): {part!r}") from None
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname \
+                or parts.path not in ("", "/") or parts.query or parts.fragment \
+                or parts.username or parts.password:
+            raise ValueError(f"expected an origin, scheme://host:port (http or https, no "
+                             f"path), got {part!r}")
+        host = parts.hostname.lower()
+        host = f"[{host}]" if ":" in host else host
+        found.append(f"{parts.scheme.lower()}://{host}" + (f":{port}" if port else ""))
+    return tuple(found)
 
 
 class Config:
@@ -529,6 +588,13 @@ def load_config(
                               path=path, section=sec)
         known = sorted(k for s, k in table if s == sec)
         for key, raw in parser.items(sec):
+            if (sec, key) in _FORBIDDEN_CONSOLE_KEYS:
+                env_name = parser.get("console", "admin_token_env",
+                                      fallback="MS1_CONSOLE_TOKEN")
+                raise ConfigError(
+                    f"the console's admin token is never read from the INI file: set "
+                    f"${env_name.strip()} or name a token file with admin_token_file",
+                    path=path, section=sec, key=key)
             if (sec, key) in _FORBIDDEN_KEYS:
                 env_name = parser.get("ms4", "api_key_env", fallback="MS1_MS4_API_KEY")
                 raise ConfigError(

@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from ms1.batching import BatchPolicy
     from ms1.config import Config, Option
     from ms1.deadletters import DeadLetterStore
+    from ms1.fleet import Fleet
     from ms1.model import Batch, DeadLetter
     from ms1.outbound import QueueBackend
     from ms1.sending.limiter import RateLimiter
@@ -108,7 +109,7 @@ def ms1_components() -> Sequence[tuple[str, str]]:
     """Declare the components this plugin can build, as ``(kind, name)`` pairs.
 
     ``kind`` is one of ``source``, ``batch_policy``, ``queue``, ``dead_letters``,
-    ``transport``, ``rate_limiter``; ``name`` is what the config selects it by.
+    ``transport``, ``rate_limiter``, ``fleet``; ``name`` is what the config selects it by.
     Called from the main thread whenever a config is read (start, reload) and
     before each factory call, to check the config's choices and to list the
     installed names when a choice is unknown.
@@ -200,6 +201,25 @@ def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
 
     :return: a :class:`~ms1.sending.limiter.RateLimiter` if ``name`` is yours,
         else None. ``firstresult``.
+    """
+
+
+@hookspec(firstresult=True)
+def ms1_make_fleet(name: str, config: Config) -> Fleet | None:
+    """Build the fleet selected by ``[fleet] backend``: where every running instance
+    publishes a snapshot of itself about once a second, for the web console and
+    ``ms1-service top`` (see :mod:`ms1.fleet`).
+
+    Called once at start, from the main thread (and by the commands that read the fleet,
+    in their own process). ``auto`` never reaches this hook: it is resolved first
+    (:func:`ms1.pluginmanager.fleet_name`: ``redis`` when the outbound queue is on Redis,
+    else ``memory``). Publishing runs in a thread of its own while console requests read:
+    thread-safe. A fleet that cannot reach its backend raises
+    :class:`~ms1.errors.Ms1Error` from ``publish``/``snapshots``; the publisher skips
+    that beat.
+
+    :return: a :class:`~ms1.fleet.Fleet` if ``name`` is yours, else None.
+        ``firstresult``.
     """
 
 

@@ -7,7 +7,7 @@ and any of them can be blocked by its entry-point name (``--block-plugin NAME``,
 ``$MS1_BLOCK_PLUGINS``).
 
 Every hook name ms1 calls is spelt in this module only: the factories through
-``build_source`` ... ``build_rate_limiter`` (typed), the observers through the
+``build_source`` ... ``build_rate_limiter``, ``build_fleet`` (typed), the observers through the
 typed methods of :class:`Observers`.
 """
 
@@ -34,6 +34,7 @@ from ms1.config import (
 )
 from ms1.deadletters import DeadLetterStore
 from ms1.errors import PluginError, PluginNotFoundError
+from ms1.fleet import Fleet
 from ms1.model import Batch, DeadLetter
 from ms1.outbound import QueueBackend
 from ms1.sending.limiter import RateLimiter
@@ -191,6 +192,7 @@ def load(pm: pluggy.PluginManager, path: str) -> Config:
     config = load_config(path, all_options(pm))
     for kind in COMPONENT_KEYS:
         _check_installed(pm, config, kind)
+    _check_fleet(pm, config)
     check_durability(config)
     return config
 
@@ -289,6 +291,56 @@ def build_rate_limiter(pm: pluggy.PluginManager, config: Config) -> RateLimiter:
     return cast(RateLimiter, _make(pm, config, "rate_limiter"))
 
 
+#: ``[fleet] backend``: resolved by :func:`fleet_name`
+FLEET_AUTO = "auto"
+
+
+def _check_fleet(pm: pluggy.PluginManager, config: Config) -> None:
+    """``[fleet] backend`` names an installed fleet (or is ``auto``)."""
+    name = config.get_str("fleet", "backend")
+    names = installed(pm, "fleet")
+    if name != FLEET_AUTO and name not in names:
+        listed = ", ".join([FLEET_AUTO, *names])
+        blocked = blocked_names(pm)
+        if blocked:
+            listed += f" (blocked: {', '.join(blocked)})"
+        raise PluginNotFoundError(f"no installed plugin provides fleet {name!r}; installed: "
+                                  f"{listed}", path=config.path, section="fleet", key="backend")
+
+
+def fleet_name(pm: pluggy.PluginManager, config: Config, queue_name: str | None = None) -> str:
+    """The fleet ``[fleet] backend`` selects; ``auto``: ``redis`` (when installed) if the
+    outbound queue is on Redis, else ``memory``. ``queue_name``: the name of the queue
+    actually built (an ``auto`` queue that fell back to memory is ``memory``); without
+    it, ``[queue] backend`` decides (``redis`` or ``auto``: Redis)."""
+    name = config.get_str("fleet", "backend")
+    if name != FLEET_AUTO:
+        return name
+    queue = queue_name if queue_name is not None else config.get_str("queue", "backend")
+    return "redis" if queue in ("redis", "auto") and "redis" in installed(pm, "fleet") \
+        else "memory"
+
+
+def build_fleet(pm: pluggy.PluginManager, config: Config, queue_name: str | None = None
+                ) -> Fleet:
+    """The fleet ``[fleet] backend`` selects (``ms1_make_fleet``; ``auto`` resolved by
+    :func:`fleet_name`)."""
+    _check_fleet(pm, config)
+    name = fleet_name(pm, config, queue_name)
+    fleet = pm.hook.ms1_make_fleet(name=name, config=config)
+    if fleet is None:
+        raise PluginNotFoundError(f"no installed plugin built fleet {name!r}; installed: "
+                                  f"{', '.join(installed(pm, 'fleet')) or 'none'}",
+                                  path=config.path, section="fleet", key="backend")
+    if not isinstance(fleet, Fleet):
+        made = type(fleet)
+        raise PluginError(f"fleet {name!r} was built as {made.__module__}.{made.__qualname__}, "
+                          "which is not a ms1.fleet.Fleet", path=config.path, section="fleet",
+                          key="backend")
+    log.debug("fleet %r built by %s", name, type(fleet).__name__)
+    return fleet
+
+
 def build(pm: pluggy.PluginManager, config: Config, kind: str, **extra: Any) -> Any:
     """Build the component of ``kind`` that the config names (untyped; prefer ``build_*``)."""
     return _make(pm, config, kind, **extra)
@@ -350,6 +402,6 @@ class Observers:
 __all__: Sequence[str] = [
     "BLOCK_ENV", "ENTRY_POINT_GROUP", "OBSERVER_HOOKS", "Observers", "all_options",
     "blocked_from_env", "blocked_names", "build", "build_batch_policy", "build_dead_letters",
-    "build_queue", "build_rate_limiter", "build_source", "build_transport",
-    "entry_point_names", "installed", "load", "make_plugin_manager", "parse_blocked",
+    "build_fleet", "build_queue", "build_rate_limiter", "build_source", "build_transport",
+    "entry_point_names", "fleet_name", "installed", "load", "make_plugin_manager", "parse_blocked",
 ]

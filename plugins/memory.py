@@ -1,4 +1,5 @@
-"""Built-in plugin ``memory``: in-process source, queue, dead letters, transport, limiter.
+"""Built-in plugin ``memory``: in-process source, queue, dead letters, transport, limiter,
+fleet.
 
 For tests, demos and embedding; nothing survives the process.
 """
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 
 from ms1.config import Config
 from ms1.deadletters import DeadLetterStore, MemoryDeadLetters
+from ms1.fleet import Fleet, MemoryFleet
 from ms1.hookspecs import hookimpl
 from ms1.outbound import MemoryQueue, QueueBackend
 from ms1.sending.limiter import RateLimiter, SlidingWindowLimiter
@@ -21,7 +23,7 @@ NAME = "memory"
 @hookimpl
 def ms1_components() -> Sequence[tuple[str, str]]:
     return [("source", NAME), ("queue", NAME), ("dead_letters", NAME), ("transport", NAME),
-            ("rate_limiter", NAME)]
+            ("rate_limiter", NAME), ("fleet", NAME)]
 
 
 @hookimpl
@@ -50,3 +52,8 @@ def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
         return None
     return SlidingWindowLimiter(config.get_int("send", "requests_per_minute"),
                                 config.get_float("send", "rate_window"))
+
+
+@hookimpl
+def ms1_make_fleet(name: str, config: Config) -> Fleet | None:
+    return MemoryFleet() if name == NAME else None

@@ -75,6 +75,8 @@ from ms1.sending.limiter import RateLimiter
 from ms1.source import Source
 
 from .deadletters import RedisDeadLetters
+from .fleet import fleet_components as fleet_components  # the fleet hooks: plugin "redis"
+from .fleet import ms1_make_fleet as ms1_make_fleet
 from .limiter import RedisRateLimiter
 from .link import (
     SECTION,

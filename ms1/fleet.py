@@ -1,0 +1,286 @@
+"""The fleet: every running instance publishes what it is doing, anyone can read them all.
+
+A :class:`Fleet` is a small shared board: each running ``ms1-service`` publishes a
+*snapshot* of itself about once a second (:class:`Publisher`, in a thread of its own) with
+a time to live, so an instance that died vanishes within ``ttl`` seconds; the web console
+and ``ms1-service top`` read every live snapshot (:meth:`Fleet.snapshots`) and add them up
+(:mod:`ms1.overview`). Built in: :class:`MemoryFleet` (this process only); the ``redis``
+plugin's fleet covers every instance on the same Redis. A plugin provides one through the
+``ms1_make_fleet`` hook; ``[fleet] backend`` chooses (``auto``: see
+:func:`ms1.pluginmanager.build_fleet`).
+
+A snapshot is a plain JSON-able dict (:func:`Sampler.sample` builds it; schema
+:data:`SCHEMA`)::
+
+    {"schema": 1, "id": "ms1-a@host:4711", "label": "ms1-a", "host": "host", "pid": 4711,
+     "version": "0.1.0", "started": 1730450000.0, "updated": 1730450100.5,
+     "counters": {"emails_read": 2000, "invoices_delivered": 1950, "dead_lettered": 50,
+                  "responses_202": 39, "responses_400": 11, ...},   # RunStats, as is
+     "rates": {"window_s": 10.0, "emails_in_per_s": 120.5, "invoices_delivered_per_s": 118.0},
+     "in_flight": 3, "concurrency_target": 12, "adaptive": true, "latency_s": 0.05,
+     "held": {"pause_429_s": 0.0, "stop": null, "stop_status": null, "auth_blocked": false,
+              "breaker": "closed", "reason": null},
+     "held_seconds": {"rate_budget": 12.5, "429_pause": 0.0, ...},   # totals, by cause
+     "held_recent": {"rate_budget": 1.2, ...},   # sender-seconds held per second, last window
+     "health": {"ok": true, "problem": null, "threads": {"reader": 1, "batcher": 1,
+                                                         "committer": 1, "sender": 64}}}
+
+Nothing in it is secret or invoice data: counters, states, and texts (a stop's reason, a
+stalled thread's doing) that pass through :func:`ms1.redaction.redact`.
+
+Publishing never holds the pipeline back: the publisher has its own thread, and a fleet
+that cannot be reached (Redis down) only makes it skip beats (one WARNING when it starts
+failing, one when it answers again).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+from ms1 import __version__
+from ms1.errors import Ms1Error
+from ms1.metrics import ServiceView, pipeline_threads
+from ms1.redaction import redact
+from ms1.sending.pacer import HELD_CAUSES
+
+log = logging.getLogger(__name__)
+
+#: the snapshot's layout version (``snapshot["schema"]``)
+SCHEMA = 1
+#: seconds between two snapshots of one instance
+PUBLISH_INTERVAL = 1.0
+#: seconds a snapshot lives: an instance silent this long has vanished from the fleet
+SNAPSHOT_TTL = 10.0
+#: seconds over which an instance's own rates are measured
+RATE_WINDOW = 10.0
+
+
+class Fleet(ABC):
+    """Contract of a fleet plugin: where instances publish their snapshots.
+
+    Thread-safe: the publisher thread writes while console requests read. Calls may do
+    I/O and raise :class:`~ms1.errors.Ms1Error` when the backend cannot be reached.
+    """
+
+    name: str = "?"
+    #: what names this process among the others, if the backend knows better than the
+    #: host name (the ``redis`` fleet: ``[redis] consumer``); empty: the host name
+    label: str = ""
+
+    @abstractmethod
+    def publish(self, instance_id: str, snapshot: Mapping[str, Any], ttl: float) -> None:
+        """Put ``snapshot`` (JSON-able) up as ``instance_id``'s, replacing its last one;
+        it disappears ``ttl`` seconds later unless published again."""
+
+    @abstractmethod
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Every live snapshot (none older than its ``ttl``), in no particular order."""
+
+    def withdraw(self, instance_id: str) -> None:  # noqa: B027 - optional: ttl does it
+        """Take ``instance_id``'s snapshot down now (a clean shutdown); by default it
+        just expires."""
+
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
+        """Release connections."""
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class MemoryFleet(Fleet):
+    """Snapshots held in this process (one instance: the console of a service not on
+    Redis, tests)."""
+
+    name = "memory"
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._board: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def publish(self, instance_id: str, snapshot: Mapping[str, Any], ttl: float) -> None:
+        with self._lock:
+            self._board[instance_id] = (self._clock() + ttl, dict(snapshot))
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        now = self._clock()
+        with self._lock:
+            for key in [k for k, (until, _) in self._board.items() if until <= now]:
+                del self._board[key]
+            return [dict(snapshot) for _, snapshot in self._board.values()]
+
+    def withdraw(self, instance_id: str) -> None:
+        with self._lock:
+            self._board.pop(instance_id, None)
+
+
+def instance_id(label: str = "", host: str | None = None, pid: int | None = None) -> str:
+    """How an instance is named in the fleet: ``label@host:pid`` (``host:pid`` when the
+    label is empty or the host name): unique per process even when two instances were
+    (wrongly) given one consumer name; a restart is a new instance."""
+    host = host or socket.gethostname()
+    pid = os.getpid() if pid is None else pid
+    return f"{label}@{host}:{pid}" if label and label != host else f"{host}:{pid}"
+
+
+class RateMeter:
+    """Rates of monotone counters over the last ``window`` seconds, from samples taken
+    about once a second (:meth:`add`). Not thread-safe: one sampler thread."""
+
+    def __init__(self, window: float = RATE_WINDOW) -> None:
+        self.window = window
+        self._samples: deque[tuple[float, dict[str, float]]] = deque()
+
+    def add(self, at: float, values: Mapping[str, float]) -> dict[str, float]:
+        """Record ``values`` at time ``at`` (monotonic s); return each one's rate per
+        second since the oldest sample within the window (0 before a second sample)."""
+        self._samples.append((at, dict(values)))
+        while len(self._samples) > 2 and at - self._samples[1][0] >= self.window:
+            self._samples.popleft()
+        first_at, first = self._samples[0]
+        span = at - first_at
+        if span <= 0:
+            return dict.fromkeys(values, 0.0)
+        return {key: max(0.0, (value - first.get(key, 0.0)) / span)
+                for key, value in values.items()}
+
+
+class Sampler:
+    """Builds this instance's snapshot from a :class:`~ms1.metrics.ServiceView` (the same
+    read-only view ``/metrics`` reads). Called from the publisher thread only."""
+
+    def __init__(self, view: ServiceView, *, label: str = "", id: str | None = None,
+                 window: float = RATE_WINDOW,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.view = view
+        self.label = label
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.id = id or instance_id(label, self.host, self.pid)
+        self.started = wall()
+        self._meter = RateMeter(window)
+        self._clock = clock
+        self._wall = wall
+
+    def sample(self) -> dict[str, Any]:
+        view = self.view
+        counters = view.counters()
+        pacer = view.pacer
+        held_seconds = pacer.held.snapshot()
+        measured = {"emails_in": float(counters.get("emails_read", 0)),
+                    "invoices_delivered": float(counters.get("invoices_delivered", 0)),
+                    **{f"held:{cause}": held_seconds.get(cause, 0.0) for cause in HELD_CAUSES}}
+        rates = self._meter.add(self._clock(), measured)
+        stop = pacer.stop
+        problem = view.health() if view.health is not None else \
+            (None if view.alive() else "a pipeline thread is not running")
+        concurrency = view.concurrency
+        latency = concurrency.latency if concurrency is not None else None
+        return {
+            "schema": SCHEMA, "id": self.id, "label": self.label, "host": self.host,
+            "pid": self.pid, "version": __version__, "started": self.started,
+            "updated": self._wall(),
+            "counters": dict(counters),
+            "rates": {"window_s": self._meter.window,
+                      "emails_in_per_s": round(rates["emails_in"], 3),
+                      "invoices_delivered_per_s": round(rates["invoices_delivered"], 3)},
+            "in_flight": view.in_flight() if view.in_flight is not None else 0,
+            "concurrency_target": concurrency.target if concurrency is not None else None,
+            "adaptive": concurrency.adaptive if concurrency is not None else None,
+            "latency_s": None if latency is None else round(latency, 4),
+            "held": {"pause_429_s": round(pacer.paused_for, 2),
+                     "stop": None if stop is None else redact(stop.reason),
+                     "stop_status": None if stop is None else stop.status,
+                     "auth_blocked": pacer.auth_blocked,
+                     "breaker": pacer.breaker.state,
+                     "reason": _redacted(pacer.held_back())},
+            "held_seconds": {cause: round(held_seconds.get(cause, 0.0), 3)
+                             for cause in HELD_CAUSES},
+            "held_recent": {cause: round(rates[f"held:{cause}"], 3) for cause in HELD_CAUSES},
+            "health": {"ok": problem is None, "problem": _redacted(problem),
+                       "threads": pipeline_threads()},
+        }
+
+
+def _redacted(text: str | None) -> str | None:
+    return None if text is None else redact(text)
+
+
+class Publisher:
+    """Publishes ``sample()`` to ``fleet`` every ``interval`` seconds in the thread
+    ``fleet-publisher``; on :meth:`close` it takes the snapshot down (best effort). A
+    failing fleet only makes it skip beats."""
+
+    def __init__(self, fleet: Fleet, instance: str, sample: Callable[[], Mapping[str, Any]],
+                 *, interval: float = PUBLISH_INTERVAL, ttl: float = SNAPSHOT_TTL) -> None:
+        self.fleet = fleet
+        self.instance = instance
+        self._sample = sample
+        self.interval = interval
+        self.ttl = max(ttl, 3 * interval)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+        self.published = 0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="fleet-publisher",
+                                            daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 0.5) -> None:
+        """Stop publishing; waits at most ``timeout`` s for the thread (a call to a frozen
+        backend is left behind: its snapshot then simply expires)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def publish_once(self) -> bool:
+        """One beat: True if the snapshot went up."""
+        try:
+            self.fleet.publish(self.instance, self._sample(), self.ttl)
+        except Exception as exc:  # Ms1Error (unreachable), or a plugin's bug: skip the beat
+            if not self._failing:
+                self._failing = True
+                if isinstance(exc, Ms1Error):
+                    log.warning("fleet %s: cannot publish this instance's state (%s); "
+                                "trying again every %g s", self.fleet.name, exc, self.interval)
+                else:
+                    log.exception("fleet %s: publishing failed; trying again every %g s",
+                                  self.fleet.name, self.interval)
+            return False
+        if self._failing:
+            self._failing = False
+            log.warning("fleet %s: publishing again", self.fleet.name)
+        self.published += 1
+        return True
+
+    def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            self.publish_once()
+            if self._stop.wait(max(0.05, self.interval - (time.monotonic() - started))):
+                break
+        try:
+            self.fleet.withdraw(self.instance)
+        except Exception as exc:  # the snapshot expires by itself
+            log.debug("fleet %s: withdraw failed: %s", self.fleet.name, exc)
+
+
+__all__ = ["PUBLISH_INTERVAL", "RATE_WINDOW", "SCHEMA", "SNAPSHOT_TTL", "Fleet",
+           "MemoryFleet", "Publisher", "RateMeter", "Sampler", "instance_id"]
