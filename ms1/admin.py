@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from typing import Any
 
 import pluggy
 
-from ms1 import pluginmanager
+from ms1 import overview, pluginmanager
 from ms1.batching import SizeBatchPolicy
 from ms1.components import C
 from ms1.config import Config
@@ -24,6 +26,7 @@ from ms1.deadletters import DeadLetterStore, letter_to_json
 from ms1.errors import ConfigError, Ms1Error
 from ms1.model import Item
 from ms1.outbound import QueueBackend
+from ms1.overview import Ceiling
 from ms1.processor import Accepted, unified_email_processor
 from ms1.source import MAX_EMAIL_BYTES, OnSkip, read_inputs
 
@@ -46,15 +49,31 @@ def run(args: argparse.Namespace, config: Config, pm: pluggy.PluginManager) -> i
     return dlq_replay(config, pm, None if args.all else args.ids)
 
 
-def _emails(paths: list[str], max_bytes: int, skip: OnSkip) -> Iterator[bytes]:
+def _emails(paths: list[str], max_bytes: int, skip: OnSkip) -> Iterator[tuple[bytes, int]]:
     """The e-mails in ``paths``, read by the files source's rules
-    (:func:`ms1.source.read_inputs`): an input that cannot be read, and an e-mail over
-    ``max_bytes`` (named ``path:line``), go to ``skip`` instead."""
-    for message in read_inputs(paths, max_bytes, skip):
-        if message.problem is not None:
-            skip(message.ref, f"{message.problem}; not enqueued")
-            continue
-        yield message.data
+    (:func:`ms1.source.read_inputs`), each with about how many bytes of the inputs are read
+    once it is (for the progress bar: its file's bytes read so far, a whole file once
+    done). An input that cannot be read, and an e-mail over ``max_bytes`` (named
+    ``path:line``), go to ``skip`` instead."""
+    before = 0  # bytes of the inputs read to their end
+    for path in paths:
+        within = 0
+        for message in read_inputs([path], max_bytes, skip):
+            within += len(message.data) + 1  # its line and the line end (about)
+            if message.problem is not None:
+                skip(message.ref, f"{message.problem}; not enqueued")
+                continue
+            yield message.data, before + within
+        before += _size(path)
+
+
+def _size(path: str) -> int:
+    """The size of the regular file ``path``; 0 for anything else (never opened)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return 0
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
 
 def _max_email_bytes(config: Config) -> int:
@@ -79,17 +98,25 @@ def enqueue(config: Config, pm: pluggy.PluginManager, files: list[str]) -> int:
         skipped.append((name, why))
         print(f"ms1-service: enqueue: skipped {name}: {why}", file=sys.stderr)
 
+    from ms1 import progressbar  # rich: only for the commands that draw
+
     source = pluginmanager.build_source(pm, config)
     count = 0
+    display = progressbar.Display(progressbar.wanted(config.get_str("ms1", "log_format")))
     try:
-        chunk: list[bytes] = []
-        for data in _emails(files, _max_email_bytes(config), skip):
-            chunk.append(data)
-            if len(chunk) >= ENQUEUE_CHUNK:
+        with display:
+            bar = display.row("enqueue", unit="e-mails", measures_bytes=True,
+                              total=sum(_size(path) for path in files) or None)
+            chunk: list[bytes] = []
+            for data, read in _emails(files, _max_email_bytes(config), skip):
+                chunk.append(data)
+                if len(chunk) >= ENQUEUE_CHUNK:
+                    count += source.push(chunk)
+                    chunk = []
+                    bar.update(done=read, count=count)
+            if chunk:
                 count += source.push(chunk)
-                chunk = []
-        if chunk:
-            count += source.push(chunk)
+            bar.finish(count=count)
     except Ms1Error:
         print(f"ms1-service: enqueue: {count} e-mails were enqueued before this error",
               file=sys.stderr)
@@ -113,27 +140,12 @@ def _probe(component: C, describe: Callable[[C], dict[str, Any]]) -> dict[str, A
 
 def _sending(config: Config, queue: dict[str, Any]) -> dict[str, Any]:
     """What status can say of sending without a running instance: MS4's ceiling, and when
-    the queue's backlog will have drained at it (one request per batch). How many requests
-    each instance has in flight, its concurrency target and what holds its senders back
-    are on its /metrics (``ms1_requests_in_flight``, ``ms1_concurrency_target``,
-    ``ms1_held_back_seconds_total``)."""
-    limit = config.get_int("send", "requests_per_minute")
-    window = config.get_float("send", "rate_window")
-    items = config.get_int("batch", "max_items")
-    info: dict[str, Any] = {
-        "ceiling": f"{limit} requests per {window:g} s",
-        "ceiling_invoices_per_minute": round(limit * items * 60 / window),
-    }
-    batches = queue.get("length")
-    if batches is None and isinstance(queue.get("ready"), int):
-        batches = queue["ready"] + int(queue.get("in_flight") or 0)
-    if isinstance(batches, int):
-        info["backlog_batches"] = batches
-        invoices = queue.get("invoices")
-        info["backlog_invoices"] = invoices if isinstance(invoices, int) \
-            else f"at most {batches * items}"
-        info["drained_in_s"] = round(batches * window / limit, 1)
-    return info
+    the queue's backlog will have drained at it (one request per batch;
+    :func:`ms1.overview.sending`, the rule the console and ``top`` use too). How many
+    requests each instance has in flight, its concurrency target and what holds its
+    senders back are on its /metrics (``ms1_requests_in_flight``,
+    ``ms1_concurrency_target``, ``ms1_held_back_seconds_total``) and in the console."""
+    return overview.sending(Ceiling.from_config(config), queue)
 
 
 def status(config: Config, pm: pluggy.PluginManager, *, as_json: bool) -> int:

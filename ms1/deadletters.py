@@ -16,6 +16,7 @@ reason. Other dead-letter plugins do the same with :func:`clip`.
 from __future__ import annotations
 
 import base64
+import bisect
 import builtins
 import dataclasses
 import json
@@ -23,7 +24,7 @@ import os
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,34 @@ class DeadLetterStore(ABC):
              ) -> builtins.list[DeadLetter]:
         """The oldest ``limit`` letters, or those with these ``ids``; each has its ``id``."""
 
+    def scan(self, after: str | None = None, limit: int = 100) -> builtins.list[DeadLetter]:
+        """Up to ``limit`` letters in the store's order (oldest first) that come after the
+        letter with id ``after`` (from the first when None): a page, for the console's
+        dead-letter browser; the next page is ``scan(page[-1].id)``. Letters removed since
+        (a replay) leave no gap where the store's ids are ordered (memory, redis); a store
+        whose ids are not (jsonl) starts over from the oldest when ``after`` is gone.
+
+        This default reads everything through :meth:`list`; stores override it to read one
+        page only."""
+        letters = self.list(limit=2**31)
+        if after is not None:
+            ids = [letter.id for letter in letters]
+            letters = letters[ids.index(after) + 1:] if after in ids else letters
+        return letters[:limit]
+
+    def iterate(self, limit: int | None = None, page: int = 500) -> Iterator[DeadLetter]:
+        """Every letter (at most ``limit``), oldest first, read :meth:`scan` page by page."""
+        after: str | None = None
+        seen = 0
+        while limit is None or seen < limit:
+            want = page if limit is None else min(page, limit - seen)
+            letters = self.scan(after, want)
+            yield from letters
+            seen += len(letters)
+            if len(letters) < want:
+                return
+            after = letters[-1].id
+
     @abstractmethod
     def remove(self, ids: Sequence[str]) -> int:
         """Forget these letters (after a replay); return how many were removed."""
@@ -100,6 +129,18 @@ class MemoryDeadLetters(DeadLetterStore):
                 wanted = set(ids)
                 return [letter for letter in self._letters if letter.id in wanted][:limit]
             return self._letters[:limit]
+
+    def scan(self, after: str | None = None, limit: int = 100) -> builtins.list[DeadLetter]:
+        """Ids are increasing numbers: a page starts after ``after`` even if it is gone."""
+        with self._lock:
+            if after is None:
+                return self._letters[:limit]
+            try:
+                mark = int(after)
+            except ValueError:
+                return []
+            start = bisect.bisect_right(self._letters, mark, key=lambda x: int(x.id))
+            return self._letters[start:start + limit]
 
     def remove(self, ids: Sequence[str]) -> int:
         wanted = set(ids)
@@ -148,6 +189,11 @@ def letter_from_json(record: dict[str, Any]) -> DeadLetter:
     )
 
 
+def _line_id(line: bytes) -> str:
+    """The ``id`` of one JSON line of a :class:`JsonlDeadLetters` file."""
+    return str(json.loads(line).get("id", ""))
+
+
 class JsonlDeadLetters(DeadLetterStore):
     """Dead letters appended to a JSON-lines file, fsynced before ``add`` returns."""
 
@@ -189,6 +235,24 @@ class JsonlDeadLetters(DeadLetterStore):
             wanted = set(ids)
             letters = [letter for letter in letters if letter.id in wanted]
         return letters[:limit]
+
+    def scan(self, after: str | None = None, limit: int = 100) -> builtins.list[DeadLetter]:
+        """Reads the file up to the end of the page (ids are random: a page after a letter
+        that is gone starts over from the oldest)."""
+        page: builtins.list[DeadLetter] = []
+        with self._lock, self.path.open("rb") as fh:
+            if after is not None:
+                for line in fh:
+                    if line.strip() and _line_id(line) == after:
+                        break
+                else:
+                    fh.seek(0)
+            for line in fh:
+                if len(page) >= limit:
+                    break
+                if line.strip():
+                    page.append(letter_from_json(json.loads(line)))
+        return page
 
     def remove(self, ids: Sequence[str]) -> int:
         """Rewrite the file without these letters (atomically, via a temp file + rename)."""

@@ -84,6 +84,15 @@ class RedisDeadLetters(DeadLetterStore):
                 entries = [e for found in pipe.execute() for e in found][:limit]
         return [letter_from_fields(decode(i), f) for i, f in entries]
 
+    def scan(self, after: str | None = None, limit: int = 100) -> builtins.list[DeadLetter]:
+        """One XRANGE from just after entry ``after`` (gone or not: ids are ordered)."""
+        if limit <= 0:
+            return []
+        start = "-" if after is None else f"({after}"
+        with translated(QueueError, f"read {self.stream}", self.link):
+            entries = self.link.client.xrange(self.stream, min=start, max="+", count=limit)
+        return [letter_from_fields(decode(i), f) for i, f in entries]
+
     def remove(self, ids: Sequence[str]) -> int:
         if not ids:
             return 0
