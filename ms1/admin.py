@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,31 +47,15 @@ def run(args: argparse.Namespace, config: Config, pm: pluggy.PluginManager) -> i
     return dlq_replay(config, pm, None if args.all else args.ids)
 
 
-def _emails(paths: list[str], max_bytes: int, skip: OnSkip) -> Iterator[tuple[bytes, int]]:
+def _emails(paths: list[str], max_bytes: int, skip: OnSkip) -> Iterator[bytes]:
     """The e-mails in ``paths``, read by the files source's rules
-    (:func:`ms1.source.read_inputs`), each with about how many bytes of the inputs are read
-    once it is (for the progress bar: its file's bytes read so far, a whole file once
-    done). An input that cannot be read, and an e-mail over ``max_bytes`` (named
-    ``path:line``), go to ``skip`` instead."""
-    before = 0  # bytes of the inputs read to their end
-    for path in paths:
-        within = 0
-        for message in read_inputs([path], max_bytes, skip):
-            within += len(message.data) + 1  # its line and the line end (about)
-            if message.problem is not None:
-                skip(message.ref, f"{message.problem}; not enqueued")
-                continue
-            yield message.data, before + within
-        before += _size(path)
-
-
-def _size(path: str) -> int:
-    """The size of the regular file ``path``; 0 for anything else (never opened)."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return 0
-    return info.st_size if stat.S_ISREG(info.st_mode) else 0
+    (:func:`ms1.source.read_inputs`): an input that cannot be read, and an e-mail over
+    ``max_bytes`` (named ``path:line``), go to ``skip`` instead."""
+    for message in read_inputs(paths, max_bytes, skip):
+        if message.problem is not None:
+            skip(message.ref, f"{message.problem}; not enqueued")
+            continue
+        yield message.data
 
 
 def _max_email_bytes(config: Config) -> int:
@@ -98,25 +80,17 @@ def enqueue(config: Config, pm: pluggy.PluginManager, files: list[str]) -> int:
         skipped.append((name, why))
         print(f"ms1-service: enqueue: skipped {name}: {why}", file=sys.stderr)
 
-    from ms1 import progressbar  # rich: only for the commands that draw
-
     source = pluginmanager.build_source(pm, config)
     count = 0
-    display = progressbar.Display(progressbar.wanted(config.get_str("ms1", "log_format")))
     try:
-        with display:
-            bar = display.row("enqueue", unit="e-mails", measures_bytes=True,
-                              total=sum(_size(path) for path in files) or None)
-            chunk: list[bytes] = []
-            for data, read in _emails(files, _max_email_bytes(config), skip):
-                chunk.append(data)
-                if len(chunk) >= ENQUEUE_CHUNK:
-                    count += source.push(chunk)
-                    chunk = []
-                    bar.update(done=read, count=count)
-            if chunk:
+        chunk: list[bytes] = []
+        for data in _emails(files, _max_email_bytes(config), skip):
+            chunk.append(data)
+            if len(chunk) >= ENQUEUE_CHUNK:
                 count += source.push(chunk)
-            bar.finish(count=count)
+                chunk = []
+        if chunk:
+            count += source.push(chunk)
     except Ms1Error:
         print(f"ms1-service: enqueue: {count} e-mails were enqueued before this error",
               file=sys.stderr)
