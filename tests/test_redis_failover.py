@@ -51,6 +51,7 @@ from redis_topologies import (  # the fixtures too, for the tests here
 )
 from support import service_ini, tail, wait_until
 
+from ms1 import pluginmanager
 from ms1.errors import ConfigError
 from ms1.inbound import Inbound, SubmitError
 from ms1.tools import samples
@@ -68,7 +69,8 @@ COUNT = 10_000 if FULL else 2_500
 #: e-mails per helper call, and the pause between calls (a steady ingestor, some 330 a
 #: second: a run of 2,500 lasts about 8 s, one of 10,000 about 30 s)
 CHUNK, PAUSE = 50, 0.15
-#: e-mails pushed with 'ms1-service enqueue' before the helper takes over
+#: e-mails pushed with 'ms1-service enqueue' before the helper takes over, and again by an
+#: 'enqueue' started as the primary is killed (it retries through the failover)
 CLI_EMAILS = 500
 #: the drain fails once nothing has moved for this long
 STALL_TIMEOUT = 30.0
@@ -307,8 +309,9 @@ def stream_state(node: Node) -> tuple[int, int, int, int]:
 
 def failover_run(topo: Topo, tmp_path: Path, procs: list[subprocess.Popen[bytes]], *,
                  count: int = COUNT, mode: str = "plain") -> Figures:
-    """Feed ``count`` e-mails (CLI first, then the helper) while the service runs; kill -9
-    the primary once 40 % are in (during a 401 spell or with the breaker open, by
+    """Feed ``count`` e-mails (500 with ``enqueue`` first, then the helper) while the
+    service runs; once the helper has submitted 40 % of its part, start another ``enqueue``
+    of 500 and kill -9 the primary (during a 401 spell or with the breaker open, by
     ``mode``); restart it as a replica; drain; stop the service. Returns the figures."""
     figures = Figures(topology=topo.name, mode=mode, count=count)
     sim = Sim(procs, tmp_path)
@@ -316,18 +319,20 @@ def failover_run(topo: Topo, tmp_path: Path, procs: list[subprocess.Popen[bytes]
     log = tmp_path / "service.log"
     emails = list(samples.generate(count, prefix=f"FO{mode[:1].upper()}"))
     started = time.monotonic()
-    first = tmp_path / "first.jsonl"
+    first, late = tmp_path / "first.jsonl", tmp_path / "late.jsonl"
     first.write_bytes(b"".join(s.data + b"\n" for s in emails[:CLI_EMAILS]))
+    late.write_bytes(b"".join(s.data + b"\n" for s in emails[CLI_EMAILS:2 * CLI_EMAILS]))
     pushed = cli(config, "enqueue", str(first))
     assert pushed.returncode == 0, pushed.stderr
     service = start_service(procs, config, log)
     assert wait_until(lambda: "ready" in log.read_text(errors="replace"), 60), tail(log)
-    feeder = Feeder(config, emails[CLI_EMAILS:])
+    feeder = Feeder(config, emails[2 * CLI_EMAILS:])
     feeder.start()
     try:
-        assert wait_until(lambda: feeder.done >= count * 0.4 - CLI_EMAILS or
+        assert wait_until(lambda: feeder.done >= len(feeder.emails) * 0.4 or
                           feeder.failure is not None, 120), "the feeder does not progress"
-        assert int(sim.stats()["invoices_accepted"]) > 0, f"nothing delivered:\n{tail(log)}"
+        assert wait_until(lambda: int(sim.stats()["invoices_accepted"]) > 0, 30), \
+            f"nothing delivered:\n{tail(log)}"
         assert feeder.failure is None, f"feeder: {feeder.failure!r}"
         if mode == "401":
             sim.control(api_key="not-the-key")
@@ -341,6 +346,11 @@ def failover_run(topo: Topo, tmp_path: Path, procs: list[subprocess.Popen[bytes]
             figures.notes.append("breaker open before the kill")
         figures.primary_before = topo.primary().address
         accepted_before = int(sim.stats()["invoices_accepted"])
+        late_enqueue = subprocess.Popen(
+            [sys.executable, "-m", "ms1.cli", "--config", str(config), "enqueue", str(late)],
+            cwd=ROOT, env={**os.environ, "MS1_MS4_API_KEY": API_KEY},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        procs.append(late_enqueue)
         old, new, figures.promoted_s = topo.failover()
         killed_at = time.monotonic() - figures.promoted_s
         figures.primary_after = new.address
@@ -349,6 +359,11 @@ def failover_run(topo: Topo, tmp_path: Path, procs: list[subprocess.Popen[bytes]
         elif mode == "breaker":
             sim.control(fail_500=0.0)
         topo.restart(old)
+        out, err = late_enqueue.communicate(timeout=180)
+        assert late_enqueue.returncode == 0, err.decode(errors="replace")
+        assert f"enqueued {CLI_EMAILS} e-mails".encode() in out, out
+        if b"retrying" in err:
+            figures.notes.append("the enqueue started at the kill retried through the failover")
         assert wait_until(lambda: int(sim.stats()["invoices_accepted"]) > accepted_before,
                           60, 0.02), f"MS4 accepts nothing after the failover:\n{tail(log)}"
         figures.resumed_s = time.monotonic() - killed_at
@@ -481,12 +496,7 @@ def test_without_min_replicas_acked_an_acknowledged_email_is_lost_in_a_failover(
     try:
         safe.submit([kept])  # the replica is healthy: acknowledged
         primary, replica = setup.primary(), setup.replica()
-        # the replica's link drops, and its next handshake is refused (AUTH as nobody)
-        replica_client, primary_client = replica.client(), primary.client()
-        replica_client.config_set("masteruser", "ms1-test-nobody")
-        replica_client.config_set("masterauth", "no-such-password")
-        primary_client.client_kill_filter(_type="replica")
-        assert wait_until(lambda: primary.info("replication")["connected_slaves"] == 0, 10)
+        _cut_replication(primary, replica)
         unsafe.submit([lost])  # the primary alone has it, and says so
         with pytest.raises(SubmitError) as caught:
             safe.submit([refused])
@@ -495,8 +505,7 @@ def test_without_min_replicas_acked_an_acknowledged_email_is_lost_in_a_failover(
 
         old, new, _ = setup.failover()
         assert new is replica
-        replica_client.config_set("masteruser", "")
-        replica_client.config_set("masterauth", "")
+        _mend_replication(new)
         after = inbound_emails(new)
         assert kept in after  # acknowledged by a replica: kept
         assert lost not in after  # acknowledged by the old primary only: LOST
@@ -509,9 +518,139 @@ def test_without_min_replicas_acked_an_acknowledged_email_is_lost_in_a_failover(
     finally:
         unsafe.close()
         safe.close()
-        for client in (locals().get("replica_client"), locals().get("primary_client")):
-            if client is not None:
-                client.close()
+
+
+def _cut_replication(primary: Node, replica: Node) -> None:
+    """The replica's link drops, and its next handshake is refused (AUTH as nobody): from
+    here on the primary's writes reach no replica."""
+    replica_client, primary_client = replica.client(), primary.client()
+    try:
+        replica_client.config_set("masteruser", "ms1-test-nobody")
+        replica_client.config_set("masterauth", "no-such-password")
+        primary_client.client_kill_filter(_type="replica")
+    finally:
+        replica_client.close()
+        primary_client.close()
+    assert wait_until(lambda: primary.info("replication")["connected_slaves"] == 0, 10)
+
+
+def _mend_replication(node: Node) -> None:
+    client = node.client()
+    try:
+        client.config_set("masteruser", "")
+        client.config_set("masterauth", "")
+    finally:
+        client.close()
+
+
+def test_consumer_group_positions_going_back_lose_nothing(sentinel_setup: SentinelSetup,
+                                                          tmp_path: Path, pm: Any) -> None:
+    """A failover can take back the group's reads and acks (the new primary never got
+    them): e-mails ms1 read, batched and acked on the old primary are undelivered again on
+    the new one. The batch the committer still holds is not stored there (none of its
+    e-mails is pending: the script skips it), the e-mails are read again and stored once;
+    an outbound batch whose delivery went back is acked once (its sender had its 202)."""
+    from ms1.model import BATCH_PATH, Batch, Item
+
+    setup = sentinel_setup
+    config = pluginmanager.load(pm, str(inbound_config(tmp_path / "ms1.ini", {
+        "sentinels": setup.sentinel_addresses, "service_name": SERVICE,
+        "visibility_timeout": 30})))
+    emails = [s.data for s in samples.generate(3, prefix="BACK")]
+    source = pluginmanager.build_source(pm, config)
+    queue = pluginmanager.build_queue(pm, config)
+    try:
+        assert source.read(10, 0.05) == []  # the groups exist (and are replicated)
+        queue.put(Batch.of(BATCH_PATH, [Item(b'{"invoice_id":"OUT-1"}', "OUT-1", "<o>", "")]))
+        source.push(emails)
+        assert acknowledged_by_replica(setup)
+        primary, replica = setup.primary(), setup.replica()
+        _cut_replication(primary, replica)
+        # on the old primary only: the reads, the batch stored with its e-mails acked, and
+        # the outbound batch handed out
+        read = source.read(10, 1.0)
+        assert [m.data for m in read] == emails
+        batch = Batch.of(BATCH_PATH, [Item(m.data, f"BACK-{n}", f"<{n}>", m.ref)
+                                      for n, m in enumerate(read)])
+        queue.put_many([batch], source)
+        out = queue.get("s", 1.0)  # (the batch of the three is prefetched with it)
+        assert out is not None and out.batch.invoice_ids == ("OUT-1",)
+        assert stream_state(primary) == (0, 0, 2, 2)
+
+        old, new, _ = setup.failover()
+        _mend_replication(new)
+        setup.restart(old)
+        # the new primary: the e-mails are there and undelivered, no batch holds them
+        assert stream_state(new) == (3, 0, 1, 0)
+        # the committer retries its batch: skipped (none of its e-mails is pending here)
+        queue.put_many([batch], source)
+        assert stream_state(new) == (3, 0, 1, 0)
+        # the e-mails come back to the reader, and are stored once
+        again = source.read(10, 1.0)
+        assert [m.data for m in again] == emails
+        queue.put_many([Batch.of(BATCH_PATH, [Item(m.data, f"BACK-{n}", f"<{n}>", m.ref)
+                                              for n, m in enumerate(again)])], source)
+        # the sender of the batch handed out before the failover had its 202: it acks it
+        queue.ack(out)
+        # what is left: the batch of the three, stored again; the copy prefetched from the
+        # old primary may go out too, but under the same Idempotency-Key (same content)
+        left = []
+        while (delivery := queue.get("s", 0.3)) is not None:
+            left.append(delivery)
+            queue.ack(delivery)
+        assert {d.batch.invoice_ids for d in left} == {("BACK-0", "BACK-1", "BACK-2")}
+        assert {d.batch.id for d in left} == {batch.id}
+        assert stream_state(new) == (0, 0, 0, 0)
+    finally:
+        queue.close()
+        source.close()
+
+
+def test_a_consumer_group_lost_in_a_failover_is_created_again(sentinel_setup: SentinelSetup,
+                                                              tmp_path: Path, pm: Any) -> None:
+    """A group created just before a failover may not be on the new primary: Redis then
+    answers NOGROUP, ms1 creates its groups again (from the first entry) and goes on; the
+    e-mails read before are read again and stored once."""
+    from ms1.errors import QueueError
+    from ms1.model import BATCH_PATH, Batch, Item
+
+    setup = sentinel_setup
+    config = pluginmanager.load(pm, str(inbound_config(tmp_path / "ms1.ini", {
+        "sentinels": setup.sentinel_addresses, "service_name": SERVICE})))
+    emails = [s.data for s in samples.generate(2, prefix="NOGROUP")]
+    source = pluginmanager.build_source(pm, config)
+    queue = pluginmanager.build_queue(pm, config)
+    try:
+        source.push(emails)
+        assert acknowledged_by_replica(setup)
+        _cut_replication(setup.primary(), setup.replica())
+        read = source.read(10, 1.0)  # creates the group: on the old primary only
+        batch = Batch.of(BATCH_PATH, [Item(m.data, f"NG-{n}", f"<{n}>", m.ref)
+                                      for n, m in enumerate(read)])
+        old, new, _ = setup.failover()
+        _mend_replication(new)
+        setup.restart(old)
+        with pytest.raises(QueueError, match="NOGROUP"):
+            queue.put_many([batch], source)  # the committer: fails, and will retry
+        again = source.read(10, 1.0)  # the reader makes the group again: all re-read
+        assert [m.data for m in again] == emails
+        queue.put_many([batch], source)  # the committer's retry: stored now
+        queue.put_many([Batch.of(BATCH_PATH, [Item(m.data, f"NG-{n}", f"<{n}>", m.ref)
+                                              for n, m in enumerate(again)])], source)
+        got = queue.get("s", 1.0)
+        assert got is not None and got.batch.invoice_ids == ("NG-0", "NG-1")
+        queue.ack(got)
+        assert queue.get("s", 0.3) is None
+        assert stream_state(new) == (0, 0, 0, 0)
+    finally:
+        queue.close()
+        source.close()
+
+
+def acknowledged_by_replica(setup: SentinelSetup) -> bool:
+    from redis_topologies import acknowledged
+
+    return wait_until(lambda: acknowledged(setup.primary()), 10)
 
 
 # --- submits, keys, options (one server) ---------------------------------------------------------
@@ -650,3 +789,106 @@ def test_sentinel_and_redis_passwords_work_and_are_never_shown(
             assert redis_secret not in text and sentinel_secret not in text, text
     finally:
         setup.stop()
+
+
+# --- what waiting for a replica costs ---------------------------------------------------------
+
+
+#: e-mails in the backlog of a throughput measurement
+BACKLOG = 50_000
+
+
+def _call_latencies(setup: SentinelSetup, min_replicas: int, calls: int) -> dict[str, float]:
+    """p50/p99 in ms of ms1's two own scripts, enqueue (a batch stored) and finish (its ack
+    after a 202), each followed by a WAIT when ``min_replicas`` is set."""
+    from ms1.model import BATCH_PATH, Batch, Item
+    from ms1_plugins.redis import RedisLink, RedisQueue
+    from ms1_plugins.redis.link import Topology, parse_addresses
+
+    topology = Topology(sentinels=parse_addresses(setup.sentinel_addresses),
+                        service_name=SERVICE)
+    link = RedisLink("redis://127.0.0.1/0", topology=topology, min_replicas=min_replicas,
+                     replica_timeout=1.0).use()
+    queue = RedisQueue(link, stream=f"cost:{min_replicas}:out", group="g", consumer="c",
+                       visibility_timeout=60, block_timeout=0.05, prefetch=1)
+    payload = json.dumps(samples.invoice(1)).encode()
+    enqueue: list[float] = []
+    finish: list[float] = []
+    try:
+        for n in range(calls):
+            items = [Item(payload, f"C-{n}-{k}", f"<{n}.{k}>", "") for k in range(BATCH)]
+            batch = Batch.of(BATCH_PATH, items)
+            started = time.perf_counter()
+            queue.put(batch)
+            enqueue.append(time.perf_counter() - started)
+            delivery = queue.get("s", 1.0)
+            assert delivery is not None
+            started = time.perf_counter()
+            queue.ack(delivery)
+            finish.append(time.perf_counter() - started)
+    finally:
+        queue.close()
+
+    def pct(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"enqueue_p50": pct(enqueue, 0.5), "enqueue_p99": pct(enqueue, 0.99),
+            "finish_p50": pct(finish, 0.5), "finish_p99": pct(finish, 0.99)}
+
+
+def _backlog_throughput(setup: SentinelSetup, tmp_path: Path,
+                        procs: list[subprocess.Popen[bytes]], min_replicas: int,
+                        count: int) -> float:
+    """Invoices per second the service delivers from a backlog of ``count`` e-mails
+    already in the inbound stream (ms4-sim without latency or limit)."""
+    topo = SentinelTopo(setup)
+    sim = Sim(procs, tmp_path)
+    sim.control(latency=0.0)
+    config = write_config(tmp_path / "ms1.ini", topo, sim.url,
+                          min_replicas_acked=min_replicas)
+    client = setup.primary().client()
+    for start in range(0, count, 1000):
+        pipe = client.pipeline(transaction=False)
+        for sample in samples.generate(min(1000, count - start), prefix="COST", start=start):
+            pipe.xadd("ms1:emails", {"email": sample.data})
+        pipe.execute()
+    client.close()
+    log = tmp_path / "service.log"
+    service = start_service(procs, config, log)
+    assert wait_until(lambda: int(sim.stats()["invoices_accepted"]) > 0, 60), tail(log)
+    started = time.monotonic()
+    first = int(sim.stats()["invoices_accepted"])
+    assert wait_until(lambda: int(sim.stats()["unique_invoices_accepted"]) >= count, 300,
+                      0.02), tail(log)
+    elapsed = time.monotonic() - started
+    assert stop_service(service, log) == 0
+    return (count - first) / elapsed
+
+
+@pytest.mark.xdist_group("measure")
+@pytest.mark.skipif(not FULL, reason="measurement: MS1_FAILOVER_FULL=1")
+def test_what_waiting_for_a_replica_costs(sentinel_setup: SentinelSetup, tmp_path: Path,
+                                          procs: list[subprocess.Popen[bytes]]) -> None:
+    """Latency of ms1's own scripts and end-to-end throughput from a backlog, with and
+    without ``min_replicas_acked = 1`` (primary and replica on loopback), alternating to
+    even out the machine's noise."""
+    calls: dict[int, list[dict[str, float]]] = {0: [], 1: []}
+    rates: dict[int, list[float]] = {0: [], 1: []}
+    for round_ in range(3):
+        for replicas in (0, 1):
+            calls[replicas].append(_call_latencies(sentinel_setup, replicas, 2_000))
+            run_dir = tmp_path / f"run-{round_}-{replicas}"
+            run_dir.mkdir()
+            rates[replicas].append(_backlog_throughput(sentinel_setup, run_dir, procs,
+                                                       replicas, BACKLOG))
+            client = sentinel_setup.primary().client()
+            client.flushall()
+            client.close()
+    for replicas in (0, 1):
+        merged = {k: sorted(c[k] for c in calls[replicas])[len(calls[replicas]) // 2]
+                  for k in calls[replicas][0]}
+        print(f"\nmin_replicas_acked = {replicas}: enqueue p50 {merged['enqueue_p50']:.3f} ms "
+              f"p99 {merged['enqueue_p99']:.3f} ms, finish p50 {merged['finish_p50']:.3f} ms "
+              f"p99 {merged['finish_p99']:.3f} ms; backlog of {BACKLOG:,}: "
+              f"{', '.join(f'{r:,.0f}' for r in rates[replicas])} invoices/s", flush=True)

@@ -40,12 +40,19 @@ def decode(value: bytes | str) -> str:
 
 
 def ensure_group(link: RedisLink, stream: str, group: str) -> None:
-    """Create the consumer group (and the stream) unless it exists."""
+    """Create the consumer group (and the stream) unless it exists: once per link, and
+    again after Redis said NOGROUP (:func:`.link.translated` forgets the groups then): a
+    failover can lose a group created just before it. A group created again starts at the
+    stream's first entry, so every entry still in the stream is read again (a duplicate at
+    worst, never a loss)."""
+    if (stream, group) in link.groups:
+        return
     try:
         link.client.xgroup_create(stream, group, id="0", mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+    link.groups.add((stream, group))
 
 
 def read_group(link: RedisLink, stream: str, group: str, consumer: str, count: int,

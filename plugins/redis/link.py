@@ -258,6 +258,9 @@ class RedisLink:
         self.failed_at = 0.0
         self._primary: str | None = None
         self._waitaof: bool | None = None  # does the primary have WAITAOF (7.2+)?
+        #: (stream, group) pairs known to exist (:func:`.leases.ensure_group`); forgotten
+        #: when Redis answers NOGROUP
+        self.groups: set[tuple[str, str]] = set()
         self._own_wait_paused_until = 0.0
 
     # --- the client ----------------------------------------------------------------------
@@ -574,6 +577,12 @@ def translated(error: type[Ms1Error], what: str, link: RedisLink) -> Iterator[No
     except (redis.RedisError, RedisClusterException) as exc:
         if isinstance(exc, OUTAGE_ERRORS):
             link.failed_at = time.monotonic()
+        elif isinstance(exc, redis.ResponseError) and str(exc).startswith("NOGROUP") \
+                and link.groups:
+            # a consumer group is gone (a failover lost its creation): make it again
+            log.warning("%s: Redis has no such consumer group (NOGROUP): ms1 creates its "
+                        "groups again, from the first entry of each stream", what)
+            link.groups.clear()
         raise error(f"{what}: {type(exc).__name__}: {exc} (Redis at {link.url})") from exc
     link.succeeded()
 

@@ -164,11 +164,11 @@ class RedisQueue(QueueBackend):
         link.on_heartbeat(self._held.refresh, visibility_timeout / 3)
 
     def _ensure(self) -> None:
+        ensure_group(self.link, self.stream, self.group)  # a set lookup once it exists
         if self._ready:
             return
         with self._ready_lock:
             if not self._ready:
-                ensure_group(self.link, self.stream, self.group)
                 self._check_persistence()
                 self._ready = True
 

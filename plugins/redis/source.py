@@ -108,7 +108,6 @@ class RedisSource(Source):
         self.delete = delete_acked
         #: the sorted set of submit keys (same hash tag as the stream: same slot)
         self.submitted_key = f"{stream}:submitted"
-        self._ready = False
         self._held = Held(link, stream, group, consumer)
         self._claimer = Claimer(link, stream, group, consumer, visibility_timeout,
                                 self._held)
@@ -116,9 +115,7 @@ class RedisSource(Source):
 
     def read(self, max_items: int, timeout: float) -> list[InboundMessage]:
         with translated(SourceError, f"read {self.stream}", self.link):
-            if not self._ready:
-                ensure_group(self.link, self.stream, self.group)
-                self._ready = True
+            ensure_group(self.link, self.stream, self.group)
             entries: list[Entry] = self._claimer.take(max_items) or read_group(
                 self.link, self.stream, self.group, self.consumer, max_items,
                 block_ms=max(1, int(timeout * 1000)))
