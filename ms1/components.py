@@ -19,6 +19,7 @@ from ms1 import pluginmanager
 from ms1.batching import BatchPolicy
 from ms1.config import Config
 from ms1.deadletters import DeadLetterStore
+from ms1.fleet import Fleet
 from ms1.outbound import QueueBackend
 from ms1.sending.breaker import Breaker
 from ms1.sending.limiter import RateLimiter, SlidingWindowLimiter
@@ -38,7 +39,8 @@ C = TypeVar("C", bound=Closable)
 
 @dataclass(frozen=True)
 class Components:
-    """The swappable parts, as built by the plugins (``limiter`` None: from ``[send]``)."""
+    """The swappable parts, as built by the plugins (``limiter`` None: from ``[send]``;
+    ``fleet`` None: this process only, a :class:`~ms1.fleet.MemoryFleet`)."""
 
     source: Source
     policy: BatchPolicy
@@ -46,6 +48,7 @@ class Components:
     dead_letters: DeadLetterStore
     transport: Transport
     limiter: RateLimiter | None = None
+    fleet: Fleet | None = None
 
     @classmethod
     def build(cls, pm: pluggy.PluginManager, config: Config,
@@ -64,6 +67,7 @@ class Components:
             dead_letters = keep(pluginmanager.build_dead_letters(pm, config))
             transport = keep(pluginmanager.build_transport(pm, config))
             limiter = keep(pluginmanager.build_rate_limiter(pm, config))
+            fleet = keep(pluginmanager.build_fleet(pm, config, queue.name))
             transport.set_api_key(config.api_key)
         except BaseException:
             for component in reversed(built):
@@ -72,11 +76,11 @@ class Components:
                 except Exception:
                     log.exception("closing %s failed", type(component).__name__)
             raise
-        return cls(source, policy, queue, dead_letters, transport, limiter)
+        return cls(source, policy, queue, dead_letters, transport, limiter, fleet)
 
     def close(self) -> None:
         parts = (self.source, self.transport, self.queue, self.dead_letters, self.policy,
-                 self.limiter)
+                 self.limiter, self.fleet)
         for part in parts:
             if part is None:
                 continue

@@ -18,24 +18,29 @@ import queue as stdqueue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from ms1.components import Components, make_pacer
 from ms1.config import Config, Secret
 from ms1.errors import Ms1Error
+from ms1.fleet import Fleet, MemoryFleet, Publisher, Sampler
 from ms1.intake import Intake, Work
 from ms1.logs import apply_log_settings
 from ms1.metrics import Exporter, QueueWatch, ServiceView
 from ms1.model import InboundMessage
 from ms1.outbound import QueueStats
+from ms1.overview import Ceiling
 from ms1.pluginmanager import Observers
 from ms1.progress import Progress, Stall
 from ms1.sending.concurrency import Controller, fixed_concurrency
 from ms1.sending.pacer import PacerSettings
 from ms1.sending.sender import InFlight, Sender, SendSettings, SharedSettings
 from ms1.stats import RunStats
+
+if TYPE_CHECKING:
+    from ms1.console import Console
 
 log = logging.getLogger(__name__)
 
@@ -191,21 +196,43 @@ class Service:
         #: active senders first, then retiring ones (leaving after their current batch)
         self._senders: list[tuple[Sender, threading.Thread]] = []
         self._sender_seq = 0
+        #: what /metrics, the fleet snapshot and the console read of this service
+        self.view = ServiceView(
+            counters=self.stats.snapshot, alive=self.alive, pacer=self.pacer,
+            queue_stats=components.queue.stats,
+            dead_letter_count=components.dead_letters.count, health=self.health,
+            queue_watch=self.queue_watch, in_flight=lambda: self.in_flight.current,
+            concurrency=self.concurrency)
         self.exporter: Exporter | None = None
         address = config.get_str("metrics", "address")
         if address:
             try:
-                self.exporter = Exporter(ServiceView(
-                    counters=self.stats.snapshot, alive=self.alive, pacer=self.pacer,
-                    queue_stats=components.queue.stats,
-                    dead_letter_count=components.dead_letters.count, health=self.health,
-                    queue_watch=self.queue_watch, in_flight=lambda: self.in_flight.current,
-                    concurrency=self.concurrency),
-                    address)
+                self.exporter = Exporter(self.view, address)
             except (OSError, ValueError) as exc:
                 raise config.error("metrics", "address",
                                    f"cannot listen on {address!r}: {exc}") from None
             pm.register(self.exporter, name=f"ms1-metrics-{id(self)}")
+        #: where this instance publishes its snapshot (ms1.fleet), about once a second
+        self.fleet: Fleet = components.fleet if components.fleet is not None else MemoryFleet()
+        sampler = Sampler(self.view, label=self.fleet.label)
+        self.publisher = Publisher(self.fleet, sampler.id, sampler.sample)
+        self.console = self._console(config, components) \
+            if config.get_str("console", "address") else None
+
+    def _console(self, config: Config, parts: Components) -> Console:
+        """The web console (``[console] address``): imported only when it is on."""
+        from ms1.console import Console  # Flask and waitress: only for a service with one
+
+        try:
+            return Console(config, fleet=self.fleet, source=parts.source, queue=parts.queue,
+                           dead_letters=parts.dead_letters,
+                           ceiling=lambda: Ceiling.from_config(self.config),
+                           sender_threads=self.concurrency.pool)
+        except BaseException:
+            if self.exporter is not None:  # bound already: let go of its port
+                self.exporter.close()
+                self.pm.unregister(self.exporter)
+            raise
 
     # --- threads ---------------------------------------------------------------
 
@@ -223,6 +250,9 @@ class Service:
         self._set_sender_count(self.concurrency.pool)
         if self.exporter is not None:
             self.exporter.start()
+        self.publisher.start()
+        if self.console is not None:
+            self.console.start()
         self.observers.service_started(self.config)
 
     def _new_sender(self) -> Sender:
@@ -612,6 +642,9 @@ class Service:
                           unacked_fate=fate, interrupted=interrupted,
                           source_drained=self._source_drained)
         self.observers.service_stopped()
+        if self.console is not None:
+            self.console.close()
+        self.publisher.close()
         if self.exporter is not None:
             self.exporter.close()
             self.pm.unregister(self.exporter)
