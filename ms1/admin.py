@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,15 +49,31 @@ def run(args: argparse.Namespace, config: Config, pm: pluggy.PluginManager) -> i
     return dlq_replay(config, pm, None if args.all else args.ids)
 
 
-def _emails(paths: list[str], max_bytes: int, skip: OnSkip) -> Iterator[bytes]:
+def _emails(paths: list[str], max_bytes: int, skip: OnSkip) -> Iterator[tuple[bytes, int]]:
     """The e-mails in ``paths``, read by the files source's rules
-    (:func:`ms1.source.read_inputs`): an input that cannot be read, and an e-mail over
-    ``max_bytes`` (named ``path:line``), go to ``skip`` instead."""
-    for message in read_inputs(paths, max_bytes, skip):
-        if message.problem is not None:
-            skip(message.ref, f"{message.problem}; not enqueued")
-            continue
-        yield message.data
+    (:func:`ms1.source.read_inputs`), each with about how many bytes of the inputs are read
+    once it is (for the progress bar: its file's bytes read so far, a whole file once
+    done). An input that cannot be read, and an e-mail over ``max_bytes`` (named
+    ``path:line``), go to ``skip`` instead."""
+    before = 0  # bytes of the inputs read to their end
+    for path in paths:
+        within = 0
+        for message in read_inputs([path], max_bytes, skip):
+            within += len(message.data) + 1  # its line and the line end (about)
+            if message.problem is not None:
+                skip(message.ref, f"{message.problem}; not enqueued")
+                continue
+            yield message.data, before + within
+        before += _size(path)
+
+
+def _size(path: str) -> int:
+    """The size of the regular file ``path``; 0 for anything else (never opened)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return 0
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
 
 def _max_email_bytes(config: Config) -> int:
@@ -80,17 +98,25 @@ def enqueue(config: Config, pm: pluggy.PluginManager, files: list[str]) -> int:
         skipped.append((name, why))
         print(f"ms1-service: enqueue: skipped {name}: {why}", file=sys.stderr)
 
+    from ms1 import progressbar  # rich: only for the commands that draw
+
     source = pluginmanager.build_source(pm, config)
     count = 0
+    display = progressbar.Display(progressbar.wanted(config.get_str("ms1", "log_format")))
     try:
-        chunk: list[bytes] = []
-        for data in _emails(files, _max_email_bytes(config), skip):
-            chunk.append(data)
-            if len(chunk) >= ENQUEUE_CHUNK:
+        with display:
+            bar = display.row("enqueue", unit="e-mails", measures_bytes=True,
+                              total=sum(_size(path) for path in files) or None)
+            chunk: list[bytes] = []
+            for data, read in _emails(files, _max_email_bytes(config), skip):
+                chunk.append(data)
+                if len(chunk) >= ENQUEUE_CHUNK:
+                    count += source.push(chunk)
+                    chunk = []
+                    bar.update(done=read, count=count)
+            if chunk:
                 count += source.push(chunk)
-                chunk = []
-        if chunk:
-            count += source.push(chunk)
+            bar.finish(count=count)
     except Ms1Error:
         print(f"ms1-service: enqueue: {count} e-mails were enqueued before this error",
               file=sys.stderr)
@@ -172,16 +198,27 @@ def dlq_list(config: Config, pm: pluggy.PluginManager, *, limit: int, as_json: b
 
 
 def dlq_replay(config: Config, pm: pluggy.PluginManager, ids: list[str] | None) -> int:
+    from ms1 import progressbar  # rich: only for the commands that draw
+
     store = pluginmanager.build_dead_letters(pm, config)
     queue = pluginmanager.build_queue(pm, config)
+    display = progressbar.Display(progressbar.wanted(config.get_str("ms1", "log_format")))
     try:
         if not queue.durable:
             raise ConfigError(f"dlq replay needs a durable queue; [queue] backend = "
                               f"{queue.name!r} would forget the batches when this command ends",
                               path=config.path, section="queue", key="backend")
-        result = replay(store, queue, ids=ids,
-                        max_items=config.get_int("batch", "max_items"),
-                        max_bytes=config.get_int("batch", "max_bytes"))
+        with display:
+            bar = display.row("replay", unit="letters")
+
+            def replayed(done: int, total: int) -> None:
+                bar.update(done=done, total=total)
+
+            result = replay(store, queue, ids=ids,
+                            max_items=config.get_int("batch", "max_items"),
+                            max_bytes=config.get_int("batch", "max_bytes"),
+                            on_progress=replayed)
+            bar.finish()
     finally:
         queue.close()
         store.close()
@@ -201,7 +238,8 @@ class ReplayResult:
 
 
 def replay(store: DeadLetterStore, queue: QueueBackend, *, ids: Sequence[str] | None,
-           max_items: int, max_bytes: int) -> ReplayResult:
+           max_items: int, max_bytes: int,
+           on_progress: Callable[[int, int], None] | None = None) -> ReplayResult:
     """Put dead letters back on the outbound path, then remove them from ``store``.
 
     MS4 objects (stages ``ms4`` and ``batching``) are batched as they are; raw e-mails
@@ -210,6 +248,7 @@ def replay(store: DeadLetterStore, queue: QueueBackend, *, ids: Sequence[str] | 
     they were not an e-mail or a batch at all (stages ``source`` and ``queue``: their raw
     fields) are never replayed: they are kept and reported. A crash between enqueueing
     and removing leaves a letter both queued and dead-lettered (a duplicate, never a loss).
+    ``on_progress(replayed, to_replay)`` is called before the first batch and after each.
     """
     letters = store.list(limit=2**31, ids=ids)
     policy = SizeBatchPolicy(max_items=max_items, max_bytes=max_bytes, max_wait=0)
@@ -238,7 +277,12 @@ def replay(store: DeadLetterStore, queue: QueueBackend, *, ids: Sequence[str] | 
     if last is not None:
         batches.append(last)
     replayed = 0
+    to_replay = sum(len(batch.refs) for batch in batches)
+    if on_progress is not None:
+        on_progress(0, to_replay)
     for batch in batches:
         queue.put(batch)
         replayed += store.remove(batch.refs)
+        if on_progress is not None:
+            on_progress(replayed, to_replay)
     return ReplayResult(replayed, len(batches), still_invalid)

@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 import pluggy
@@ -40,7 +40,7 @@ from ms1.logs import add_secret, escape_controls, setup_logging
 from ms1.notify import Notifier, Watchdog
 from ms1.progress import call_within
 from ms1.redaction import redact
-from ms1.service import Service
+from ms1.service import Service, Summary
 from ms1.tools import samples
 
 log = logging.getLogger("ms1")
@@ -156,6 +156,11 @@ def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once
         components.close()
         raise
     notifier = Notifier()
+    restore_terminal: Callable[[], None] = _nothing
+    if once:
+        from ms1 import progressbar  # rich: only for the runs that may draw
+
+        restore_terminal = progressbar.restore_cursor  # the bars' hidden cursor, at os._exit
     stop_requested = threading.Event()
     reload_requested = threading.Event()
 
@@ -170,6 +175,7 @@ def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once
                 # source every unacknowledged e-mail, for the next run
                 log.warning("second SIGINT: exiting at once (status %d) without draining; a "
                             "durable queue keeps what was not delivered", EXIT_INTERRUPTED)
+                restore_terminal()
                 os._exit(EXIT_INTERRUPTED)
             log.info("received %s: already draining (a second SIGINT exits at once)", name)
             return
@@ -180,12 +186,11 @@ def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once
     previous = {sig: signal.signal(sig, on_signal) for sig in handled}
     watchdog: Watchdog | None = None
     try:
-        service.start()
         if once:
-            summary = service.run_once(config.get_float("ms1", "once_timeout"),
-                                       stop=stop_requested)
+            summary = _run_once(service, stop_requested)
             print(summary.render(), flush=True)
         else:
+            service.start()
             if _wait_until_connected(service, stop_requested):
                 notifier.ready(_status(service))
                 log.info("ready")
@@ -222,6 +227,44 @@ def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once
     if not summary.ok and not components.queue.durable:
         return EXIT_FAILED  # batches left in memory are lost
     return EXIT_OK if stop_requested.is_set() else EXIT_FAILED
+
+
+def _nothing() -> None:
+    pass
+
+
+def _run_once(service: Service, stop: threading.Event) -> Summary:
+    """``--once``: start, process what the source holds, deliver it; on a terminal with
+    progress bars (:mod:`ms1.progressbar`): e-mails read, invoices settled (delivered or
+    dead-lettered by the senders) of those enqueued."""
+    from ms1 import progressbar
+
+    config = service.config
+    display = progressbar.Display(progressbar.wanted(config.get_str("ms1", "log_format")))
+    with display:
+        read = display.row("read", unit="e-mails")
+        settled = display.row("delivered", unit="invoices")
+
+        def poll() -> None:
+            stats = service.stats.snapshot()
+            emails = stats.get("emails_read", 0)
+            if service.source_drained and emails >= stats.get("emails_taken", 0):
+                read.finish(done=emails)  # all read and processed
+            else:
+                read.update(done=emails)
+            enqueued = stats.get("invoices_enqueued", 0)
+            # the senders' dead letters: the intake's (rejected) were never enqueued
+            done = stats.get("invoices_delivered", 0) + max(
+                0, stats.get("dead_lettered", 0) - stats.get("rejected", 0))
+            settled.update(done=done, total=max(enqueued, done) or None)
+
+        display.follow(poll)
+        service.start()
+        summary = service.run_once(config.get_float("ms1", "once_timeout"), stop=stop)
+        poll()
+        if summary.undelivered is not None and summary.undelivered.empty:
+            settled.finish()
+    return summary
 
 
 def _wait_until_connected(service: Service, stop: threading.Event) -> bool:

@@ -451,6 +451,11 @@ class Service:
         """
         return not self._failed and not self.abort.is_set()
 
+    @property
+    def source_drained(self) -> bool:
+        """The reader has read the source to its end (a ``--once`` run: all its input)."""
+        return self._source_drained
+
     def stalls(self) -> list[Stall]:
         """Pipeline threads that have shown no progress for longer than ``[ms1]
         watchdog_timeout`` outside a bounded wait (see :mod:`ms1.progress`)."""
