@@ -892,3 +892,74 @@ def test_what_waiting_for_a_replica_costs(sentinel_setup: SentinelSetup, tmp_pat
               f"p99 {merged['enqueue_p99']:.3f} ms, finish p50 {merged['finish_p50']:.3f} ms "
               f"p99 {merged['finish_p99']:.3f} ms; backlog of {BACKLOG:,}: "
               f"{', '.join(f'{r:,.0f}' for r in rates[replicas])} invoices/s", flush=True)
+
+
+# --- every Redis call ms1 makes, on a cluster ----------------------------------------------------
+
+
+def test_every_redis_component_works_on_a_cluster(cluster_setup: ClusterSetup, tmp_path: Path,
+                                                  pm: Any) -> None:
+    """Source, queue (group commit, prefetch, release, takeover, split), dead letters and
+    the shared rate limiter through RedisCluster: every multi-key script and pipeline runs
+    in ms1's one slot, on the primary serving it."""
+    from ms1.model import BATCH_PATH, Batch, DeadLetter, Item
+
+    settings = {"url": cluster_setup.url, "cluster": "yes",
+                "cluster_nodes": cluster_setup.startup_nodes}
+    path = tmp_path / "ms1.ini"
+    path.write_text(service_ini("redis://127.0.0.1/0", settings={
+        "redis": settings, "send": {"rate_limiter": "redis", "requests_per_minute": 3}}))
+    config = pluginmanager.load(pm, str(path))
+    source = pluginmanager.build_source(pm, config)
+    queue = pluginmanager.build_queue(pm, config)
+    letters = pluginmanager.build_dead_letters(pm, config)
+    limiter = pluginmanager.build_rate_limiter(pm, config)
+    # another instance, quick to take over what looks idle for 1 s
+    other = pluginmanager.build_queue(pm, config.with_values({
+        ("redis", "visibility_timeout"): 1.0, ("redis", "consumer"): "other"}))
+    try:
+        source.push([b'{"n": 1}', b'{"n": 2}', b'{"n": 3}'])
+        read = source.read(10, 1.0)
+        assert len(read) == 3
+        batches = [Batch.of(BATCH_PATH, [Item(b'{"invoice_id":"%d"}' % n, str(n), "<m>",
+                                              m.ref)]) for n, m in enumerate(read[:2])]
+        queue.put_many(batches, source)  # the group commit, e-mails acked in the same step
+        letters.add([DeadLetter(reason="test", stage="processor", payload=read[2].data,
+                                source_ref=read[2].ref)], source)
+        assert source.describe()["length"] == 0 and letters.count() == 1
+        assert [x.reason for x in letters.list()] == ["test"]
+        first = queue.get("s", 1.0)
+        assert first is not None
+        queue.release(first)  # back at once, delivered again
+        deliveries = []
+        while (got := queue.get("s", 0.5)) is not None:
+            deliveries.append(got)
+        assert sorted(d.batch.id for d in deliveries) == sorted(b.id for b in batches)
+        assert max(d.attempts for d in deliveries if d.token == first.token) >= 2
+        halves = [Batch.of(BATCH_PATH, [Item(b'{"invoice_id":"h%d"}' % n, f"h{n}", "<m>", "")])
+                  for n in range(2)]
+        queue.replace(deliveries[0], halves)  # a split: the halves in the same step
+        # held batches that look idle long enough are taken over by another instance
+        while (got := queue.get("s", 0.3)) is not None:
+            deliveries.append(got)
+        assert len(deliveries) == 4
+        taken: list[Any] = []
+        assert wait_until(lambda: bool(taken.append(other.get("s", 0.2)) or
+                                       len([t for t in taken if t]) == 3), 15)
+        for delivery in taken:
+            if delivery is not None:
+                other.ack(delivery)
+        assert queue.stats().empty
+        assert letters.remove([letters.list()[0].id]) == 1
+        tokens = [limiter.try_acquire()[0] for _ in range(4)]
+        assert tokens[:3] == [t for t in tokens[:3] if t] and tokens[3] is None
+        limiter.finish(tokens[0])  # type: ignore[arg-type]
+        limiter.cancel(tokens[1])  # type: ignore[arg-type]
+        client = cluster_setup.primary_for("{ms1}").client()
+        keys = [k for k in client.scan_iter() if not k.startswith(b"redis-topologies:")]
+        client.close()
+        assert sorted(keys) == [b"{ms1}:dead-letters", b"{ms1}:emails", b"{ms1}:emails:submitted",
+                                b"{ms1}:outbound", b"{ms1}:rate-limit"], keys
+    finally:
+        for part in (source, queue, letters, limiter, other):
+            part.close()

@@ -273,6 +273,7 @@ class RedisQueue(QueueBackend):
         """XACK + XDEL the entry and XADD ``replacements`` to stream ``to``, atomically and
         once (``scripts/finish.lua``): the one place an outbound entry is acked."""
         with translated(QueueError, what, self.link):
+            self._ensure()  # the group again, if a failover lost it (NOGROUP)
             self.link.script("finish", [self.stream, to],
                              [self.group, entry_id, *pack_entries(replacements)],
                              replicate=True)
