@@ -157,7 +157,7 @@ def tagged(name: str, tag: str) -> str:
         return name
     if found is not None:
         raise ValueError(f"{name!r} carries the hash tag {{{found}}}, not key_tag {{{tag}}}: "
-                         "every key must be in one slot")
+                         f"every key must be in one slot (set key_tag = {found}?)")
     if name.startswith(f"{tag}:"):
         return f"{{{tag}}}{name[len(tag):]}"
     return f"{{{tag}}}:{name}"
@@ -660,6 +660,10 @@ def link_for(config: Config) -> RedisLink:
                                                                            "socket_timeout"):
             raise config.error(SECTION, "block_timeout", "must be shorter than socket_timeout "
                                "(a blocked read would otherwise time out as an error)")
+        if config.get_float(SECTION, "replica_ack_timeout") >= config.get_float(
+                SECTION, "socket_timeout"):
+            raise config.error(SECTION, "replica_ack_timeout", "must be shorter than "
+                               "socket_timeout (a WAIT would otherwise time out as an error)")
         key_names(config)  # every key name valid under the tag
         try:
             link = RedisLink(url, password=password,

@@ -149,7 +149,14 @@ class RedisSource(Source):
         up to :data:`PUSH_RETRY` s (through a failover, without adding any twice)."""
         if self.link.topology.kind != "single" or self.link.min_replicas > 0:
             for start in range(0, len(emails), XADD_CHUNK):
-                self.submit(emails[start:start + XADD_CHUNK], retry_for=PUSH_RETRY)
+                try:
+                    self.submit(emails[start:start + XADD_CHUNK], retry_for=PUSH_RETRY)
+                except SubmitError as exc:
+                    raise SourceError(
+                        f"e-mails {start + 1}-{min(start + XADD_CHUNK, len(emails))} of "
+                        f"{len(emails)} are not known to be added after {PUSH_RETRY:.0f} s of "
+                        f"retries (those before them are; enqueueing these again may add "
+                        f"some twice): {exc.args[0]}") from exc
             return len(emails)
         with translated(SourceError, f"add e-mails to {self.stream}", self.link):
             for start in range(0, len(emails), XADD_CHUNK):
