@@ -732,7 +732,8 @@ def test_the_key_rule_gives_every_key_one_hash_tag(make_config: Any) -> None:
     ("sentinels = 127.0.0.1:1\nurl = unix:///tmp/x.sock", "[redis] url", "not unix"),
     ("cluster = yes\ninbound_stream = {x}:in", "[redis] inbound_stream", "one slot"),
     ("sentinels = 127.0.0.1:1\nservice_name =", "[redis] service_name", "needed"),
-    ("replica_ack_timeout = 10", "[redis] replica_ack_timeout", "shorter than socket_timeout"),
+    ("min_replicas_acked = 1\nreplica_ack_timeout = 10", "[redis] replica_ack_timeout",
+     "shorter than socket_timeout"),
 ])
 def test_topology_options_are_checked_together(make_config: Any, text: str, where: str,
                                                problem: str) -> None:

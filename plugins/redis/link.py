@@ -660,8 +660,8 @@ def link_for(config: Config) -> RedisLink:
                                                                            "socket_timeout"):
             raise config.error(SECTION, "block_timeout", "must be shorter than socket_timeout "
                                "(a blocked read would otherwise time out as an error)")
-        if config.get_float(SECTION, "replica_ack_timeout") >= config.get_float(
-                SECTION, "socket_timeout"):
+        if config.get_int(SECTION, "min_replicas_acked") > 0 and config.get_float(
+                SECTION, "replica_ack_timeout") >= config.get_float(SECTION, "socket_timeout"):
             raise config.error(SECTION, "replica_ack_timeout", "must be shorter than "
                                "socket_timeout (a WAIT would otherwise time out as an error)")
         key_names(config)  # every key name valid under the tag
