@@ -965,3 +965,72 @@ def test_every_redis_component_works_on_a_cluster(cluster_setup: ClusterSetup, t
     finally:
         for part in (source, queue, letters, limiter, other):
             part.close()
+
+
+# --- without servers ---------------------------------------------------------------------------
+
+
+def test_no_primary_to_be_found_is_an_outage_not_a_crash() -> None:
+    """Sentinels or cluster nodes that do not answer: every call fails with ms1's own
+    error (the loops wait and retry, as for one server that is down), nothing else."""
+    from ms1.errors import SourceError
+    from ms1_plugins.redis import RedisLink, RedisSource
+    from ms1_plugins.redis.link import Topology
+
+    for topology in (Topology(sentinels=(("127.0.0.1", 1), ("127.0.0.1", 2)),
+                              service_name="nowhere"),
+                     Topology(cluster=True, cluster_nodes=(("127.0.0.1", 2),))):
+        link = RedisLink("redis://127.0.0.1:1/0", topology=topology, connect_timeout=0.2,
+                         socket_timeout=0.5, min_replicas=1).use()
+        source = RedisSource(link, stream="{ms1}:emails", group="g", consumer="c",
+                             visibility_timeout=30, delete_acked=True)
+        assert not link.ping()
+        with pytest.raises(SourceError):
+            source.read(10, 0.1)
+        with pytest.raises(SubmitError) as caught:
+            source.submit([b"x"])
+        assert caught.value.added is None  # not known
+        assert link.primary() is None
+        source.close()
+
+
+def test_waitaof_is_sent_and_read_when_the_primary_has_it(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """Redis 7.2+ (not in Debian, so faked here): the writes are followed by ``WAITAOF 0 n
+    timeout`` on the same pipeline, and its second figure (replicas that fsynced) counts."""
+    from ms1_plugins.redis import RedisLink
+
+    sent: list[tuple[object, ...]] = []
+
+    class Pipe:
+        def __init__(self) -> None:
+            self.stack: list[tuple[object, ...]] = []
+
+        def __len__(self) -> int:
+            return len(self.stack)
+
+        def execute_command(self, *args: object) -> None:
+            self.stack.append(args)
+
+        def xadd(self, *args: object) -> None:
+            self.stack.append(("XADD", *args))
+
+        def execute(self) -> list[object]:
+            sent.extend(self.stack)
+            return ["1-0" if c[0] == "XADD" else [0, 2] for c in self.stack]
+
+        def reset(self) -> None:
+            self.stack = []
+
+    class Node:
+        def pipeline(self, transaction: bool) -> Pipe:
+            return Pipe()
+
+        def info(self, section: str) -> dict[str, str]:
+            return {"redis_version": "7.2.4"}
+
+    link = RedisLink("redis://127.0.0.1:1/0", min_replicas=2, replica_timeout=0.25)
+    monkeypatch.setattr(link, "_node_client", lambda: Node())
+    replies, acked = link.replicated(lambda pipe: pipe.xadd("s", {"email": "x"}))
+    assert replies == ["1-0"] and acked == 2 and link.uses_waitaof
+    assert sent == [("XADD", "s", {"email": "x"}), ("WAITAOF", 0, 2, 250)]
