@@ -52,7 +52,7 @@ def some_letters() -> list[DeadLetter]:
         letters.append(DeadLetter(
             reason="MS4 answered 400: item 0: rejected by sim (reject_every)", stage="ms4",
             payload=obj(f"INV-{n}"), invoice_id=f"INV-{n}", message_id=f"<{n}@mail>",
-            source_ref=f"1700000000000-{n}", ms4_answer='{"error": "rejected", '
+            source_ref=f"1700000000000-{n}", ms4_answer='400 {"error": "rejected", '
             '"details": [{"index": 0}]}', at=DAY + n * 86400))
     letters.append(DeadLetter(reason="raw_json.currency: not an ISO 4217 currency: 'XXX'",
                               stage="processor", payload=b'{"raw_json": "broken"}',
@@ -401,7 +401,7 @@ def test_the_listener_is_not_polled_inside_the_fd_budget(make_config) -> None:
     try:
         assert server.readable()
         usage[0] = (224, 256)  # one more would eat into the reserve (256 // 8)
-        server._checked_at = 0.0
+        server._checked_at = -1.0
         assert not server.readable()
     finally:
         server.close()

@@ -146,10 +146,15 @@ def _payload_text(letter: DeadLetter) -> tuple[str, str]:
 
 
 def _answer_text(answer: str | None) -> str:
+    """MS4's answer as kept (``400 {...}``: the status, then the body), its JSON body
+    pretty-printed."""
     if not answer:
         return ""
+    status, _, body = answer.partition(" ")
+    head, text = (f"{status}\n", body) if status.isdigit() and len(status) == 3 \
+        else ("", answer)
     try:
-        return json.dumps(json.loads(answer), indent=2, ensure_ascii=False)
+        return head + json.dumps(json.loads(text), indent=2, ensure_ascii=False)
     except ValueError:
         return answer
 

@@ -57,8 +57,9 @@ class ConsoleServer(TcpWSGIServer):  # type: ignore[misc]  # untyped base
                  usage: Callable[[], tuple[int, int] | None] = fd_usage) -> None:
         self.pipeline_fds = pipeline_fds
         self._usage = usage
-        self._checked_at = 0.0
-        self._allowed = True
+        self._checked_at = -_FD_CACHE
+        self._usage_at_check: tuple[int, int] | None = None
+        self._connections_at_check = 0
         self._starved = False
         self._next_warning = 0.0
         dispatcher = ThreadedTaskDispatcher()
@@ -77,24 +78,31 @@ class ConsoleServer(TcpWSGIServer):  # type: ignore[misc]  # untyped base
         return self._fds_allow()
 
     def _fds_allow(self) -> bool:
+        """The budget, on the descriptors open now: counted in ``/proc/self/fd`` at most
+        every :data:`_FD_CACHE` s, and in between the count plus the console's own
+        connections opened since (a burst of connections is accepted one loop turn at a
+        time, each turn asks again)."""
         now = time.monotonic()
-        if now - self._checked_at < _FD_CACHE:
-            return self._allowed
-        self._checked_at = now
-        usage = self._usage()
-        allowed = usage is None or may_accept(usage[0], usage[1], self.connections,
-                                              self.pipeline_fds)
+        connections = self.connections
+        if now - self._checked_at >= _FD_CACHE:
+            self._checked_at = now
+            self._usage_at_check = self._usage()
+            self._connections_at_check = connections
+        usage = self._usage_at_check
+        if usage is None:
+            return True
+        opened = usage[0] + connections - self._connections_at_check
+        allowed = may_accept(opened, usage[1], connections, self.pipeline_fds)
         if not allowed and not self._starved:
             self._starved = True
-            if now >= self._next_warning and usage is not None:
+            if now >= self._next_warning:
                 self._next_warning = now + _WARNING_INTERVAL
                 log.warning("console: not accepting connections: %d of %d file descriptors "
                             "are open (%d of them console connections); the rest is kept "
-                            "for Redis and MS4", usage[0], usage[1], self.connections)
+                            "for Redis and MS4", opened, usage[1], connections)
         elif allowed and self._starved:
             self._starved = False
             log.info("console: accepting connections again")
-        self._allowed = allowed
         return allowed
 
 
