@@ -43,6 +43,7 @@ Totals are over the instances alive now (a stopped instance's counters leave wit
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -186,6 +187,35 @@ def summarize_dead_letters(store: DeadLetterStore, limit: int = SUMMARY_SCAN
     ``scan``) and its count. Raises the store's Ms1Error."""
     count = store.count()
     return letter_summary(store.iterate(limit=limit), count)
+
+
+class LetterCounts:
+    """:func:`summarize_dead_letters` of ``store``, read again only when the store's count
+    changed or ``max_age`` seconds passed: the summary reads up to ``limit`` letters with
+    their payloads, the count is one cheap call (``XLEN``). Thread-safe."""
+
+    def __init__(self, store: DeadLetterStore, *, limit: int = SUMMARY_SCAN,
+                 max_age: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.limit = limit
+        self.max_age = max_age
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._summary: dict[str, Any] | None = None
+        self._at = 0.0
+
+    def read(self) -> dict[str, Any]:
+        """The summary (raises the store's Ms1Error)."""
+        count = self.store.count()
+        with self._lock:
+            cached, at = self._summary, self._at
+        if cached is not None and cached["count"] == count \
+                and self._clock() - at < self.max_age:
+            return cached
+        summary = letter_summary(self.store.iterate(limit=self.limit), count)
+        with self._lock:
+            self._summary, self._at = summary, self._clock()
+        return summary
 
 
 def _number(value: object) -> float:
@@ -332,11 +362,14 @@ def _read(what: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def gather(fleet: Fleet | None, *, ceiling: Ceiling, source: Source | None = None,
-           queue: QueueBackend | None = None, dead_letters: DeadLetterStore | None = None,
+           queue: QueueBackend | None = None,
+           dead_letters: DeadLetterStore | LetterCounts | None = None,
            letters_scan: int = SUMMARY_SCAN, now: float | None = None) -> dict[str, Any]:
     """Read the fleet and the parts given (each failure goes to ``errors``, the rest is
-    shown) and :func:`collect` them. Does I/O (Redis): call it off any request path that
-    must not wait, or bound it (the console caches it)."""
+    shown) and :func:`collect` them. ``dead_letters``: a store (summarised at each call),
+    or a :class:`LetterCounts` (summarised when its count changed: for callers that
+    gather every second). Does I/O (Redis): call it off any request path that must not
+    wait, or bound it (the console caches it)."""
     errors: dict[str, str] = {}
     snapshots: list[dict[str, Any]] = []
     if fleet is not None:
@@ -347,7 +380,9 @@ def gather(fleet: Fleet | None, *, ceiling: Ceiling, source: Source | None = Non
     inbound = _read(source.describe) if source is not None else None
     outbound = _read(queue.describe) if queue is not None else None
     letters = None
-    if dead_letters is not None:
+    if isinstance(dead_letters, LetterCounts):
+        letters = _read(dead_letters.read)
+    elif dead_letters is not None:
         store = dead_letters
         letters = _read(lambda: summarize_dead_letters(store, letters_scan))
     return collect(snapshots, ceiling=ceiling, inbound=inbound, outbound=outbound,
@@ -376,6 +411,7 @@ def format_rate(value: float) -> str:
     return f"{value:,.0f}"
 
 
-__all__ = ["CAUSE_NAMES", "OVERVIEW_SCHEMA", "STAGES", "SUMMARY_SCAN", "Ceiling", "collect",
+__all__ = ["CAUSE_NAMES", "OVERVIEW_SCHEMA", "STAGES", "SUMMARY_SCAN", "Ceiling", "LetterCounts",
+           "collect",
            "format_rate", "format_seconds", "gather", "inbound_backlog", "letter_summary",
            "queued_batches", "reason_prefix", "sending", "summarize_dead_letters"]

@@ -1,16 +1,19 @@
 """The web console in a real headless Chromium (Debian's ``chromium``, driven by
-Playwright), against a real service: ``python -m ms1.cli`` with the Redis source, queue and
-dead letters and the console on, ``ms4-sim --reject-every`` so some objects are refused.
+Playwright), against two real services on one Redis (``python -m ms1.cli``: the Redis
+source, queue and dead letters; their own consumer names; the console on in the first)
+and ``ms4-sim --reject-every`` so some objects are refused.
 
 In this order (one stack for the module, on one xdist worker):
 
 1. after a run the overview's numbers (invoices delivered, MS4's answers by status, dead
-   letters, e-mails read) are ms4-sim's counts and the streams are empty;
+   letters, e-mails read), added up over both instances, are ms4-sim's counts, each
+   instance has its row, and the streams are empty;
 2. a replay without the token, and a replay posted from another origin (a page of another
    web server that submits the console's replay form, with the right token even), are
    refused and change nothing;
 3. a dead letter found by a filter (its invoice id) is replayed with the token: it
-   disappears from the list and reaches the sim (which was told to accept it again).
+   disappears from the list and reaches the sim (which was told to accept it again);
+4. the other instance, stopped, leaves the overview at once (its snapshot withdrawn).
 
 A screenshot of each page is taken (into ``docs/`` with ``MS1_CONSOLE_SCREENSHOTS=1``,
 else into the test's temp dir).
@@ -68,6 +71,8 @@ class Stack:
     log: Path
     shots: Path
     emails: list[samples.Sample]
+    other: subprocess.Popen[Any]
+    other_log: Path
 
     def overview(self) -> dict[str, Any]:
         return sim_get(self.console, "/api/overview")  # same JSON reader
@@ -105,31 +110,42 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         assert line.startswith("ms4-sim listening on "), line
         sim_url = line.split()[-1]
         port = free_port()
-        config = tmp / "ms1.ini"
-        config.write_text(service_ini(redis.url, ms4_url=sim_url, settings={
-            "ms1": {"shutdown_timeout": 5, "log_format": "kv"},
-            # MS4's real ceiling (the run needs 24 requests): what the screenshots show
-            "send": {"threads": 4, "requests_per_minute": 120, "rate_window": 60},
-            "batch": {"max_wait": 0.1},
-            "redis": {"consumer": "console-test"},
-            "console": {"address": f"127.0.0.1:{port}"},
-        }))
         env = {**os.environ, "MS1_MS4_API_KEY": API_KEY, "MS1_CONSOLE_TOKEN": TOKEN}
+        services = []
+        for name in ("console-a", "console-b"):
+            config = tmp / f"{name}.ini"
+            config.write_text(service_ini(redis.url, ms4_url=sim_url, settings={
+                "ms1": {"shutdown_timeout": 5, "log_format": "kv"},
+                # MS4's real ceiling (the run needs 24 requests): what the screenshots show
+                "send": {"threads": 2, "requests_per_minute": 120, "rate_window": 60,
+                         "rate_limiter": "redis"},
+                "batch": {"max_wait": 0.1},
+                "redis": {"consumer": name},
+                "console": {"address": f"127.0.0.1:{port}" if name == "console-a" else ""},
+            }))
+            log = tmp / f"{name}.log"
+            service = subprocess.Popen(
+                [sys.executable, "-m", "ms1.cli", "--config", str(config)],
+                stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=env)
+            procs.append(service)
+            services.append((service, log))
+        console = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: _instances(console) == 2, 30), \
+            tail(services[0][1]) + tail(services[1][1])
         emails = list(samples.generate(EMAILS, invalid_every=40))
         data = tmp / "in.jsonl"
         data.write_bytes(b"".join(s.data + b"\n" for s in emails))
-        subprocess.run([sys.executable, "-m", "ms1.cli", "--config", str(config), "enqueue",
-                        str(data)], check=True, capture_output=True, timeout=60, env=env)
-        log = tmp / "service.log"
-        service = subprocess.Popen([sys.executable, "-m", "ms1.cli", "--config", str(config)],
-                                   stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=env)
-        procs.append(service)
+        subprocess.run([sys.executable, "-m", "ms1.cli", "--config", str(tmp / "console-a.ini"),
+                        "enqueue", str(data)], check=True, capture_output=True, timeout=60,
+                       env=env)
         shots = ROOT / "docs" if os.environ.get("MS1_CONSOLE_SCREENSHOTS") else tmp
         shots.mkdir(exist_ok=True)
-        yield Stack(f"http://127.0.0.1:{port}", sim_url, redis, log, shots, emails)
+        (service, log), (other, other_log) = services
+        yield Stack(console, sim_url, redis, log, shots, emails, other, other_log)
         service.send_signal(signal.SIGTERM)
         assert service.wait(30) == 0, tail(log)
-        assert TOKEN not in log.read_text() and API_KEY not in log.read_text()
+        for text in (log.read_text(), other_log.read_text()):
+            assert TOKEN not in text and API_KEY not in text
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -154,6 +170,13 @@ def page(browser: Any) -> Iterator[Any]:
     tab.set_default_timeout(15_000)
     yield tab
     context.close()
+
+
+def _instances(console: str) -> int:
+    try:
+        return int(sim_get(console, "/api/overview")["totals"]["instances"])
+    except OSError:
+        return -1
 
 
 def text_of(page: Any, selector: str) -> str:
@@ -191,8 +214,12 @@ def test_the_overview_shows_the_simulators_counts_after_a_run(stack: Stack, page
                                              sim["requests_by_status"].items()}, 20, 0.5), \
         ({k: text_of(page, k) for k in expected}, expected, statuses(page),
          sim["requests_by_status"])
-    assert text_of(page, "#instances") == "1"
-    assert "console-test@" in text_of(page, "#instance-rows")
+    assert text_of(page, "#instances") == "2"
+    rows = stack.overview()["instances"]
+    assert {row["label"] for row in rows} == {"console-a", "console-b"}
+    assert sum(row["emails_read"] for row in rows) == EMAILS, rows
+    assert "console-a@" in text_of(page, "#instance-rows")
+    assert "console-b@" in text_of(page, "#instance-rows")
     assert text_of(page, "#stream-inbound .backlog") == "0"
     assert text_of(page, "#stream-outbound .backlog") == "0"
     assert "Nothing holds every sender back" in text_of(page, "#held-now")
@@ -291,3 +318,12 @@ def test_a_letter_found_by_a_filter_is_replayed_and_reaches_the_sim(stack: Stack
                     reason="no chromium")
 def test_chromium_is_debians(browser: Any) -> None:
     assert browser.version
+
+
+def test_a_stopped_instance_leaves_the_overview(stack: Stack, page: Any) -> None:
+    stack.other.send_signal(signal.SIGTERM)
+    assert stack.other.wait(30) == 0, tail(stack.other_log)
+    assert wait_until(lambda: _instances(stack.console) == 1, 3)
+    page.goto(f"{stack.console}/")
+    assert text_of(page, "#instances") == "1"
+    assert "console-b@" not in text_of(page, "#instance-rows")

@@ -197,3 +197,26 @@ def test_format_seconds(seconds: float | None, text: str) -> None:
 def test_format_rate() -> None:
     assert [overview.format_rate(x) for x in (0, 0.354, 12.44, 1250)] == \
         ["0", "0.35", "12.4", "1,250"]
+
+
+def test_letter_counts_read_the_letters_again_only_when_the_count_changes() -> None:
+    class Counting(MemoryDeadLetters):
+        scans = 0
+
+        def scan(self, after: str | None = None, limit: int = 100) -> list[DeadLetter]:
+            Counting.scans += 1
+            return super().scan(after, limit)
+
+    now = [0.0]
+    store = Counting()
+    store.add([letter("ms4", "MS4 answered 400: x")])
+    counts = overview.LetterCounts(store, max_age=60, clock=lambda: now[0])
+    assert counts.read()["count"] == 1 and Counting.scans == 1
+    assert counts.read()["count"] == 1 and Counting.scans == 1  # same count: cached
+    store.add([letter("processor", "raw_json: not JSON")])
+    assert counts.read()["by_stage"] == {"processor": 1, "ms4": 1} and Counting.scans == 2
+    now[0] = 61.0
+    counts.read()
+    assert Counting.scans == 3  # too old
+    view = gather(None, ceiling=CEILING, dead_letters=counts, now=1.0)
+    assert view["dead_letters"]["count"] == 2

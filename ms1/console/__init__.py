@@ -24,7 +24,7 @@ from ms1.config import Config, Secret, key_problem, parse_origins
 from ms1.deadletters import DeadLetterStore
 from ms1.fleet import Fleet
 from ms1.outbound import QueueBackend
-from ms1.overview import Ceiling, gather
+from ms1.overview import Ceiling, LetterCounts, gather
 from ms1.source import Source
 
 from .app import ConsoleContext, OverviewCache, create_app
@@ -116,10 +116,11 @@ class Console:
         origins = parse_origins(config.get_str("console", "origins"))
         hosts = trusted_hosts(host, origins)
         get_ceiling = ceiling or (lambda: Ceiling.from_config(config))
+        letter_counts = LetterCounts(dead_letters)
 
         def build() -> dict[str, Any]:
             return gather(fleet, ceiling=get_ceiling(), source=source, queue=queue,
-                          dead_letters=dead_letters)
+                          dead_letters=letter_counts)
 
         self.context = ConsoleContext(
             overview=OverviewCache(build).get, store=dead_letters, queue=queue,
