@@ -221,9 +221,12 @@ class Service:
 
     def _console(self, config: Config, parts: Components) -> Console:
         """The web console (``[console] address``): imported only when it is on."""
-        from ms1.console import Console  # Flask and waitress: only for a service with one
-
         try:
+            try:
+                from ms1.console import Console  # Flask, waitress: only for a service with one
+            except ImportError as exc:
+                raise config.error("console", "address", f"the console needs Flask and "
+                                   f"waitress ({exc}): pip install flask waitress") from None
             return Console(config, fleet=self.fleet, source=parts.source, queue=parts.queue,
                            dead_letters=parts.dead_letters,
                            ceiling=lambda: Ceiling.from_config(self.config),
