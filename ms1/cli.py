@@ -8,6 +8,7 @@
     ms1-service --config F status [--json]             queue lengths, consumers, dead letters
     ms1-service --config F dlq list [--limit N] [--json]
     ms1-service --config F dlq replay (--all | ID ...)  dead letters back to the outbound queue
+    ms1-service --config F top [--interval S] [--once] [--json]  every instance, live
     ms1-service samples [--count N] [--invalid-every K] [-o OUT.jsonl]
 
 ``--block-plugin NAME`` (repeatable, before the command) or ``$MS1_BLOCK_PLUGINS``
@@ -45,7 +46,7 @@ from ms1.tools import samples
 
 log = logging.getLogger("ms1")
 
-COMMANDS = ("run", "check", "samples", "enqueue", "status", "dlq")
+COMMANDS = ("run", "check", "samples", "enqueue", "status", "dlq", "top")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: a second SIGINT: exit at once, as a shell's Ctrl-C does (128 + SIGINT)
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -87,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     dlq_replay = dlq_sub.add_parser("replay", help="put dead letters back on the outbound path")
     dlq_replay.add_argument("ids", nargs="*", help="dead-letter ids (see dlq list)")
     dlq_replay.add_argument("--all", action="store_true", help="replay every dead letter")
+    top = sub.add_parser("top", help="the overview of every running instance (as the web "
+                                     "console shows it), live, until Ctrl-C")
+    top.add_argument("--interval", type=float, default=1.0, metavar="S",
+                     help="seconds between two readings (default 1)")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--json", action="store_true",
+                     help="print the overview as JSON (as /api/overview) and exit")
     smp = sub.add_parser("samples", help="write generated sample e-mails as JSON lines")
     smp.add_argument("--count", type=int, default=1000)
     smp.add_argument("--invalid-every", type=int, default=10)
@@ -141,6 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("enqueue", "status", "dlq"):
             return admin.run(args, config, pm)
+        if args.command == "top":
+            from ms1 import top  # rich: only for the commands that draw
+
+            return top.run(config, pm, interval=args.interval, once=args.once,
+                           as_json=args.json)
         return _run(config, pm, args.files, once=args.once)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_USAGE)
