@@ -48,7 +48,14 @@ from ms1.components import C, Closable
 from ms1.config import Config
 from ms1.errors import ConfigError
 from ms1.logs import escape_controls
-from ms1.overview import CAUSE_NAMES, Ceiling, format_rate, format_seconds, gather
+from ms1.overview import (
+    CAUSE_NAMES,
+    Ceiling,
+    LetterCounts,
+    format_rate,
+    format_seconds,
+    gather,
+)
 from ms1.progress import call_within
 
 log = logging.getLogger(__name__)
@@ -114,6 +121,8 @@ class Parts:
             self.fleet = self._keep(pluginmanager.build_fleet(pm, config, self.queue.name))
             self.source = self._keep(pluginmanager.build_source(pm, config))
             self.dead_letters = self._keep(pluginmanager.build_dead_letters(pm, config))
+            # the letters themselves are read again only when their count changed
+            self.letter_counts = LetterCounts(self.dead_letters)
         except BaseException:
             self.close()
             raise
@@ -125,7 +134,7 @@ class Parts:
     def read(self) -> dict[str, Any]:
         """One overview (I/O: Redis); a part that cannot be read is in its ``errors``."""
         return gather(self.fleet, ceiling=self.ceiling, source=self.source, queue=self.queue,
-                      dead_letters=self.dead_letters)
+                      dead_letters=self.letter_counts)
 
     def close(self) -> None:
         """Close every part, within :data:`CLOSE_TIMEOUT` s all together."""
