@@ -95,11 +95,26 @@ class Row:
         self._count = 0
         self._total: float | None = None
         self._finished = False
+        self._lock = threading.Lock()  # a follower thread and the command's own may update
 
     def update(self, *, done: float | None = None, total: float | None = None,
                count: int | None = None) -> None:
-        if self._progress is None or self._finished:
+        if self._progress is None:
             return
+        with self._lock:
+            if not self._finished:
+                self._update(done, total, count)
+
+    def finish(self, *, done: float | None = None, count: int | None = None) -> None:
+        """The work is done: the bar full, the rate the average over the whole row."""
+        if self._progress is None:
+            return
+        with self._lock:
+            if not self._finished:
+                self._finish(done, count)
+                self._finished = True
+
+    def _update(self, done: float | None, total: float | None, count: int | None) -> None:
         if done is not None:
             self._done = done
         if count is not None:
@@ -124,10 +139,8 @@ class Row:
             left = max(0.0, self._total - self._done) / pace
         self._show(rate=rate, left=left)
 
-    def finish(self, *, done: float | None = None, count: int | None = None) -> None:
-        """The work is done: the bar full, the rate the average over the whole row."""
-        if self._progress is None or self._finished:
-            return
+    def _finish(self, done: float | None, count: int | None) -> None:
+        assert self._progress is not None
         if done is not None:
             self._done = done
         if count is not None:
@@ -138,7 +151,6 @@ class Row:
         took = time.monotonic() - self._started
         self._show(rate=self._count / took if took > 0 else 0.0, left=None, took=took)
         self._progress.stop_task(self._task)
-        self._finished = True
 
     def _show(self, *, rate: float, left: float | None, took: float | None = None) -> None:
         assert self._progress is not None
