@@ -382,7 +382,11 @@ class RedisLink:
         by ``WAIT min_replicas_acked timeout`` (``WAITAOF 0 n timeout`` on Redis 7.2+).
         Returns their replies and how many replicas acknowledged them (0 without
         ``min_replicas_acked``: then no WAIT is sent). Raises redis-py's errors."""
-        pipe = self._node_client().pipeline(transaction=False)
+        try:
+            pipe = self._node_client().pipeline(transaction=False)
+        except (redis.RedisError, RedisClusterException):
+            self._reroute()  # e.g. the slot is not in the table just now
+            raise
         try:
             queue(pipe)
             count = len(pipe)
