@@ -14,6 +14,8 @@ The data flow, one place per stage::
   policies, http, redis);
 * :mod:`ms1.metrics`, :mod:`ms1.notify`, :mod:`ms1.logs` are the operations layer,
   :mod:`ms1.admin` the admin commands;
+* :mod:`ms1.inbound` is the ingestor's side: e-mails into the inbound stream, once per
+  key, safe on ``[redis] min_replicas_acked`` replicas before it returns;
 * :mod:`ms1.tools` holds what ships for demos and tests (``ms4-sim``, ``ms1-bench``,
   sample e-mails), out of the service's path.
 
