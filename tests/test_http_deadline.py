@@ -256,6 +256,7 @@ def huge(chunked: bool) -> Callable[[Peer, int, bytes], bool]:
     return handle
 
 
+@pytest.mark.xdist_group("measure")
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_a_100_mib_answer_keeps_rss_growth_under_10_mib(serve, chunked: bool) -> None:
     server = serve(huge(chunked))

@@ -27,6 +27,7 @@ from ms1.components import Components
 from ms1.config import Secret
 from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import ConfigError, TransportError
+from ms1.hookspecs import hookimpl
 from ms1.model import BATCH_PATH, UNIT_PATH
 from ms1.outbound import MemoryQueue
 from ms1.service import Service
@@ -160,6 +161,20 @@ def run_service(make_config, pm, script: Ms4Script, n: int = 200, threads: int =
     return summary, parts, [s.invoice_id for s in emails]
 
 
+class PausedBy429:
+    """An observer plugin: ``taken`` is set once a sender reported its 429 -- after the
+    pacer took the pause (a sender tells the observers after ``Pacer.done``)."""
+
+    def __init__(self) -> None:
+        self.taken = threading.Event()
+
+    @hookimpl
+    def ms1_batch_failed(self, batch, status: int | None, error: str, attempt: int,
+                         will_retry: bool) -> None:
+        if status == 429:
+            self.taken.set()
+
+
 def later(seconds: float) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=seconds)
 
@@ -180,16 +195,31 @@ def later(seconds: float) -> datetime:
 def test_429_pauses_every_sender_for_retry_after(make_config, pm, retry_after,
                                                  expected_pause: float) -> None:
     value = retry_after() if callable(retry_after) else retry_after
+    others = 4 - 1  # run_service's senders but the one that gets the 429
+    paused = PausedBy429()
+    pm.register(paused)
+    arrived = threading.Condition()
+    held: list[int] = []  # the others' requests, held in flight until the pause is taken
+    held_before_429: list[bool] = []
 
     def answer(n: int, ids, request) -> httpx.Response:
         if n == 5:
+            # every other sender has a request in flight first, so none of them can be
+            # admitted between this answer and the pause the sender that gets it takes
+            with arrived:
+                held_before_429.append(arrived.wait_for(lambda: len(held) == others, 10))
             headers = {} if value is None else {"Retry-After": value}
-            time.sleep(0.05)  # let the other senders get their requests in flight first
             return httpx.Response(429, headers=headers)
+        if n > 5 and not paused.taken.is_set():
+            with arrived:
+                held.append(n)
+                arrived.notify_all()
+            paused.taken.wait(10)
         return httpx.Response(202)
 
     script = Ms4Script(answer)
     summary, _, ids = run_service(make_config, pm, script)
+    assert held_before_429 == [True] and len(held) == others, held
     assert summary.ok and sorted(script.delivered()) == sorted(ids)
     t429 = next(end for _, end, _, status in script.calls if status == 429)
     # no request from any thread started inside the pause

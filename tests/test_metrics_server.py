@@ -322,6 +322,7 @@ def test_parse_address_refuses(text: str) -> None:
 
 # --- defect 1: slow clients under a low fd limit ------------------------------------------
 
+@pytest.mark.xdist_group("measure")
 @pytest.mark.parametrize("fd_limit", [64, 32])
 def test_slow_clients_under_a_low_fd_limit_cannot_starve_the_pipeline(
         redis_url: str, tmp_path: Path, sim: str, procs: list[subprocess.Popen[bytes]],

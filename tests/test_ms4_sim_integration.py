@@ -134,6 +134,8 @@ class SendTimes:
         self.spans.append((now - latency, now))
 
 
+@pytest.mark.alone
+@pytest.mark.xdist_group("measure")
 def test_four_senders_at_least_3_5x_one_sender(make_config, pm, monkeypatch,
                                                sim_process) -> None:
     url = sim_process("--rate-limit", "0", "--latency", "0.05")

@@ -6,6 +6,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -67,11 +68,14 @@ def test_no_plugin_manager_is_created_on_import() -> None:
 
 @pytest.fixture(scope="module")
 def example_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example plugin, pip-installed into its own directory like a real distribution."""
+    """The example plugin, pip-installed into its own directory like a real distribution
+    (built from a copy: pip builds in the source tree, which parallel workers share)."""
     target = tmp_path_factory.mktemp("site")
+    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("src") / EXAMPLE.name,
+                             ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--no-index", "--target", str(target), str(EXAMPLE)],
+         "--no-build-isolation", "--no-index", "--target", str(target), str(source)],
         check=True, timeout=300, capture_output=True)
     assert (target / "ms1_example_plugin.py").exists()
     return target

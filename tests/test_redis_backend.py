@@ -204,6 +204,8 @@ def test_source_rereads_unacked_entries_after_restart(redis_url) -> None:
     second.close()
 
 
+@pytest.mark.alone
+@pytest.mark.xdist_group("measure")
 def test_shared_rate_limit_holds_across_instances(redis_url) -> None:
     limit, window = 10, 0.6
     limiters = [RedisRateLimiter(RedisLink(redis_url).use(), key="t:rl", limit=limit,

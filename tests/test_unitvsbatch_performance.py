@@ -69,6 +69,8 @@ def sim_url():
     proc.communicate(timeout=30)
 
 
+@pytest.mark.alone
+@pytest.mark.xdist_group("measure")
 def test_batch_is_at_least_40x_unit(make_config, pm, monkeypatch, sim_url: str) -> None:
     monkeypatch.setenv("MS1_MS4_API_KEY", "k")
     common = (f"[ms4]\ntransport = http\n[transport.http]\nbase_url = {sim_url}\n"
@@ -84,6 +86,8 @@ def test_batch_is_at_least_40x_unit(make_config, pm, monkeypatch, sim_url: str) 
     assert ratio >= 40
 
 
+@pytest.mark.alone
+@pytest.mark.xdist_group("measure")
 def test_ten_thousand_invoice_session_under_the_ms4_limit(make_config, pm, monkeypatch) -> None:
     limit, window = 120, 6.0  # MS4's 120 per 60 s, time compressed 10x on both sides
     monkeypatch.setenv("MS1_MS4_API_KEY", "k")

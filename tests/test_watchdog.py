@@ -252,6 +252,7 @@ def test_ms4_down_is_no_stall(tmp_path: Path, redis_url: str,
     assert code == 0 and took <= 5 + 2, tail(log)
 
 
+@pytest.mark.xdist_group("measure")
 @pytest.mark.slow
 def test_redis_frozen_is_no_stall_and_health_answers_at_once(
         tmp_path: Path, own_redis: RedisServer, notify_socket: NotifySocket) -> None:
