@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import select
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pluggy
 
@@ -104,3 +111,39 @@ def run_in_process(pm: pluggy.PluginManager, config: Config, emails: Iterable[by
     transport.close()
     assert summary.ok, summary.render()
     return service
+
+
+class SimProcess:
+    """An ms4-sim in its own process (``args``: its options), steered through
+    ``POST /_control``; started at once, stopped by :meth:`stop` or by ``procs``' owner."""
+
+    def __init__(self, procs: list[subprocess.Popen[bytes]], log: Path, *args: str) -> None:
+        self.log = log
+        with self.log.open("ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ms1.tools.sim", "--port", "0", *args],
+                cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=err)
+        procs.append(self.proc)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 20)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        found = re.match(r"ms4-sim listening on (http://\S+)", line)
+        assert found, f"ms4-sim did not start: {line!r}\n{tail(self.log)}"
+        self.url = found.group(1)
+
+    def _get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as answer:
+            return json.loads(answer.read())
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._get("/stats"))
+
+    def accepted(self) -> list[dict[str, Any]]:
+        return list(self._get("/accepted"))
+
+    def control(self, **changes: Any) -> None:
+        request = urllib.request.Request(
+            f"{self.url}/_control", data=json.dumps(changes).encode(), method="POST",
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200

@@ -36,13 +36,11 @@ import os
 import queue
 import random
 import re
-import select
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,7 +50,7 @@ from typing import Any, cast
 import pytest
 import redis as redis_py
 from conftest import RedisServer
-from support import service_ini, tail, wait_until
+from support import SimProcess, service_ini, tail, wait_until
 
 from ms1.tools import samples
 from ms1.tools.sim import REJECT_EVERY_REASON, is_rejected_by_sim
@@ -89,42 +87,14 @@ def catches(pid: int, signum: int) -> bool:
 # --- ms4-sim in its own process ---------------------------------------------------------
 
 
-class Sim:
+class Sim(SimProcess):
     """An ms4-sim process, steered through ``POST /_control``."""
 
     def __init__(self, procs: list[subprocess.Popen[bytes]], tmp_path: Path, api_key: str,
                  seed: int) -> None:
-        self.log = tmp_path / "sim.log"
-        with self.log.open("ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--api-key", api_key,
-                 "--rate-limit", "0", "--latency", str(BASE_LATENCY), "--reject-every",
-                 str(REJECT_EVERY), "--seed", str(seed)],
-                cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
-        procs.append(self.proc)
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 20)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        found = re.match(r"ms4-sim listening on (http://\S+)", line)
-        assert found, f"ms4-sim did not start: {line!r}\n{tail(self.log)}"
-        self.url = found.group(1)
-
-    def _get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as answer:
-            return json.loads(answer.read())
-
-    def stats(self) -> dict[str, Any]:
-        return dict(self._get("/stats"))
-
-    def accepted(self) -> list[dict[str, Any]]:
-        return list(self._get("/accepted"))
-
-    def control(self, **changes: Any) -> None:
-        request = urllib.request.Request(
-            f"{self.url}/_control", data=json.dumps(changes).encode(), method="POST",
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            assert answer.status == 200
+        super().__init__(procs, tmp_path / "sim.log", "--api-key", api_key, "--rate-limit",
+                         "0", "--latency", str(BASE_LATENCY), "--reject-every",
+                         str(REJECT_EVERY), "--seed", str(seed))
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

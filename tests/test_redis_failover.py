@@ -28,13 +28,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +47,7 @@ from redis_topologies import (  # the fixtures too, for the tests here
     cluster_setup_fixture,  # noqa: F401  # the fixture cluster_setup
     sentinel_setup_fixture,  # noqa: F401  # the fixture sentinel_setup
 )
-from support import service_ini, tail, wait_until
+from support import SimProcess, service_ini, tail, wait_until
 
 from ms1 import pluginmanager
 from ms1.errors import ConfigError
@@ -79,38 +77,10 @@ STALL_TIMEOUT = 30.0
 # --- ms4-sim and the service as processes ------------------------------------------------
 
 
-class Sim:
+class Sim(SimProcess):
     def __init__(self, procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
-        self.log = tmp_path / "sim.log"
-        with self.log.open("ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--api-key", API_KEY,
-                 "--rate-limit", "0", "--latency", "0.02"],
-                cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
-        procs.append(self.proc)
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 20)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        found = re.match(r"ms4-sim listening on (http://\S+)", line)
-        assert found, f"ms4-sim did not start: {line!r}\n{tail(self.log)}"
-        self.url = found.group(1)
-
-    def _get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as answer:
-            return json.loads(answer.read())
-
-    def stats(self) -> dict[str, Any]:
-        return dict(self._get("/stats"))
-
-    def accepted(self) -> list[dict[str, Any]]:
-        return list(self._get("/accepted"))
-
-    def control(self, **changes: Any) -> None:
-        request = urllib.request.Request(
-            f"{self.url}/_control", data=json.dumps(changes).encode(), method="POST",
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            assert answer.status == 200
+        super().__init__(procs, tmp_path / "sim.log", "--api-key", API_KEY, "--rate-limit",
+                         "0", "--latency", "0.02")
 
 
 def start_service(procs: list[subprocess.Popen[bytes]], config: Path,
