@@ -288,6 +288,7 @@ def test_redis_unreachable_10_seconds_no_thread_dies(own_redis, tmp_path, procs)
     print(f"{len(waits)} 'waiting/retrying' log lines, e.g. {waits[0][:200]!r}")
 
 
+@pytest.mark.xdist_group("measure")
 def test_three_instances_share_work_and_the_rate_limit(own_redis, tmp_path, procs) -> None:
     sim = start_sim(procs, tmp_path, rate_limit=60, window=2)
     configs = [write_config(tmp_path / f"ms1-{n}.ini", sim_url=sim.url,
