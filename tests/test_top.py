@@ -137,12 +137,17 @@ def test_top_in_a_terminal_shows_what_ms4_sim_counted_and_ctrl_c_ends_it(
              shlex.join(["bash", "-c", command]))
         tmux("pipe-pane", "-t", "top", "-o", f"cat >> {shlex.quote(str(tmux.dir / 'raw'))}")
         figures: dict[str, Any] = {}
+        frame = [""]  # the last screen read whole
 
         def settled() -> bool:
             screen = tmux.screen("top")
             if "Totals of the running instances" not in screen:
                 return False
-            figures.update(read_screen(screen))
+            try:
+                figures.update(read_screen(screen))
+            except (StopIteration, IndexError, AssertionError):
+                return False  # a frame caught while top redraws it: the next one
+            frame[0] = screen
             return figures["emails_read"] == len(emails) \
                 and figures["invoices_delivered"] + figures["dead_lettered"] == len(emails)
 
@@ -150,8 +155,8 @@ def test_top_in_a_terminal_shows_what_ms4_sim_counted_and_ctrl_c_ends_it(
             tmux.show("top", "#{window_width}x#{window_height} #{pane_width}") + "\n" + \
             tmux.screen("top") + log.read_text()[-3000:]
         time.sleep(1.2)  # one more frame: nothing changes any more
-        assert settled()
-        screen = tmux.screen("top")
+        assert wait_until(settled, 5, interval=0.2), tmux.screen("top")
+        screen = frame[0]
         stats = sim_stats(url)
         valid = sum(1 for e in emails if e.valid)
         accepted = stats["unique_invoices_accepted"]
