@@ -211,8 +211,6 @@ ALONE_TESTS = (
     "tests/test_bench_sweep.py::"
     "test_light_load_keeps_few_requests_in_flight_and_adds_little_latency",
     "tests/test_concurrency.py::test_share_of_the_ceiling_with_default_settings_at_any_latency",
-    "tests/test_concurrency.py::"
-    "test_three_instances_sharing_the_redis_limiter_reach_the_ceiling_together",
 )
 
 
