@@ -189,9 +189,10 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 # Tests that measure -- speed ratios, shares of the rate ceiling, latency percentiles,
 # RSS, fd limits -- carry @pytest.mark.xdist_group("measure"): loadgroup hands them to one
 # worker as one unit, run one after the other; the largest unit, it is handed out first.
-# That worker keeps the normal CPU priority; every other worker (and what its tests
-# start: services, simulators, redis-servers) runs at nice NEIGHBOUR_NICE, so the
-# measurements get the CPU first and the rest of the suite uses what they leave.
+# That worker keeps the normal CPU priority for them; every other worker (and what its
+# tests start: services, simulators, redis-servers) runs at nice NEIGHBOUR_NICE, so the
+# measurements get the CPU first and the rest of the suite uses what they leave. Past
+# its group the measure worker takes the same nice value (no test is favoured then).
 #
 # Even so, on two cores a few measurements came out distorted with the rest of the suite
 # around them -- 4 senders 3.08-3.52x one (alone 3.7x; >= 3.5 asked), batch 38.6x unit
@@ -201,7 +202,7 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 # first, and the other workers start their first test once they are done (about 105 s;
 # with one other worker going on, the p99 and the sweep failed again).
 MEASURE = "measure"
-NEIGHBOUR_NICE = 19
+NEIGHBOUR_NICE = 10
 ALONE_WAIT = 900.0  # s: the most the other workers wait for the alone tests to finish
 #: the slow tests of these files (ms1-bench and the concurrency controller at the
 #: ceiling) get the mark here, and these tests the alone mark, until their files carry
@@ -240,6 +241,7 @@ class _Worker:
     """This xdist worker's part: its priority, and waiting for the alone tests."""
 
     first = True
+    niced = False
     alone_ids: tuple[str, ...] = ()
     done: Path | None = None  # exists once the alone tests are over
 
@@ -253,16 +255,18 @@ class _Worker:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    if _Worker.first:
-        _Worker.first = False
-        if MEASURE not in groups(item):
-            os.nice(NEIGHBOUR_NICE)  # this thread, and every thread and process it starts
-            deadline = time.monotonic() + ALONE_WAIT
-            while (_Worker.alone_ids and _Worker.done is not None
-                   and not _Worker.done.exists() and time.monotonic() < deadline):
-                time.sleep(0.05)  # polls a file another process writes: no event to wait on
-    if not alone(item):
-        _Worker.alone_over()  # (the measure worker, past its alone tests)
+    first, _Worker.first = _Worker.first, False
+    if MEASURE in groups(item):
+        return  # (the measure worker: the group is its first unit, all of it)
+    if not _Worker.niced:  # a neighbour, or the measure worker past its group
+        _Worker.niced = True
+        os.nice(NEIGHBOUR_NICE)  # this thread, and every thread and process it starts
+    if first:
+        deadline = time.monotonic() + ALONE_WAIT
+        while (_Worker.alone_ids and _Worker.done is not None
+               and not _Worker.done.exists() and time.monotonic() < deadline):
+            time.sleep(0.05)  # polls a file another process writes: no event to wait on
+    _Worker.alone_over()  # (the measure worker, past its alone tests)
 
 
 def pytest_runtest_logfinish(nodeid: str) -> None:
