@@ -328,7 +328,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
            reloadable=True),
     Option("send", "count_margin", "float", 0.1,
            "seconds added to a slot's stamp with ms4_counts_at = arrival: the most a "
-           "request can take from leaving ms1 to being counted by MS4", min=0.0, max=60,
+           "request can take from leaving ms1 to being counted by MS4 (never stamped later "
+           "than its answer); doubled by a 429 the limiter did not foresee, until a restart",
+           min=0.0, max=60,
            reloadable=True),
     Option("send", "retry_after_default", "float", 5.0,
            "seconds every sender pauses after a 429 whose Retry-After is missing or unreadable",

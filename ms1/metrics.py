@@ -299,6 +299,10 @@ class _State(Collector):
                      _BREAKER.get(pacer.breaker.state, -1))
         yield _gauge("ms1_paused_seconds", "Seconds every sender still pauses after a 429",
                      pacer.paused_for)
+        yield _gauge("ms1_count_margin_seconds",
+                     "Seconds after a request was out its rate-limit slot is stamped "
+                     "(ms4_counts_at = arrival): [send] count_margin, more after 429s the "
+                     "limiter did not foresee", pacer.margin)
         yield _gauge("ms1_auth_blocked", "1 while MS4 rejects the API key (401/403 stop)",
                      1 if pacer.auth_blocked else 0)
         yield _gauge("ms1_requests_in_flight", "Requests to MS4 in flight now, all senders",

@@ -219,13 +219,31 @@ class LetterCounts:
 
 
 def _number(value: object) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
-        else 0.0
+    """A figure from a snapshot (read from Redis): 0 unless it is a finite number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    try:
+        number = float(value)
+    except OverflowError:  # an int JSON allows and no float holds
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def _maybe_number(value: object) -> float | None:
+    """A figure a snapshot may leave out: None unless it is a finite number."""
+    number = _number(value)
+    return number if number or value == 0 else None
+
+
+def _part(snapshot: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """A part of a snapshot (read from Redis): empty unless it is a mapping."""
+    value = snapshot.get(name)
+    return value if isinstance(value, Mapping) else {}
 
 
 def _holding(snapshot: Mapping[str, Any]) -> list[tuple[str, str]]:
     """What holds this instance's senders back now, as ``(cause, detail)``."""
-    held = snapshot.get("held") or {}
+    held = _part(snapshot, "held")
     found = []
     stop = held.get("stop")
     if stop:
@@ -258,17 +276,17 @@ def collect(snapshots: Sequence[Mapping[str, Any]], *, ceiling: Ceiling,
               "invoices_delivered_per_s": 0.0, "in_flight": 0, "concurrency_target": 0,
               "emails_read": 0, "invoices_delivered": 0, "dead_lettered": 0, "requests": 0}
     for snap in sorted(snapshots, key=lambda s: str(s.get("id", ""))):
-        counters = snap.get("counters") or {}
-        rates = snap.get("rates") or {}
-        health = snap.get("health") or {}
+        counters = _part(snap, "counters")
+        rates = _part(snap, "rates")
+        health = _part(snap, "health")
         own: Counter[str] = Counter()
         for key, value in counters.items():
             if key.startswith("responses_") and isinstance(value, int):
                 own[key.removeprefix("responses_")] += value
         statuses.update(own)
         for cause in HELD_CAUSES:
-            recent[cause] += _number((snap.get("held_recent") or {}).get(cause))
-            seconds[cause] += _number((snap.get("held_seconds") or {}).get(cause))
+            recent[cause] += _number(_part(snap, "held_recent").get(cause))
+            seconds[cause] += _number(_part(snap, "held_seconds").get(cause))
         held_now = _holding(snap)
         for cause, detail in held_now:
             holding.setdefault(cause, []).append(str(snap.get("id", "?")))
@@ -282,14 +300,14 @@ def collect(snapshots: Sequence[Mapping[str, Any]], *, ceiling: Ceiling,
             "emails_in_per_s": _number(rates.get("emails_in_per_s")),
             "invoices_delivered_per_s": _number(rates.get("invoices_delivered_per_s")),
             "in_flight": int(_number(snap.get("in_flight"))),
-            "concurrency_target": snap.get("concurrency_target"),
-            "latency_s": snap.get("latency_s"),
+            "concurrency_target": _maybe_number(snap.get("concurrency_target")),
+            "latency_s": _maybe_number(snap.get("latency_s")),
             "emails_read": int(_number(counters.get("emails_read"))),
             "invoices_delivered": int(_number(counters.get("invoices_delivered"))),
             "dead_lettered": int(_number(counters.get("dead_lettered"))),
             "requests": sum(own.values()),
             "holding": "; ".join(detail for _, detail in held_now) or None,
-            "breaker": (snap.get("held") or {}).get("breaker"),
+            "breaker": _part(snap, "held").get("breaker"),
             "healthy": bool(health.get("ok", False)),
             "problem": health.get("problem"),
         }

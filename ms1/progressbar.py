@@ -114,13 +114,17 @@ class Row:
                 self._finish(done, count)
                 self._finished = True
 
-    def _update(self, done: float | None, total: float | None, count: int | None) -> None:
+    def _take(self, done: float | None, count: int | None) -> None:
+        """What was done (and counted: the items done, unless the bar measures bytes)."""
         if done is not None:
             self._done = done
         if count is not None:
             self._count = count
         elif not self._bytes:
             self._count = int(self._done)
+
+    def _update(self, done: float | None, total: float | None, count: int | None) -> None:
+        self._take(done, count)
         if total is not None:
             self._total = total
         now = time.monotonic()
@@ -141,12 +145,7 @@ class Row:
 
     def _finish(self, done: float | None, count: int | None) -> None:
         assert self._progress is not None
-        if done is not None:
-            self._done = done
-        if count is not None:
-            self._count = count
-        elif not self._bytes:
-            self._count = int(self._done)
+        self._take(done, count)
         self._total = self._done
         took = time.monotonic() - self._started
         self._show(rate=self._count / took if took > 0 else 0.0, left=None, took=took)

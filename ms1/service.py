@@ -50,6 +50,10 @@ ABORT_GRACE = 1.0
 #: seconds the final reading of the queue (the summary) may take after that grace:
 #: shutdown returns by ``timeout + ABORT_GRACE + FINAL_READ`` whatever Redis does
 FINAL_READ = 0.5
+#: the most the console's running requests and the fleet publisher's last beat get at
+#: the end of a shutdown (less if the bound above has less left)
+CONSOLE_CLOSE = 3.0
+PUBLISHER_CLOSE = 0.5
 #: seconds the queue's counts are read every (``QueueWatch``: /readyz, /metrics)
 QUEUE_READ_INTERVAL = 1.0
 #: most batches (or dead-letter lists) the committer stores in one round trip
@@ -650,9 +654,14 @@ class Service:
                           unacked_fate=fate, interrupted=interrupted,
                           source_drained=self._source_drained)
         self.observers.service_stopped()
+        # the console's running requests and the fleet publisher's last beat get what is
+        # left of the promised bound, at most their own limits
+        def remaining(most: float) -> float:
+            return min(most, max(0.0, deadline + ABORT_GRACE + FINAL_READ - time.monotonic()))
+
         if self.console is not None:
-            self.console.close()
-        self.publisher.close()
+            self.console.close(remaining(CONSOLE_CLOSE))
+        self.publisher.close(remaining(PUBLISHER_CLOSE))
         if self.exporter is not None:
             self.exporter.close()
             self.pm.unregister(self.exporter)

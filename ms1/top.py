@@ -40,6 +40,7 @@ import pluggy
 from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -57,6 +58,7 @@ from ms1.overview import (
     gather,
 )
 from ms1.progress import call_within
+from ms1.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +201,7 @@ class Poller:
                 overview = self._read()
             except Exception as exc:
                 log.debug("top: reading the overview failed", exc_info=True)
-                overview = {"errors": {"overview": f"{type(exc).__name__}: {exc}"}}
+                overview = {"errors": {"overview": redact(f"{type(exc).__name__}: {exc}")}}
             with self._lock:
                 self._latest = Reading(overview, time.monotonic())
             self.wake.set()
@@ -341,13 +343,14 @@ def _table(title: str, *columns: str, numeric: Sequence[str] = ()) -> Table:
     table = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
                   padding=(0, 1), pad_edge=False, show_edge=False)
     for column in columns:
-        table.add_column(column, justify="right" if column in numeric else "left")
+        table.add_column(escape(column), justify="right" if column in numeric else "left")
     return table
 
 
-def _text(value: object) -> str:
-    """A value from the overview as shown: control characters escaped."""
-    return escape_controls(str(value))
+def _text(value: object, style: str = "") -> Text:
+    """A value from the overview as shown: control characters escaped, and as text, never
+    read as rich markup (it comes from Redis: "[/x]" would raise, "[item]" vanish)."""
+    return Text(escape_controls(str(value)), style=style)
 
 
 def _cards(o: Mapping[str, Any]) -> Table:
@@ -379,7 +382,7 @@ def _held(o: Mapping[str, Any]) -> RenderableType:
     if now:
         causes_now = _table("What holds sending back", "cause", "instances", "detail")
         for h in now:
-            causes_now.add_row(Text(_text(h.get("name")), style="red"),
+            causes_now.add_row(_text(h.get("name"), "red"),
                                _text(", ".join(h.get("instances") or [])),
                                _text(h.get("detail")))
         head = causes_now
@@ -473,7 +476,7 @@ def _instances(o: Mapping[str, Any]) -> RenderableType:
             f"{latency * 1000:.0f} ms" if isinstance(latency, int | float) else "-",
             str(i.get("invoices_delivered")), str(i.get("dead_lettered")), _text(holding),
             Text("ok", style="green") if i.get("healthy")
-            else Text(_text(i.get("problem")), style="red"),
+            else _text(i.get("problem"), "red"),
             style="" if i.get("healthy") else "red")
     if not o.get("instances"):
         return Group(Text("Instances", style="bold"),

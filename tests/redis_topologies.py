@@ -286,9 +286,11 @@ class SentinelSetup:
         _wait(promoted, timeout, f"the Sentinels did not promote {node.name}",
               self.sentinels[0].log)
 
-    def restart(self, node: Node, timeout: float = 30.0) -> None:
+    def restart(self, node: Node, timeout: float = 60.0) -> None:
         """Start a killed server again as a replica of the current primary (as the
-        Sentinels would make it, some 8 s later), and wait until it is in sync."""
+        Sentinels would make it, some 8 s later), and wait until it is in sync (30 s was
+        once too short in CI with the suite beside it: the last state seen is in the
+        error)."""
         primary = self.primary()
         args = node.args
         node.args = [*args, "--replicaof", "127.0.0.1", str(primary.port)]
@@ -297,12 +299,21 @@ class SentinelSetup:
         finally:
             node.args = args
 
+        seen: dict[str, object] = {}
+
         def in_sync() -> bool:
             info = node.info("replication")
-            return info.get("role") == "slave" and info.get("master_link_status") == "up" \
-                and acknowledged(primary)
+            seen.update(role=info.get("role"), link=info.get("master_link_status"),
+                        acked=None)
+            if info.get("role") != "slave" or info.get("master_link_status") != "up":
+                return False
+            seen["acked"] = acknowledged(primary)
+            return bool(seen["acked"])
 
-        _wait(in_sync, timeout, f"{node.name} did not come back as a replica", node.log)
+        try:
+            _wait(in_sync, timeout, f"{node.name} did not come back as a replica", node.log)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; last seen: {seen}") from None
 
     def stop(self) -> None:
         for node in [*self.sentinels, *self.nodes]:

@@ -113,6 +113,15 @@ def run_in_process(pm: pluggy.PluginManager, config: Config, emails: Iterable[by
     return service
 
 
+def sim_control(url: str, **changes: Any) -> None:
+    """Change the settings of the ms4-sim at ``url`` at once (``POST /_control``)."""
+    request = urllib.request.Request(
+        f"{url}/_control", data=json.dumps(changes).encode(), method="POST",
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
+
+
 class SimProcess:
     """An ms4-sim in its own process (``args``: its options), steered through
     ``POST /_control``; started at once, stopped by :meth:`stop` or by ``procs``' owner."""
@@ -142,8 +151,4 @@ class SimProcess:
         return list(self._get("/accepted"))
 
     def control(self, **changes: Any) -> None:
-        request = urllib.request.Request(
-            f"{self.url}/_control", data=json.dumps(changes).encode(), method="POST",
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            assert answer.status == 200
+        sim_control(self.url, **changes)

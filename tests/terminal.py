@@ -36,15 +36,9 @@ class Ran:
         return plain(self.terminal)
 
 
-def run_on_terminal(args: list[str], *, cwd: Path, env: dict[str, str] | None = None,
-                    timeout: float = 60, columns: int = 120, rows: int = 40) -> Ran:
-    """Run ``args`` with stderr (and stdin) on a new pseudo-terminal of ``columns`` x
-    ``rows``, stdout on a pipe; everything the terminal received, and stdout."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
-    environ = {**os.environ, "TERM": "xterm-256color", **(env or {})}
-    for name in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR"):
-        environ.pop(name, None)
+def read_terminal(master: int) -> tuple[list[bytes], threading.Thread]:
+    """Read everything the pseudo-terminal ``master`` receives, in a thread, into the list
+    returned (until every end of its slave side is closed)."""
     received: list[bytes] = []
 
     def read() -> None:
@@ -59,6 +53,19 @@ def run_on_terminal(args: list[str], *, cwd: Path, env: dict[str, str] | None = 
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    return received, reader
+
+
+def run_on_terminal(args: list[str], *, cwd: Path, env: dict[str, str] | None = None,
+                    timeout: float = 60, columns: int = 120, rows: int = 40) -> Ran:
+    """Run ``args`` with stderr (and stdin) on a new pseudo-terminal of ``columns`` x
+    ``rows``, stdout on a pipe; everything the terminal received, and stdout."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    environ = {**os.environ, "TERM": "xterm-256color", **(env or {})}
+    for name in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR"):
+        environ.pop(name, None)
+    received, reader = read_terminal(master)
     try:
         proc = subprocess.Popen(args, stdin=slave, stdout=subprocess.PIPE, stderr=slave,
                                 cwd=cwd, env=environ)

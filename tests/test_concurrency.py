@@ -144,6 +144,8 @@ def test_no_growth_while_held_back() -> None:
         c.observe(ACCEPTED, 0.5)
         c.observe(PAUSED, 0.5)
     assert c.target == 16
+    c.admitted(119)  # a stop's probe is granted with the window all but empty
+    assert c.target == 16
     c.observe(FAILED, 0.5)  # but it still shrinks
     assert c.target == 8
     held.now = False
@@ -216,6 +218,22 @@ def share_of_ceiling(accepted: list[float]) -> float:
     return bench.share_of_ceiling(accepted, LIMIT, WINDOW)
 
 
+def start_service(pm: pluggy.PluginManager, config: Config, invoices: int, *,
+                  finite: bool) -> tuple[Service, Any]:
+    """The service, started in this process on ``invoices`` sample e-mails (memory source,
+    queue and dead letters; the config's transport, returned to be closed)."""
+    transport = pluginmanager.build(pm, config, "transport")
+    transport.set_api_key(config.api_key)
+    parts = Components(source=MemorySource((s.data for s in samples.generate(invoices)),
+                                           finite=finite),
+                       policy=pluginmanager.build(pm, config, "batch_policy"),
+                       queue=MemoryQueue(), dead_letters=MemoryDeadLetters(),
+                       transport=transport)
+    service = Service(config, pm, parts)
+    service.start()
+    return service, transport
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_share_of_the_ceiling_with_default_settings_at_any_latency() -> None:
@@ -229,7 +247,10 @@ def test_share_of_the_ceiling_with_default_settings_at_any_latency() -> None:
         assert r["answers_429"] == 0, r
         assert r["max_in_window"] <= LIMIT, r
         assert r["lost"] == 0, r
-        assert r["requests"] == 250, r
+        assert r["duplicates"] == 0, r  # nothing sent twice
+        # 250 full batches; once in CI 251: the producer (its own process) lagged the
+        # batcher's max_wait on a loaded machine and one batch went out part-full
+        assert 250 <= r["requests"] <= 252, r
         assert r["share"] >= 0.95, r
 
 
@@ -242,15 +263,7 @@ def test_failing_ms4_brings_concurrency_down_to_min(make_config: Any,
     config = make_config(f"[ms4]\ntransport = http\n[transport.http]\nbase_url = {sim.url}\n"
                          f"[send]\nrequests_per_minute = {LIMIT}\nrate_window = {WINDOW}\n"
                          "breaker_failures = 1000\nretry_initial = 0.05\nretry_max = 0.2\n")
-    transport = pluginmanager.build(pm, config, "transport")
-    transport.set_api_key(config.api_key)
-    parts = Components(source=MemorySource((s.data for s in samples.generate(5_000)),
-                                           finite=False),
-                       policy=pluginmanager.build(pm, config, "batch_policy"),
-                       queue=MemoryQueue(), dead_letters=MemoryDeadLetters(),
-                       transport=transport)
-    service = Service(config, pm, parts)
-    service.start()
+    service, transport = start_service(pm, config, 5_000, finite=False)
     try:
         deadline = time.monotonic() + 30
         while service.concurrency.target < 16 and time.monotonic() < deadline:
@@ -398,3 +411,53 @@ def test_three_instances_sharing_the_redis_limiter_reach_the_ceiling_together(
     assert stats["max_in_window"] <= LIMIT
     assert stats["unique_invoices_accepted"] == invoices
     assert share >= 0.95
+
+
+# --- an MS4 that counts requests late: the margin widens instead of 429s recurring --------
+
+@pytest.mark.slow
+def test_an_ms4_counting_requests_late_widens_the_margin_not_429s_each_window(
+        make_config: Any, pm: pluggy.PluginManager, monkeypatch: pytest.MonkeyPatch,
+        procs: list[Any], tmp_path: Any) -> None:
+    """ms4-sim (its own process) counts requests 0.3 s after they arrive in every other
+    half second — an MS4 whose rate limiter reads requests late while it is loaded — so a
+    request counted on time a window after one counted late meets a window MS4 still holds
+    full: beyond ms1's count_margin of 0.1 s. The old pacer kept its margin and drew 429s
+    (each pausing every sender) window after window: 40 and 45 in two runs of 300
+    requests, 15 and 19 of them in the second half; now the first ones widen the margin
+    (0.1 -> 0.2 -> 0.4 s, 0.8 once) and that is all: 2-7 in all, nearly all in the
+    first half; the count depends on when the late spells meet the bursts: a bound."""
+    from support import SimProcess
+
+    # 300 requests at 20 per second; a window is 3 spells, so a window after a late spell
+    # comes one on time (and after one on time, a late one)
+    limit, window, invoices = 30, 1.5, 15_000
+    monkeypatch.setenv("MS1_MS4_API_KEY", "k")
+    sim = SimProcess(procs, tmp_path / "sim.log", "--api-key", "k", "--rate-limit",
+                     str(limit), "--window", str(window), "--latency", "0.05",
+                     "--count-late", "0.3", "--count-late-spell", "0.5")
+    config = make_config(f"[ms4]\ntransport = http\n[transport.http]\nbase_url = {sim.url}\n"
+                         f"[send]\nrequests_per_minute = {limit}\nrate_window = {window}\n"
+                         "retry_initial = 0.05\nretry_max = 0.5\n[batch]\nmax_wait = 0.05\n")
+    service, transport = start_service(pm, config, invoices, finite=True)
+    seen: list[tuple[int, int]] = []  # (invoices accepted, 429s so far)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            stats = sim.stats()
+            seen.append((stats["unique_invoices_accepted"],
+                         stats["requests_by_status"].get("429", 0)))
+            if seen[-1][0] >= invoices:
+                break
+            service.abort.wait(0.1)
+        margin = service.pacer.margin
+    finally:
+        service.shutdown(5)
+        transport.close()
+    accepted, answers_429 = seen[-1]
+    at_half = next(n for done, n in seen if done >= invoices // 2)
+    print(f"\nMS4 counting 0.3 s late every other 0.5 s: {answers_429} x 429 ({at_half} "
+          f"in the first half), margin in effect {margin:.2f} s")  # and in the second
+    assert accepted == invoices, seen[-1]
+    assert answers_429 <= 12  # old: 429s window after window
+    assert margin >= 0.4  # counted up to 0.3 s late: 0.1 -> 0.2 -> 0.4

@@ -332,6 +332,10 @@ def test_trusted_hosts() -> None:
         ["10.0.0.5", "ms1.example.com"]
     assert trusted_hosts("0.0.0.0", ()) is None
     assert "ms1.example.com" in (trusted_hosts("::", ("http://ms1.example.com:8080",)) or [])
+    # an IPv6 origin, with or without a port (was cut to "[:" and ""): both spellings
+    for origin in ("http://[2001:db8::7]", "https://[2001:db8::7]:8443"):
+        assert {"2001:db8::7", "[2001:db8::7]"} <= set(trusted_hosts("10.0.0.5", (origin,))
+                                                       or [])
 
 
 # --- the server ---------------------------------------------------------------------------
@@ -438,3 +442,30 @@ def test_a_service_with_a_console_shows_itself(make_config, monkeypatch: pytest.
     assert service.fleet.snapshots() == []
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_a_replay_failing_midway_says_what_was_replayed(world: World,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """The queue goes away after the first chunk: the page and the log say how many were
+    replayed before (they are on the queue and gone from the dead letters), not 0."""
+    from ms1.console import app as console_app
+    from ms1.errors import QueueError
+
+    monkeypatch.setattr(console_app, "REPLAY_CHUNK", 2)
+    put = world.queue.put
+    calls = []
+
+    def put_until_the_queue_goes(batch: Any) -> None:
+        calls.append(batch)
+        if len(calls) > 1:
+            raise QueueError("queue unreachable")
+        put(batch)
+
+    monkeypatch.setattr(world.queue, "put", put_until_the_queue_goes)
+    answer = world.post({"all": "1", "invoice": "INV-", "token": TOKEN})
+    assert answer.status_code == 503
+    page = answer.get_data(as_text=True)
+    assert "Replayed 2 of 6 dead letters in 1 batches" in page, page
+    assert "queue unreachable" in page
+    assert len(world.ids()) == 5  # 7 - the 2 replayed

@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 from conftest import RedisServer, free_port
-from support import service_ini, tail, wait_until
+from support import service_ini, sim_control, tail, wait_until
 
 from ms1.tools import samples
 
@@ -53,14 +53,6 @@ REJECT_EVERY = 9
 def sim_get(url: str, path: str) -> Any:
     with urllib.request.urlopen(f"{url}{path}", timeout=5) as answer:
         return json.loads(answer.read())
-
-
-def sim_control(url: str, **changes: Any) -> None:
-    request = urllib.request.Request(f"{url}/_control", data=json.dumps(changes).encode(),
-                                     method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=5) as answer:
-        assert answer.status == 200
 
 
 @dataclass

@@ -6,13 +6,11 @@ must start no 401 spell (before: CRITICAL, then nothing sent for auth_probe_inte
 from __future__ import annotations
 
 import itertools
-import json
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from support import service_ini, tail, wait_until
+from support import service_ini, sim_control, tail, wait_until
 from test_redis_durability import (
     API_KEY,
     enqueue,
@@ -25,14 +23,6 @@ from test_redis_durability import (
 pytestmark = pytest.mark.slow
 
 NEW_KEY = "rotated-key-2"
-
-
-def control(url: str, **changes: object) -> None:
-    request = urllib.request.Request(f"{url}/_control", data=json.dumps(changes).encode(),
-                                     method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=5) as answer:
-        assert answer.status == 200
 
 
 def test_rotating_the_key_with_requests_in_flight_raises_no_false_alarm(
@@ -65,7 +55,7 @@ def test_rotating_the_key_with_requests_in_flight_raises_no_false_alarm(
     key_file.write_text(NEW_KEY + "\n")  # 1. the new key goes into the key file
     service.send_signal(1)                # 2. SIGHUP
     assert wait_until(lambda: "configuration reloaded" in log.read_text(), 10), tail(log)
-    control(sim.url, api_key=NEW_KEY)     # 3. MS4 switches: requests in flight get 401
+    sim_control(sim.url, api_key=NEW_KEY)     # 3. MS4 switches: requests in flight get 401
     rotated = time.monotonic()
     assert wait_until(lambda: sample() >= len(emails), 60), tail(log)
     stats = sim.stats()

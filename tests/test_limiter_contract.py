@@ -6,6 +6,7 @@ window within ``ahead`` seconds. Then the pacer: where it stamps a slot for each
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 
 from ms1.sending.breaker import Breaker
 from ms1.sending.limiter import RateLimiter, SlidingWindowLimiter
-from ms1.sending.pacer import Pacer
+from ms1.sending.pacer import Pacer, PacerSettings
 from plugins.redis.limiter import RedisRateLimiter
 from plugins.redis.link import RedisLink
 
@@ -114,3 +115,80 @@ def test_the_pacer_stamps_where_ms4_counts(counts_at: str, sent_ago: float | Non
 def test_the_pacer_refuses_an_unknown_counting_point() -> None:
     with pytest.raises(ValueError):
         Pacer(SlidingWindowLimiter(1, 1), Breaker(5, 30), counts_at="whenever")
+
+
+def test_the_pacer_never_stamps_a_slot_later_than_the_answer() -> None:
+    """MS4 counts a request before it answers it: a margin longer than the request took
+    stamps the slot when the answer came, not in the future (which held the slot longer
+    than MS4 does)."""
+    limiter = Recording()
+    pacer = Pacer(limiter, Breaker(5, 30), counts_at="arrival", count_margin=0.5)
+    pacer.done(pacer.admit(threading.Event()), 202, sent=time.monotonic() - 0.1)
+    assert limiter.stamped == [pytest.approx(0.0, abs=0.05)]  # old: -0.4, 0.4 s ahead
+    # no answer (a reset just after the request was out): MS4 may count it later still
+    pacer.done(pacer.admit(threading.Event()), None, sent=time.monotonic() - 0.1)
+    assert limiter.stamped[-1] == pytest.approx(-0.4, abs=0.05)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def answered(pacer: Pacer, status: int, sent_ago: float = 0.0) -> None:
+    pacer.done(pacer.admit(threading.Event()), status, retry_after="0",
+               sent=time.monotonic() - sent_ago)
+
+
+def test_a_429_the_limiter_did_not_foresee_widens_the_margin_once_per_pause(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A 429 although the limiter let the request go: MS4 counted an earlier request later
+    than out + margin. The margin doubles — once per 429 pause: the other 429s of a burst
+    answer requests that were in flight with the first — up to the window."""
+    clock = Clock()
+    limiter = Recording()  # 1000 per 60 s: the limiter never refuses here
+    pacer = Pacer(limiter, Breaker(5, 30), counts_at="arrival", count_margin=0.1,
+                  clock=clock)
+    in_flight = [pacer.admit(threading.Event()) for _ in range(3)]
+    assert pacer.margin == 0.1
+    pacer.done(in_flight[0], 202, sent=time.monotonic())
+    assert pacer.margin == 0.1
+    pacer.done(in_flight[1], 429, retry_after="2", sent=time.monotonic())
+    assert pacer.margin == pytest.approx(0.2)
+    assert "count_margin = 0.20" in caplog.text
+    pacer.done(in_flight[2], 429, retry_after="2", sent=time.monotonic())  # same burst
+    assert pacer.margin == pytest.approx(0.2)
+    clock.now += 2.5  # the pause is over: a new 429 is new evidence
+    answered(pacer, 429)
+    assert pacer.margin == pytest.approx(0.4)
+    answered(pacer, 202, sent_ago=1.0)  # stamped out + the margin in effect
+    assert limiter.stamped[-1] == pytest.approx(0.6, abs=0.05)
+    for _ in range(20):
+        answered(pacer, 429)  # Retry-After 0: no pause, each one counts
+    assert pacer.margin == 60  # never past the window
+
+
+def test_the_margin_is_not_widened_when_ms4_counts_at_the_answer() -> None:
+    clock = Clock()
+    pacer = Pacer(Recording(), Breaker(5, 30), counts_at="answer", count_margin=0.1,
+                  clock=clock)
+    answered(pacer, 429)
+    assert pacer.margin == 0.1
+
+
+def test_a_widened_margin_outlives_a_reload_unless_the_reload_sets_it() -> None:
+    clock = Clock()
+    pacer = Pacer(Recording(), Breaker(5, 30), counts_at="arrival", count_margin=0.1,
+                  clock=clock)
+    answered(pacer, 429)
+    assert pacer.margin == pytest.approx(0.2)
+    same = PacerSettings(limit=1000, window=60, count_margin=0.1)
+    pacer.configure(same)  # a reload for another reason (a key rotation, say)
+    assert pacer.margin == pytest.approx(0.2)
+    pacer.configure(dataclasses.replace(same, count_margin=0.3))
+    assert pacer.margin == pytest.approx(0.3)
+    answered(pacer, 429)  # a new margin starts a new count
+    assert pacer.margin == pytest.approx(0.6)

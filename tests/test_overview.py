@@ -220,3 +220,22 @@ def test_letter_counts_read_the_letters_again_only_when_the_count_changes() -> N
     assert Counting.scans == 3  # too old
     view = gather(None, ceiling=CEILING, dead_letters=counts, now=1.0)
     assert view["dead_letters"]["count"] == 2
+
+
+@pytest.mark.parametrize("part", [
+    {"counters": [1]}, {"rates": "fast"}, {"health": 3}, {"held": ["stop"]},
+    {"held_recent": 1.5}, {"held_seconds": [0]}, {"in_flight": float("inf")},
+    {"in_flight": 10 ** 400}, {"counters": {"emails_read": float("nan")}},
+    {"updated": -float("inf")}, {"held": {"pause_429_s": float("inf")}},
+    {"latency_s": float("nan")}, {"concurrency_target": "many"},
+])
+def test_a_snapshot_of_the_wrong_shape_spoils_only_its_own_row(part: dict[str, Any]
+                                                                ) -> None:
+    """A snapshot is read from Redis: a part of the wrong type or a number no float holds
+    (JSON allows 10**400; Infinity and NaN pass json.loads) counts as missing, and the
+    others are shown (a list for "counters" raised AttributeError, 10**400 OverflowError:
+    no overview at all)."""
+    view = collect([snap("a"), {"id": "b", **part}], ceiling=CEILING, now=1.0)
+    assert view["totals"]["instances"] == 2
+    assert [row["id"] for row in view["instances"]] == ["a", "b"]
+    json.dumps(view, allow_nan=False)  # every figure a finite number

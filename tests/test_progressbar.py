@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 from support import logging_restored, service_ini
-from terminal import assert_no_progress, plain, run_on_terminal
+from terminal import assert_no_progress, plain, read_terminal, run_on_terminal
 
 from ms1 import pluginmanager, progressbar
 from ms1.logs import setup_logging
@@ -159,20 +159,7 @@ def test_bars_and_log_lines_from_many_threads_do_not_garble_each_other() -> None
     every line arrives whole, on its own line."""
     master, slave = pty.openpty()
     terminal = os.fdopen(slave, "w", buffering=1)
-    received: list[bytes] = []
-
-    def read() -> None:
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                return
-            if not data:
-                return
-            received.append(data)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    received, reader = read_terminal(master)
     log = logging.getLogger("ms1.test.bars")
     with logging_restored():
         setup_logging("INFO", "text", stream=terminal)

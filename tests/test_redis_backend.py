@@ -14,6 +14,7 @@ from typing import Any
 
 import pluggy
 import pytest
+import redis
 from conftest import RedisServer
 
 from ms1.admin import replay
@@ -827,3 +828,48 @@ def test_describe_gives_length_pending_and_consumers(redis_url) -> None:
     assert (info["length"], info["group"], info["pending"]) == (2, "g", 2)
     assert [(c["name"], c["pending"]) for c in info["consumers"]] == [("c", 2)]
     q.close()
+
+
+def test_nogroup_inside_a_pipeline_makes_the_groups_again(redis_url: str) -> None:
+    """redis-py words a pipeline's error "Command # 1 (XCLAIM ...) of pipeline caused
+    error: NOGROUP ...": the heartbeat's refresh must still make ms1 create its groups
+    again (only an error starting with NOGROUP did)."""
+    from ms1_plugins.redis.leases import Held, ensure_group
+    from ms1_plugins.redis.link import RedisLink
+
+    link = RedisLink(redis_url).use()
+    try:
+        ensure_group(link, "ng:stream", "g")
+        entry = link.client.xadd("ng:stream", {"f": "v"})
+        link.client.xreadgroup("g", "c", {"ng:stream": ">"}, count=1)
+        held = Held(link, "ng:stream", "g", "c")
+        held.add([entry.decode()])
+        link.client.xgroup_destroy("ng:stream", "g")  # as a failover can lose it
+        with pytest.raises(QueueError, match="NOGROUP"):
+            held.refresh()
+        assert ("ng:stream", "g") not in link.groups
+        ensure_group(link, "ng:stream", "g")  # and it is made again
+        assert link.client.xinfo_groups("ng:stream")[0]["name"] == b"g"
+    finally:
+        link.release()
+
+
+def test_a_user_without_info_still_gets_its_writes_replicated(redis_url: str) -> None:
+    """An ACL user may lack INFO (it is in @dangerous): whether the primary has WAITAOF
+    is then unknown and ms1 sends WAIT, rather than failing every replicated write (the
+    submit, the batch ack) for good."""
+    from ms1_plugins.redis.link import RedisLink
+
+    admin = redis.Redis.from_url(redis_url)
+    admin.acl_setuser("ms1-noinfo", enabled=True, passwords=["+pw-noinfo"], keys=["*"],
+                      commands=["+@all", "-info"])
+    user_url = redis_url.replace("redis://", "redis://ms1-noinfo:pw-noinfo@")
+    link = RedisLink(user_url, min_replicas=1, replica_timeout=0.05).use()
+    try:
+        replies, acked = link.replicated(lambda pipe: pipe.set("noinfo:key", "v"))
+        assert replies == [True] and acked == 0  # no replica here: WAIT answers 0
+        assert not link.uses_waitaof
+    finally:
+        link.release()
+        admin.acl_deluser("ms1-noinfo")
+        admin.close()

@@ -82,10 +82,10 @@ def start_sim(procs: list[subprocess.Popen[bytes]], tmp_path: Path, *args: str,
 
 def write_config(path: Path, *, sim_url: str, redis_url: str, consumer: str = "instance-1",
                  requests_per_minute: int = 100_000, rate_window: float = 60,
-                 threads: int = 4) -> Path:
+                 threads: int = 4, counts_at: str = "arrival") -> Path:
     path.write_text(service_ini(redis_url, ms4_url=sim_url, settings={
         "ms1": {"shutdown_timeout": 10},
-        "send": {"threads": threads, "rate_limiter": "redis",
+        "send": {"threads": threads, "rate_limiter": "redis", "ms4_counts_at": counts_at,
                  "requests_per_minute": requests_per_minute, "rate_window": rate_window},
         "redis": {"consumer": consumer, "visibility_timeout": 10},
     }))
@@ -291,9 +291,14 @@ def test_redis_unreachable_10_seconds_no_thread_dies(own_redis, tmp_path, procs)
 @pytest.mark.xdist_group("measure")
 def test_three_instances_share_work_and_the_rate_limit(own_redis, tmp_path, procs) -> None:
     sim = start_sim(procs, tmp_path, rate_limit=60, window=2)
+    # slots stamped at the answer: the shared count holds whenever the sim, on a machine the
+    # suite loads, gets round to counting a request (stamping at arrival + 0.1 s drew 3
+    # 429s of 203 once in CI with a 2 s window; the share of the ceiling three instances
+    # reach counting at arrival is tests/test_concurrency.py's, run alone)
     configs = [write_config(tmp_path / f"ms1-{n}.ini", sim_url=sim.url,
                             redis_url=own_redis.url, consumer=f"instance-{n}",
-                            requests_per_minute=60, rate_window=2) for n in (1, 2, 3)]
+                            requests_per_minute=60, rate_window=2, counts_at="answer")
+               for n in (1, 2, 3)]
     path, emails = make_emails(tmp_path, 10_000, invalid_every=0)
     enqueue(configs[0], path, len(emails))
     client = own_redis.client()

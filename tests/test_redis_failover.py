@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -48,6 +47,7 @@ from redis_topologies import (  # the fixtures too, for the tests here
     sentinel_setup_fixture,  # noqa: F401  # the fixture sentinel_setup
 )
 from support import SimProcess, service_ini, tail, wait_until
+from test_redis_durability import stop_service as sigterm_and_wait
 
 from ms1 import pluginmanager
 from ms1.errors import ConfigError
@@ -97,13 +97,7 @@ def stop_service(proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) 
     """SIGTERM once the service handles it; its exit status."""
     assert wait_until(lambda: "ready" in log.read_text(errors="replace")
                       or proc.poll() is not None, 60), f"never ready:\n{tail(log)}"
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-        pytest.fail(f"the service did not exit {timeout} s after SIGTERM:\n{tail(log)}")
+    return sigterm_and_wait(proc, log, timeout)
 
 
 def cli(config: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:

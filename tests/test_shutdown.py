@@ -5,17 +5,19 @@ SIGTERM (exit 1, the summary says what is left); a second SIGINT exits at once."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RedisServer
+from conftest import RedisServer, free_port
 from test_http_transport import Server
 from test_watchdog import (
     config_file,
@@ -115,6 +117,43 @@ def test_sigterm_while_redis_is_frozen_exits_0_in_time_and_nothing_is_lost(
     assert code == 0 and took <= BOUND, tail(log)
     assert "Traceback" not in log.read_text()
     deliver_the_rest(tmp_path, url, own_redis.url, len(emails))
+
+
+def test_sigterm_while_a_console_request_waits_on_a_frozen_redis_exits_in_time(
+        tmp_path: Path, own_redis: RedisServer, sim: Callable[..., str]) -> None:
+    """The console's running requests get what is left of the bound, not 3 s more: a
+    request for the dead letters, stuck on a frozen Redis, does not hold the exit."""
+    url = sim()
+    port = free_port()
+    config = config_file(tmp_path, ms4_url=url, redis_url=own_redis.url, threads=1,
+                         shutdown_timeout=SHUTDOWN_TIMEOUT, socket_timeout=8,
+                         extra=f"[console]\naddress = 127.0.0.1:{port}\n")
+    emails = enqueue(config, tmp_path, 20)
+    log = tmp_path / "service.log"
+    service = start_service(config, log)
+    assert own_redis.proc is not None
+
+    def ask() -> None:
+        with contextlib.suppress(OSError), urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/dead-letters", timeout=30):
+            pass
+
+    stuck = threading.Thread(target=ask, daemon=True)
+    try:
+        assert wait_until(lambda: accepted(url) >= len(emails), 20), tail(log)
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            stuck.start()
+            stuck.join(1.0)  # a bound, not the synchronisation: it must still be waiting
+            assert stuck.is_alive()
+            code, took = stop(service)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+    finally:
+        if service.poll() is None:
+            service.kill()
+    print(f"SIGTERM to exit with a console request on a frozen Redis: {took:.2f} s")
+    assert code == 0 and took <= BOUND, tail(log)
 
 
 def test_once_drains_on_sigterm_and_exits_1_saying_what_is_left(

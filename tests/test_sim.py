@@ -750,3 +750,21 @@ def test_count_at_answer_counts_after_the_work(make_sim: Callable[..., Ms4Sim]) 
     assert sim._state.passed[0] >= started + 0.5
     with pytest.raises(ValueError, match="count_at"):
         SimConfig(count_at="sometimes")
+
+
+def test_count_late_counts_arrivals_late_in_every_other_spell(
+        make_sim: Callable[..., Ms4Sim]) -> None:
+    sim = make_sim(rate_limit=100, window=60, count_late=0.3, count_late_spell=1.0)
+    sim._state.started = time.monotonic()  # the first spell (a late one) starts now
+    with api_client(sim) as c:
+        sent = time.monotonic()
+        assert c.post("/batch-metadata", json=[obj("A")]).status_code == 202
+        assert sim._state.passed[0] >= sent + 0.3  # counted 0.3 s after it arrived
+        sim._state.started -= 1.0  # now in the second spell: on time
+        sent = time.monotonic()
+        assert c.post("/batch-metadata", json=[obj("B")]).status_code == 202
+        assert sim._state.passed[1] < sent + 0.2
+    with pytest.raises(ValueError, match="count_late_spell"):
+        SimConfig(count_late_spell=0)
+    with pytest.raises(ValueError, match="count_late"):
+        SimConfig(count_late=-1)

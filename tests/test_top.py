@@ -270,3 +270,18 @@ def test_interval_must_be_positive(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "--interval must be at least" in proc.stderr
+
+
+def test_text_from_redis_is_shown_as_written_never_read_as_markup() -> None:
+    """Reasons, problems and ids come from Redis: square brackets in them are text (rich
+    read "[/lines/0]" as a closing tag and raised, ending top; "[item]" vanished)."""
+    odd = snapshot(id="ms1-[b]@h:2", held={"breaker": "open", "reason": "MS4 said [/lines/0]"},
+                   health={"ok": False, "problem": "lines[item] missing [/bold]"})
+    overview = collect([odd], ceiling=Ceiling(120, 60.0, 50), outbound=None,
+                       dead_letters={"count": 1, "by_stage": {"ms4": 1},
+                                     "by_reason": [["item [3]: bad [/x]", 1]], "scanned": 1,
+                                     "complete": True}, errors={}, now=101.0)
+    text = render(overview, config="conf/prod.ini", interval=1.0, stale_s=0.0)
+    for shown in ("ms1-[b]@h:2", "MS4 said [/lines/0]", "lines[item] missing [/bold]",
+                  "item [3]: bad [/x]"):
+        assert shown in text, (shown, text)

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from ms1.config import Config, Secret, key_problem, parse_origins
 from ms1.deadletters import DeadLetterStore
@@ -82,12 +83,11 @@ def trusted_hosts(host: str, origins: Sequence[str]) -> list[str] | None:
     address, the loopback names when it listens on loopback, the hosts of ``origins``.
     None (any) when it listens on every interface and no origin is configured."""
     extra = []
-    for origin in origins:
-        name = origin.split("://", 1)[1].rsplit(":", 1)[0] if origin.count(":") > 1 \
-            else origin.split("://", 1)[1]
+    for origin in origins:  # checked by [console] allowed_origins' parser: scheme://host
+        name = urlsplit(origin).hostname or ""
         extra.append(name)
-        if name.startswith("["):
-            extra.append(name[1:-1])
+        if ":" in name:  # IPv6: as a Host header writes it, too
+            extra.append(f"[{name}]")
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -151,8 +151,9 @@ class Console:
                  "needs the admin token" if self.token is not None else
                  "off: no admin token configured")
 
-    def close(self) -> None:
-        self.server.close()
+    def close(self, timeout: float = 3.0) -> None:
+        """Stop serving; running requests get at most ``timeout`` s."""
+        self.server.close(timeout)
 
 
 __all__ = ["FDS_BASE", "FDS_PER_SENDER", "MIN_TOKEN_LENGTH", "Console", "ConsoleContext",

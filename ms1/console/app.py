@@ -284,14 +284,15 @@ def create_app(ctx: ConsoleContext) -> Flask:
         why = same_origin() or token_ok()
         if why is not None:
             return refused(why)
+        ids: list[str] = []
+        flt: LetterFilter | None = None
+        replayed, batches, kept = 0, 0, []
         try:
             if request.form.get("all") == "1":
                 flt = LetterFilter.from_args(request.form)
                 ids = matching_ids(ctx.store, flt)
             else:
-                flt = None
                 ids = list(dict.fromkeys(request.form.getlist("id")))
-            replayed, batches, kept = 0, 0, []
             for start in range(0, len(ids), REPLAY_CHUNK):
                 result = replay(ctx.store, ctx.queue, ids=ids[start:start + REPLAY_CHUNK],
                                 max_items=ctx.max_items, max_bytes=ctx.max_bytes)
@@ -301,10 +302,12 @@ def create_app(ctx: ConsoleContext) -> Flask:
         except FilterError as exc:
             return render_template("result.html", error=str(exc), asked=0, replayed=0,
                                    batches=0, kept=[], flt=None), 400
-        except Ms1Error as exc:
-            log.error("console: replay failed: %s", exc)
-            return render_template("result.html", error=str(exc), asked=0, replayed=0,
-                                   batches=0, kept=[], flt=None), 503
+        except Ms1Error as exc:  # what went before is replayed: said, not hidden
+            log.error("console: replay failed after %d of %d dead letters in %d batches: %s",
+                      replayed, len(ids), batches, exc)
+            return render_template("result.html", error=str(exc), asked=len(ids),
+                                   replayed=replayed, batches=batches, kept=kept,
+                                   flt=flt), 503
         log.warning("console: %s replayed %d dead letters in %d batches (%d asked, %d kept)",
                     request.remote_addr or "-", replayed, batches, len(ids), len(kept))
         return render_template("result.html", error=None, asked=len(ids), replayed=replayed,

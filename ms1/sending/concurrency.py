@@ -83,8 +83,11 @@ class Gate:
 
     def resize(self, size: int) -> None:
         with self._cond:
-            self._size = max(1, size)
-            self._cond.notify_all()
+            size = max(1, size)
+            grew = size > self._size
+            self._size = size
+            if grew:  # only a larger size lets a waiter through
+                self._cond.notify_all()
 
     def acquire(self, abort: threading.Event, poll: float = 0.2) -> None:
         """Take a slot, waiting for one; raise :class:`Aborted` once ``abort`` is set (seen
@@ -182,9 +185,10 @@ class Controller:
         (None: it cannot say): the target follows at once."""
         if self._fixed is not None:
             return
+        held = self._held_back()
         with self._lock:
             self._free = max(0, free or 0)
-            self._set(self._want())
+            self._follow(self._want(), held)
 
     def observe(self, answer: Answer, latency: float) -> None:
         """A request ended with ``answer`` (no answer: ``classify(None)``) after
@@ -207,10 +211,7 @@ class Controller:
                     self._cap = min(float(self._max), self._cap + 1)
             elif kind.breaker_failure:
                 self._cap = max(float(self._min), min(self._cap, float(previous)) / 2)
-            target = self._want()
-            if held:
-                target = min(target, previous)
-            self._set(target)
+            self._follow(self._want(), held)
 
     def _sample(self, latency: float) -> bool:
         """Fold ``latency`` into the averages; True if it rose past RISING * baseline."""
@@ -230,6 +231,11 @@ class Controller:
         else:
             steady = math.ceil(self._rate() * self._latency * HEADROOM + EXTRA)
         return max(steady, self._free + EXTRA)
+
+    def _follow(self, target: int, held: bool) -> None:
+        """Set ``target``, but never higher than now while the pacer holds every sender
+        back (a stop's probe, an answer during a 429 pause)."""
+        self._set(min(target, self._target) if held else target)
 
     def _set(self, target: int) -> None:
         if self._fixed is not None:

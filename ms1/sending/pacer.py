@@ -6,9 +6,13 @@
   sliding window (default 120 per 60 s). A request's slot is stamped with the moment MS4
   counted it: by default (``[send] ms4_counts_at = arrival``) when the transport says the
   request was out (:attr:`~ms1.transport.Response.sent`) plus ``count_margin`` (the
-  network's one-way delay, at most), so a slot is not held for the time MS4 works on the
-  request; with ``answer`` (an MS4 counting requests as it answers them), or when the
-  transport does not say, when the answer came;
+  network's one-way delay, at most) — never later than an answer came, since MS4
+  counted the request before it answered — so a slot is not held for the time MS4 works
+  on the request; with ``answer`` (an MS4 counting requests as it answers them), or when
+  the transport does not say, when the answer came. A 429 although the limiter allowed
+  the request says MS4 counts later than that: the margin in effect doubles (once per
+  429 pause), up to the window, until a restart or a reload that changes
+  ``count_margin`` (:attr:`Pacer.margin`);
 * a **429 pause**: every sender waits until ``Retry-After``
   (:mod:`ms1.sending.retry_after`) has passed;
 * a **stop** (:class:`Stop`): after an answer no resend will change — 401 or 403
@@ -168,6 +172,7 @@ class Pacer:
         self.counts_at = counts_at
         self.count_margin = count_margin
         self._clock = clock
+        self._margin = count_margin  # in effect: count_margin, widened by unexpected 429s
         self._lock = threading.Lock()
         self._paused_until = 0.0
         self._stop: Stop | None = None
@@ -179,6 +184,13 @@ class Pacer:
         self.held = HeldTime()
 
     # state, for status/metrics/readiness
+    @property
+    def margin(self) -> float:
+        """Seconds added to a request's out time to stamp its slot (``ms4_counts_at =
+        arrival``): ``count_margin``, or more after 429s the limiter did not foresee."""
+        with self._lock:
+            return self._margin
+
     @property
     def paused_for(self) -> float:
         with self._lock:
@@ -309,8 +321,13 @@ class Pacer:
         (a 3xx's ``Location``, MS4's text); ``sent``: when the request was out
         (``time.monotonic()``; None: unknown — the slot is then stamped now)."""
         ago = 0.0
-        if sent is not None and self.counts_at == "arrival":
-            ago = time.monotonic() - sent - self.count_margin
+        arrival = self.counts_at == "arrival"
+        if sent is not None and arrival:
+            # MS4 counted it by sent + margin; if it answered, before it answered: by now
+            # at the latest (no answer — a timeout, a reset — says nothing of when)
+            ago = time.monotonic() - sent - self.margin
+            if status is not None:
+                ago = max(0.0, ago)
         try:
             self.limiter.finish(admission.token, ago)
         except Ms1Error as exc:  # the slot then expires with its lease
@@ -322,7 +339,8 @@ class Pacer:
             self.breaker.record(False, answer.name if status is not None else "")
         elif kind is Kind.RATE_LIMITED:
             self.breaker.release_probe()  # not a breaker failure
-            self._pause(retry_after)
+            if self._pause(retry_after) and arrival:
+                self._widen_margin()
         elif kind.stops_senders:
             self.breaker.release_probe()  # the stop paces: not a breaker failure
             self._stopped(answer, admission, detail)
@@ -332,15 +350,42 @@ class Pacer:
             self._probe_answered(answer)
         return answer
 
-    def _pause(self, retry_after: str | None) -> None:
+    def _pause(self, retry_after: str | None) -> bool:
+        """Pause every sender until ``Retry-After``; True if no pause was running (the first
+        429 of a burst: the others answer requests that were in flight with it)."""
         delay = parse_retry_after(retry_after, default=self.retry_after_default,
                                   cap=self.retry_after_cap)
         with self._lock:
-            until = self._clock() + delay
+            now = self._clock()
+            began = self._paused_until <= now
+            until = now + delay
             if until > self._paused_until:
                 self._paused_until = until
                 log.warning("MS4 answered 429: all senders pause %.1f s (Retry-After: %r)",
                             delay, retry_after)
+        return began
+
+    def _widen_margin(self) -> None:
+        """MS4 answered 429 although the limiter let the request go: MS4 counted one of the
+        window's earlier requests later than out + margin (a loaded MS4 reading requests
+        late), or something else spends the key's budget. Double the margin (once per 429
+        pause), up to the window: a margin too wide costs little, since a slot is never
+        stamped later than its answer came — at worst the share of ``ms4_counts_at =
+        answer``. It holds until a restart or a reload that changes ``count_margin`` or
+        ``ms4_counts_at``."""
+        with self._lock:
+            window = self.limiter.window
+            if self._margin >= window:
+                return
+            was = self._margin
+            self._margin = min(window, max(2 * was, 0.05))
+            margin = self._margin
+        log.warning("MS4 answered 429 although ms1's rate limiter allowed the request: MS4 "
+                    "counts requests later than %.2f s after they are out, or another client "
+                    "spends the same key's budget. Slots are now stamped %.2f s after their "
+                    "request was out (at most when the answer came) until a restart; to keep "
+                    "it, set [send] count_margin = %.2f (or ms4_counts_at = answer)",
+                    was, margin, margin)
 
     def _stopped(self, answer: Answer, admission: Admission, detail: str) -> None:
         """Begin a stop (once per spell: an answer of the same stop changes nothing; a
@@ -380,13 +425,17 @@ class Pacer:
     def configure(self, settings: PacerSettings) -> None:
         """New ``[send]`` figures (the start, a reload), for the pacer, its limiter and its
         breaker; they hold from the next request or answer on. A running 429 pause or a
-        stop's probe interval keeps the end it was given."""
+        stop's probe interval keeps the end it was given; a margin widened by 429s stays
+        unless ``count_margin`` or ``ms4_counts_at`` changes."""
         if settings.counts_at not in COUNTS_AT:
             raise ValueError(f"counts_at must be one of {COUNTS_AT}")
         with self._lock:
             self.retry_after_default = settings.retry_after_default
             self.retry_after_cap = settings.retry_after_cap
             self.auth_probe_interval = settings.auth_probe_interval
+            if (settings.count_margin, settings.counts_at) != (self.count_margin,
+                                                                self.counts_at):
+                self._margin = settings.count_margin  # a widened margin is forgotten
             self.counts_at = settings.counts_at
             self.count_margin = settings.count_margin
         self.limiter.configure(settings.limit, settings.window)

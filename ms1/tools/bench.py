@@ -23,10 +23,10 @@ every e-mail ready at once (default 15,000: 300 requests of 50); prints the shar
 the ceiling reached (the window over the mean gap between request k and k-120, from the
 times ms1 saw each 202), the most and mean requests in flight and concurrency target,
 the sim's 429s, the invoices lost (enqueued - accepted by MS4 - dead-lettered), and the
-most a limiter that never risks a 429 can reach: window / (window + count_margin) when
-MS4 counts requests as they arrive (``--count-at arrival``, the default, on the sim and
-in ms1's config), window / (window + latency) when it counts them as it answers; then
-one table.
+most a limiter that never risks a 429 can reach: window / (window + the lesser of
+count_margin and the latency) when MS4 counts requests as they arrive (``--count-at
+arrival``, the default, on the sim and in ms1's config), window / (window + latency) when
+it counts them as it answers; then one table.
 """
 
 from __future__ import annotations
@@ -278,6 +278,8 @@ def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
                   f"outbound ready {ready:.1f}, in flight {in_flight:.1f} batches")
         ended = recorder.last_sent
         peak_in_flight = service.in_flight.take_peak()
+        in_flight_mean = (statistics.fmean(f[0] for f in flight) if flight
+                          else float("nan"))
         service.shutdown(10)
         dead_lettered = components.dead_letters.count()
         components.close()
@@ -293,18 +295,19 @@ def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
                             if recorder.first_sent is not None else float("nan")),
                 "share": share_of_ceiling(recorder.sent_at, args.sweep_limit, window),
                 # a slot is held past the window by the latency (MS4 counting answers) or
-                # by count_margin (arrivals): the most a limiter never risking a 429 reaches
+                # by count_margin, never past the answer (arrivals): the most a limiter
+                # never risking a 429 reaches
                 "theoretical_max": window / (window + (
                     latency if args.count_at == "answer"
-                    else config.get_float("send", "count_margin"))),
+                    else min(latency, config.get_float("send", "count_margin")))),
                 "max_in_window": int(stats["max_in_window"]),  # type: ignore[call-overload]
                 "in_flight_max": peak_in_flight,
-                "in_flight_mean": (statistics.fmean(f[0] for f in flight)
-                                   if flight else float("nan")),
+                "in_flight_mean": in_flight_mean,
                 "target_max": max((f[1] for f in flight), default=0),
                 "target_mean": (statistics.fmean(f[1] for f in flight)
                                 if flight else float("nan")),
                 "answers_429": int(by_status.get("429", 0)),
+                "duplicates": int(stats["duplicate_invoices"]),  # type: ignore[call-overload]
                 "lost": args.count - accepted - dead_lettered,
                 "dead_lettered": dead_lettered,
                 "finished": float(finished),
@@ -330,8 +333,7 @@ def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
             "requests_per_s": recorder.requests / drain,
             "p50_ms": recorder.percentile(0.50) * 1000, "p99_ms": recorder.percentile(0.99) * 1000,
             "peak_rss_mib": rss, "cpu_us_per_invoice": cpu / args.count * 1e6,
-            "in_flight_mean": (statistics.fmean(f[0] for f in flight)
-                               if flight else float("nan")),
+            "in_flight_mean": in_flight_mean,
             "in_flight_max": peak_in_flight,
         }
         return result

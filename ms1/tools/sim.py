@@ -31,7 +31,8 @@ Control endpoints (no API key, not counted in the stats, no latency):
 
 Request handling order for an API POST: read body -> sliding-window rate limit (with
 ``count_at = "arrival"``, the default: a request with the right key is counted as it
-arrives, and one over the limit is answered 429 at once) -> ``latency`` (the server's work) ->
+arrives — or ``count_late`` seconds later in every other spell of ``count_late_spell``
+seconds — and one over the limit is answered 429 at once) -> ``latency`` (the server's work) ->
 ``answer_status`` -> API key -> sliding-window rate limit (with ``count_at = "answer"``:
 counted after the work) -> injected faults -> parse
 JSON -> shape -> validate every object -> accept (record, then maybe drop the connection
@@ -101,7 +102,7 @@ CONTROL_PATH = "/_control"
 #: settings ``POST /_control`` may change while the sim runs
 CONTROLLABLE = ("api_key", "latency", "fail_500", "fail_429", "fail_401", "drop", "reset",
                 "retry_after", "retry_after_form", "rate_limit", "window", "count_at",
-                "reject_every",
+                "count_late", "count_late_spell", "reject_every",
                 "answer_status", "refuse_status")
 RETRY_AFTER_FORMS = ("seconds", "http-date")
 #: where the rate limiter counts a request: as it arrives (before the work, like a rate
@@ -142,6 +143,11 @@ class SimConfig:
     rate_limit: int = 120  # requests per sliding window; 0 = unlimited
     window: float = 60.0  # seconds, sliding window
     count_at: str = "arrival"  # when the limiter counts a request: "arrival" or "answer"
+    # arrival: in every other spell of count_late_spell seconds (the first from the start),
+    # each request is counted count_late seconds after it arrived: an MS4 whose rate
+    # limiter reads requests late while it is loaded, on time between; 0 = always at once
+    count_late: float = 0.0
+    count_late_spell: float = 1.0
     latency: float = 0.0  # seconds slept before every API answer
     fail_500: float = 0.0  # probability of an injected 500
     fail_429: float = 0.0  # probability of an injected 429 (Retry-After: retry_after)
@@ -167,6 +173,10 @@ class SimConfig:
             raise ValueError("window must be > 0")
         if self.latency < 0:
             raise ValueError("latency must be >= 0")
+        if not 0 <= self.count_late <= 60:
+            raise ValueError("count_late must be in [0, 60] seconds")
+        if not self.count_late_spell > 0:
+            raise ValueError("count_late_spell must be > 0")
         if self.reject_every < 0:
             raise ValueError("reject_every must be >= 0")
         if not 0 <= self.retry_after <= 86_400:
@@ -332,6 +342,7 @@ class _SimState:
         self.config = config
         self.lock = threading.Lock()
         self.rng = random.Random(config.seed)
+        self.started = time.monotonic()
         self.requests_total = 0
         self.by_status: dict[str, int] = {}
         self.connections_opened = 0
@@ -381,6 +392,14 @@ class _SimState:
                 self.limiter.append(now)
             self.passed.append(now)
             return None
+
+    def count_delay(self) -> float:
+        """How late a request arriving now is counted: ``count_late`` in the late spells
+        (every other ``count_late_spell`` seconds since the sim started), else 0."""
+        late, spell = self.config.count_late, self.config.count_late_spell
+        if late <= 0:
+            return 0.0
+        return late if int((time.monotonic() - self.started) // spell) % 2 == 0 else 0.0
 
     def draw_fault(self) -> int | None:
         cfg = self.config
@@ -762,6 +781,9 @@ class _Handler(BaseHTTPRequestHandler):
         counted = (self._state.config.count_at == "arrival" and path in API_PATHS
                    and self._key_ok() and not self._state.config.answer_status)
         if counted:  # a rate limiter in front of the work: over the limit, 429 at once
+            delay = self._state.count_delay()
+            if delay > 0:  # a loaded MS4 reading the request late
+                time.sleep(delay)
             retry_after = self._state.admit()
             if retry_after is not None:
                 return _rate_limited(retry_after)
@@ -998,6 +1020,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count-at", choices=COUNT_AT, default=d.count_at,
                    help="when the rate limit counts a request: as it arrives (default; over "
                         "the limit: 429 at once) or as it is answered (after --latency)")
+    p.add_argument("--count-late", type=float, default=d.count_late,
+                   help="with --count-at arrival: in every other spell of --count-late-spell "
+                        "seconds, count each request this many seconds after it arrived (an "
+                        "MS4 reading requests late while loaded); 0 = off")
+    p.add_argument("--count-late-spell", type=float, default=d.count_late_spell,
+                   help="seconds of each spell of --count-late (late, on time, late, ...)")
     p.add_argument("--latency", type=float, default=d.latency, help="seconds per request")
     p.add_argument("--fail-500", type=_probability, default=d.fail_500)
     p.add_argument("--fail-429", type=_probability, default=d.fail_429)

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from collections.abc import Sequence
 
 from ms1.config import Config, Option
@@ -84,6 +83,7 @@ from .link import (
     check_addresses,
     check_key_tag,
     check_url,
+    consumer_name,
     key_names,
     link_for,
     redact_url,
@@ -170,10 +170,6 @@ def ms1_config_options() -> Sequence[Option]:
 def ms1_components() -> Sequence[tuple[str, str]]:
     return [("source", "redis"), ("queue", "redis"), ("queue", "auto"),
             ("dead_letters", "redis"), ("rate_limiter", "redis")]
-
-
-def consumer_name(config: Config) -> str:
-    return config.get_str(SECTION, "consumer") or socket.gethostname()
 
 
 def _check_linger(config: Config) -> None:

@@ -17,7 +17,6 @@ GETs in one pipeline); every error becomes a :class:`~ms1.errors.QueueError`.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,7 +26,7 @@ from ms1.fleet import Fleet
 from ms1.hookspecs import hookimpl
 
 from .leases import decode
-from .link import SECTION, RedisLink, key_names, link_for, translated
+from .link import RedisLink, consumer_name, key_names, link_for, translated
 
 #: milliseconds the index set lives after the last publish
 INDEX_TTL_MS = 3_600_000
@@ -107,10 +106,8 @@ def fleet_components() -> Sequence[tuple[str, str]]:
 def ms1_make_fleet(name: str, config: Config) -> Fleet | None:
     if name != NAME:
         return None
-    # the consumer name, by the package's rule (consumer_name: imported from there it
-    # would close an import cycle)
-    label = config.get_str(SECTION, "consumer") or socket.gethostname()
-    return RedisFleet(link_for(config), index=fleet_keys(config), label=label)
+    return RedisFleet(link_for(config), index=fleet_keys(config),
+                      label=consumer_name(config))
 
 
 __all__ = ["INDEX_TTL_MS", "RedisFleet", "fleet_components", "fleet_keys", "ms1_make_fleet"]

@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 import weakref
@@ -429,7 +430,14 @@ class RedisLink:
     def _has_waitaof(self) -> bool:
         """Whether the primary has WAITAOF (Redis 7.2+); asked once per primary."""
         if self._waitaof is None:
-            info = self._node_client().info("server")
+            try:
+                info = self._node_client().info("server")
+            except redis.ResponseError as exc:  # NOPERM: an ACL user without INFO
+                self._waitaof = False
+                log.warning("cannot ask Redis its version (%s): a write counts as on a "
+                            "replica once WAIT says the replica has it (WAITAOF needs 7.2 "
+                            "and INFO to know it is there)", exc)
+                return False
             version = str(info.get("redis_version", "0"))
             self._waitaof = _version(version) >= (7, 2)
             if self._waitaof:
@@ -581,7 +589,7 @@ def translated(error: type[Ms1Error], what: str, link: RedisLink) -> Iterator[No
     except (redis.RedisError, RedisClusterException) as exc:
         if isinstance(exc, OUTAGE_ERRORS):
             link.failed_at = time.monotonic()
-        elif isinstance(exc, redis.ResponseError) and str(exc).startswith("NOGROUP") \
+        elif isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc) \
                 and link.groups:
             # a consumer group is gone (a failover lost its creation): make it again
             log.warning("%s: Redis has no such consumer group (NOGROUP): ms1 creates its "
@@ -642,6 +650,12 @@ def topology_of(config: Config) -> Topology:
                            "needed with sentinels")
     return Topology(sentinels=sentinels, service_name=service, sentinel_password=password,
                     cluster=cluster, cluster_nodes=nodes)
+
+
+def consumer_name(config: Config) -> str:
+    """This instance's consumer name in ms1's groups (``[redis] consumer``, else the host
+    name): also its label in the fleet."""
+    return config.get_str(SECTION, "consumer") or socket.gethostname()
 
 
 def link_for(config: Config) -> RedisLink:
