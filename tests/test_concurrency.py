@@ -9,6 +9,7 @@ window over the mean gap between accepted request k and k-120 (sim timestamps).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import threading
@@ -415,6 +416,27 @@ def test_three_instances_sharing_the_redis_limiter_reach_the_ceiling_together(
 
 # --- an MS4 that counts requests late: the margin widens instead of 429s recurring --------
 
+#: seconds without a new 429 (seen by two samples of MS4's count that far apart) that end
+#: a spell of them: a spell's 429s answer the requests in flight with its first, all
+#: within count_late + latency (0.35 s) of it, and the pause it begins lasts 1 s
+QUIET = 0.8
+
+
+def spells_of_429s(seen: list[tuple[float, int, int]], quiet: float) -> int:
+    """Spells of 429s in samples of (when, accepted, 429s so far): a rise begins a spell
+    when samples at least ``quiet`` s apart saw the count unchanged before it (a late
+    sample alone never splits a spell; the count is unchanged since the start before the
+    first rise)."""
+    spells, count, first_seen, last_seen = 0, 0, -math.inf, -math.inf
+    for when, _, now in seen:
+        if now != count:
+            if last_seen - first_seen >= quiet:
+                spells += 1
+            count, first_seen = now, when
+        last_seen = when
+    return spells
+
+
 @pytest.mark.slow
 def test_an_ms4_counting_requests_late_widens_the_margin_not_429s_each_window(
         make_config: Any, pm: pluggy.PluginManager, monkeypatch: pytest.MonkeyPatch,
@@ -422,11 +444,13 @@ def test_an_ms4_counting_requests_late_widens_the_margin_not_429s_each_window(
     """ms4-sim (its own process) counts requests 0.3 s after they arrive in every other
     half second — an MS4 whose rate limiter reads requests late while it is loaded — so a
     request counted on time a window after one counted late meets a window MS4 still holds
-    full: beyond ms1's count_margin of 0.1 s. The old pacer kept its margin and drew 429s
-    (each pausing every sender) window after window: 40 and 45 in two runs of 300
-    requests, 15 and 19 of them in the second half; now the first ones widen the margin
-    (0.1 -> 0.2 -> 0.4 s, 0.8 once) and that is all: 2-7 in all, nearly all in the
-    first half; the count depends on when the late spells meet the bursts: a bound."""
+    full: beyond ms1's count_margin of 0.1 s. The old pacer kept its margin and drew
+    spells of 429s (each pausing every sender) window after window: 7 and 8 spells in two
+    runs of 300 requests (34 and 41 x 429, up to 20 in the second half); now each of the
+    first spells widens the margin (0.1 -> 0.2 -> 0.4 s, 0.8 at times) and that is all:
+    2-3 spells, all in the first half. The 429s a spell holds are the requests in flight
+    with its first -- 2 to 10, more on a loaded machine (23 and 25 in all in some runs,
+    22 in CI): the spells are what is bounded."""
     from support import SimProcess
 
     # 300 requests at 20 per second; a window is 3 spells, so a window after a late spell
@@ -440,24 +464,31 @@ def test_an_ms4_counting_requests_late_widens_the_margin_not_429s_each_window(
                          f"[send]\nrequests_per_minute = {limit}\nrate_window = {window}\n"
                          "retry_initial = 0.05\nretry_max = 0.5\n[batch]\nmax_wait = 0.05\n")
     service, transport = start_service(pm, config, invoices, finite=True)
-    seen: list[tuple[int, int]] = []  # (invoices accepted, 429s so far)
+    seen: list[tuple[float, int, int]] = []  # (when, invoices accepted, 429s so far)
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             stats = sim.stats()
-            seen.append((stats["unique_invoices_accepted"],
+            seen.append((time.monotonic(), stats["unique_invoices_accepted"],
                          stats["requests_by_status"].get("429", 0)))
-            if seen[-1][0] >= invoices:
+            if seen[-1][1] >= invoices:
                 break
             service.abort.wait(0.1)
         margin = service.pacer.margin
     finally:
         service.shutdown(5)
         transport.close()
-    accepted, answers_429 = seen[-1]
-    at_half = next(n for done, n in seen if done >= invoices // 2)
-    print(f"\nMS4 counting 0.3 s late every other 0.5 s: {answers_429} x 429 ({at_half} "
-          f"in the first half), margin in effect {margin:.2f} s")  # and in the second
+    _, accepted, answers_429 = seen[-1]
+    at_half = next(n for _, done, n in seen if done >= invoices // 2)
+    spells = spells_of_429s(seen, quiet=QUIET)
+    print(f"\nMS4 counting 0.3 s late every other 0.5 s: {answers_429} x 429 in {spells} "
+          f"spells ({at_half} in the first half), margin in effect {margin:.2f} s")
     assert accepted == invoices, seen[-1]
-    assert answers_429 <= 12  # old: 429s window after window
+    # every spell of 429s widens the margin once: from 0.1 s to the 1.5 s window takes four
+    # doublings, and past them a slot is stamped when its answer came, which MS4 cannot be
+    # ahead of. The old pacer drew them window after window: 7 and 8 spells (34 and 41
+    # x 429) in two runs.
+    # (How many 429s a spell holds is how many requests were in flight with its first:
+    # 1-10, more on a loaded machine -- not a count to bound.)
+    assert spells <= 4, seen
     assert margin >= 0.4  # counted up to 0.3 s late: 0.1 -> 0.2 -> 0.4
