@@ -26,6 +26,8 @@ MS4 sees the same ``invoice_id`` again.
 ``retry_for`` (seconds) makes ``submit`` retry by itself, with the same key, while Redis
 is unreachable or the replicas fall short: a failover takes Sentinel's
 ``down-after-milliseconds`` (or the cluster's ``cluster-node-timeout``) plus an election.
+When Redis refuses for a reason no wait clears (a key of another type, an ACL that
+forbids the command or key) it raises at once, with :attr:`SubmitError.permanent` set.
 
 ``ms1-service enqueue FILE...`` goes the same way (each chunk of e-mails with its own key,
 retried for :data:`~ms1_plugins.redis.source.PUSH_RETRY` s), except with one Redis server
@@ -51,11 +53,16 @@ class SubmitError(SourceError):
     """E-mails were not acknowledged as safe: they may or may not be in the inbound
     stream. Retry with ``key=`` :attr:`key`: a retry with the same key adds none twice."""
 
-    def __init__(self, message: str, *, key: str, added: bool | None = None) -> None:
+    def __init__(self, message: str, *, key: str, added: bool | None = None,
+                 permanent: bool = False) -> None:
         super().__init__(message)
         self.key = key
         #: True: they are in the stream on the primary (replicas fell short); None: unknown
         self.added = added
+        #: True: Redis refused for a reason no wait clears (a key of another type, an ACL
+        #: that forbids the command or key): retrying is no use until that is fixed, so
+        #: ``retry_for`` is not spent on it
+        self.permanent = permanent
 
 
 @runtime_checkable

@@ -873,3 +873,36 @@ def test_a_user_without_info_still_gets_its_writes_replicated(redis_url: str) ->
         link.release()
         admin.acl_deluser("ms1-noinfo")
         admin.close()
+
+
+@pytest.mark.parametrize(("error", "lasting_"), [
+    (redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+     True),
+    (redis.ResponseError("Command # 1 (EVALSHA a 2 k s) of pipeline caused error: WRONGTYPE "
+                         "Operation against a key holding the wrong kind of value"), True),
+    (redis.exceptions.NoPermissionError("this user has no permissions to run the 'evalsha' "
+                                        "command"), True),
+    (redis.ResponseError("Command # 1 (EVALSHA a 2 k s) of pipeline caused error: The user "
+                         "executing the script can't run this command or subcommand"), True),
+    (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), False),
+    (redis.ResponseError("Command # 1 (EVALSHA a 2 k s) of pipeline caused error: READONLY "
+                         "You can't write against a read only replica."), False),
+    (redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'."), False),
+    (redis.ResponseError("NOREPLICAS Not enough good replicas to write."), False),
+    (redis.ResponseError("MASTERDOWN Link with MASTER is down"), False),
+    (redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"), False),
+    (redis.ConnectionError("Connection refused"), False),
+    (redis.TimeoutError("Timeout reading from socket"), False),
+])
+def test_lasting_tells_a_refusal_no_wait_clears_from_a_passing_one(
+        error: BaseException, lasting_: bool) -> None:
+    """``submit`` stops retrying on a lasting refusal only; an outage, a failover's
+    READONLY, a full memory or missing replicas may pass."""
+    from ms1.errors import SourceError
+    from ms1_plugins.redis.link import lasting
+
+    try:
+        raise SourceError("submit 1 e-mails") from error
+    except SourceError as wrapped:
+        assert lasting(wrapped) is lasting_
+        assert lasting(error) is lasting_

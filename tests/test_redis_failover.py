@@ -651,6 +651,86 @@ def test_min_replicas_acked_without_a_replica_fails_the_submit_and_says_it_was_a
     client.close()
 
 
+REFUSALS = {  # how Redis refuses for good: set up on the test's server, then undone
+    "WRONGTYPE": (lambda admin: admin.set("ms1:emails", "not a stream"),
+                  lambda admin: admin.delete("ms1:emails")),
+    "can't run this command": (  # the script's XADD, for an ACL user without it
+        lambda admin: admin.acl_setuser("ms1-noxadd", enabled=True, commands=["-xadd"]),
+        lambda admin: admin.acl_setuser("ms1-noxadd", enabled=True, commands=["+xadd"])),
+    "no permissions": (  # the script itself
+        lambda admin: admin.acl_setuser("ms1-noxadd", enabled=True, commands=["-evalsha"]),
+        lambda admin: admin.acl_setuser("ms1-noxadd", enabled=True, commands=["+evalsha"])),
+}
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+def test_a_submit_redis_refuses_for_good_fails_at_once_not_after_its_retries(
+        redis_url: str, tmp_path: Path, refusal: str) -> None:
+    """A key of another type, or an ACL that forbids the command: no wait clears it, so a
+    submit retried for 60 s says so at once (the old code retried it for all 60 s) --
+    SubmitError.permanent, Redis's words, the stream; once the cause is fixed, the same
+    key adds the e-mails, once."""
+    admin = redis_py.Redis.from_url(redis_url)
+    admin.acl_setuser("ms1-noxadd", enabled=True, passwords=["+pw-noxadd-9"], keys=["*"],
+                      commands=["+@all"])
+    refuse, undo = REFUSALS[refusal]
+    url = redis_url.replace("redis://", "redis://ms1-noxadd:pw-noxadd-9@")
+    config = inbound_config(tmp_path / "ms1.ini", {"url": url})
+    try:
+        with Inbound(str(config)) as inbound:
+            refuse(admin)
+            began = time.monotonic()
+            with pytest.raises(SubmitError) as caught:
+                inbound.submit([b'{"n": 1}'], retry_for=60)
+            took = time.monotonic() - began
+            assert took < 5, took
+            assert caught.value.permanent, caught.value
+            text = str(caught.value)
+            assert refusal in text and "ms1:emails" in text and "pw-noxadd-9" not in text
+            undo(admin)
+            assert inbound.submit([b'{"n": 1}'], key=caught.value.key) == caught.value.key
+            assert inbound.submit([b'{"n": 1}'], key=caught.value.key) == caught.value.key
+        assert admin.xlen("ms1:emails") == 1
+    finally:
+        admin.acl_deluser("ms1-noxadd")
+        admin.close()
+
+
+def test_a_passing_failure_is_still_retried_and_not_called_permanent(
+        redis_url: str, tmp_path: Path) -> None:
+    """Replicas short of ``min_replicas_acked`` may come back: the submit is retried for
+    its whole ``retry_for`` and its error is not permanent."""
+    config = inbound_config(tmp_path / "ms1.ini", {"url": redis_url, "min_replicas_acked": 1,
+                                                   "replica_ack_timeout": 0.05})
+    with Inbound(str(config)) as inbound:
+        began = time.monotonic()
+        with pytest.raises(SubmitError) as caught:
+            inbound.submit([b'{"n": 1}'], retry_for=1.5)
+        assert time.monotonic() - began >= 1.0  # retried, RETRY_PAUSE 0.5 s apart
+        assert not caught.value.permanent and caught.value.added is True
+
+
+def test_enqueue_says_at_once_when_redis_refuses_for_good(redis_url: str,
+                                                          tmp_path: Path) -> None:
+    """``enqueue`` with ``min_replicas_acked`` submits chunk by chunk, each retried for
+    120 s through a failover; a WRONGTYPE stream ends it at once, naming the e-mails not
+    added and Redis's words (the old code: after 120 s)."""
+    admin = redis_py.Redis.from_url(redis_url)
+    admin.set("ms1:emails", "not a stream")
+    path = inbound_config(tmp_path / "cli.ini", {"url": redis_url, "min_replicas_acked": 1,
+                                                 "replica_ack_timeout": 0.05})
+    emails = tmp_path / "in.jsonl"
+    emails.write_bytes(b"".join(s.data + b"\n" for s in samples.generate(20)))
+    began = time.monotonic()
+    result = cli(path, "enqueue", str(emails), timeout=200)
+    took = time.monotonic() - began
+    assert result.returncode != 0 and took < 30, (took, result.stderr)
+    assert "e-mails 1-20 of 20" in result.stderr and "WRONGTYPE" in result.stderr, \
+        result.stderr
+    assert "retries" not in result.stderr, result.stderr
+    admin.close()
+
+
 def test_one_server_keeps_its_key_names_and_plain_xadds(redis_url: str, tmp_path: Path,
                                                         make_config: Any, pm: Any) -> None:
     """Nothing changes for a single Redis: the keys are named as configured, and

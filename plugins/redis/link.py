@@ -93,6 +93,10 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,
     redis.exceptions.ReadOnlyError, redis.exceptions.MovedError,
     redis.exceptions.TryAgainError, RedisClusterException)
+#: how Redis says no wait will help: a key of another type, an ACL that forbids the
+#: command or key (``NOPERM``; inside a script, "can't run this command")
+LASTING_CODES = ("WRONGTYPE", "NOPERM")
+LASTING_TEXTS = ("can't run this command", "no permissions to")
 
 
 def redact_url(url: str) -> str:
@@ -579,6 +583,23 @@ class RedisLink:
         no instance could refresh what it holds, so nobody's idle entries mean anything
         until every live instance has had a heartbeat to refresh them."""
         return self.failed_at > 0 and time.monotonic() - self.failed_at < self._interval + 2
+
+
+def lasting(exc: BaseException) -> bool:
+    """True if ``exc`` (or an error it was raised from) is Redis refusing for a reason no
+    wait clears (:data:`LASTING_CODES`, :data:`LASTING_TEXTS`): retrying it is no use
+    until an operator fixes the key or the ACL. Outages, ``READONLY``, ``LOADING``,
+    ``OOM`` and the like are passing."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, redis.exceptions.NoPermissionError):
+            return True
+        if isinstance(seen, redis.ResponseError) and not isinstance(seen, OUTAGE_ERRORS):
+            # a pipeline's: "Command # 1 (...) of pipeline caused error: WRONGTYPE ..."
+            text = str(seen).rpartition("caused error: ")[2]
+            return text.startswith(LASTING_CODES) or any(t in text for t in LASTING_TEXTS)
+        seen = seen.__cause__
+    return False
 
 
 @contextlib.contextmanager

@@ -29,8 +29,10 @@ E-mails come in through :meth:`RedisSource.submit` (:mod:`ms1.inbound`, the inge
 helper): ``scripts/submit.lua`` adds them with their key, once per key, and with ``[redis]
 min_replicas_acked`` a WAIT on the same connection tells whether enough replicas have them
 (:meth:`~.link.RedisLink.replicated`). :meth:`RedisSource.push` (``ms1-service enqueue``)
-submits chunk by chunk, retrying each under its key through a failover; with one server and
-no ``min_replicas_acked`` it pipelines plain XADDs, as it always did.
+submits chunk by chunk, retrying each under its key through a failover — not when Redis
+refuses for good (a key of another type, an ACL: :func:`.link.lasting`), which ends it at
+once; with one server and no ``min_replicas_acked`` it pipelines plain XADDs, as it always
+did.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from .leases import (
     raw_fields,
     read_group,
 )
-from .link import RedisLink, translated
+from .link import RedisLink, lasting, translated
 
 log = logging.getLogger(__name__)
 #: e-mails per pipeline of ``push``, and per script call of ``submit``
@@ -152,11 +154,13 @@ class RedisSource(Source):
                 try:
                     self.submit(emails[start:start + XADD_CHUNK], retry_for=PUSH_RETRY)
                 except SubmitError as exc:
+                    why = ("Redis refuses them" if exc.permanent
+                           else f"after {PUSH_RETRY:.0f} s of retries")
                     raise SourceError(
                         f"e-mails {start + 1}-{min(start + XADD_CHUNK, len(emails))} of "
-                        f"{len(emails)} are not known to be added after {PUSH_RETRY:.0f} s of "
-                        f"retries (those before them are; enqueueing these again may add "
-                        f"some twice): {exc.args[0]}") from exc
+                        f"{len(emails)} are not known to be added, {why} (those before "
+                        f"them are; enqueueing these again may add some twice): "
+                        f"{exc.args[0]}") from exc
             return len(emails)
         with translated(SourceError, f"add e-mails to {self.stream}", self.link):
             for start in range(0, len(emails), XADD_CHUNK):
@@ -179,7 +183,7 @@ class RedisSource(Source):
             try:
                 self._submit_once(emails, key)
             except SubmitError as exc:
-                if time.monotonic() + RETRY_PAUSE > deadline:
+                if exc.permanent or time.monotonic() + RETRY_PAUSE > deadline:
                     raise
                 if not failing:
                     log.warning("%s; retrying for up to %.0f s", exc, retry_for)
@@ -206,6 +210,11 @@ class RedisSource(Source):
             with translated(SourceError, what, self.link):
                 _, acked = self.link.replicated(queue)
         except Ms1Error as exc:
+            if lasting(exc):
+                raise SubmitError(f"{exc}: Redis refuses them, and waiting will not change "
+                                  f"that; once the key or the ACL is fixed, retry with key "
+                                  f"{key!r} to add none twice", key=key,
+                                  permanent=True) from exc
             raise SubmitError(f"{exc}: they may or may not be in the stream; retry with "
                               f"key {key!r} to add none twice", key=key) from exc
         wanted = self.link.min_replicas
