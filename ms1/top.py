@@ -48,6 +48,7 @@ from ms1 import pluginmanager
 from ms1.components import C, Closable
 from ms1.config import Config
 from ms1.errors import ConfigError
+from ms1.fleet import RATE_WINDOW, SNAPSHOT_TTL
 from ms1.logs import escape_controls
 from ms1.overview import (
     CAUSE_NAMES,
@@ -399,8 +400,8 @@ def _held(o: Mapping[str, Any]) -> RenderableType:
     table = _table("", "sender-seconds held back by", *names, numeric=names)
     table.title = None
     table.columns[0].no_wrap = True
-    table.add_row("per second, last 10 s", *(format_rate(float(recent[c] or 0))
-                                               for c in causes))
+    table.add_row(f"per second, last {RATE_WINDOW:g} s",
+                  *(format_rate(float(recent[c] or 0)) for c in causes))
     seconds = held.get("seconds") or {}
     table.add_row("in all", *(f"{float(seconds.get(c) or 0):.1f}" for c in causes))
     return Group(head, table)
@@ -480,7 +481,8 @@ def _instances(o: Mapping[str, Any]) -> RenderableType:
             style="" if i.get("healthy") else "red")
     if not o.get("instances"):
         return Group(Text("Instances", style="bold"),
-                     Text("no instance has published its state in the last 10 s"))
+                     Text("no instance has published its state in the last "
+                          f"{SNAPSHOT_TTL:g} s"))
     return table
 
 

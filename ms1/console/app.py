@@ -46,6 +46,7 @@ from ms1.admin import ReplayResult, replay
 from ms1.config import Secret
 from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error
+from ms1.fleet import RATE_WINDOW, SNAPSHOT_TTL
 from ms1.model import DeadLetter
 from ms1.outbound import QueueBackend
 
@@ -175,7 +176,8 @@ def create_app(ctx: ConsoleContext) -> Flask:
     app.jinja_env.filters.update(
         seconds=ov.format_seconds, rate=ov.format_rate, when=_fmt_time,
         cause=lambda cause: ov.CAUSE_NAMES.get(cause, cause))
-    app.jinja_env.globals.update(STAGES=ov.STAGES, CAUSE_NAMES=ov.CAUSE_NAMES)
+    app.jinja_env.globals.update(STAGES=ov.STAGES, CAUSE_NAMES=ov.CAUSE_NAMES,
+                                 RATE_WINDOW=RATE_WINDOW, SNAPSHOT_TTL=SNAPSHOT_TTL)
     origins = {origin.lower() for origin in ctx.origins}
 
     @app.before_request
