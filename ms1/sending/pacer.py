@@ -157,9 +157,12 @@ class Pacer:
     """Decides when the next request may go; told every outcome. Shared by all senders."""
 
     def __init__(
-        self, limiter: RateLimiter, breaker: Breaker, *, retry_after_default: float = 5.0,
-        retry_after_cap: float = 300.0, auth_probe_interval: float = 60.0,
-        counts_at: str = "arrival", count_margin: float = 0.1,
+        self, limiter: RateLimiter, breaker: Breaker, *,
+        retry_after_default: float = PacerSettings.retry_after_default,
+        retry_after_cap: float = PacerSettings.retry_after_cap,
+        auth_probe_interval: float = PacerSettings.auth_probe_interval,
+        counts_at: str = PacerSettings.counts_at,
+        count_margin: float = PacerSettings.count_margin,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if counts_at not in COUNTS_AT:
