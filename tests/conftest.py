@@ -141,6 +141,17 @@ class RedisServer:
     def client(self) -> redis_py.Redis:
         return redis_py.Redis.from_url(self.url, socket_timeout=5)
 
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP) for the block: connections stay open, nothing is
+        answered; it goes on (SIGCONT) however the block ends."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

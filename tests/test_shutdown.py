@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -102,14 +101,10 @@ def test_sigterm_while_redis_is_frozen_exits_0_in_time_and_nothing_is_lost(
     emails = enqueue(config, tmp_path, 60)
     log = tmp_path / "service.log"
     service = start_service(config, log)
-    assert own_redis.proc is not None
     try:
         assert wait_until(lambda: accepted(url) >= 10, 20), tail(log)
-        os.kill(own_redis.proc.pid, signal.SIGSTOP)
-        try:
+        with own_redis.frozen():
             code, took = stop(service)
-        finally:
-            os.kill(own_redis.proc.pid, signal.SIGCONT)
     finally:
         if service.poll() is None:
             service.kill()
@@ -131,7 +126,6 @@ def test_sigterm_while_a_console_request_waits_on_a_frozen_redis_exits_in_time(
     emails = enqueue(config, tmp_path, 20)
     log = tmp_path / "service.log"
     service = start_service(config, log)
-    assert own_redis.proc is not None
 
     def ask() -> None:
         with contextlib.suppress(OSError), urllib.request.urlopen(
@@ -141,14 +135,11 @@ def test_sigterm_while_a_console_request_waits_on_a_frozen_redis_exits_in_time(
     stuck = threading.Thread(target=ask, daemon=True)
     try:
         assert wait_until(lambda: accepted(url) >= len(emails), 20), tail(log)
-        os.kill(own_redis.proc.pid, signal.SIGSTOP)
-        try:
+        with own_redis.frozen():
             stuck.start()
             stuck.join(1.0)  # a bound, not the synchronisation: it must still be waiting
             assert stuck.is_alive()
             code, took = stop(service)
-        finally:
-            os.kill(own_redis.proc.pid, signal.SIGCONT)
     finally:
         if service.poll() is None:
             service.kill()
