@@ -54,6 +54,19 @@ def sim() -> Iterator[Callable[..., str]]:
         proc.communicate(timeout=10)
 
 
+@contextlib.contextmanager
+def running(config: Path, log: Path, *args: str, stdout: int | None = subprocess.DEVNULL
+            ) -> Iterator[subprocess.Popen[bytes]]:
+    """ms1-service (:func:`test_watchdog.start_service`), killed at the end if the block
+    left it running."""
+    service = start_service(config, log, *args, stdout=stdout)
+    try:
+        yield service
+    finally:
+        if service.poll() is None:
+            service.kill()
+
+
 def accepted(url: str) -> int:
     with urllib.request.urlopen(f"{url}/stats", timeout=5) as answer:
         return int(json.loads(answer.read())["unique_invoices_accepted"])
@@ -63,12 +76,8 @@ def deliver_the_rest(tmp_path: Path, sim_url: str, redis_url: str, count: int) -
     """Restart with a working MS4 (--once): every e-mail is delivered."""
     config = config_file(tmp_path, ms4_url=sim_url, redis_url=redis_url)
     log = tmp_path / "restart.log"
-    service = start_service(config, log, "--once")
-    try:
+    with running(config, log, "--once") as service:
         assert service.wait(timeout=60) == 0, tail(log)
-    finally:
-        if service.poll() is None:
-            service.kill()
     assert accepted(sim_url) == count, tail(log)
 
 
@@ -80,13 +89,9 @@ def test_sigterm_while_ms4_hangs_exits_0_in_time_and_nothing_is_lost(
                          shutdown_timeout=SHUTDOWN_TIMEOUT)
     emails = enqueue(config, tmp_path, 40)
     log = tmp_path / "service.log"
-    service = start_service(config, log)
-    try:
+    with running(config, log) as service:
         assert wait_until(lambda: server.request_count() == 2, 20), tail(log)
         code, took = stop(service)
-    finally:
-        if service.poll() is None:
-            service.kill()
     print(f"SIGTERM to exit with MS4 hanging: {took:.2f} s")
     assert code == 0 and took <= BOUND, tail(log)
     deliver_the_rest(tmp_path, sim(), redis_url, len(emails))
@@ -100,14 +105,10 @@ def test_sigterm_while_redis_is_frozen_exits_0_in_time_and_nothing_is_lost(
                          shutdown_timeout=SHUTDOWN_TIMEOUT, socket_timeout=8)
     emails = enqueue(config, tmp_path, 60)
     log = tmp_path / "service.log"
-    service = start_service(config, log)
-    try:
+    with running(config, log) as service:
         assert wait_until(lambda: accepted(url) >= 10, 20), tail(log)
         with own_redis.frozen():
             code, took = stop(service)
-    finally:
-        if service.poll() is None:
-            service.kill()
     print(f"SIGTERM to exit with Redis frozen: {took:.2f} s")
     assert code == 0 and took <= BOUND, tail(log)
     assert "Traceback" not in log.read_text()
@@ -125,7 +126,6 @@ def test_sigterm_while_a_console_request_waits_on_a_frozen_redis_exits_in_time(
                          extra=f"[console]\naddress = 127.0.0.1:{port}\n")
     emails = enqueue(config, tmp_path, 20)
     log = tmp_path / "service.log"
-    service = start_service(config, log)
 
     def ask() -> None:
         with contextlib.suppress(OSError), urllib.request.urlopen(
@@ -133,16 +133,13 @@ def test_sigterm_while_a_console_request_waits_on_a_frozen_redis_exits_in_time(
             pass
 
     stuck = threading.Thread(target=ask, daemon=True)
-    try:
+    with running(config, log) as service:
         assert wait_until(lambda: accepted(url) >= len(emails), 20), tail(log)
         with own_redis.frozen():
             stuck.start()
             stuck.join(1.0)  # a bound, not the synchronisation: it must still be waiting
             assert stuck.is_alive()
             code, took = stop(service)
-    finally:
-        if service.poll() is None:
-            service.kill()
     print(f"SIGTERM to exit with a console request on a frozen Redis: {took:.2f} s")
     assert code == 0 and took <= BOUND, tail(log)
 
@@ -155,15 +152,11 @@ def test_once_drains_on_sigterm_and_exits_1_saying_what_is_left(
     config = config_file(tmp_path, ms4_url=server.url, redis_url="redis://127.0.0.1:1/0",
                          source="files", queue="memory", shutdown_timeout=SHUTDOWN_TIMEOUT)
     log = tmp_path / "service.log"
-    service = start_service(config, log, "--once", str(data), stdout=subprocess.PIPE)
-    try:
+    with running(config, log, "--once", str(data), stdout=subprocess.PIPE) as service:
         assert wait_until(lambda: server.request_count() == 2, 20), tail(log)
         code, took = stop(service)
         assert service.stdout is not None
         summary = service.stdout.read().decode()
-    finally:
-        if service.poll() is None:
-            service.kill()
     print(f"--once: SIGTERM to exit: {took:.2f} s\n{summary}")
     assert code == 1 and took <= BOUND, tail(log)
     assert "received SIGTERM: draining" in log.read_text()
@@ -180,15 +173,11 @@ def test_a_second_sigint_exits_at_once_and_nothing_is_lost(
                          shutdown_timeout=20)
     emails = enqueue(config, tmp_path, 40)
     log = tmp_path / "service.log"
-    service = start_service(config, log, "--once")
-    try:
+    with running(config, log, "--once") as service:
         assert wait_until(lambda: server.request_count() == 2, 20), tail(log)
         service.send_signal(signal.SIGINT)
         assert wait_until(lambda: "received SIGINT: draining" in log.read_text(), 5), tail(log)
         code, took = stop(service, signal.SIGINT)
-    finally:
-        if service.poll() is None:
-            service.kill()
     print(f"second SIGINT to exit: {took:.2f} s")
     assert code == 130 and took <= 1.0, tail(log)
     assert "second SIGINT" in log.read_text()
