@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 OVERVIEW_SCHEMA = 1
 #: dead letters :func:`summarize_dead_letters` reads at most for its counts by stage/reason
 SUMMARY_SCAN = 10_000
+#: letters :class:`LetterCounts` reads at a time when it reads the new ones
+NEW_LETTERS_PAGE = 500
 #: dead-letter stages, in the order they are shown
 STAGES = ("processor", "batching", "ms4", "source", "queue")
 #: what each held-back cause is called on screen
@@ -163,22 +165,41 @@ def reason_prefix(reason: str) -> str:
     return reason.split(":", 1)[0].strip()[:60] or "?"
 
 
+@dataclass
+class _Tally:
+    """Counts of dead letters by stage and by reason prefix, in the store's order."""
+
+    stages: Counter[str]
+    reasons: Counter[str]
+    scanned: int = 0
+    last_id: str | None = None  # the last letter counted
+
+    @classmethod
+    def of(cls, letters: Iterable[DeadLetter]) -> _Tally:
+        tally = cls(Counter(), Counter())
+        tally.add(letters)
+        return tally
+
+    def add(self, letters: Iterable[DeadLetter]) -> None:
+        for letter in letters:
+            self.scanned += 1
+            self.stages[letter.stage] += 1
+            self.reasons[reason_prefix(letter.reason)] += 1
+            self.last_id = letter.id
+
+    def summary(self, count: int | None) -> dict[str, Any]:
+        total = self.scanned if count is None else count
+        ordered = {stage: self.stages[stage] for stage in STAGES if self.stages[stage]}
+        ordered.update({s: n for s, n in sorted(self.stages.items()) if s not in ordered})
+        return {"count": total, "by_stage": ordered,
+                "by_reason": [[reason, n] for reason, n in self.reasons.most_common(12)],
+                "scanned": self.scanned, "complete": self.scanned >= total}
+
+
 def letter_summary(letters: Iterable[DeadLetter], count: int | None = None) -> dict[str, Any]:
     """Counts by stage and by reason prefix of ``letters``; ``count`` is how many the store
     holds (``complete`` says whether ``letters`` were all of them)."""
-    stages: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    scanned = 0
-    for letter in letters:
-        scanned += 1
-        stages[letter.stage] += 1
-        reasons[reason_prefix(letter.reason)] += 1
-    total = scanned if count is None else count
-    ordered = {stage: stages[stage] for stage in STAGES if stages[stage]}
-    ordered.update({s: n for s, n in sorted(stages.items()) if s not in ordered})
-    return {"count": total, "by_stage": ordered,
-            "by_reason": [[reason, n] for reason, n in reasons.most_common(12)],
-            "scanned": scanned, "complete": scanned >= total}
+    return _Tally.of(letters).summary(count)
 
 
 def summarize_dead_letters(store: DeadLetterStore, limit: int = SUMMARY_SCAN
@@ -190,32 +211,74 @@ def summarize_dead_letters(store: DeadLetterStore, limit: int = SUMMARY_SCAN
 
 
 class LetterCounts:
-    """:func:`summarize_dead_letters` of ``store``, read again only when the store's count
-    changed or ``max_age`` seconds passed: the summary reads up to ``limit`` letters with
-    their payloads, the count is one cheap call (``XLEN``). Thread-safe."""
+    """:func:`summarize_dead_letters` of ``store`` for callers that ask every second (the
+    console, ``top``), without reading up to ``limit`` letters with their payloads each
+    time letters come in. The count (``XLEN``: one cheap call) is read at every call;
+    the letters only
+
+    * when the count grew and the summary held every letter: only the new ones, read
+      after the last one counted (``scan(after)``) — and all again if they are not
+      exactly the letters the count gained (some were removed meanwhile);
+    * when the count grew and the summary held the oldest ``limit`` letters only: all
+      again once the summary is ``settle`` seconds old (the new letters are not in it:
+      it is the oldest ones' summary, ``complete`` false, with the count as it is now);
+    * when the count fell (a replay, a purge), or ``max_age`` seconds after the last full
+      read: all again.
+
+    Thread-safe (two callers may read at once; the later result is kept)."""
 
     def __init__(self, store: DeadLetterStore, *, limit: int = SUMMARY_SCAN,
-                 max_age: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_age: float = 60.0, settle: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.limit = limit
         self.max_age = max_age
+        self.settle = settle
         self._clock = clock
         self._lock = threading.Lock()
-        self._summary: dict[str, Any] | None = None
-        self._at = 0.0
+        self._tally: _Tally | None = None
+        self._count = 0  # the count the tally was taken at
+        self._at = 0.0  # when the letters were last read whole
 
     def read(self) -> dict[str, Any]:
         """The summary (raises the store's Ms1Error)."""
         count = self.store.count()
         with self._lock:
-            cached, at = self._summary, self._at
-        if cached is not None and cached["count"] == count \
-                and self._clock() - at < self.max_age:
-            return cached
-        summary = letter_summary(self.store.iterate(limit=self.limit), count)
+            tally, counted, at = self._tally, self._count, self._at
+        age = self._clock() - at
+        if tally is not None and age < self.max_age and count >= counted:
+            if count == counted:
+                return tally.summary(count)
+            if tally.scanned < counted:  # the oldest ``limit`` only: they stay the same
+                if age < self.settle:
+                    return tally.summary(count)
+            else:
+                grown = self._with_new(tally, count - counted)
+                if grown is not None:
+                    with self._lock:
+                        if self._tally is tally:  # (else another caller read meanwhile)
+                            self._tally, self._count = grown, count
+                    return grown.summary(count)
+        fresh = _Tally.of(self.store.iterate(limit=self.limit))
         with self._lock:
-            self._summary, self._at = summary, self._clock()
-        return summary
+            self._tally, self._count, self._at = fresh, count, self._clock()
+        return fresh.summary(count)
+
+    def _with_new(self, tally: _Tally, gained: int) -> _Tally | None:
+        """``tally`` and the letters after its last one, read page by page, if they are
+        exactly the ``gained`` letters the count gained and the summary stays within
+        ``limit``; else None (read them all again)."""
+        if tally.scanned + gained > self.limit:
+            return None
+        grown = _Tally(tally.stages.copy(), tally.reasons.copy(), tally.scanned,
+                       tally.last_id)
+        while grown.scanned - tally.scanned <= gained:
+            want = min(NEW_LETTERS_PAGE, gained + 1 - (grown.scanned - tally.scanned))
+            page = self.store.scan(grown.last_id, want)
+            grown.add(page)
+            if len(page) < want:
+                break
+        return grown if grown.scanned - tally.scanned == gained else None
 
 
 def _number(value: object) -> float:
