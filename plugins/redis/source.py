@@ -154,7 +154,7 @@ class RedisSource(Source):
                 try:
                     self.submit(emails[start:start + XADD_CHUNK], retry_for=PUSH_RETRY)
                 except SubmitError as exc:
-                    why = ("Redis refuses them" if exc.permanent
+                    why = ("Redis refuses (waiting will not help)" if exc.permanent
                            else f"after {PUSH_RETRY:.0f} s of retries")
                     raise SourceError(
                         f"e-mails {start + 1}-{min(start + XADD_CHUNK, len(emails))} of "
@@ -211,10 +211,11 @@ class RedisSource(Source):
                 _, acked = self.link.replicated(queue)
         except Ms1Error as exc:
             if lasting(exc):
-                raise SubmitError(f"{exc}: Redis refuses them, and waiting will not change "
-                                  f"that; once the key or the ACL is fixed, retry with key "
-                                  f"{key!r} to add none twice", key=key,
-                                  permanent=True) from exc
+                # (a refused WAIT comes after the scripts: they may be in even so)
+                raise SubmitError(f"{exc}: Redis refuses, and waiting will not change that; "
+                                  f"they may or may not be in the stream: once the key or "
+                                  f"the ACL is fixed, retry with key {key!r} to add none "
+                                  f"twice", key=key, permanent=True) from exc
             raise SubmitError(f"{exc}: they may or may not be in the stream; retry with "
                               f"key {key!r} to add none twice", key=key) from exc
         wanted = self.link.min_replicas
