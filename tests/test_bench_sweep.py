@@ -14,14 +14,18 @@ from ms1.tools import bench
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_sweep_one_latency(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.share_of_ceiling([0.0, 1.0, 2.0, 3.0], 2, 2.0) == 1.0
-    assert bench.main(["--sweep", "0.05", "--count", "7500", "--sweep-window", "2",
-                       "--timeout", "30"]) == 0
+    args = bench.parse_args(["--sweep", "0.05", "--count", "7500", "--sweep-window", "2",
+                             "--timeout", "30"])
+    [r] = bench.sweep(args, args.sweep)
     out = capsys.readouterr().out
     assert bench.SWEEP_HEADER in out
     row = out.strip().splitlines()[-1].split()
     # latency "s" share max of-max in-flight-max "/" mean target-max "/" mean 429s lost ...
     assert row[0] == "0.05" and row[11:13] == ["0", "0"], out  # no 429, none lost
-    assert row[13] == "150"
+    assert r["answers_429"] == 0 and r["lost"] == 0 and r["duplicates"] == 0, r
+    # 150 full batches; once in CI 151: the producer lagged the batcher's max_wait on a
+    # loaded machine and one batch went out part-full (legal; nothing was sent twice)
+    assert 150 <= r["requests"] <= 152 and row[13] == f"{r['requests']:.0f}", out
     assert float(row[4].rstrip("%")) >= 90.0, out  # share of the safe maximum
 
 
