@@ -243,9 +243,15 @@ class Publisher:
                                             daemon=True)
             self._thread.start()
 
-    def close(self, timeout: float = 0.5) -> None:
-        """Stop publishing; waits at most ``timeout`` s for the thread (a call to a frozen
-        backend is left behind: its snapshot then simply expires)."""
+    #: seconds :meth:`close` waits for the thread's last beat (at most)
+    close_timeout = 0.5
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop publishing; waits at most ``timeout`` s (default :attr:`close_timeout`)
+        for the thread (a call to a frozen backend is left behind: its snapshot then
+        simply expires)."""
+        if timeout is None:
+            timeout = self.close_timeout
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)

@@ -272,13 +272,15 @@ class LetterCounts:
             return None
         grown = _Tally(tally.stages.copy(), tally.reasons.copy(), tally.scanned,
                        tally.last_id)
-        while grown.scanned - tally.scanned <= gained:
-            want = min(NEW_LETTERS_PAGE, gained + 1 - (grown.scanned - tally.scanned))
+        read = 0  # (one more than gained is asked for: a letter beyond says "not only new")
+        while read <= gained:
+            want = min(NEW_LETTERS_PAGE, gained + 1 - read)
             page = self.store.scan(grown.last_id, want)
             grown.add(page)
+            read += len(page)
             if len(page) < want:
                 break
-        return grown if grown.scanned - tally.scanned == gained else None
+        return grown if read == gained else None
 
 
 def _number(value: object) -> float:

@@ -50,10 +50,6 @@ ABORT_GRACE = 1.0
 #: seconds the final reading of the queue (the summary) may take after that grace:
 #: shutdown returns by ``timeout + ABORT_GRACE + FINAL_READ`` whatever Redis does
 FINAL_READ = 0.5
-#: the most the console's running requests and the fleet publisher's last beat get at
-#: the end of a shutdown (less if the bound above has less left)
-CONSOLE_CLOSE = 3.0
-PUBLISHER_CLOSE = 0.5
 #: seconds the queue's counts are read every (``QueueWatch``: /readyz, /metrics)
 QUEUE_READ_INTERVAL = 1.0
 #: most batches (or dead-letter lists) the committer stores in one round trip
@@ -624,7 +620,8 @@ class Service:
             if still:  # inside a call to the queue backend: what they hold stays pending
                 log.warning("threads still busy at the end of the grace, left behind: %s "
                             "(what they hold stays in the queue)", ", ".join(still))
-        final_read = max(0.1, deadline + ABORT_GRACE + FINAL_READ - time.monotonic())
+        bound = deadline + ABORT_GRACE + FINAL_READ  # shutdown returns by then
+        final_read = max(0.1, bound - time.monotonic())
         elapsed = time.perf_counter() - self._started
         undelivered: QueueStats | None = None
         queue_error = ""
@@ -655,13 +652,13 @@ class Service:
                           source_drained=self._source_drained)
         self.observers.service_stopped()
         # the console's running requests and the fleet publisher's last beat get what is
-        # left of the promised bound, at most their own limits
+        # left of the promised bound, at most their own close_timeout
         def remaining(most: float) -> float:
-            return min(most, max(0.0, deadline + ABORT_GRACE + FINAL_READ - time.monotonic()))
+            return min(most, max(0.0, bound - time.monotonic()))
 
         if self.console is not None:
-            self.console.close(remaining(CONSOLE_CLOSE))
-        self.publisher.close(remaining(PUBLISHER_CLOSE))
+            self.console.close(remaining(self.console.close_timeout))
+        self.publisher.close(remaining(self.publisher.close_timeout))
         if self.exporter is not None:
             self.exporter.close()
             self.pm.unregister(self.exporter)

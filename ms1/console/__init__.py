@@ -151,9 +151,13 @@ class Console:
                  "needs the admin token" if self.token is not None else
                  "off: no admin token configured")
 
-    def close(self, timeout: float = 3.0) -> None:
-        """Stop serving; running requests get at most ``timeout`` s."""
-        self.server.close(timeout)
+    #: seconds running requests get when the console closes (at most)
+    close_timeout = 3.0
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop serving; running requests get at most ``timeout`` s (default
+        :attr:`close_timeout`)."""
+        self.server.close(self.close_timeout if timeout is None else timeout)
 
 
 __all__ = ["FDS_BASE", "FDS_PER_SENDER", "MIN_TOKEN_LENGTH", "Console", "ConsoleContext",

@@ -210,14 +210,13 @@ class RedisSource(Source):
             with translated(SourceError, what, self.link):
                 _, acked = self.link.replicated(queue)
         except Ms1Error as exc:
-            if lasting(exc):
-                # (a refused WAIT comes after the scripts: they may be in even so)
-                raise SubmitError(f"{exc}: Redis refuses, and waiting will not change that; "
-                                  f"they may or may not be in the stream: once the key or "
-                                  f"the ACL is fixed, retry with key {key!r} to add none "
-                                  f"twice", key=key, permanent=True) from exc
-            raise SubmitError(f"{exc}: they may or may not be in the stream; retry with "
-                              f"key {key!r} to add none twice", key=key) from exc
+            # (a refused WAIT comes after the scripts: they may be in even when refused)
+            permanent = lasting(exc)
+            retry = ("Redis refuses, and waiting will not change that; they may or may not "
+                     "be in the stream: once the key or the ACL is fixed, retry" if permanent
+                     else "they may or may not be in the stream; retry")
+            raise SubmitError(f"{exc}: {retry} with key {key!r} to add none twice", key=key,
+                              permanent=permanent) from exc
         wanted = self.link.min_replicas
         if acked < wanted:
             how = "fsynced" if self.link.uses_waitaof else "acknowledged"
