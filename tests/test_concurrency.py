@@ -479,11 +479,11 @@ def test_an_ms4_counting_requests_late_widens_the_margin_not_429s_each_window(
         service.shutdown(5)
         transport.close()
     _, accepted, answers_429 = seen[-1]
+    assert accepted == invoices, seen[-1]
     at_half = next(n for _, done, n in seen if done >= invoices // 2)
     spells = spells_of_429s(seen, quiet=QUIET)
     print(f"\nMS4 counting 0.3 s late every other 0.5 s: {answers_429} x 429 in {spells} "
           f"spells ({at_half} in the first half), margin in effect {margin:.2f} s")
-    assert accepted == invoices, seen[-1]
     # every spell of 429s widens the margin once: from 0.1 s to the 1.5 s window takes four
     # doublings, and past them a slot is stamped when its answer came, which MS4 cannot be
     # ahead of. The old pacer drew them window after window: 7 and 8 spells (34 and 41

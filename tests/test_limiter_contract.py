@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from test_pacing import FakeClock
 
 from ms1.sending.breaker import Breaker
 from ms1.sending.limiter import RateLimiter, SlidingWindowLimiter
@@ -130,14 +131,6 @@ def test_the_pacer_never_stamps_a_slot_later_than_the_answer() -> None:
     assert limiter.stamped[-1] == pytest.approx(-0.4, abs=0.05)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def answered(pacer: Pacer, status: int, sent_ago: float = 0.0) -> None:
     pacer.done(pacer.admit(threading.Event()), status, retry_after="0",
                sent=time.monotonic() - sent_ago)
@@ -148,7 +141,7 @@ def test_a_429_the_limiter_did_not_foresee_widens_the_margin_once_per_pause(
     """A 429 although the limiter let the request go: MS4 counted an earlier request later
     than out + margin. The margin doubles — once per 429 pause: the other 429s of a burst
     answer requests that were in flight with the first — up to the window."""
-    clock = Clock()
+    clock = FakeClock()
     limiter = Recording()  # 1000 per 60 s: the limiter never refuses here
     pacer = Pacer(limiter, Breaker(5, 30), counts_at="arrival", count_margin=0.1,
                   clock=clock)
@@ -172,7 +165,7 @@ def test_a_429_the_limiter_did_not_foresee_widens_the_margin_once_per_pause(
 
 
 def test_the_margin_is_not_widened_when_ms4_counts_at_the_answer() -> None:
-    clock = Clock()
+    clock = FakeClock()
     pacer = Pacer(Recording(), Breaker(5, 30), counts_at="answer", count_margin=0.1,
                   clock=clock)
     answered(pacer, 429)
@@ -180,7 +173,7 @@ def test_the_margin_is_not_widened_when_ms4_counts_at_the_answer() -> None:
 
 
 def test_a_widened_margin_outlives_a_reload_unless_the_reload_sets_it() -> None:
-    clock = Clock()
+    clock = FakeClock()
     pacer = Pacer(Recording(), Breaker(5, 30), counts_at="arrival", count_margin=0.1,
                   clock=clock)
     answered(pacer, 429)

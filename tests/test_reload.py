@@ -32,12 +32,11 @@ from typing import Any
 import pluggy
 import pytest
 from conftest import RedisServer, free_port
-from support import service_ini
+from support import service_ini, sim_control
 from test_redis_durability import (
     DEAD_LETTERS,
     INBOUND,
     OUTBOUND,
-    Sim,
     enqueue,
     make_emails,
     start_service,
@@ -99,14 +98,6 @@ def write_config(path: Path, *, sim_url: str, redis_url: str, threads: int = 2,
     return path
 
 
-def sim_control(sim: Sim, **changes: Any) -> None:
-    request = urllib.request.Request(f"{sim.url}/_control", data=json.dumps(changes).encode(),
-                                     headers={"Content-Type": "application/json"},
-                                     method="POST")
-    with urllib.request.urlopen(request, timeout=5) as answer:
-        assert answer.status == 200
-
-
 def records(log: Path) -> list[dict[str, str]]:
     """The service's kv or json log lines as dicts (other lines skipped)."""
     out: list[dict[str, str]] = []
@@ -159,7 +150,7 @@ def test_reloaded_retry_initial_reaches_running_senders(own_redis: RedisServer,
     write_config(config, sim_url=sim.url, redis_url=own_redis.url, threads=1,
                  retry_initial=4, retry_max=30, breaker_failures=100)
     reload_with(service, log, 0)
-    sim_control(sim, fail_500=1.0)
+    sim_control(sim.url, fail_500=1.0)
     path, _ = make_emails(tmp_path, 1, invalid_every=0)
     enqueue(config, path, 1)
 
@@ -167,7 +158,7 @@ def test_reloaded_retry_initial_reaches_running_senders(own_redis: RedisServer,
         return [r for r in records(log) if r.get("msg", "").startswith("batch failed")]
 
     assert wait_until(lambda: len(failures()) >= 2, 30), tail(log)
-    sim_control(sim, fail_500=0.0)
+    sim_control(sim.url, fail_500=0.0)
     assert wait_until(lambda: sim.accepted() == 1, 60), tail(log)
     first, second = failures()[:2]
     assert (first["attempt"], second["attempt"]) == ("1", "2"), (first, second)

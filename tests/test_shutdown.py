@@ -22,8 +22,8 @@ from test_watchdog import (
     config_file,
     enqueue,
     hang,
+    running,
     serve,  # noqa: F401 - fixture
-    start_service,
     stop,
     tail,
     wait_until,
@@ -52,19 +52,6 @@ def sim() -> Iterator[Callable[..., str]]:
     for proc in procs:
         proc.terminate()
         proc.communicate(timeout=10)
-
-
-@contextlib.contextmanager
-def running(config: Path, log: Path, *args: str, stdout: int | None = subprocess.DEVNULL
-            ) -> Iterator[subprocess.Popen[bytes]]:
-    """ms1-service (:func:`test_watchdog.start_service`), killed at the end if the block
-    left it running."""
-    service = start_service(config, log, *args, stdout=stdout)
-    try:
-        yield service
-    finally:
-        if service.poll() is None:
-            service.kill()
 
 
 def accepted(url: str) -> int:

@@ -7,6 +7,7 @@ Redis is frozen."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -147,6 +148,18 @@ def get(address: str, path: str, timeout: float = 5) -> tuple[int, str, float]:
     return status, body, time.monotonic() - started
 
 
+@contextlib.contextmanager
+def running(config: Path, log: Path, *args: str, env: dict[str, str] | None = None,
+            stdout: int | None = subprocess.DEVNULL) -> Iterator[subprocess.Popen[bytes]]:
+    """:func:`start_service`, killed at the end if the block left it running."""
+    service = start_service(config, log, *args, env=env, stdout=stdout)
+    try:
+        yield service
+    finally:
+        if service.poll() is None:
+            service.kill()
+
+
 def stop(service: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
          timeout: float = 30) -> tuple[int, float]:
     """Send ``sig``; (exit status, seconds until the process ended)."""
@@ -199,8 +212,7 @@ def test_a_sender_wedged_in_a_trickling_request_stops_the_watchdog_and_healthz(
                          request_timeout=30)
     enqueue(config, tmp_path, 40)
     log = tmp_path / "service.log"
-    service = start_service(config, log, env=notify_socket.env())
-    try:
+    with running(config, log, env=notify_socket.env()) as service:
         assert wait_until(lambda: server.request_count() == 2, 20), tail(log)
         wedged = time.monotonic()  # both senders are inside a request from now on
         assert wait_until(lambda: bool(notify_socket.pings()), 5), tail(log)
@@ -217,9 +229,6 @@ def test_a_sender_wedged_in_a_trickling_request_stops_the_watchdog_and_healthz(
         assert "WATCHDOG=1" not in "".join(notify_socket.texts()[-3:])
         assert any("STATUS=" in t and "sender-" in t for t in notify_socket.texts())
         code, took = stop(service)
-    finally:
-        if service.poll() is None:
-            service.kill()
     print(f"SIGTERM to exit: {took:.2f} s")
     assert code == 0 and took <= 5 + 2, tail(log)
     assert "no progress" in log.read_text()
@@ -233,8 +242,7 @@ def test_ms4_down_is_no_stall(tmp_path: Path, redis_url: str,
     config = config_file(tmp_path, ms4_url=down, redis_url=redis_url, metrics=metrics)
     enqueue(config, tmp_path, 40)
     log = tmp_path / "service.log"
-    service = start_service(config, log, env=notify_socket.env())
-    try:
+    with running(config, log, env=notify_socket.env()) as service:
         assert wait_until(lambda: "circuit breaker open" in log.read_text(), 20), tail(log)
         since = time.monotonic()
         time_enough = since + WATCHDOG_TIMEOUT + 2 * INTERVAL + 1.0
@@ -246,9 +254,6 @@ def test_ms4_down_is_no_stall(tmp_path: Path, redis_url: str,
         assert get(metrics, "/readyz")[:2] == (503, "not ready: circuit breaker open: MS4 "
                                                     "is failing\n")
         code, took = stop(service)
-    finally:
-        if service.poll() is None:
-            service.kill()
     assert code == 0 and took <= 5 + 2, tail(log)
 
 
@@ -265,42 +270,34 @@ def test_redis_frozen_is_no_stall_and_health_answers_at_once(
     config = config_file(tmp_path, ms4_url=sim_url, redis_url=own_redis.url, metrics=metrics)
     enqueue(config, tmp_path, 30)
     log = tmp_path / "service.log"
-    service = start_service(config, log, env=notify_socket.env())
-    assert own_redis.proc is not None
-    frozen = False
     try:
-        assert wait_until(lambda: get(metrics, "/readyz")[0] == 200, 20), tail(log)
-        assert wait_until(lambda: "ms1_invoices_delivered_total 30.0"
-                          in get(metrics, "/metrics")[1], 20), tail(log)
-        os.kill(own_redis.proc.pid, signal.SIGSTOP)
-        frozen = True
-        since = time.monotonic()
-        answers: list[tuple[int, str, float]] = []
-        while time.monotonic() < since + WATCHDOG_TIMEOUT + 2 * INTERVAL + 1.5:
-            assert time.monotonic() - notify_socket.pings()[-1] < 3 * INTERVAL, tail(log)
-            assert get(metrics, "/healthz")[0] == 200
-            answers.append(get(metrics, "/readyz", timeout=5))
-            time.sleep(0.2)
-        scraped = get(metrics, "/metrics", timeout=5)
-        for _ in range(3):  # probes that give up at once: no traceback in the log
-            give_up(metrics, b"GET /readyz HTTP/1.0\r\n\r\n")
-            give_up(metrics, b"GET /metrics HTTP/1.0\r\n\r\n")
-        os.kill(own_redis.proc.pid, signal.SIGCONT)
-        frozen = False
-        slowest = max(took for _, _, took in answers)
-        print(f"/readyz while Redis is frozen: slowest answer {slowest * 1000:.0f} ms, "
-              f"last: {answers[-1][:2]}; /metrics in {scraped[2] * 1000:.0f} ms")
-        assert slowest < 0.1
-        assert answers[-1][0] == 503 and "queue unreachable" in answers[-1][1]
-        assert scraped[0] == 200 and scraped[2] < 0.5
-        assert "ms1_queue_reachable 0.0" in scraped[1]
-        assert wait_until(lambda: get(metrics, "/readyz")[0] == 200, 10), tail(log)
-        code, took = stop(service)
+        with running(config, log, env=notify_socket.env()) as service:
+            assert wait_until(lambda: get(metrics, "/readyz")[0] == 200, 20), tail(log)
+            assert wait_until(lambda: "ms1_invoices_delivered_total 30.0"
+                              in get(metrics, "/metrics")[1], 20), tail(log)
+            with own_redis.frozen():
+                since = time.monotonic()
+                answers: list[tuple[int, str, float]] = []
+                while time.monotonic() < since + WATCHDOG_TIMEOUT + 2 * INTERVAL + 1.5:
+                    assert time.monotonic() - notify_socket.pings()[-1] < 3 * INTERVAL, \
+                        tail(log)
+                    assert get(metrics, "/healthz")[0] == 200
+                    answers.append(get(metrics, "/readyz", timeout=5))
+                    time.sleep(0.2)  # the pace of the probes, not a synchronisation
+                scraped = get(metrics, "/metrics", timeout=5)
+                for _ in range(3):  # probes that give up at once: no traceback in the log
+                    give_up(metrics, b"GET /readyz HTTP/1.0\r\n\r\n")
+                    give_up(metrics, b"GET /metrics HTTP/1.0\r\n\r\n")
+            slowest = max(took for _, _, took in answers)
+            print(f"/readyz while Redis is frozen: slowest answer {slowest * 1000:.0f} ms, "
+                  f"last: {answers[-1][:2]}; /metrics in {scraped[2] * 1000:.0f} ms")
+            assert slowest < 0.1
+            assert answers[-1][0] == 503 and "queue unreachable" in answers[-1][1]
+            assert scraped[0] == 200 and scraped[2] < 0.5
+            assert "ms1_queue_reachable 0.0" in scraped[1]
+            assert wait_until(lambda: get(metrics, "/readyz")[0] == 200, 10), tail(log)
+            code, took = stop(service)
     finally:
-        if frozen:
-            os.kill(own_redis.proc.pid, signal.SIGCONT)
-        if service.poll() is None:
-            service.kill()
         sim.terminate()
         sim.communicate(timeout=10)
     assert code == 0 and took <= 5 + 2, tail(log)
