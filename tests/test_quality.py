@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -115,3 +117,31 @@ def test_no_module_shadows_the_standard_library() -> None:
     names = {p.stem for p in [*ROOT.glob("ms1/**/*.py"), *ROOT.glob("plugins/*.py")]}
     shadowing = sorted(names & set(sys.stdlib_module_names))
     assert not shadowing, shadowing
+
+
+def _requirements(text: str) -> dict[str, str]:
+    """``name -> specifier`` of each requirement line (extras dropped, names normalised)."""
+    found = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        match = re.match(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?\s*([<>=!~].*)?$", line)
+        if match:
+            found[re.sub(r"[-_.]+", "-", match[1]).lower()] = (match[3] or "").replace(" ", "")
+    return found
+
+
+def test_the_floors_file_pins_exactly_setup_cfgs_floors() -> None:
+    """requirements/floors.in holds one ``==`` pin per install requirement, at the floor
+    setup.cfg declares: the floors CI tests are the floors the wheel promises."""
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    declared = _requirements(parser["options"]["install_requires"])
+    floors = _requirements((ROOT / "requirements" / "floors.in").read_text())
+    assert set(floors) == set(declared)
+    for name, spec in declared.items():
+        floor = next(p[2:] for p in spec.split(",") if p.startswith(">="))
+        assert floors[name] == f"=={floor}" or floors[name].startswith(f"=={floor}."), name
+    for lock in ("lock.txt", "floors.txt"):
+        pinned = _requirements((ROOT / "requirements" / lock).read_text())
+        assert set(declared) <= set(pinned), lock
+        assert all(spec.startswith("==") for spec in pinned.values()), lock

@@ -93,6 +93,8 @@ class Breaker:
                 opened = self._storage.opened_at
                 left = 0.0
                 if opened is not None:
+                    if opened.tzinfo is None:  # pybreaker < 1.3 stamps naive UTC (utcnow)
+                        opened = opened.replace(tzinfo=UTC)
                     elapsed = (datetime.now(UTC) - opened).total_seconds()
                     left = self._cb.reset_timeout - elapsed
                 if left > 0:

@@ -331,9 +331,9 @@ class RedisLink:
             sentinel_kwargs["ssl"] = True
         if self.topology.sentinel_password is not None:
             sentinel_kwargs["password"] = self.topology.sentinel_password.reveal()
-        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py: untyped
+        self._sentinel = Sentinel(
             list(self.topology.sentinels), sentinel_kwargs=sentinel_kwargs)
-        self._client = self._sentinel.master_for(  # type: ignore[no-untyped-call]
+        self._client = self._sentinel.master_for(
             self.topology.service_name, connection_pool_class=BlockingSentinelPool,
             health_check_interval=30, retry=Retry(NoBackoff(), 0), **{**kwargs, **options})
         self._register_scripts()
