@@ -24,6 +24,7 @@ Control endpoints (no API key, not counted in the stats, no latency):
 * ``POST /_control`` -- body: a JSON object of settings to change at once, any of
   :data:`CONTROLLABLE` (``api_key``, ``latency``, ``fail_500``, ``fail_429``, ``fail_401``,
   ``drop``, ``reset``, ``retry_after``, ``retry_after_form``, ``rate_limit``, ``window``,
+  ``limiter``, ``burst``, ``count_denied``, ``ratelimit_headers``,
   ``reject_every``, ``answer_status``, ``refuse_status``); 200 with the new settings, or
   400 naming what is wrong (nothing changed then). Requests already past the step that
   reads a setting keep the old one (an in-flight request checked against the old key
@@ -44,9 +45,13 @@ The config object is read on every request, so tests may tweak e.g. ``sim.config
 or ``sim.config.fail_500`` while the sim is running (in-process), or ``POST /_control``
 (or :meth:`Ms4Sim.control`) from anywhere.
 
-Injected 429s carry ``Retry-After`` as delay-seconds (``retry_after_form = "seconds"``, the
+The rate limiter counts by one of the shapes of :mod:`ms1.tools.sim_limits` (``limiter``:
+sliding log, the default, HAProxy's sliding counter, fixed window, token bucket, nginx's
+leaky bucket; ``burst``, ``count_denied``); with ``ratelimit_headers`` every API answer
+carries the limiter's RateLimit header fields (the IETF draft's, or ``X-RateLimit-*``).
+429s carry ``Retry-After`` as delay-seconds (``retry_after_form = "seconds"``, the
 default, ``retry_after`` rounded up) or as an IMF-fixdate HTTP-date ``retry_after`` seconds
-ahead (``"http-date"``).
+ahead (``"http-date"``), or none at all (``"none"``, as nginx and HAProxy answer).
 """
 
 from __future__ import annotations
@@ -70,13 +75,14 @@ import sys
 import threading
 import time
 import zlib
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any, cast
+
+from ms1.tools.sim_limits import SHAPES, Limiter, Verdict
 
 __all__ = [
     "BATCH_PATH",
@@ -102,9 +108,11 @@ CONTROL_PATH = "/_control"
 #: settings ``POST /_control`` may change while the sim runs
 CONTROLLABLE = ("api_key", "latency", "fail_500", "fail_429", "fail_401", "drop", "reset",
                 "retry_after", "retry_after_form", "rate_limit", "window", "count_at",
+                "limiter", "burst", "count_denied", "ratelimit_headers",
                 "count_late", "count_late_spell", "reject_every",
                 "answer_status", "refuse_status")
-RETRY_AFTER_FORMS = ("seconds", "http-date")
+RETRY_AFTER_FORMS = ("seconds", "http-date", "none")  # none: 429s carry no Retry-After
+RATELIMIT_HEADERS = ("none", "draft", "x-ratelimit")
 #: where the rate limiter counts a request: as it arrives (before the work, like a rate
 #: limiter in front of a service: over the limit, 429 at once) or as it is answered
 COUNT_AT = ("arrival", "answer")
@@ -142,6 +150,13 @@ class SimConfig:
     api_key: str = "sim-key"
     rate_limit: int = 120  # requests per sliding window; 0 = unlimited
     window: float = 60.0  # seconds, sliding window
+    # the limiter's shape (ms1.tools.sim_limits.SHAPES): how the limit is counted
+    limiter: str = "sliding-log"
+    burst: int = -1  # token-bucket capacity / leaky-bucket burst; -1: limit / 0
+    count_denied: bool = False  # a refused request is counted too (HAProxy's tracking)
+    # the RateLimit header fields on every API answer: "none", "draft" (RateLimit-Policy
+    # and RateLimit, draft-ietf-httpapi-ratelimit-headers) or "x-ratelimit" (X-RateLimit-*)
+    ratelimit_headers: str = "none"
     count_at: str = "arrival"  # when the limiter counts a request: "arrival" or "answer"
     # arrival: in every other spell of count_late_spell seconds (the first from the start),
     # each request is counted count_late seconds after it arrived: an MS4 whose rate
@@ -188,6 +203,13 @@ class SimConfig:
                              f"got {self.retry_after_form!r}")
         if not self.api_key:
             raise ValueError("api_key must not be empty")
+        if self.limiter not in SHAPES:
+            raise ValueError(f"limiter must be one of {SHAPES}, got {self.limiter!r}")
+        if self.burst < -1:
+            raise ValueError("burst must be >= 0 (or -1: the shape's default)")
+        if self.ratelimit_headers not in RATELIMIT_HEADERS:
+            raise ValueError(f"ratelimit_headers must be one of {RATELIMIT_HEADERS}, "
+                             f"got {self.ratelimit_headers!r}")
         if self.max_body_bytes <= 0:
             raise ValueError("max_body_bytes must be > 0")
         if not 0 <= self.port <= 65535:
@@ -353,7 +375,13 @@ class _SimState:
         self.accepted_keys: set[str] = set()
         self.accepted: list[AcceptedRequest] = []
         self.passed: list[float] = []  # monotonic times of requests that passed the limiter
-        self.limiter: deque[float] = deque()
+        self.limiter = self._new_limiter()
+
+    def _new_limiter(self) -> Limiter:
+        cfg = self.config
+        return Limiter(cfg.limiter, cfg.rate_limit, cfg.window,
+                       burst=None if cfg.burst < 0 else cfg.burst,
+                       count_denied=cfg.count_denied)
 
     def reset(self) -> None:
         with self.lock:
@@ -367,7 +395,7 @@ class _SimState:
             self.accepted_keys.clear()
             self.accepted.clear()
             self.passed.clear()
-            self.limiter.clear()
+            self.limiter = self._new_limiter()
 
     def count(self, status: str) -> None:
         with self.lock:
@@ -378,20 +406,29 @@ class _SimState:
         with self.lock:
             self.connections_opened += 1
 
-    def admit(self) -> int | None:
-        """Sliding-window log limiter. ``None`` = admitted, else Retry-After seconds."""
-        limit = self.config.rate_limit
-        window = self.config.window
+    def admit(self) -> Verdict:
+        """Count one arriving request against the configured limiter."""
         with self.lock:
             now = time.monotonic()
-            if limit > 0:
-                while self.limiter and self.limiter[0] <= now - window:
-                    self.limiter.popleft()
-                if len(self.limiter) >= limit:
-                    return max(1, math.ceil(self.limiter[0] + window - now))
-                self.limiter.append(now)
-            self.passed.append(now)
-            return None
+            verdict = self.limiter.admit(now)
+            if verdict.ok:
+                self.passed.append(now)
+            return verdict
+
+    def ratelimit_fields(self, verdict: Verdict | None) -> tuple[tuple[str, str], ...]:
+        """The RateLimit header fields of an answer (``ratelimit_headers``), from the
+        verdict of its request (None: not counted; the limiter's state is then read
+        without counting — with no limit, nothing is said)."""
+        cfg = self.config
+        if cfg.ratelimit_headers == "none" or cfg.rate_limit <= 0 or verdict is None:
+            return ()
+        reset = str(math.ceil(verdict.reset))
+        if cfg.ratelimit_headers == "draft":
+            return (("RateLimit-Policy", f'"default";q={cfg.rate_limit};w={cfg.window:g}'),
+                    ("RateLimit", f'"default";r={verdict.remaining};t={reset}'))
+        return (("X-RateLimit-Limit", str(cfg.rate_limit)),
+                ("X-RateLimit-Remaining", str(verdict.remaining)),
+                ("X-RateLimit-Reset", reset))
 
     def count_delay(self) -> float:
         """How late a request arriving now is counted: ``count_late`` in the late spells
@@ -470,6 +507,8 @@ class _SimState:
             kind = fields[name].type
             if kind == "str":
                 ok = isinstance(value, str)
+            elif kind == "bool":
+                ok = isinstance(value, bool)
             elif kind == "int":
                 ok = isinstance(value, int) and not isinstance(value, bool)
             else:
@@ -481,8 +520,8 @@ class _SimState:
             for name, value in changes.items():
                 setattr(self.config, name, float(value) if fields[name].type == "float"
                         else value)
-            if "window" in changes or "rate_limit" in changes:
-                self.limiter.clear()
+            if {"window", "rate_limit", "limiter", "burst", "count_denied"} & set(changes):
+                self.limiter = self._new_limiter()
         return self.settings()
 
     def max_in_window(self, window: float) -> int:
@@ -533,19 +572,25 @@ class _Outcome:
     reset: bool = False
 
 
-def _retry_after_value(config: SimConfig) -> str:
-    """The ``Retry-After`` of an injected 429, in the configured form."""
+def _retry_after_fields(config: SimConfig, seconds: float) -> tuple[tuple[str, str], ...]:
+    """A 429's ``Retry-After`` asking for ``seconds``, in the configured form (none with
+    ``retry_after_form = "none"``, as nginx and HAProxy send it)."""
+    if config.retry_after_form == "none":
+        return ()
     if config.retry_after_form == "http-date":
-        return email.utils.formatdate(time.time() + config.retry_after, usegmt=True)
-    return str(math.ceil(config.retry_after))
+        return (("Retry-After", email.utils.formatdate(time.time() + seconds, usegmt=True)),)
+    return (("Retry-After", str(math.ceil(seconds))),)
 
 
 def _error(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> _Outcome:
     return _Outcome(status, json.dumps({"error": message}).encode(), headers)
 
 
-def _rate_limited(retry_after: int) -> _Outcome:
-    return _error(429, "rate limit exceeded", (("Retry-After", str(retry_after)),))
+def _rate_limited(config: SimConfig, verdict: Verdict) -> _Outcome:
+    """The limiter's 429: ``Retry-After`` when a request would pass (whole seconds, at
+    least 1)."""
+    return _error(429, "rate limit exceeded",
+                  _retry_after_fields(config, max(1, math.ceil(verdict.retry_after))))
 
 
 def _forced(status: int, host: str, path: str) -> _Outcome:
@@ -766,6 +811,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- API -------------------------------------------------------------------------
 
+    #: the rate limiter's verdict on the request being answered (its RateLimit fields)
+    _verdict: Verdict | None = None
+
     def _read_and_process(self, path: str) -> _Outcome | None:
         limit = self._state.config.max_body_bytes
         try:
@@ -784,9 +832,9 @@ class _Handler(BaseHTTPRequestHandler):
             delay = self._state.count_delay()
             if delay > 0:  # a loaded MS4 reading the request late
                 time.sleep(delay)
-            retry_after = self._state.admit()
-            if retry_after is not None:
-                return _rate_limited(retry_after)
+            self._verdict = self._state.admit()
+            if not self._verdict.ok:
+                return _rate_limited(self._state.config, self._verdict)
         latency = self._state.config.latency
         if latency > 0:  # the server's work: then it decides and answers at once
             time.sleep(latency)
@@ -808,15 +856,15 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._key_ok():
             return _error(401, "invalid API key")
         if not counted:
-            retry_after = state.admit()
-            if retry_after is not None:
-                return _rate_limited(retry_after)
+            self._verdict = state.admit()
+            if not self._verdict.ok:
+                return _rate_limited(cfg, self._verdict)
         fault = state.draw_fault()
         if fault == 500:
             return _error(500, "internal server error (injected by sim)")
         if fault == 429:
             return _error(429, "rate limit exceeded (injected by sim)",
-                          (("Retry-After", _retry_after_value(cfg)),))
+                          _retry_after_fields(cfg, cfg.retry_after))
         if fault == 401:
             return _error(401, "invalid API key")
         try:
@@ -854,6 +902,10 @@ class _Handler(BaseHTTPRequestHandler):
         return _Outcome(202, drop=lost == "dropped", reset=lost == "reset")
 
     def _finish_api(self, outcome: _Outcome) -> None:
+        verdict, self._verdict = self._verdict, None
+        fields = self._state.ratelimit_fields(verdict)
+        if fields:
+            outcome = dataclasses.replace(outcome, headers=outcome.headers + fields)
         if outcome.drop:  # already counted as accepted/"dropped"
             self.close_connection = True
             with contextlib.suppress(OSError):
@@ -1016,7 +1068,21 @@ def _build_parser() -> argparse.ArgumentParser:
         help="expected X-API-Key (default: $MS4_SIM_API_KEY or 'sim-key')",
     )
     p.add_argument("--rate-limit", type=int, default=d.rate_limit, help="0 = unlimited")
-    p.add_argument("--window", type=float, default=d.window, help="sliding window, seconds")
+    p.add_argument("--window", type=float, default=d.window,
+                   help="the limit's window, seconds")
+    p.add_argument("--limiter", choices=SHAPES, default=d.limiter,
+                   help="how the limit is counted: an exact sliding log (default), HAProxy's "
+                        "sliding counter, a fixed window, a token bucket or nginx's leaky "
+                        "bucket (limit_req)")
+    p.add_argument("--burst", type=int, default=d.burst,
+                   help="token-bucket capacity (default: --rate-limit) or leaky-bucket burst "
+                        "(default: 0, as limit_req without burst)")
+    p.add_argument("--count-denied", action="store_true",
+                   help="count refused requests too (HAProxy tracks before it denies)")
+    p.add_argument("--ratelimit-headers", choices=RATELIMIT_HEADERS,
+                   default=d.ratelimit_headers,
+                   help="RateLimit header fields on every answer: none, draft "
+                        "(RateLimit-Policy + RateLimit) or x-ratelimit (X-RateLimit-*)")
     p.add_argument("--count-at", choices=COUNT_AT, default=d.count_at,
                    help="when the rate limit counts a request: as it arrives (default; over "
                         "the limit: 429 at once) or as it is answered (after --latency)")
@@ -1037,7 +1103,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-after", type=float, default=d.retry_after,
                    help="seconds an injected 429 asks to wait")
     p.add_argument("--retry-after-form", choices=RETRY_AFTER_FORMS, default=d.retry_after_form,
-                   help="Retry-After of injected 429s: delay-seconds or an HTTP-date")
+                   help="Retry-After of 429s: delay-seconds, an HTTP-date, or none (as "
+                        "nginx and HAProxy send them)")
     p.add_argument("--reject-every", type=int, default=d.reject_every)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
