@@ -94,7 +94,8 @@ def make_pacer(config: Config, limiter: RateLimiter | None = None) -> Pacer:
     """The shared pacer (rate limit, 429/401 pauses, breaker) the ``[send]`` options describe."""
     settings = PacerSettings.from_config(config)
     if limiter is None:
-        limiter = SlidingWindowLimiter(settings.limit, settings.window)
+        limiter = SlidingWindowLimiter(settings.limit, settings.window,
+                                       shaping=config.get_str("send", "rate_shape") == "learn")
     pacer = Pacer(limiter, Breaker(settings.breaker_failures, settings.breaker_reset))
     pacer.configure(settings)
     return pacer

@@ -332,8 +332,15 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "than its answer); doubled by a 429 the limiter did not foresee, until a restart",
            min=0.0, max=60,
            reloadable=True),
-    Option("send", "retry_after_default", "float", 5.0,
-           "seconds every sender pauses after a 429 whose Retry-After is missing or unreadable",
+    Option("send", "rate_shape", "choice", "learn",
+           "learn: pace requests evenly (GCRA) with a burst allowance learned from MS4's "
+           "429s, as TCP learns its window, so any limiter in front of MS4 (nginx limit_req, "
+           "HAProxy, a token bucket) is met without 429 storms; window: only the sliding "
+           "window (an MS4 known to count a sliding log)", choices=("learn", "window")),
+    Option("send", "retry_after_default", "float", 0.0,
+           "seconds every sender pauses after a 429 whose Retry-After is missing or "
+           "unreadable (nginx and HAProxy send none); 0: one emission interval "
+           "(rate_window / requests_per_minute) plus up to half of one more, at random",
            min=0.0, max=86400, reloadable=True),
     Option("send", "retry_after_max", "float", 300.0,
            "longest pause in seconds a 429's Retry-After can impose", min=0.0, max=86400,

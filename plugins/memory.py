@@ -51,7 +51,8 @@ def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
     if name != NAME:
         return None
     return SlidingWindowLimiter(config.get_int("send", "requests_per_minute"),
-                                config.get_float("send", "rate_window"))
+                                config.get_float("send", "rate_window"),
+                                shaping=config.get_str("send", "rate_shape") == "learn")
 
 
 @hookimpl

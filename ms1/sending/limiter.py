@@ -7,16 +7,41 @@ pacer's to say (``[send] ms4_counts_at``): on arrival (the stamp is when the req
 out, plus a margin), or when it answered (the stamp is now). Built in:
 :class:`SlidingWindowLimiter` (one process); the Redis plugin ships one shared by every
 instance on the Redis.
+
+With shaping (``[send] rate_shape = learn``, the default) a limiter also paces requests
+by GCRA with the burst allowance of a :class:`~ms1.sending.shape.Shape` it holds and
+learns (:meth:`RateLimiter.learn`): a request goes only when both the window and the
+pace allow it. Without (``window``) only the window counts.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from ms1.sending.shape import Shape
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A slot taken: its ``token`` (for :meth:`RateLimiter.finish`/``cancel``) and, from a
+    shaping limiter, what the pacer learns from its answer: ``level`` (requests ahead of
+    the steady pace, this one included), ``fill`` (share of the window's budget in use,
+    this one included) and the shape's ``epoch`` (None: the limiter does not say)."""
+
+    token: str
+    level: float | None = None
+    fill: float | None = None
+    epoch: int | None = None
+
+
+Change = Callable[[Shape], "Shape | None"]
 
 
 class RateLimiter(ABC):
@@ -33,6 +58,22 @@ class RateLimiter(ABC):
         """New figures (a reload): they hold from the next request on."""
         self.limit = limit
         self.window = window
+
+    def acquire(self, ahead: float = 0.0) -> tuple[Grant | None, float]:
+        """:meth:`try_acquire` with what the limiter knows of the grant (a shaping limiter
+        overrides it; by default a bare token)."""
+        token, wait = self.try_acquire(ahead)
+        return (Grant(token) if token is not None else None), wait
+
+    @property
+    def shape(self) -> Shape | None:
+        """The learned shape of MS4's limiter (None: this limiter does not shape)."""
+        return None
+
+    def learn(self, change: Change) -> Shape | None:
+        """Apply ``change`` to the shape atomically (None from it: no change); the shape
+        in force after. A limiter that does not shape ignores it."""
+        return None
 
     @abstractmethod
     def try_acquire(self, ahead: float = 0.0) -> tuple[str | None, float]:
@@ -52,15 +93,28 @@ class RateLimiter(ABC):
         """Release connections."""
 
 
+def interval(limit: int, window: float, shape: Shape) -> float:
+    """Seconds between requests at the steady pace: the rate's, plus the shape's spacing."""
+    return window / limit * (1 + shape.spacing)
+
+
+def pace_free(shape: Shape, tat: float, now: float, step: float, ahead: float) -> int:
+    """How many more requests the pace lets go within ``ahead`` s, its theoretical
+    arrival time being ``tat``."""
+    slack = (shape.burst - 1) * step + ahead - max(0.0, tat - now)
+    return max(0, math.floor(slack / step + 1e-9) + 1)
+
+
 class SlidingWindowLimiter(RateLimiter):
-    """In-process sliding-window log: exact, shared by the threads of one process.
+    """In-process sliding-window log: exact, shared by the threads of one process; with
+    ``shaping`` also the GCRA pace of a learned :class:`~ms1.sending.shape.Shape`.
 
     Finished slots sit in a list sorted by their stamp (they nearly always come in order:
     an insertion at the end), in-flight ones in a set.
     """
 
     def __init__(self, limit: int, window: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, shaping: bool = False) -> None:
         if limit < 1 or window <= 0:
             raise ValueError("limit must be >= 1 and window > 0")
         self.limit = limit
@@ -70,22 +124,58 @@ class SlidingWindowLimiter(RateLimiter):
         self._in_flight: set[str] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self._shape = Shape.initial(limit) if shaping else None
+        self._tat = 0.0  # GCRA's theoretical arrival time of the next request
+
+    def configure(self, limit: int, window: float) -> None:
+        with self._lock:
+            super().configure(limit, window)
+            if self._shape is not None:
+                self._shape = self._shape.fitted(limit)
+
+    @property
+    def shape(self) -> Shape | None:
+        with self._lock:
+            return self._shape
+
+    def learn(self, change: Change) -> Shape | None:
+        with self._lock:
+            if self._shape is not None:
+                self._shape = change(self._shape) or self._shape
+            return self._shape
 
     def try_acquire(self, ahead: float = 0.0) -> tuple[str | None, float]:
+        grant, wait = self.acquire(ahead)
+        return (grant.token if grant is not None else None), wait
+
+    def acquire(self, ahead: float = 0.0) -> tuple[Grant | None, float]:
         with self._lock:
             now = self._clock()
             horizon = now - self.window
             finished = self._finished
             del finished[:bisect.bisect_right(finished, horizon)]
             used = len(finished) + len(self._in_flight)
-            if used < self.limit:
+            if used >= self.limit:
+                wait = finished[0] + self.window - now if finished else 0.05
+                return None, max(wait, 0.001)
+            leaving = bisect.bisect_right(finished, horizon + ahead) if ahead > 0 else 0
+            free = self.limit - used - 1 + leaving
+            shape = self._shape
+            if shape is None:
                 token = str(next(self._ids))
                 self._in_flight.add(token)
-                leaving = bisect.bisect_right(finished, horizon + ahead) if ahead > 0 else 0
-                self.free_hint = self.limit - used - 1 + leaving
-                return token, 0.0
-            wait = finished[0] + self.window - now if finished else 0.05
-            return None, max(wait, 0.001)
+                self.free_hint = free
+                return Grant(token, fill=(used + 1) / self.limit), 0.0
+            step = interval(self.limit, self.window, shape)
+            early = self._tat - now - (shape.burst - 1) * step
+            if early > 0:  # the pace: not yet
+                return None, max(early, 0.001)
+            token = str(next(self._ids))
+            self._in_flight.add(token)
+            self._tat = max(self._tat, now) + step
+            self.free_hint = min(free, pace_free(shape, self._tat, now, step, ahead))
+            return Grant(token, (self._tat - now) / step, (used + 1) / self.limit,
+                         shape.epoch), 0.0
 
     def finish(self, token: str, ago: float = 0.0) -> None:
         with self._lock:
@@ -95,4 +185,6 @@ class SlidingWindowLimiter(RateLimiter):
 
     def cancel(self, token: str) -> None:
         with self._lock:
+            if token in self._in_flight and self._shape is not None:
+                self._tat -= interval(self.limit, self.window, self._shape)
             self._in_flight.discard(token)

@@ -13,8 +13,14 @@
   the request says MS4 counts later than that: the margin in effect doubles (once per
   429 pause), up to the window, until a restart or a reload that changes
   ``count_margin`` (:attr:`Pacer.margin`);
+* the **pace** (with ``[send] rate_shape = learn``): the limiter also spaces requests
+  evenly with a burst allowance learned from 429s (:mod:`ms1.sending.shape`). A 429 of a
+  request sent as part of a burst cuts the allowance; one of a request sent while the
+  window was (nearly) full widens the count margin instead (above);
 * a **429 pause**: every sender waits until ``Retry-After``
-  (:mod:`ms1.sending.retry_after`) has passed;
+  (:mod:`ms1.sending.retry_after`) has passed — without one (nginx and HAProxy send
+  none), one emission interval plus up to half of one more, at random (or
+  ``retry_after_default`` when set);
 * a **stop** (:class:`Stop`): after an answer no resend will change — 401 or 403
   (the key; one probe every ``auth_probe_interval`` s, a key reload ends it at once), or
   a configuration error, 3xx, 404, 405 ... (one probe every ``breaker_reset`` s) — no
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -38,9 +45,10 @@ from dataclasses import dataclass
 
 from ms1.config import Config, Secret
 from ms1.errors import Ms1Error
+from ms1.sending import shape as shapes
 from ms1.sending.answers import Answer, Kind, classify
 from ms1.sending.breaker import Breaker
-from ms1.sending.limiter import RateLimiter
+from ms1.sending.limiter import Grant, RateLimiter
 from ms1.sending.retry_after import parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -84,7 +92,7 @@ class PacerSettings:
 
     limit: int = 120
     window: float = 60.0
-    retry_after_default: float = 5.0
+    retry_after_default: float = 0.0
     retry_after_cap: float = 300.0
     auth_probe_interval: float = 60.0
     breaker_failures: int = 5
@@ -108,13 +116,18 @@ class PacerSettings:
 class Admission:
     """Permission for one request; hand it back to :meth:`Pacer.done`."""
 
-    __slots__ = ("auth_probe", "key_generation", "token")
+    __slots__ = ("auth_probe", "grant", "key_generation", "margin_generation", "token")
 
-    def __init__(self, token: str, auth_probe: bool, key_generation: int = 0) -> None:
+    def __init__(self, token: str, auth_probe: bool, key_generation: int = 0,
+                 grant: Grant | None = None, margin_generation: int = 0) -> None:
         self.token = token
         self.auth_probe = auth_probe
         #: which API key was current when the request was admitted (see key_changed)
         self.key_generation = key_generation
+        #: what the limiter said of the slot (its level on the pace, the window's fill)
+        self.grant = grant if grant is not None else Grant(token)
+        #: the count margin's widenings before the admission (one per spell of 429s)
+        self.margin_generation = margin_generation
 
 
 @dataclass(frozen=True)
@@ -183,6 +196,7 @@ class Pacer:
         self._next_auth_probe = 0.0
         self._limiter_down = False
         self._key_generation = 0
+        self._margin_generation = 0
         #: seconds senders were held back, by cause (ms1_held_back_seconds_total)
         self.held = HeldTime()
 
@@ -242,7 +256,7 @@ class Pacer:
                 self._hold(abort, wait, "429_pause")
                 continue
             try:
-                token, wait = self.limiter.try_acquire(ahead)
+                grant, wait = self.limiter.acquire(ahead)
             except Ms1Error as exc:
                 # fail closed: without the shared count we cannot know we are under the limit
                 if not self._limiter_down:
@@ -253,9 +267,10 @@ class Pacer:
             if self._limiter_down:
                 log.warning("rate limiter available again")
                 self._limiter_down = False
-            if token is None:
+            if grant is None:
                 self._hold(abort, wait, "rate_budget")
                 continue
+            token = grant.token
             probe, wait = self._claim_auth()
             if wait > 0:
                 with contextlib.suppress(Ms1Error):
@@ -270,8 +285,8 @@ class Pacer:
                 self._hold(abort, wait, "breaker_open")
                 continue
             with self._lock:
-                generation = self._key_generation
-            return Admission(token, probe, generation)
+                generation, margins = self._key_generation, self._margin_generation
+            return Admission(token, probe, generation, grant, margins)
 
     def _hold(self, abort: threading.Event, wait: float, cause: str) -> None:
         """Wait (at most 0.5 s, or until ``abort``) and count the time under ``cause``."""
@@ -342,21 +357,82 @@ class Pacer:
             self.breaker.record(False, answer.name if status is not None else "")
         elif kind is Kind.RATE_LIMITED:
             self.breaker.release_probe()  # not a breaker failure
-            if self._pause(retry_after) and arrival:
-                self._widen_margin()
+            self._pause(retry_after)
+            self._rate_limited(admission, arrival)
         elif kind.stops_senders:
             self.breaker.release_probe()  # the stop paces: not a breaker failure
             self._stopped(answer, admission, detail)
         else:
             self.breaker.record(True)
+            if kind is Kind.ACCEPTED:
+                self._accepted(admission.grant)
         if status is not None and admission.auth_probe:
             self._probe_answered(answer)
         return answer
 
+    def _accepted(self, grant: Grant) -> None:
+        """A 202: the pace's allowance grows if the request used all of it."""
+        shape = self.limiter.shape
+        level, epoch = grant.level, grant.epoch
+        if shape is None or level is None or epoch is None or epoch != shape.epoch or \
+                not shapes.full_use(shape, level):
+            return
+        limit = self.limiter.limit
+        try:
+            self.limiter.learn(lambda now: shapes.accepted(now, level, epoch, limit))
+        except Ms1Error as exc:
+            log.debug("could not store the learned rate-limit shape (%s)", exc)
+
+    def _rate_limited(self, admission: Admission, arrival: bool) -> None:
+        """A 429 although the limiter let the request go. Sent while the window was
+        (nearly) full, MS4 counts requests later than ms1 stamps them: the count margin
+        widens. Sent as part of a burst (or at the pace), MS4's limiter allows less than
+        the pace's allowance: the shape is cut. Once per spell either way."""
+        grant = admission.grant
+        if grant.level is None or grant.epoch is None or (
+                grant.fill is not None and grant.fill >= shapes.WINDOW_FULL):
+            if arrival:
+                self._widen_margin(admission.margin_generation)
+            return
+        level, epoch = grant.level, grant.epoch
+        before = self.limiter.shape
+        try:
+            after = self.limiter.learn(lambda now: shapes.refused(now, level, epoch))
+        except Ms1Error as exc:
+            log.warning("could not store the learned rate-limit shape (%s)", exc)
+            return
+        if after is None or before is None or after.epoch == before.epoch:
+            return
+        if after.burst < before.burst:
+            log.warning("MS4 answered 429 to a request sent %.0f ahead of the steady pace: "
+                        "its rate limiter allows smaller bursts than ms1 sent. ms1 now sends "
+                        "at most %.0f at once, then one every %.3f s (learned: [send] "
+                        "rate_shape)", level, after.burst, self._interval(after))
+        else:
+            log.warning("MS4 answered 429 to a request sent at the steady pace: its rate "
+                        "limiter allows no burst, and requests came too close. ms1 now "
+                        "spaces them %.3f s apart (%.0f %% under the rate; learned: [send] "
+                        "rate_shape)", self._interval(after), after.spacing * 100)
+
+    def _interval(self, shape: shapes.Shape) -> float:
+        return self.limiter.window / self.limiter.limit * (1 + shape.spacing)
+
+    def _default_pause(self) -> float:
+        """The pause of a 429 without Retry-After: ``retry_after_default`` when set, else
+        one emission interval plus up to half of one more, at random (the limiter in
+        front of MS4 frees its next slot within about one interval; the jitter keeps
+        instances from coming back together)."""
+        if self.retry_after_default > 0:
+            return self.retry_after_default
+        shape = self.limiter.shape
+        step = self._interval(shape) if shape is not None else \
+            self.limiter.window / self.limiter.limit
+        return step * (1 + random.uniform(0, 0.5))
+
     def _pause(self, retry_after: str | None) -> bool:
         """Pause every sender until ``Retry-After``; True if no pause was running (the first
         429 of a burst: the others answer requests that were in flight with it)."""
-        delay = parse_retry_after(retry_after, default=self.retry_after_default,
+        delay = parse_retry_after(retry_after, default=self._default_pause(),
                                   cap=self.retry_after_cap)
         with self._lock:
             now = self._clock()
@@ -368,7 +444,7 @@ class Pacer:
                             delay, retry_after)
         return began
 
-    def _widen_margin(self) -> None:
+    def _widen_margin(self, generation: int) -> None:
         """MS4 answered 429 although the limiter let the request go: MS4 counted one of the
         window's earlier requests later than out + margin (a loaded MS4 reading requests
         late), or something else spends the key's budget. Double the margin (once per 429
@@ -378,8 +454,9 @@ class Pacer:
         ``ms4_counts_at``."""
         with self._lock:
             window = self.limiter.window
-            if self._margin >= window:
-                return
+            if self._margin >= window or generation != self._margin_generation:
+                return  # another 429 of the same spell widened it already
+            self._margin_generation += 1
             was = self._margin
             self._margin = min(window, max(2 * was, 0.05))
             margin = self._margin

@@ -237,4 +237,5 @@ def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
         lease = config.get_float("transport.http", "request_timeout") + 5.0
     return RedisRateLimiter(link_for(config), key=key_names(config)["rate_limit_key"],
                             limit=config.get_int("send", "requests_per_minute"),
-                            window=config.get_float("send", "rate_window"), lease=lease)
+                            window=config.get_float("send", "rate_window"), lease=lease,
+                            shaping=config.get_str("send", "rate_shape") == "learn")
