@@ -53,6 +53,10 @@ class RateLimiter(ABC):
     #: seconds it was asked about: how many more requests the window lets go in that time
     #: (a hint for the concurrency controller; None until a grant, or if it cannot say)
     free_hint: int | None = None
+    #: the least spacing a shaping limiter's pace keeps (a fraction of the emission
+    #: interval): the senders' own jitter between a grant and the request being out,
+    #: measured by the pacer, so two requests never reach MS4 closer than the rate
+    spacing_floor: float = 0.0
 
     def configure(self, limit: int, window: float) -> None:
         """New figures (a reload): they hold from the next request on."""
@@ -93,9 +97,10 @@ class RateLimiter(ABC):
         """Release connections."""
 
 
-def interval(limit: int, window: float, shape: Shape) -> float:
-    """Seconds between requests at the steady pace: the rate's, plus the shape's spacing."""
-    return window / limit * (1 + shape.spacing)
+def interval(limit: int, window: float, shape: Shape, floor: float = 0.0) -> float:
+    """Seconds between requests at the steady pace: the rate's, plus the shape's spacing
+    (at least ``floor``)."""
+    return window / limit * (1 + max(shape.spacing, floor))
 
 
 def pace_free(shape: Shape, tat: float, now: float, step: float, ahead: float) -> int:
@@ -166,7 +171,7 @@ class SlidingWindowLimiter(RateLimiter):
                 self._in_flight.add(token)
                 self.free_hint = free
                 return Grant(token, fill=(used + 1) / self.limit), 0.0
-            step = interval(self.limit, self.window, shape)
+            step = interval(self.limit, self.window, shape, self.spacing_floor)
             early = self._tat - now - (shape.burst - 1) * step
             if early > 0:  # the pace: not yet
                 return None, max(early, 0.001)
@@ -184,7 +189,5 @@ class SlidingWindowLimiter(RateLimiter):
                 bisect.insort(self._finished, self._clock() - ago)
 
     def cancel(self, token: str) -> None:
-        with self._lock:
-            if token in self._in_flight and self._shape is not None:
-                self._tat -= interval(self.limit, self.window, self._shape)
+        with self._lock:  # the pace is not given back: a later grant may stand on its step
             self._in_flight.discard(token)

@@ -40,6 +40,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,6 +82,13 @@ class HeldTime:
             return dict(self._seconds)
 
 
+#: the senders' delays from a grant to the request being out that the jitter is read
+#: from (the spread between their 5th and 95th percentile), how often it is read, and
+#: the fewest it is read from
+JITTER_SAMPLES = 64
+JITTER_EVERY = 8
+JITTER_LEAST = 32
+
 #: where MS4 counts a request against its limit (``[send] ms4_counts_at``)
 COUNTS_AT = ("arrival", "answer")
 
@@ -116,7 +124,8 @@ class PacerSettings:
 class Admission:
     """Permission for one request; hand it back to :meth:`Pacer.done`."""
 
-    __slots__ = ("auth_probe", "grant", "key_generation", "margin_generation", "token")
+    __slots__ = ("auth_probe", "grant", "granted", "key_generation", "margin_generation",
+                 "token")
 
     def __init__(self, token: str, auth_probe: bool, key_generation: int = 0,
                  grant: Grant | None = None, margin_generation: int = 0) -> None:
@@ -128,6 +137,8 @@ class Admission:
         self.grant = grant if grant is not None else Grant(token)
         #: the count margin's widenings before the admission (one per spell of 429s)
         self.margin_generation = margin_generation
+        #: when the limiter granted it (``time.monotonic()``)
+        self.granted = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -197,6 +208,8 @@ class Pacer:
         self._limiter_down = False
         self._key_generation = 0
         self._margin_generation = 0
+        self._delays: deque[float] = deque(maxlen=JITTER_SAMPLES)
+        self._delays_seen = 0
         #: seconds senders were held back, by cause (ms1_held_back_seconds_total)
         self.held = HeldTime()
 
@@ -340,6 +353,8 @@ class Pacer:
         (``time.monotonic()``; None: unknown — the slot is then stamped now)."""
         ago = 0.0
         arrival = self.counts_at == "arrival"
+        if sent is not None:
+            self._note_delay(sent - admission.granted)
         if sent is not None and arrival:
             # MS4 counted it by sent + margin; if it answered, before it answered: by now
             # at the latest (no answer — a timeout, a reset — says nothing of when)
@@ -370,6 +385,27 @@ class Pacer:
             self._probe_answered(answer)
         return answer
 
+    def _note_delay(self, delay: float) -> None:
+        """A request was out ``delay`` s after its grant. The spread of these delays is
+        jitter the senders add between the pace and MS4: the pace keeps at least that
+        much spacing (:attr:`RateLimiter.spacing_floor`), so two requests granted one
+        interval apart never arrive closer than the rate."""
+        with self._lock:
+            self._delays.append(delay)
+            self._delays_seen += 1
+            if self._delays_seen % JITTER_EVERY or len(self._delays) < JITTER_LEAST:
+                return
+            delays = sorted(self._delays)
+        spread = delays[len(delays) * 19 // 20] - delays[len(delays) // 20]
+        limiter = self.limiter
+        limiter.spacing_floor = min(shapes.MAX_SPACING,
+                                    max(0.0, spread) / (limiter.window / limiter.limit))
+
+    @property
+    def jitter(self) -> float:
+        """The spacing the senders' own jitter asks for (a fraction of the interval)."""
+        return self.limiter.spacing_floor
+
     def _accepted(self, grant: Grant) -> None:
         """A 202: the pace's allowance grows if the request used all of it."""
         shape = self.limiter.shape
@@ -384,17 +420,22 @@ class Pacer:
             log.debug("could not store the learned rate-limit shape (%s)", exc)
 
     def _rate_limited(self, admission: Admission, arrival: bool) -> None:
-        """A 429 although the limiter let the request go. Sent while the window was
-        (nearly) full, MS4 counts requests later than ms1 stamps them: the count margin
-        widens. Sent as part of a burst (or at the pace), MS4's limiter allows less than
-        the pace's allowance: the shape is cut. Once per spell either way."""
+        """A 429 although the limiter let the request go. Sent as part of a burst, MS4's
+        limiter allows smaller bursts: the allowance is cut. Sent at the steady pace, MS4
+        counts more than the rate: the spacing widens, and if the window was (nearly)
+        full, MS4 may count requests later than ms1 stamps them: the count margin widens
+        too (its cost is bounded by the latency: a slot is never stamped past its
+        answer). Once per spell each."""
         grant = admission.grant
-        if grant.level is None or grant.epoch is None or (
-                grant.fill is not None and grant.fill >= shapes.WINDOW_FULL):
+        if grant.level is None or grant.epoch is None:  # no shaping: the window is all
             if arrival:
                 self._widen_margin(admission.margin_generation)
             return
         level, epoch = grant.level, grant.epoch
+        if level <= shapes.STEADY and arrival and grant.fill is not None and \
+                grant.fill >= shapes.WINDOW_FULL:
+            # at the steady pace with the window (nearly) full: MS4 may count late too
+            self._widen_margin(admission.margin_generation)
         before = self.limiter.shape
         try:
             after = self.limiter.learn(lambda now: shapes.refused(now, level, epoch))
@@ -403,7 +444,7 @@ class Pacer:
             return
         if after is None or before is None or after.epoch == before.epoch:
             return
-        if after.burst < before.burst:
+        if after.spacing <= before.spacing:
             log.warning("MS4 answered 429 to a request sent %.0f ahead of the steady pace: "
                         "its rate limiter allows smaller bursts than ms1 sent. ms1 now sends "
                         "at most %.0f at once, then one every %.3f s (learned: [send] "

@@ -17,9 +17,9 @@ as TCP learns its window (AIMD):
   opens a new *epoch*: answers to requests granted before it teach nothing more, so a
   spell of 429s (every request in flight with the first) cuts once;
 * **congestion avoidance**: after a cut, the allowance grows by one only after ``hold``
-  accepted requests at full use — a window's budget, doubled by every cut so far (at
-  most 16 windows), so a limiter whose burst ms1 has found is probed rarely; ``spacing``
-  halves back towards :data:`BASE_SPACING` at each growth.
+  accepted requests at full use — a window's budget times two to the power of the cuts
+  so far (at most 16 windows' budgets), so a limiter whose burst ms1 has found is probed
+  rarely; ``spacing`` halves back towards :data:`BASE_SPACING` at each growth.
 
 The shape is plain data; the rate limiter holds it (the Redis limiter in Redis, so
 every instance learns together) and applies these transitions atomically
@@ -35,12 +35,17 @@ INITIAL_BURST = 2.0
 #: the spacing added to the emission interval: 2 % under the rate, for the jitter between
 #: ms1's clock and the limiter's (nginx counts whole milliseconds)
 BASE_SPACING = 0.02
+#: what a 429 at the steady pace adds to the spacing (additive: each step costs 2 % of
+#: the ceiling, so it is never overshot by much)
+SPACING_STEP = 0.02
 #: the most spacing a strict limiter's 429s widen it to
 MAX_SPACING = 0.2
 #: the longest hold after a cut, in windows' budgets
 MAX_HOLD_WINDOWS = 16
-#: a grant at a level above this share of the window's budget in use (the sliding log's)
-#: was refused for the window's count, not for a burst: see Pacer
+#: a request granted at a level up to this was sent at the steady pace (no burst in use)
+STEADY = 1.5
+#: a request granted at the steady pace with this share of the window's budget in use
+#: (the sliding log's), this one included, and refused: MS4 may count late (see Pacer)
 WINDOW_FULL = 0.9
 
 
@@ -102,7 +107,7 @@ def accepted(shape: Shape, level: float, epoch: int, limit: int) -> Shape | None
         return None
     if shape.slow_start:
         return replace(shape, burst=min(shape.ceiling, shape.burst + 1))
-    hold = limit * min(MAX_HOLD_WINDOWS, 2 ** max(0, shape.cuts - 1))
+    hold = limit * min(MAX_HOLD_WINDOWS, 2 ** shape.cuts)
     if shape.credit + 1 < hold:
         return replace(shape, credit=shape.credit + 1)
     burst = min(float(limit), shape.burst + 1)
@@ -115,10 +120,10 @@ def refused(shape: Shape, level: float, epoch: int) -> Shape | None:
     the cut shape (a new epoch), or None if an earlier answer of the spell cut already."""
     if epoch != shape.epoch:
         return None
-    if level > 1.5:  # part of a burst: the limiter allows less than that
+    if level > STEADY:  # part of a burst: the limiter allows less than that
         burst = max(1.0, min(shape.burst / 2, level - 1))
         return replace(shape, burst=burst, ceiling=burst, epoch=shape.epoch + 1,
                        cuts=shape.cuts + 1, credit=0)
     # at the steady pace: a strict limiter, and the requests came too close
     return replace(shape, burst=1.0, ceiling=1.0, epoch=shape.epoch + 1, cuts=shape.cuts + 1,
-                   credit=0, spacing=min(MAX_SPACING, max(2 * shape.spacing, BASE_SPACING)))
+                   credit=0, spacing=min(MAX_SPACING, shape.spacing + SPACING_STEP))

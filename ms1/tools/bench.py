@@ -49,6 +49,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ms1 import pluginmanager
@@ -56,7 +57,8 @@ from ms1.components import Components
 from ms1.hookspecs import hookimpl
 from ms1.model import Batch
 from ms1.service import Service
-from ms1.tools import samples
+from ms1.tools import fronts, samples
+from ms1.tools.sim_limits import SHAPES
 
 # latency histogram: 0.1 ms buckets to 2 s, then 10 ms buckets to 120 s (constant memory)
 _EDGES = [i / 10_000 for i in range(1, 20_001)] + [2 + i / 100 for i in range(1, 11_801)]
@@ -164,6 +166,63 @@ def share_of_ceiling(sent_at: Sequence[float], limit: int, window: float) -> flo
     return window / (sum(gaps) / len(gaps)) if gaps else float("nan")
 
 
+def steady_share(sent_at: Sequence[float], limit: int, window: float) -> float:
+    """The share of a limiter's steady rate (``limit / window``) reached after its first
+    window of learning: the rate of the 202s after the first window's end (their count
+    less one over the time from the first to the last of them), over the limiter's rate.
+    Every shape (sliding log or counter, fixed window, token or leaky bucket) lets
+    ``limit / window`` a second through in the long run; what a burst adds comes once, in
+    the first window. NaN with fewer than two 202s after it."""
+    times = sorted(sent_at)
+    if not times:
+        return float("nan")
+    after = [t for t in times if t > times[0] + window]
+    if len(after) < 2 or after[-1] <= after[0]:
+        return float("nan")
+    return (len(after) - 1) / (after[-1] - after[0]) / (limit / window)
+
+
+#: the limiters of ``--limiters``: ms4-sim's shapes, and nginx and HAProxy in front of
+#: an unlimited ms4-sim (``KIND[:BURST]``; the fronts and the sim's other shapes send no
+#: Retry-After, as nginx and HAProxy do not)
+LIMITERS = ("sim:sliding-log", "sim:sliding-counter", "sim:fixed-window", "sim:token-bucket:20",
+            "sim:leaky-bucket:0", "nginx:0", "nginx:20", "haproxy")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One limiter in front of MS4: ms4-sim's own ``shape`` (``front`` None) or a real
+    proxy ``front`` before an unlimited sim; ``burst`` -1: the shape's default."""
+
+    name: str
+    front: str | None = None
+    shape: str = "sliding-log"
+    burst: int = -1
+
+    @classmethod
+    def parse(cls, text: str) -> Scenario:
+        parts = text.split(":")
+        kind, rest = parts[0], parts[1:]
+        try:
+            if kind == "sim" and rest and rest[0] in SHAPES:
+                burst = int(rest[1]) if len(rest) > 1 else -1
+                return cls(text, None, rest[0], burst)
+            if kind in fronts.KINDS and len(rest) <= 1:
+                return cls(text, kind, burst=int(rest[0]) if rest else 0)
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(
+            f"not a limiter: {text!r} (sim:SHAPE[:BURST] with SHAPE one of {SHAPES}, "
+            f"nginx[:BURST] or haproxy)")
+
+    def sim_args(self, args: argparse.Namespace) -> list[str]:
+        if self.front is not None:
+            return ["--rate-limit", "0"]
+        quiet = [] if self.shape == "sliding-log" else ["--retry-after-form", "none"]
+        return ["--limiter", self.shape, "--burst", str(self.burst),
+                *(["--count-denied"] if self.shape == "sliding-counter" else []), *quiet]
+
+
 def _config(path: Path, redis_url: str, sim_url: str, args: argparse.Namespace) -> None:
     if args.sweep:  # ms1's defaults (adaptive concurrency), MS4's limit compressed
         send = (f"requests_per_minute = {args.sweep_limit}\n"
@@ -201,9 +260,12 @@ def _sim_stats(url: str) -> dict[str, object]:
     return stats
 
 
-def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
+def run(args: argparse.Namespace, latency: float = 0.0,
+        scenario: Scenario | None = None) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="ms1-bench-"))
     redis_port, sim_port = _free_port(), _free_port()
+    scenario = scenario or Scenario("sim:sliding-log")
+    front: fronts.Front | None = None
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     procs: list[subprocess.Popen[str]] = []
     try:
@@ -213,7 +275,8 @@ def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
              *(["--appendfsync", args.aof] if args.aof != "no" else [])],
             stdout=subprocess.DEVNULL, text=True))
         limit = (["--rate-limit", str(args.sweep_limit), "--window", f"{args.sweep_window:g}",
-                  "--latency", f"{latency:g}", "--count-at", args.count_at]
+                  "--latency", f"{latency:g}", "--count-at", args.count_at,
+                  *scenario.sim_args(args)]
                  if args.sweep else ["--rate-limit", "0"])
         sim = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", str(sim_port),
                                 *limit, "--api-key", "bench-key"],
@@ -224,7 +287,12 @@ def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
         time.sleep(0.3)
         config_path = tmp / "bench.ini"
         sim_url = f"http://127.0.0.1:{sim_port}"
-        _config(config_path, redis_url, sim_url, args)
+        ms4_url = sim_url
+        if args.sweep and scenario.front is not None:
+            front = fronts.start(scenario.front, tmp / "front", _free_port(), sim_port,
+                                 args.sweep_limit, args.sweep_window, scenario.burst)
+            ms4_url = front.url
+        _config(config_path, redis_url, ms4_url, args)
         os.environ["MS1_MS4_API_KEY"] = "bench-key"
         producer_cmd = [sys.executable, "-m", "ms1.tools.bench", "--produce", str(config_path),
                         str(args.count), str(args.rate), "stream" if args.backlog else "ready"]
@@ -280,10 +348,13 @@ def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
         peak_in_flight = service.in_flight.take_peak()
         in_flight_mean = (statistics.fmean(f[0] for f in flight) if flight
                           else float("nan"))
+        learned = service.pacer.limiter.shape
+        floor = service.pacer.limiter.spacing_floor
         service.shutdown(10)
         dead_lettered = components.dead_letters.count()
         components.close()
         if args.sweep:
+            answers = service.stats.snapshot()
             stats = _sim_stats(sim_url)
             by_status = stats["requests_by_status"]
             accepted = stats["unique_invoices_accepted"]
@@ -306,7 +377,13 @@ def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
                 "target_max": max((f[1] for f in flight), default=0),
                 "target_mean": (statistics.fmean(f[1] for f in flight)
                                 if flight else float("nan")),
-                "answers_429": int(by_status.get("429", 0)),
+                "answers_429": int(answers.get("responses_429", 0)),
+                "answers": float(sum(v for k, v in answers.items()
+                                     if k.startswith("responses_"))),
+                "steady": steady_share(recorder.sent_at, args.sweep_limit, window),
+                "burst": learned.burst if learned is not None else float("nan"),
+                "spacing": max(learned.spacing, floor) if learned is not None else 0.0,
+                "floor": floor,
                 "duplicates": int(stats["duplicate_invoices"]),  # type: ignore[call-overload]
                 "lost": args.count - accepted - dead_lettered,
                 "dead_lettered": dead_lettered,
@@ -338,6 +415,8 @@ def run(args: argparse.Namespace, latency: float = 0.0) -> dict[str, float]:
         }
         return result
     finally:
+        if front is not None:
+            front.stop()
         for proc in reversed(procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -371,40 +450,54 @@ def _report(args: argparse.Namespace, result: dict[str, float]) -> None:
           f"{result['in_flight_mean']:.2f} most {result['in_flight_max']:.0f}", flush=True)
 
 
-def _sweep_line(r: dict[str, float]) -> str:
-    return (f"{r['latency_s']:>6.2f} s  {r['share']:>6.1%}  {r['theoretical_max']:>6.1%}  "
+def _sweep_line(r: dict[str, float], name: str = "") -> str:
+    return (f"{name:<22}{r['latency_s']:>6.2f} s  {r['steady']:>6.1%}  "
+            f"{r['answers_429'] / max(1.0, r['answers']):>5.1%}  "
+            f"{r['burst']:>5.0f} {r['spacing']:>5.1%}  "
+            f"{r['share']:>6.1%}  {r['theoretical_max']:>6.1%}  "
             f"{r['share'] / r['theoretical_max']:>6.1%}  {r['in_flight_max']:>4.0f} / "
             f"{r['in_flight_mean']:>4.1f}  {r['target_max']:>4.0f} / {r['target_mean']:>4.1f}  "
             f"{r['answers_429']:>4.0f}  {r['lost']:>4.0f}  {r['requests']:>8.0f}  "
             f"{r['seconds']:>5.1f} s")
 
 
-SWEEP_HEADER = ("  latency   share     max  of max  in flight    target        429s  lost  "
-                "requests   202s over")
+SWEEP_HEADER = ("limiter                 latency  steady  429 %  burst space   share     max  "
+                "of max  in flight    target        429s  lost  requests   202s over")
 
 
 def sweep(args: argparse.Namespace, latencies: Sequence[float]) -> list[dict[str, float]]:
-    """Run ms1 (default settings) against the compressed limit at each latency; print a
-    line per latency as it ends, then the table."""
+    """Run ms1 (default settings) against the compressed limit at each latency, behind
+    each limiter of ``--limiters``; print a line per run as it ends, then the table."""
     window = args.sweep_window
-    print(f"sweep: {args.count:,} invoices per latency (batches of 50), ms1 default settings "
-          f"(adaptive concurrency), MS4 limit {args.sweep_limit} per {window:g} s on ms4-sim "
-          f"and in ms1; max = {window:g} / ({window:g} + latency); in flight and target: "
-          "most / mean", flush=True)
+    print(f"sweep: {args.count:,} invoices per run (batches of 50), ms1 default settings "
+          f"(adaptive concurrency), MS4 limit {args.sweep_limit} per {window:g} s on the "
+          f"limiter and in ms1; steady = the 202s' rate after the first window over the "
+          f"limit's rate; 429 % of ms1's answers; share (sliding log) = the window over the "
+          f"mean gap between 202 k and k-{args.sweep_limit}; max = {window:g} / ({window:g} + "
+          "latency); in flight and target: most / mean", flush=True)
     print(SWEEP_HEADER, flush=True)
     results = []
-    for latency in latencies:
-        result = run(args, latency)
-        results.append(result)
-        print(_sweep_line(result), flush=True)
+    lines = []
+    for scenario in args.limiters:
+        for latency in latencies:
+            result = run(args, latency, scenario)
+            results.append(result)
+            lines.append(_sweep_line(result, scenario.name))
+            print(lines[-1], flush=True)
     print()
     print(SWEEP_HEADER)
-    for result in results:
-        print(_sweep_line(result))
+    for line in lines:
+        print(line)
     if any(not r["finished"] for r in results):
         print(f"some latency timed out after {args.timeout:g} s: what was not delivered is "
               "counted lost")
     return results
+
+
+def _limiters(text: str) -> list[Scenario]:
+    names = LIMITERS if text.strip() == "all" else [p.strip() for p in text.split(",")
+                                                     if p.strip()]
+    return [Scenario.parse(name) for name in names]
 
 
 def _latencies(text: str) -> list[float]:
@@ -440,9 +533,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--count-at", choices=("arrival", "answer"), default="arrival",
                         help="with --sweep: when ms4-sim counts a request against its limit, "
                              "and what ms1 is told ([send] ms4_counts_at; default arrival)")
-    parser.add_argument("--sweep-limit", type=int, default=SWEEP_LIMIT, help=argparse.SUPPRESS)
+    parser.add_argument("--limiters", type=_limiters, default=None, metavar="L1,L2,...",
+                        help="with --sweep: the rate limiters MS4 sits behind, each run at "
+                             "every latency: sim:SHAPE[:BURST] (ms4-sim's own: sliding-log, "
+                             "sliding-counter, fixed-window, token-bucket, leaky-bucket), "
+                             "nginx[:BURST] or haproxy (started from the Debian package "
+                             "before an unlimited ms4-sim); 'all': "
+                             + ",".join(LIMITERS) + " (default: sim:sliding-log)")
+    parser.add_argument("--sweep-limit", type=int, default=SWEEP_LIMIT,
+                        help="with --sweep: MS4's limit (default 120)")
     parser.add_argument("--sweep-window", type=float, default=SWEEP_WINDOW,
-                        help=argparse.SUPPRESS)
+                        help="with --sweep: MS4's window, seconds (default 6: ten-fold "
+                             "compressed)")
     parser.add_argument("--reference", metavar="LIMIT_PY",
                         help="also run the reference loop with the same count, right before "
                              "and right after ms1; print ms1's throughput as a ratio to "
@@ -462,6 +564,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.count = 15_000 if args.sweep else 50_000
     if args.timeout is None:
         args.timeout = 120.0 if args.sweep else 1800.0
+    if args.limiters is None:
+        args.limiters = [Scenario("sim:sliding-log")]
     if args.sweep and (args.backlog or args.rate or args.reference):
         parser.error("--sweep runs every e-mail at once: no --backlog, --rate, --reference")
     return args

@@ -406,10 +406,11 @@ class _SimState:
         with self.lock:
             self.connections_opened += 1
 
-    def admit(self) -> Verdict:
-        """Count one arriving request against the configured limiter."""
+    def admit(self, arrived: float | None = None) -> Verdict:
+        """Count one request against the configured limiter, as of ``arrived`` (its
+        headers were read: where a limiter in front of a server counts it; None: now)."""
         with self.lock:
-            now = time.monotonic()
+            now = time.monotonic() if arrived is None else arrived
             verdict = self.limiter.admit(now)
             if verdict.ok:
                 self.passed.append(now)
@@ -709,6 +710,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._finish_api(_error(404, "not found"))
 
     def do_POST(self) -> None:
+        self._arrived = time.monotonic()
         path = self._path()
         if path == RESET_PATH:
             try:
@@ -813,6 +815,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     #: the rate limiter's verdict on the request being answered (its RateLimit fields)
     _verdict: Verdict | None = None
+    #: when the request being answered had its headers read
+    _arrived: float | None = None
 
     def _read_and_process(self, path: str) -> _Outcome | None:
         limit = self._state.config.max_body_bytes
@@ -830,9 +834,11 @@ class _Handler(BaseHTTPRequestHandler):
                    and self._key_ok() and not self._state.config.answer_status)
         if counted:  # a rate limiter in front of the work: over the limit, 429 at once
             delay = self._state.count_delay()
+            arrived = self._arrived
             if delay > 0:  # a loaded MS4 reading the request late
                 time.sleep(delay)
-            self._verdict = self._state.admit()
+                arrived = None
+            self._verdict = self._state.admit(arrived)
             if not self._verdict.ok:
                 return _rate_limited(self._state.config, self._verdict)
         latency = self._state.config.latency

@@ -65,7 +65,7 @@ class RedisRateLimiter(RateLimiter):
                                          repr(float(ahead))]
         if self.shaping:
             start = Shape.initial(self.limit)
-            args += [repr(start.burst), repr(start.spacing)]
+            args += [repr(start.burst), repr(start.spacing), repr(float(self.spacing_floor))]
         with translated(QueueError, "take a rate-limit slot", self.link):
             reply = self.link.script("limiter_acquire", self._keys(), args)
         if not int(reply[0]):
@@ -81,9 +81,9 @@ class RedisRateLimiter(RateLimiter):
             self.link.script("limiter_finish", [self.key], [token, repr(float(ago))])
 
     def cancel(self, token: str) -> None:
+        # the pace is not given back: a later grant may already stand on this one's step
         with translated(QueueError, "give back a rate-limit slot", self.link):
-            self.link.script("limiter_cancel", self._keys(),
-                             [token, self.limit, repr(float(self.window))])
+            self.link.client.zrem(self.key, token)
 
     @property
     def shape(self) -> Shape | None:

@@ -80,7 +80,7 @@ log = logging.getLogger(__name__)
 SECTION = "redis"
 #: the Lua scripts, ``scripts/<name>.lua``
 SCRIPTS = ("enqueue", "finish", "submit", "limiter_acquire", "limiter_finish",
-           "limiter_cancel", "limiter_learn")
+           "limiter_learn")
 #: a stream entry's fields as ms1 writes them
 Fields = dict[str, bytes | str]
 #: seconds ms1 leaves out the WAIT after its own scripts once one fell short

@@ -3,7 +3,8 @@
 -- counted it, or while it is in flight, start + lease). KEYS[2] (with shaping): the learned
 -- shape, a hash (burst, spacing, epoch, ... and tat: GCRA's theoretical arrival time).
 -- ARGV: limit, window (s), token, lease (s), ahead (s); with shaping also the burst and the
--- spacing a shape without those fields starts with.
+-- spacing a shape without those fields starts with, and the least spacing (the senders'
+-- jitter).
 -- Returns {1, free, level, fill, epoch} (granted: slots free after this one or leaving the
 -- window within `ahead` s, capped by what the pace lets go in that time; requests ahead of
 -- the steady pace and the share of the window in use, this one included; the shape's epoch)
@@ -33,6 +34,7 @@ if #KEYS > 1 then
   epoch = tonumber(f[4]) or 0
   if burst ~= burst or burst < 1 then burst = 1 end          -- NaN or hostile: no burst
   if spacing ~= spacing or spacing < 0 then spacing = 0 end
+  spacing = math.max(spacing, tonumber(ARGV[8] or '0') or 0)    -- the senders' jitter
   local step = window / limit * (1 + spacing)
   local early = tat - now - (burst - 1) * step
   if early > 0 then

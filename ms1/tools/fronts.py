@@ -1,0 +1,177 @@
+"""Real rate limiters in front of ms4-sim: nginx's ``limit_req`` and HAProxy's
+``http_req_rate``, as Debian packages them, each started as its own process with a
+config in a temp dir, on loopback.
+
+* **nginx**: ``limit_req_zone $binary_remote_addr zone=ms4:1m rate=R;`` (``R`` the
+  limit's rate, in ``r/s`` or ``r/m``), ``limit_req zone=ms4 [burst=N nodelay];``,
+  ``limit_req_status 429;`` — a leaky bucket keyed on the client address (an empty key
+  would count nothing), no ``Retry-After``;
+* **HAProxy**: a stick table storing ``http_req_rate(window)``, ``http-request track-sc0
+  int(1)`` (one counter for everyone), ``http-request deny deny_status 429 if {
+  sc_http_req_rate(0) gt LIMIT }`` — a sliding counter that counts the requests it
+  denies too, no ``Retry-After``.
+
+:func:`start` returns a :class:`Front` (a context manager) once it accepts connections.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+
+KINDS = ("nginx", "haproxy")
+
+
+def nginx_rate(limit: int, window: float) -> str:
+    """``limit`` per ``window`` s as nginx writes a rate (whole requests per second or per
+    minute); a ValueError if it has no such form."""
+    per_second = Fraction(limit) / Fraction(window).limit_denominator(1000)
+    if per_second.denominator == 1:
+        return f"{per_second.numerator}r/s"
+    per_minute = per_second * 60
+    if per_minute.denominator == 1:
+        return f"{per_minute.numerator}r/m"
+    raise ValueError(f"nginx cannot express {limit} per {window:g} s (whole r/s or r/m)")
+
+
+def nginx_config(directory: Path, port: int, upstream: int, limit: int, window: float,
+                 burst: int = 0) -> str:
+    burst_text = f" burst={burst} nodelay" if burst else ""
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    temp = "\n".join(f"  {name}_temp_path {directory}/{name};"
+                     for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""{user}daemon off;
+master_process off;
+worker_processes 1;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+{temp}
+  limit_req_zone $binary_remote_addr zone=ms4:1m rate={nginx_rate(limit, window)};
+  limit_req_status 429;
+  upstream ms4 {{ server 127.0.0.1:{upstream}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port};
+    client_max_body_size 64m;
+    keepalive_requests 100000;
+    location / {{
+      limit_req zone=ms4{burst_text};
+      proxy_pass http://ms4;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_read_timeout 120s;
+    }}
+  }}
+}}
+"""
+
+
+def haproxy_config(directory: Path, port: int, upstream: int, limit: int,
+                   window: float) -> str:
+    period = f"{round(window * 1000)}ms"
+    return f"""global
+  maxconn 2048
+  pidfile {directory}/haproxy.pid
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+  timeout http-keep-alive 120s
+frontend ms4
+  bind 127.0.0.1:{port}
+  stick-table type integer size 10 expire {round(window * 2000)}ms store http_req_rate({period})
+  http-request track-sc0 int(1)
+  http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt {limit} }}
+  default_backend sim
+backend sim
+  http-reuse always
+  server sim 127.0.0.1:{upstream}
+"""
+
+
+@dataclass
+class Front:
+    """A running proxy: its URL, its process and its directory (config, logs)."""
+
+    kind: str
+    url: str
+    process: subprocess.Popen[bytes]
+    directory: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def log(self) -> str:
+        path = self.directory / ("error.log" if self.kind == "nginx" else "stderr.log")
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def __enter__(self) -> Front:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def installed(kind: str) -> bool:
+    return shutil.which(kind, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") \
+        is not None
+
+
+def start(kind: str, directory: Path, port: int, upstream: int, limit: int, window: float,
+          burst: int = 0, timeout: float = 10.0) -> Front:
+    """Start ``kind`` (:data:`KINDS`) on ``127.0.0.1:port`` in front of
+    ``127.0.0.1:upstream``; returns once it accepts connections."""
+    if kind not in KINDS:
+        raise ValueError(f"front must be one of {KINDS}, got {kind!r}")
+    binary = shutil.which(kind, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if binary is None:
+        raise FileNotFoundError(f"{kind} is not installed (Debian package {kind})")
+    directory.mkdir(parents=True, exist_ok=True)
+    stderr = (directory / "stderr.log").open("wb")
+    if kind == "nginx":
+        if burst and burst < 0:
+            raise ValueError("burst must be >= 0")
+        conf = directory / "nginx.conf"
+        conf.write_text(nginx_config(directory, port, upstream, limit, window, burst))
+        command = [binary, "-c", str(conf), "-p", str(directory)]
+    else:
+        if burst:
+            raise ValueError("HAProxy's http_req_rate has no burst setting")
+        conf = directory / "haproxy.cfg"
+        conf.write_text(haproxy_config(directory, port, upstream, limit, window))
+        command = [binary, "-f", str(conf), "-db"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+    stderr.close()
+    front = Front(kind, f"http://127.0.0.1:{port}", process, directory)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{kind} exited with {process.returncode}: "
+                               f"{(directory / 'stderr.log').read_text(errors='replace')}"
+                               f"{front.log()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return front
+        except OSError:
+            if time.monotonic() > deadline:
+                front.stop()
+                raise RuntimeError(f"{kind} did not listen on {port} within {timeout:g} s: "
+                                   f"{front.log()}") from None
+            time.sleep(0.02)
