@@ -28,6 +28,7 @@ every instance learns together) and applies these transitions atomically
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 #: the allowance a cold start begins with (two requests at once, then the steady pace)
@@ -121,7 +122,7 @@ def refused(shape: Shape, level: float, epoch: int) -> Shape | None:
     if epoch != shape.epoch:
         return None
     if level > STEADY:  # part of a burst: the limiter allows less than that
-        burst = max(1.0, min(shape.burst / 2, level - 1))
+        burst = max(1.0, float(math.floor(min(shape.burst / 2, level - 1) + 0.5)))
         return replace(shape, burst=burst, ceiling=burst, epoch=shape.epoch + 1,
                        cuts=shape.cuts + 1, credit=0)
     # at the steady pace: a strict limiter, and the requests came too close

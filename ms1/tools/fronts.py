@@ -54,7 +54,8 @@ pid {directory}/nginx.pid;
 error_log {directory}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-  access_log off;
+  log_format ms4 '$status';
+  access_log {directory}/access.log ms4;
 {temp}
   limit_req_zone $binary_remote_addr zone=ms4:1m rate={nginx_rate(limit, window)};
   limit_req_status 429;
@@ -116,6 +117,16 @@ class Front:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+
+    def statuses(self) -> dict[int, int]:
+        """How often nginx answered each status (its access log); HAProxy: empty."""
+        path = self.directory / "access.log"
+        counts: dict[int, int] = {}
+        if path.exists():
+            for line in path.read_text(errors="replace").split():
+                if line.isdigit():
+                    counts[int(line)] = counts.get(int(line), 0) + 1
+        return counts
 
     def log(self) -> str:
         path = self.directory / ("error.log" if self.kind == "nginx" else "stderr.log")
