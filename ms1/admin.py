@@ -8,6 +8,7 @@ and work on whatever backends the config names (Redis in production).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import stat
@@ -24,6 +25,7 @@ from ms1.components import C
 from ms1.config import Config
 from ms1.deadletters import DeadLetterStore, letter_to_json
 from ms1.errors import ConfigError, Ms1Error
+from ms1.logs import escape_controls
 from ms1.model import Item
 from ms1.outbound import QueueBackend
 from ms1.overview import Ceiling
@@ -148,6 +150,34 @@ def _sending(config: Config, queue: dict[str, Any]) -> dict[str, Any]:
     return overview.sending(Ceiling.from_config(config), queue)
 
 
+def _pace(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
+    """The pace learned of MS4's limiter (shared: the Redis limiter's; the in-process one
+    knows only its running process's, on its /metrics) and what MS4 last announced of its
+    limit, as the running instances published it."""
+    found: dict[str, Any] = {}
+    if config.get_str("send", "rate_limiter") != "memory":
+        with contextlib.suppress(Ms1Error):
+            limiter = pluginmanager.build_rate_limiter(pm, config)
+            try:
+                shape = limiter.learn(lambda shape: None)
+            finally:
+                limiter.close()
+            if shape is not None:
+                found["pace"] = {"burst": shape.burst, "spacing": shape.spacing,
+                                 "cuts": shape.cuts}
+    with contextlib.suppress(Ms1Error):
+        fleet = pluginmanager.build_fleet(pm, config)
+        try:
+            announced = sorted({str(p["announced"]) for snap in fleet.snapshots()
+                                if isinstance(p := snap.get("pace"), dict)
+                                and isinstance(p.get("announced"), str)})
+        finally:
+            fleet.close()
+        if announced:
+            found["announced"] = announced
+    return found
+
+
 def status(config: Config, pm: pluggy.PluginManager, *, as_json: bool) -> int:
     parts: dict[str, Any] = {
         "source": _probe(pluginmanager.build_source(pm, config), lambda s: s.describe()),
@@ -156,6 +186,7 @@ def status(config: Config, pm: pluggy.PluginManager, *, as_json: bool) -> int:
                                lambda d: {"backend": d.name, "count": d.count()}),
     }
     parts["sending"] = _sending(config, parts["queue"])
+    parts["sending"].update(_pace(config, pm))
     if as_json:
         print(json.dumps(parts, indent=2, default=str))
         return EXIT_OK
@@ -174,6 +205,12 @@ def status(config: Config, pm: pluggy.PluginManager, *, as_json: bool) -> int:
                  f"({sending['backlog_invoices']} invoices) drained in about "
                  f"{sending['drained_in_s']:g} s at the ceiling")
     print(line)
+    pace = sending.get("pace")
+    if isinstance(pace, dict):
+        print(f"  pace learned of MS4's limiter: bursts of at most {pace['burst']:.0f}, "
+              f"{pace['spacing']:.1%} spacing ({pace['cuts']} cuts so far)")
+    for text in sending.get("announced") or []:
+        print(f"  MS4 announces: {escape_controls(text)}")
     print("  per instance (requests in flight, concurrency target, seconds held back by "
           "cause): its /metrics")
     return EXIT_OK

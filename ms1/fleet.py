@@ -50,7 +50,7 @@ from ms1 import __version__
 from ms1.errors import Ms1Error
 from ms1.metrics import ServiceView, pipeline_threads
 from ms1.redaction import redact
-from ms1.sending.pacer import HELD_CAUSES
+from ms1.sending.pacer import HELD_CAUSES, Pacer
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +208,23 @@ class Sampler:
                      "auth_blocked": pacer.auth_blocked,
                      "breaker": pacer.breaker.state,
                      "reason": _redacted(pacer.held_back())},
+            "pace": _pace(pacer),
             "held_seconds": {cause: round(held_seconds.get(cause, 0.0), 3)
                              for cause in HELD_CAUSES},
             "held_recent": {cause: round(rates[f"held:{cause}"], 3) for cause in HELD_CAUSES},
             "health": {"ok": problem is None, "problem": _redacted(problem),
                        "threads": pipeline_threads()},
         }
+
+
+def _pace(pacer: Pacer) -> dict[str, Any]:
+    """What the pace has learned of MS4's limiter, and what MS4 last announced."""
+    shape = pacer.limiter.shape
+    announced = pacer.announced
+    return {"burst": None if shape is None else shape.burst,
+            "spacing": None if shape is None else round(
+                max(shape.spacing, pacer.limiter.spacing_floor), 4),
+            "announced": None if announced is None else announced.text()}
 
 
 def _redacted(text: str | None) -> str | None:

@@ -303,6 +303,27 @@ class _State(Collector):
                      "Seconds after a request was out its rate-limit slot is stamped "
                      "(ms4_counts_at = arrival): [send] count_margin, more after 429s the "
                      "limiter did not foresee", pacer.margin)
+        shape = pacer.limiter.shape
+        if shape is not None:
+            yield _gauge("ms1_pace_burst", "Requests the pace lets go at once beyond the "
+                         "steady rate, as learned from MS4's 429s ([send] rate_shape)",
+                         shape.burst)
+            yield _gauge("ms1_pace_spacing_ratio", "Share of the emission interval the pace "
+                         "adds: learned from 429s at the steady pace, at least the senders' "
+                         "own jitter", max(shape.spacing, pacer.limiter.spacing_floor))
+        announced = pacer.announced
+        if announced is not None:
+            figures: tuple[tuple[str, float | None, str], ...] = (
+                    ("limit", announced.limit, "Requests per window MS4 announces"),
+                    ("window_seconds", announced.window, "The window MS4 announces"),
+                    ("remaining", announced.remaining,
+                     "Requests MS4 announced left in its last answer"),
+                    ("reset_seconds", announced.reset,
+                     "Seconds until the budget resets, as MS4 announced in its last answer"))
+            for name, figure, text in figures:
+                if figure is not None:
+                    yield _gauge(f"ms1_ms4_announced_{name}", f"{text} (RateLimit fields)",
+                                 float(figure))
         yield _gauge("ms1_auth_blocked", "1 while MS4 rejects the API key (401/403 stop)",
                      1 if pacer.auth_blocked else 0)
         yield _gauge("ms1_requests_in_flight", "Requests to MS4 in flight now, all senders",

@@ -322,6 +322,21 @@ def _holding(snapshot: Mapping[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
+def _pace_text(pace: Mapping[str, Any]) -> str | None:
+    """``burst 12, 3.1 % spacing; MS4 announces 120 per 60 s, 37 left (draft)`` from a
+    snapshot's ``pace`` (any field missing or of the wrong type is left out)."""
+    parts = []
+    burst, spacing, announced = pace.get("burst"), pace.get("spacing"), pace.get("announced")
+    if isinstance(burst, int | float) and not isinstance(burst, bool):
+        parts.append(f"burst {burst:.0f}")
+    if isinstance(spacing, int | float) and not isinstance(spacing, bool):
+        parts.append(f"{spacing:.1%} spacing")
+    text = ", ".join(parts)
+    if isinstance(announced, str) and announced:
+        text = f"{text}; MS4 announces {announced}" if text else f"MS4 announces {announced}"
+    return text or None
+
+
 def collect(snapshots: Sequence[Mapping[str, Any]], *, ceiling: Ceiling,
             inbound: Mapping[str, Any] | None = None,
             outbound: Mapping[str, Any] | None = None,
@@ -373,6 +388,7 @@ def collect(snapshots: Sequence[Mapping[str, Any]], *, ceiling: Ceiling,
             "requests": sum(own.values()),
             "holding": "; ".join(detail for _, detail in held_now) or None,
             "breaker": _part(snap, "held").get("breaker"),
+            "pace": _pace_text(_part(snap, "pace")),
             "healthy": bool(health.get("ok", False)),
             "problem": health.get("problem"),
         }

@@ -36,7 +36,14 @@ from ms1.pluginmanager import Observers
 from ms1.progress import Progress, Stall
 from ms1.sending.concurrency import Controller, fixed_concurrency
 from ms1.sending.pacer import PacerSettings
-from ms1.sending.sender import InFlight, Sender, SendSettings, SharedSettings
+from ms1.sending.sender import (
+    IdlePoll,
+    InFlight,
+    Sender,
+    SendSettings,
+    SharedSettings,
+    WakingEvent,
+)
 from ms1.stats import RunStats
 
 if TYPE_CHECKING:
@@ -52,6 +59,10 @@ ABORT_GRACE = 1.0
 FINAL_READ = 0.5
 #: seconds the queue's counts are read every (``QueueWatch``: /readyz, /metrics)
 QUEUE_READ_INTERVAL = 1.0
+#: seconds the reader waits on the source, and the batcher on the reader, while idle (an
+#: e-mail ends the wait at once; a stop is seen within it): an idle service wakes about
+#: once a second per stage, not five times
+IDLE_READ = 1.0
 #: most batches (or dead-letter lists) the committer stores in one round trip
 COMMIT_GROUP = 16
 
@@ -161,8 +172,11 @@ class Service:
         self.stats = RunStats()
         self.observers = Observers(pm)
         self.intake_stop = threading.Event()
-        self.senders_stop = threading.Event()
-        self.abort = threading.Event()
+        #: whose turn it is to ask the queue while the senders are idle; the stop and the
+        #: abort wake every sender waiting for it
+        self.idle = IdlePoll()
+        self.senders_stop: threading.Event = WakingEvent(self.idle)
+        self.abort: threading.Event = WakingEvent(self.idle)
         self._inbox: stdqueue.Queue[list[InboundMessage]] = stdqueue.Queue(maxsize=8)
         self._outbox: stdqueue.Queue[Work | None] = stdqueue.Queue(maxsize=32)
         self._threads: list[threading.Thread] = []
@@ -265,7 +279,8 @@ class Service:
             transport=self.parts.transport, dead_letters=self.parts.dead_letters,
             observers=self.observers, stats=self.stats, pacer=self.pacer,
             stop=self.senders_stop, abort=self.abort, settings=self.send_settings,
-            in_flight=self.in_flight, progress=self.progress, concurrency=self.concurrency)
+            in_flight=self.in_flight, progress=self.progress, concurrency=self.concurrency,
+            idle=self.idle)
 
     def _allowed_rate(self) -> float:
         """Requests per second the rate limiter allows (the whole limit, every instance)."""
@@ -325,11 +340,12 @@ class Service:
         source = self.parts.source
         progress = self.progress
         failing = False
+        wait = 0.2
         try:
             while not self.intake_stop.is_set():
                 progress.beat("reader", f"reading source {source.name}")
                 try:
-                    messages = source.read(self._read_chunk, timeout=0.2)
+                    messages = source.read(self._read_chunk, timeout=wait)
                 except Ms1Error as exc:
                     if not failing:
                         log.error("cannot read from source %s (%s); waiting for it",
@@ -342,6 +358,9 @@ class Service:
                 if failing:
                     log.warning("source %s answers again", source.name)
                     failing = False
+                # idle: read with a longer wait (an e-mail arriving ends it at once; a stop is
+                # seen within it); while e-mails flow, and with --once, 0.2 s
+                wait = 0.2 if messages or self.once else IDLE_READ
                 if messages:
                     self.stats.add("emails_taken", len(messages))
                     self._hand_over(messages)
@@ -425,9 +444,12 @@ class Service:
             while True:
                 progress.beat("batcher", "batching")
                 deadline = intake.deadline()
-                wait = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+                # nothing pending: wait for a chunk (a put wakes it; the reader always ends
+                # with _EOF), beating once a second
+                wait = IDLE_READ if deadline is None else min(0.2, deadline - time.monotonic())
                 try:
-                    chunk = self._inbox.get(timeout=max(wait, 0.0))
+                    with progress.waiting("batcher", "waiting for e-mails"):
+                        chunk = self._inbox.get(timeout=max(wait, 0.0))
                 except stdqueue.Empty:
                     chunk = None
                 if chunk is _EOF:

@@ -41,12 +41,13 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ms1.config import Config, Secret
 from ms1.errors import Ms1Error
 from ms1.sending import shape as shapes
+from ms1.sending.announced import Announced, read_announced
 from ms1.sending.answers import Answer, Kind, classify
 from ms1.sending.breaker import Breaker
 from ms1.sending.limiter import Grant, RateLimiter
@@ -125,7 +126,7 @@ class Admission:
     """Permission for one request; hand it back to :meth:`Pacer.done`."""
 
     __slots__ = ("auth_probe", "grant", "granted", "key_generation", "margin_generation",
-                 "token")
+                 "seq", "token")
 
     def __init__(self, token: str, auth_probe: bool, key_generation: int = 0,
                  grant: Grant | None = None, margin_generation: int = 0) -> None:
@@ -139,6 +140,8 @@ class Admission:
         self.margin_generation = margin_generation
         #: when the limiter granted it (``time.monotonic()``)
         self.granted = time.monotonic()
+        #: its place among the pacer's admissions (an announced budget is the newest's)
+        self.seq = 0
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,14 @@ class Pacer:
         self._limiter_down = False
         self._key_generation = 0
         self._margin_generation = 0
+        #: what MS4 last announced of its limit (RateLimit fields), and the budget left
+        #: from it: requests ms1 may send until ``_budget_until``; None: not announced
+        self._announced: Announced | None = None
+        self._budget: int | None = None
+        self._budget_until = 0.0
+        self._budget_seq = -1
+        self._seq = 0
+        self._contradicted: tuple[int | None, float | None] | None = None
         self._delays: deque[float] = deque(maxlen=JITTER_SAMPLES)
         self._delays_seen = 0
         #: seconds senders were held back, by cause (ms1_held_back_seconds_total)
@@ -268,6 +279,10 @@ class Pacer:
             if wait > 0:
                 self._hold(abort, wait, "429_pause")
                 continue
+            wait = self._budget_wait()
+            if wait > 0:
+                self._hold(abort, wait, "rate_budget")
+                continue
             try:
                 grant, wait = self.limiter.acquire(ahead)
             except Ms1Error as exc:
@@ -299,7 +314,12 @@ class Pacer:
                 continue
             with self._lock:
                 generation, margins = self._key_generation, self._margin_generation
-            return Admission(token, probe, generation, grant, margins)
+                self._seq += 1
+                if self._budget is not None:
+                    self._budget -= 1
+                admission = Admission(token, probe, generation, grant, margins)
+                admission.seq = self._seq
+            return admission
 
     def _hold(self, abort: threading.Event, wait: float, cause: str) -> None:
         """Wait (at most 0.5 s, or until ``abort``) and count the time under ``cause``."""
@@ -346,11 +366,16 @@ class Pacer:
 
     def done(self, admission: Admission, status: int | None,
              retry_after: str | None = None, detail: str = "",
-             sent: float | None = None) -> Answer:
+             sent: float | None = None, headers: Mapping[str, str] | None = None) -> Answer:
         """Record the outcome of an admitted request (``status`` None: no answer) and return
         its row of the answer table. ``detail``: what to quote of the answer in an alert
         (a 3xx's ``Location``, MS4's text); ``sent``: when the request was out
-        (``time.monotonic()``; None: unknown — the slot is then stamped now)."""
+        (``time.monotonic()``; None: unknown — the slot is then stamped now); ``headers``:
+        the answer's (lower-case keys), for the RateLimit fields MS4 may announce."""
+        if headers:
+            announced = read_announced(headers)
+            if announced is not None:
+                self._follow(admission, announced)
         ago = 0.0
         arrival = self.counts_at == "arrival"
         if sent is not None:
@@ -384,6 +409,53 @@ class Pacer:
         if status is not None and admission.auth_probe:
             self._probe_answered(answer)
         return answer
+
+    @property
+    def announced(self) -> Announced | None:
+        """What MS4 last announced of its limit (RateLimit fields), or None."""
+        with self._lock:
+            return self._announced
+
+    def _budget_wait(self) -> float:
+        """Seconds to wait for MS4's announced budget: while it is spent, until it resets
+        (then one request goes, whose answer announces the next)."""
+        with self._lock:
+            if self._budget is None:
+                return 0.0
+            now = self._clock()
+            if now >= self._budget_until:
+                self._budget, self._budget_until = 1, now + self.limiter.window
+                return 0.0
+            return 0.0 if self._budget > 0 else self._budget_until - now
+
+    def _follow(self, admission: Admission, announced: Announced) -> None:
+        """MS4 announced its limit in an answer: follow its remaining budget until the
+        reset (the newest answer's; the requests admitted after this one may not be
+        counted in it yet, so they are spent from it), and say once when the configured
+        figure contradicts the announced policy."""
+        with self._lock:
+            self._announced = announced
+            if announced.remaining is not None and admission.seq >= self._budget_seq:
+                self._budget_seq = admission.seq
+                self._budget = announced.remaining - (self._seq - admission.seq)
+                reset = announced.reset if announced.reset is not None else \
+                    self.limiter.window / self.limiter.limit
+                self._budget_until = self._clock() + reset
+            policy = (announced.limit, announced.window)
+            if announced.limit is None or policy == self._contradicted:
+                return
+            limit, window = self.limiter.limit, self.limiter.window
+            same = (announced.limit == limit if announced.window is None
+                    else announced.limit / announced.window == limit / window)
+            if same:
+                return
+            self._contradicted = policy
+        log.warning("MS4 announces a rate limit of %s (%s RateLimit fields); ms1 is configured "
+                    "for %d per %g s ([send] requests_per_minute, rate_window): ms1 follows "
+                    "the budget MS4 announces, but set those to MS4's figure",
+                    f"{announced.limit}" + (f" per {announced.window:g} s"
+                                            if announced.window is not None else ""),
+                    announced.source, limit, window)
 
     def _note_delay(self, delay: float) -> None:
         """A request was out ``delay`` s after its grant. The spread of these delays is

@@ -46,11 +46,8 @@ class RedisRateLimiter(RateLimiter):
         self.shaping = shaping
         self._shape: Shape | None = Shape.initial(limit) if shaping else None
 
-    def configure(self, limit: int, window: float) -> None:
-        super().configure(limit, window)
-        if self._shape is not None:
-            self.learn(lambda shape: shape.fitted(limit) if shape.fitted(limit) != shape
-                       else None)
+    # configure(): the figures only (no round trip: a reload never waits on Redis); the
+    # acquire script holds a stored burst to the limit, and the next learning step fits it
 
     def _keys(self) -> list[str]:
         return [self.key, self.shape_key] if self.shaping else [self.key]
@@ -101,7 +98,7 @@ class RedisRateLimiter(RateLimiter):
             return None
         for _ in range(LEARN_TRIES):
             shape, version = self._read()
-            new = change(shape)
+            new = change(shape.fitted(self.limit))
             if new is None:
                 self._shape = shape
                 return shape

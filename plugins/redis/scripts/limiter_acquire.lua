@@ -33,6 +33,7 @@ if #KEYS > 1 then
   local tat = tonumber(f[3]) or 0
   epoch = tonumber(f[4]) or 0
   if burst ~= burst or burst < 1 then burst = 1 end          -- NaN or hostile: no burst
+  if burst > limit then burst = limit end                     -- learned under a larger limit
   if spacing ~= spacing or spacing < 0 then spacing = 0 end
   spacing = math.max(spacing, tonumber(ARGV[8] or '0') or 0)    -- the senders' jitter
   local step = window / limit * (1 + spacing)
