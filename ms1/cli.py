@@ -212,7 +212,7 @@ def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once
                 watchdog = Watchdog(notifier, interval, healthy=service.healthy,
                                     status=lambda: _status(service), problem=service.health)
                 watchdog.start()
-            while not stop_requested.wait(1.0):
+            while not stop_requested.wait(0.5):
                 if reload_requested.is_set():
                     reload_requested.clear()
                     notifier.reloading()

@@ -197,7 +197,10 @@ def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
     requests_per_minute`` requests per ``rate_window`` seconds for every caller
     that shares it (``memory``: the sender threads of this process; ``redis``:
     every instance on the Redis); a reload reconfigures it with
-    ``RateLimiter.configure``.
+    ``RateLimiter.configure``. With ``[send] rate_shape = learn`` it should also pace
+    by a learned :class:`~ms1.sending.shape.Shape` (override ``acquire``, ``shape`` and
+    ``learn``, as both built-in limiters do); one implementing only ``try_acquire``
+    still works, with the window alone.
 
     :return: a :class:`~ms1.sending.limiter.RateLimiter` if ``name`` is yours,
         else None. ``firstresult``.

@@ -461,7 +461,7 @@ def _dead_letters(o: Mapping[str, Any]) -> RenderableType | None:
 def _instances(o: Mapping[str, Any]) -> RenderableType:
     numeric = ("e-mails/s", "delivered/s", "in flight", "MS4 latency", "delivered",
                "dead-lettered")
-    table = _table("Instances", "instance", "up", *numeric, "holding", "pace", "health",
+    table = _table("Instances", "instance", "up", *numeric, "holding", "health",
                    numeric=numeric)
     for i in o.get("instances") or []:
         latency = i.get("latency_s")
@@ -476,7 +476,7 @@ def _instances(o: Mapping[str, Any]) -> RenderableType:
             f"{i.get('in_flight')} / {target if target is not None else '-'}",
             f"{latency * 1000:.0f} ms" if isinstance(latency, int | float) else "-",
             str(i.get("invoices_delivered")), str(i.get("dead_lettered")), _text(holding),
-            _text(i.get("pace") or "-"), Text("ok", style="green") if i.get("healthy")
+            Text("ok", style="green") if i.get("healthy")
             else _text(i.get("problem"), "red"),
             style="" if i.get("healthy") else "red")
     if not o.get("instances"):

@@ -238,6 +238,9 @@ def test_log_format_change_on_sighup_applies_at_once(own_redis: RedisServer, tmp
     write_config(config, sim_url=sim.url, redis_url=own_redis.url, log_format="json",
                  block_timeout=0.3)
     reload_with(service, log, 0)
+    # the restart line is written right after the reload's: wait for it (a loaded
+    # machine read the log between the two, twice in CI)
+    wait_until(lambda: "need a restart" in log.read_text(errors="replace"), 10)
     lines = log.read_text(errors="replace").splitlines()
     reloaded = next(i for i, line in enumerate(lines) if "configuration reloaded" in line)
     assert lines[reloaded].startswith("{"), lines[reloaded]

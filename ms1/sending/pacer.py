@@ -218,6 +218,7 @@ class Pacer:
         self._budget_until = 0.0
         self._budget_seq = -1
         self._seq = 0
+        self._admitted = 0  # admissions not yet done
         self._contradicted: tuple[int | None, float | None] | None = None
         self._delays: deque[float] = deque(maxlen=JITTER_SAMPLES)
         self._delays_seen = 0
@@ -315,6 +316,7 @@ class Pacer:
             with self._lock:
                 generation, margins = self._key_generation, self._margin_generation
                 self._seq += 1
+                self._admitted += 1
                 if self._budget is not None:
                     self._budget -= 1
                 admission = Admission(token, probe, generation, grant, margins)
@@ -376,6 +378,8 @@ class Pacer:
             announced = read_announced(headers)
             if announced is not None:
                 self._follow(admission, announced)
+        with self._lock:
+            self._admitted = max(0, self._admitted - 1)
         ago = 0.0
         arrival = self.counts_at == "arrival"
         if sent is not None:
@@ -437,7 +441,10 @@ class Pacer:
             self._announced = announced
             if announced.remaining is not None and admission.seq >= self._budget_seq:
                 self._budget_seq = admission.seq
-                self._budget = announced.remaining - (self._seq - admission.seq)
+                # not counted in it yet, at most: those admitted after this request, or
+                # every other one in flight (one admitted before may have arrived after)
+                uncounted = max(self._seq - admission.seq, self._admitted - 1)
+                self._budget = announced.remaining - uncounted
                 reset = announced.reset if announced.reset is not None else \
                     self.limiter.window / self.limiter.limit
                 self._budget_until = self._clock() + reset
