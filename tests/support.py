@@ -56,6 +56,40 @@ def service_ini(redis_url: str, *, ms4_url: str | None = None,
     return ini(sections)
 
 
+def fleet_configs(tmp_path: Path, redis_url: str, ms4_url: str,
+                  send: Mapping[str, object], count: int = 3) -> list[Path]:
+    """``count`` configs for instances sharing one Redis (the rate limiter too), each its
+    own consumer, sending to ``ms4_url`` with these ``[send]`` settings."""
+    configs = [tmp_path / f"fleet-{n}.ini" for n in range(count)]
+    for n, config in enumerate(configs):
+        config.write_text(service_ini(redis_url, ms4_url=ms4_url, settings={
+            "ms1": {"log_level": "WARNING"}, "batch": {"max_wait": 0.05},
+            "redis": {"consumer": f"fleet-{n}"},
+            "send": {"rate_limiter": "redis", **send}}))
+    return configs
+
+
+def start_instances(procs: list[Any], tmp_path: Path, configs: list[Path], invoices: int,
+                    env: Mapping[str, str]) -> list[Path]:
+    """Queue ``invoices`` sample e-mails in the inbound stream (``enqueue`` with the first
+    config), then start one ms1-service per config, each logging to ``ms1-N.log``; the
+    logs."""
+    from ms1.tools import samples
+
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(b"".join(s.data + b"\n" for s in samples.generate(invoices)))
+    subprocess.run([sys.executable, "-m", "ms1.cli", "--config", str(configs[0]),
+                    "enqueue", str(data)], check=True, capture_output=True, timeout=60,
+                   env=dict(env))
+    logs = [tmp_path / f"ms1-{n}.log" for n in range(len(configs))]
+    for config, log in zip(configs, logs, strict=True):
+        with log.open("wb") as err:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "ms1.cli", "--config", str(config)],
+                env=dict(env), stdout=subprocess.DEVNULL, stderr=err))
+    return logs
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
     """Poll ``predicate`` until it holds (True) or ``timeout`` s have passed (its last
     answer)."""

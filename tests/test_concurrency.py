@@ -368,33 +368,16 @@ def test_three_instances_sharing_the_redis_limiter_reach_the_ceiling_together(
     """Three ms1-service processes (default concurrency) on one Redis — inbound stream,
     outbound stream and rate limiter shared — against ms4-sim at 0.5 s latency, MS4's
     limit compressed to 120 per 6 s; every e-mail queued before they start."""
-    import subprocess
-    import sys
-
-    from support import service_ini, wait_until
+    from support import fleet_configs, start_instances, wait_until
 
     invoices = 12_500  # 250 requests of 50
     sim = Ms4Sim(SimConfig(api_key="k", rate_limit=LIMIT, window=WINDOW, latency=0.5)).start()
     try:
-        configs = [tmp_path / f"fleet-{n}.ini" for n in range(3)]
-        for n, config in enumerate(configs):
-            config.write_text(service_ini(own_redis.url, ms4_url=sim.url, settings={
-                "ms1": {"log_level": "WARNING"}, "batch": {"max_wait": 0.05},
-                "redis": {"consumer": f"fleet-{n}"},
-                "send": {"requests_per_minute": LIMIT, "rate_window": WINDOW,
-                         "rate_limiter": "redis", "retry_initial": 0.5, "retry_max": 5}}))
-        data = tmp_path / "in.jsonl"
-        data.write_bytes(b"".join(s.data + b"\n" for s in samples.generate(invoices)))
-        env = {**os.environ, "MS1_MS4_API_KEY": "k"}
-        subprocess.run([sys.executable, "-m", "ms1.cli", "--config", str(configs[0]),
-                        "enqueue", str(data)], check=True, capture_output=True, timeout=60,
-                       env=env)
-        logs = [tmp_path / f"ms1-{n}.log" for n in range(3)]
-        for config, log in zip(configs, logs, strict=True):
-            with log.open("wb") as err:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "ms1.cli", "--config", str(config)],
-                    env=env, stdout=subprocess.DEVNULL, stderr=err))
+        configs = fleet_configs(tmp_path, own_redis.url, sim.url, {
+            "requests_per_minute": LIMIT, "rate_window": WINDOW, "retry_initial": 0.5,
+            "retry_max": 5})
+        logs = start_instances(procs, tmp_path, configs, invoices,
+                               {**os.environ, "MS1_MS4_API_KEY": "k"})
         delivered = wait_until(
             lambda: sim.stats()["unique_invoices_accepted"] >= invoices, timeout=90, interval=0.2)
         stats = sim.stats()

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +28,7 @@ from ms1.sending.breaker import Breaker
 from ms1.sending.limiter import RateLimiter, SlidingWindowLimiter
 from ms1.sending.pacer import Pacer
 from ms1.sending.shape import Shape
-from ms1.tools import bench, fronts, samples
+from ms1.tools import bench, fronts
 from ms1.tools.sim import Ms4Sim, SimConfig
 from plugins.redis.limiter import RedisRateLimiter
 from plugins.redis.link import RedisLink
@@ -273,31 +271,16 @@ def test_three_instances_on_the_redis_limiter_behind_nginx_without_burst(
         own_redis: Any, tmp_path: Path, procs: list[Any]) -> None:
     """Three ms1-service processes sharing the Redis limiter (and its learned shape)
     behind nginx limit_req without burst at 10 a second: the same figures as one."""
-    from support import service_ini, wait_until
+    from support import fleet_configs, start_instances, wait_until
 
     limit, window, invoices = 60, 6.0, 15_000  # 300 requests
     sim = Ms4Sim(SimConfig(api_key="k", rate_limit=0, latency=0.1)).start()
     front = fronts.start("nginx", tmp_path / "nginx", free_port(), sim.port, limit, window)
     try:
-        configs = [tmp_path / f"fleet-{n}.ini" for n in range(3)]
-        for n, config in enumerate(configs):
-            config.write_text(service_ini(own_redis.url, ms4_url=front.url, settings={
-                "ms1": {"log_level": "WARNING"}, "batch": {"max_wait": 0.05},
-                "redis": {"consumer": f"fleet-{n}"},
-                "send": {"requests_per_minute": limit, "rate_window": window,
-                         "rate_limiter": "redis"}}))
-        data = tmp_path / "in.jsonl"
-        data.write_bytes(b"".join(s.data + b"\n" for s in samples.generate(invoices)))
-        env = {**os.environ, "MS1_MS4_API_KEY": "k"}
-        subprocess.run([sys.executable, "-m", "ms1.cli", "--config", str(configs[0]),
-                        "enqueue", str(data)], check=True, capture_output=True, timeout=60,
-                       env=env)
-        logs = [tmp_path / f"ms1-{n}.log" for n in range(3)]
-        for config, log in zip(configs, logs, strict=True):
-            with log.open("wb") as err:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "ms1.cli", "--config", str(config)],
-                    env=env, stdout=subprocess.DEVNULL, stderr=err))
+        configs = fleet_configs(tmp_path, own_redis.url, front.url,
+                                {"requests_per_minute": limit, "rate_window": window})
+        logs = start_instances(procs, tmp_path, configs, invoices,
+                               {**os.environ, "MS1_MS4_API_KEY": "k"})
         delivered = wait_until(
             lambda: sim.stats()["unique_invoices_accepted"] >= invoices, timeout=90,
             interval=0.2)

@@ -501,19 +501,18 @@ class Pacer:
     def _rate_limited(self, admission: Admission, arrival: bool) -> None:
         """A 429 although the limiter let the request go. Sent as part of a burst, MS4's
         limiter allows smaller bursts: the allowance is cut. Sent at the steady pace, MS4
-        counts more than the rate: the spacing widens, and if the window was (nearly)
-        full, MS4 may count requests later than ms1 stamps them: the count margin widens
-        too (its cost is bounded by the latency: a slot is never stamped past its
-        answer). Once per spell each."""
+        counts more than the rate: the spacing widens. Either way, if the window was
+        (nearly) full, MS4 may count requests later than ms1 stamps them: the count
+        margin widens too (its cost is bounded by the latency: a slot is never stamped
+        past its answer). Once per spell each."""
         grant = admission.grant
         if grant.level is None or grant.epoch is None:  # no shaping: the window is all
             if arrival:
                 self._widen_margin(admission.margin_generation)
             return
         level, epoch = grant.level, grant.epoch
-        if level <= shapes.STEADY and arrival and grant.fill is not None and \
-                grant.fill >= shapes.WINDOW_FULL:
-            # at the steady pace with the window (nearly) full: MS4 may count late too
+        if arrival and grant.fill is not None and grant.fill >= shapes.WINDOW_FULL:
+            # sent while the window was (nearly) full: MS4 may count late too
             self._widen_margin(admission.margin_generation)
         before = self.limiter.shape
         try:

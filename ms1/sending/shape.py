@@ -122,7 +122,9 @@ def refused(shape: Shape, level: float, epoch: int) -> Shape | None:
     if epoch != shape.epoch:
         return None
     if level > STEADY:  # part of a burst: the limiter allows less than that
-        burst = max(1.0, float(math.floor(min(shape.burst / 2, level - 1) + 0.5)))
+        # at least halved (rounded down), and below the refused request's level (its
+        # count ahead of the pace, to the nearest request: the clock drifts by fractions)
+        burst = float(max(1, min(math.floor(shape.burst / 2), round(level - 1))))
         return replace(shape, burst=burst, ceiling=burst, epoch=shape.epoch + 1,
                        cuts=shape.cuts + 1, credit=0)
     # at the steady pace: a strict limiter, and the requests came too close
