@@ -226,9 +226,12 @@ def dlq_list(config: Config, pm: pluggy.PluginManager, *, limit: int, as_json: b
     for letter in letters:
         if as_json:
             print(json.dumps(letter_to_json(letter), ensure_ascii=False))
-        else:
+        else:  # text read from the store (MS4's answer included): escaped, on one line
             who = letter.invoice_id or letter.message_id or letter.source_ref or "?"
-            print(f"{letter.id}  {letter.stage:<9} {who}  {letter.reason}")
+            line = f"{letter.id}  {letter.stage:<9} {who}  {letter.reason}"
+            if letter.malformed:
+                line += f"  [malformed: {letter.malformed}]"
+            print(escape_controls(line))
     if not as_json:
         print(f"({len(letters)} of {total} dead letters shown)", file=sys.stderr)
     return EXIT_OK
@@ -261,7 +264,7 @@ def dlq_replay(config: Config, pm: pluggy.PluginManager, ids: list[str] | None) 
         store.close()
     print(f"replayed {result.replayed} dead letters in {result.batches} batches")
     for letter_id, reason in result.still_invalid:
-        print(f"kept {letter_id}: still invalid: {reason}")
+        print(escape_controls(f"kept {letter_id}: still invalid: {reason}"))
     return EXIT_OK if not result.still_invalid else EXIT_FAILED
 
 
@@ -292,6 +295,10 @@ def replay(store: DeadLetterStore, queue: QueueBackend, *, ids: Sequence[str] | 
     batches = []
     still_invalid: list[tuple[str, str]] = []
     for letter in letters:
+        if letter.malformed:
+            still_invalid.append((letter.id, f"a malformed dead letter ({letter.malformed}): "
+                                  "inspect it with dlq list --json, then fix or remove it"))
+            continue
         if letter.stage in RAW_ENTRY_STAGES:
             still_invalid.append((letter.id, f"a raw {letter.stage} entry, not an e-mail or "
                                   f"an MS4 object ({letter.reason}); fix it at its origin"))

@@ -19,12 +19,14 @@ import base64
 import bisect
 import builtins
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +170,8 @@ def letter_to_json(letter: DeadLetter) -> dict[str, Any]:
     if letter.payload_size is not None:
         record["payload_size"] = letter.payload_size
         record["payload_sha256"] = letter.payload_sha256
+    if letter.malformed:
+        record["malformed"] = letter.malformed
     try:
         record["payload"] = letter.payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -175,23 +179,96 @@ def letter_to_json(letter: DeadLetter) -> dict[str, Any]:
     return record
 
 
-def letter_from_json(record: dict[str, Any]) -> DeadLetter:
-    if "payload_b64" in record:
-        payload = base64.b64decode(record["payload_b64"])
-    else:
-        payload = str(record.get("payload", "")).encode("utf-8")
+#: the latest time a stored letter may claim (a later or unreadable one reads as 0)
+LATEST_AT = 1e11
+
+
+def decode_letter(field: Callable[[str], object], payload: bytes, letter_id: str,
+                  problems: list[str] | None = None) -> DeadLetter:
+    """A stored dead letter read defensively — the one decoder of every store: ``field``
+    gives a stored field (None: missing; bytes or anything else is made text). A field
+    that is missing or unreadable is read as empty (a time as 0, a size as none) and said
+    in :attr:`DeadLetter.malformed`, never an error."""
+    problems = list(problems or [])
+
+    def text(name: str, required: bool = False) -> str | None:
+        value = field(name)
+        if value is None:
+            if required:
+                problems.append(f"no {name}")
+            return None
+        if isinstance(value, bytes):
+            return value.decode("utf-8", "replace")
+        return value if isinstance(value, str) else str(value)
+
+    at = 0.0
+    raw_at = text("at", required=True)
+    if raw_at is not None:
+        try:
+            at = float(raw_at)
+        except ValueError:
+            at = math.nan
+        if not 0 <= at <= LATEST_AT:  # NaN, inf, negative, far future
+            problems.append(f"at {raw_at[:40]!r} is not a time")
+            at = 0.0
+    size: int | None = None
+    raw_size = text("payload_size")
+    if raw_size is not None:
+        try:
+            size = int(raw_size)
+        except ValueError:
+            size = -1
+        if not 0 <= size <= 1 << 40:
+            problems.append(f"payload_size {raw_size[:40]!r} is not a size")
+            size = None
     return DeadLetter(
-        reason=record["reason"], stage=record["stage"], payload=payload,
-        message_id=record.get("message_id"), invoice_id=record.get("invoice_id"),
-        source_ref=record.get("source_ref"), ms4_answer=record.get("ms4_answer"),
-        at=float(record.get("at", 0.0)), id=str(record.get("id", "")),
-        payload_size=record.get("payload_size"), payload_sha256=record.get("payload_sha256"),
-    )
+        reason=text("reason", required=True) or "", stage=text("stage", required=True) or "",
+        payload=payload, message_id=text("message_id"), invoice_id=text("invoice_id"),
+        source_ref=text("source_ref"), ms4_answer=text("ms4_answer"), at=at, id=letter_id,
+        payload_size=size, payload_sha256=text("payload_sha256"),
+        malformed="; ".join(problems) or None)
+
+
+def letter_from_json(record: object) -> DeadLetter:
+    """A letter from one JSON record of a store (defensively: :func:`decode_letter`)."""
+    fields = record if isinstance(record, dict) else {}
+    problems = [] if isinstance(record, dict) else ["not a JSON object"]
+    payload = b""
+    try:
+        if "payload_b64" in fields:
+            payload = base64.b64decode(str(fields["payload_b64"]), validate=True)
+        else:
+            payload = str(fields.get("payload", "")).encode("utf-8", "replace")
+    except ValueError:
+        problems.append("payload_b64 is not base64")
+    return decode_letter(fields.get, payload, str(fields.get("id", "")), problems)
+
+
+def _line_record(line: bytes) -> object:
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _line_id(line: bytes) -> str:
-    """The ``id`` of one JSON line of a :class:`JsonlDeadLetters` file."""
-    return str(json.loads(line).get("id", ""))
+    """The ``id`` of one line of a :class:`JsonlDeadLetters` file (a line that is no JSON
+    object gets one from its content, so it can be listed and removed like any other)."""
+    record = _line_record(line)
+    if isinstance(record, dict) and "id" in record:
+        return str(record["id"])
+    return "bad-" + hashlib.sha256(line.strip()).hexdigest()[:16]
+
+
+def _letter_of_line(line: bytes) -> DeadLetter:
+    """The letter of one line, defensively: a line that is no JSON keeps its raw bytes as
+    the payload and says so."""
+    record = _line_record(line)
+    if record is None:
+        return DeadLetter(reason="", stage="", payload=line.strip(), at=0.0,
+                          id=_line_id(line), malformed="not a JSON line")
+    letter = letter_from_json(record)
+    return letter if letter.id else dataclasses.replace(letter, id=_line_id(line))
 
 
 class JsonlDeadLetters(DeadLetterStore):
@@ -225,7 +302,7 @@ class JsonlDeadLetters(DeadLetterStore):
 
     def _read(self) -> builtins.list[DeadLetter]:
         with self.path.open("rb") as fh:
-            return [letter_from_json(json.loads(line)) for line in fh if line.strip()]
+            return [_letter_of_line(line) for line in fh if line.strip()]
 
     def list(self, limit: int = 100, ids: Sequence[str] | None = None
              ) -> builtins.list[DeadLetter]:
@@ -251,7 +328,7 @@ class JsonlDeadLetters(DeadLetterStore):
                 if len(page) >= limit:
                     break
                 if line.strip():
-                    page.append(letter_from_json(json.loads(line)))
+                    page.append(_letter_of_line(line))
         return page
 
     def remove(self, ids: Sequence[str]) -> int:

@@ -160,6 +160,9 @@ class DeadLetter:
     id: str = ""
     payload_size: int | None = None
     payload_sha256: str | None = None
+    #: set when a stored record was read back only in part (a field missing or
+    #: unreadable: what was wrong); such a letter is shown as such and never replayed
+    malformed: str | None = None
 
     def clipped(self, max_bytes: int) -> DeadLetter:
         """This letter with at most ``max_bytes`` of its payload (itself if it fits).

@@ -13,7 +13,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Sequence
 
-from ms1.deadletters import DeadLetterStore, clip
+from ms1.deadletters import DeadLetterStore, clip, decode_letter
 from ms1.errors import QueueError
 from ms1.model import DeadLetter
 from ms1.source import Source
@@ -39,16 +39,10 @@ def letter_fields(letter: DeadLetter) -> Fields:
 
 
 def letter_from_fields(entry_id: str, fields: dict[bytes, bytes]) -> DeadLetter:
-    def text(key: str) -> str | None:
-        value = fields.get(key.encode())
-        return None if value is None else value.decode("utf-8", "replace")
-
-    return DeadLetter(reason=text("reason") or "", stage=text("stage") or "",
-                      payload=fields.get(b"payload", b""), message_id=text("message_id"),
-                      invoice_id=text("invoice_id"), source_ref=text("source_ref"),
-                      ms4_answer=text("ms4_answer"), at=float(text("at") or 0), id=entry_id,
-                      payload_size=int(size) if (size := text("payload_size")) else None,
-                      payload_sha256=text("payload_sha256"))
+    """A letter from its stream entry, defensively (:func:`ms1.deadletters.decode_letter`:
+    a missing or unreadable field is said in ``malformed``, never an error)."""
+    return decode_letter(lambda key: fields.get(key.encode()), fields.get(b"payload", b""),
+                         entry_id)
 
 
 class RedisDeadLetters(DeadLetterStore):
