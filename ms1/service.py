@@ -39,6 +39,7 @@ from ms1.sending.pacer import PacerSettings
 from ms1.sending.sender import (
     IdlePoll,
     InFlight,
+    Outage,
     Sender,
     SendSettings,
     SharedSettings,
@@ -175,6 +176,8 @@ class Service:
         #: whose turn it is to ask the queue while the senders are idle; the stop and the
         #: abort wake every sender waiting for it
         self.idle = IdlePoll()
+        #: the queue's outages as the senders see them: one line each way for all of them
+        self.outage = Outage()
         self.senders_stop: threading.Event = WakingEvent(self.idle)
         self.abort: threading.Event = WakingEvent(self.idle)
         self._inbox: stdqueue.Queue[list[InboundMessage]] = stdqueue.Queue(maxsize=8)
@@ -280,7 +283,7 @@ class Service:
             observers=self.observers, stats=self.stats, pacer=self.pacer,
             stop=self.senders_stop, abort=self.abort, settings=self.send_settings,
             in_flight=self.in_flight, progress=self.progress, concurrency=self.concurrency,
-            idle=self.idle)
+            idle=self.idle, outage=self.outage)
 
     def _allowed_rate(self) -> float:
         """Requests per second the rate limiter allows (the whole limit, every instance)."""

@@ -192,7 +192,8 @@ class Service:
 # --- the producer: valid e-mails all along, garbage when the schedule says ----------------------
 
 #: garbage inbound entries: no ``email`` field, binary names and values, no e-mail in it,
-#: a valid e-mail with other fields beside it (README: set aside with all its fields)
+#: a valid e-mail with other fields beside it, one named in binary (README: set aside with
+#: all its fields; text-named ones beside ``email`` are ignored, issue 21)
 GARBAGE_KINDS = ("no_email", "binary_fields", "wrong_field_name", "extra_fields",
                  "binary_email", "not_json", "json_not_object", "empty_email",
                  "invalid_invoice")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import threading
 import time
@@ -560,10 +561,13 @@ def test_source_hands_out_a_malformed_entry_with_its_problem_and_the_rest_as_usu
     src.close()
 
 
-def test_source_decodes_every_inbound_shape_in_one_place(redis_url) -> None:
-    """Issue 11: an entry with fields besides ``email`` is set aside with all of them; a
-    non-UTF-8 ``email`` goes to the processor as it is; one larger than the source's
-    bound is set aside unparsed, its e-mail kept as the payload (clipped by the store)."""
+def test_source_decodes_every_inbound_shape_in_one_place(redis_url, caplog) -> None:
+    """Issue 11: an entry with fields besides ``email`` of which one is named in binary is
+    set aside with all of them; a non-UTF-8 ``email`` goes to the processor as it is; one
+    larger than the source's bound is set aside unparsed, its e-mail kept as the payload
+    (clipped by the store). Issue 21: one with text-named fields besides ``email`` (an
+    ingestor's trace id) is an e-mail (it was a dead letter), each name said once."""
+    caplog.set_level(logging.INFO)
     src = RedisSource(RedisLink(redis_url).use(), stream="t:in", group="g", consumer="c",
                       visibility_timeout=30, delete_acked=True, max_email_bytes=1000)
     client = src.link.client
@@ -573,19 +577,23 @@ def test_source_decodes_every_inbound_shape_in_one_place(redis_url) -> None:
         {b"email": b"\xff\xfe{not utf-8"},
         {b"email": b"x" * 1001},
         {b"email": b"x" * 1000},
+        {b"email": b"3", b"trace": b"abc"},
+        {b"email": b"4", b"trace": b"def"},
     ]
     ids = [client.xadd("t:in", fields).decode() for fields in shapes]
     messages = src.read(10, timeout=0.5)
     assert [m.ref for m in messages] == ids
-    ok, extra, binary, big, edge = messages
+    ok, extra, binary, big, edge, traced, traced_again = messages
     assert (ok.data, ok.problem) == (b"1", None)
     assert extra.problem is not None and raw_fields(extra.data) == shapes[1]
-    assert "unexpected fields" in extra.problem and "'extra'" in extra.problem
+    assert "not text" in extra.problem and "'extra'" in extra.problem
     assert "'\\xff'" in extra.problem
     assert (binary.data, binary.problem) == (shapes[2][b"email"], None)
     assert big.problem is not None and big.data == shapes[3][b"email"]
     assert "1001 bytes" in big.problem and "1000" in big.problem
     assert (edge.data, edge.problem) == (shapes[4][b"email"], None)
+    assert [(m.data, m.problem) for m in (traced, traced_again)] == [(b"3", None), (b"4", None)]
+    assert sum("'trace'" in r.getMessage() for r in caplog.records) == 1  # said once
     src.close()
 
 

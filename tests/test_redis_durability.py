@@ -383,3 +383,32 @@ def test_status_dlq_list_and_replay_against_real_redis(redis_url, tmp_path, proc
     assert second["unique_invoices_accepted"] == len(rejected)
     assert second["duplicate_invoices"] == 0
     assert parts["dead_letters"]["count"] == 0, parts
+
+
+def test_a_5_second_redis_outage_is_two_lines_per_stage_not_one_per_sender(
+        own_redis, tmp_path, procs) -> None:
+    """Issue 21: an idle service with its default 64 senders, Redis stopped for 5 s: before,
+    every sender logged its own ERROR and WARNING (130 lines); now the senders share one
+    outage (ms1.sending.sender.Outage) and every pipeline stage says it at most twice."""
+    sim = start_sim(procs, tmp_path)
+    config = tmp_path / "ms1.ini"
+    config.write_text(service_ini(own_redis.url, ms4_url=sim.url,
+                                  settings={"ms1": {"log_format": "text"}}))
+    log = tmp_path / "service.log"
+    service = start_service(procs, config, log)
+    assert wait_until(lambda: "ready" in log.read_text(errors="replace"), 30), tail(log)
+    own_redis.stop()
+    time.sleep(5)  # the outage itself
+    own_redis.start()
+    assert wait_until(lambda: "answers again" in log.read_text(errors="replace"), 30), tail(log)
+    lines = [line for line in log.read_text(errors="replace").splitlines()
+             if re.search(r" (ERROR|WARNING|CRITICAL) ", line)]
+    by_stage: dict[str, int] = {}
+    for line in lines:
+        found = re.search(r" \[([a-z-]+?)(?:-\d+)?\] ", line)
+        stage = found.group(1) if found else "?"
+        by_stage[stage] = by_stage.get(stage, 0) + 1
+    print(f"\n5 s Redis outage, {len(lines)} lines by stage: {by_stage}")
+    assert service.poll() is None, tail(log)
+    assert by_stage.get("sender", 0) <= 2, lines
+    assert all(count <= 2 for count in by_stage.values()), by_stage

@@ -198,6 +198,30 @@ class IdlePoll:
             self._cond.notify_all()
 
 
+class Outage:
+    """Whether the queue backend answers, as every sender sees it: the first sender to
+    find it failing logs one ERROR, the first to find it answering again one WARNING —
+    one pair of lines per outage for all the senders, not one per sender."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down = False
+
+    def failed(self, text: str, *args: object) -> None:
+        with self._lock:
+            if self._down:
+                return
+            self._down = True
+        log.error(text, *args)
+
+    def answered(self, text: str, *args: object) -> None:
+        with self._lock:
+            if not self._down:
+                return
+            self._down = False
+        log.warning(text, *args)
+
+
 class WakingEvent(threading.Event):
     """An Event that also wakes the senders waiting for their turn (:class:`IdlePoll`)
     when it is set: the service's ``senders_stop`` and ``abort``."""
@@ -221,7 +245,7 @@ class Sender:
         settings: SharedSettings | None = None, in_flight: InFlight | None = None,
         progress: Progress | None = None, concurrency: Controller | None = None,
         retry_initial: float = 0.5, retry_max: float = 30.0, poll: float = 0.2,
-        idle: IdlePoll | None = None,
+        idle: IdlePoll | None = None, outage: Outage | None = None,
         max_deliveries: int = 0,
     ) -> None:
         """``settings``: the shared settings to read (the service's); without it, the
@@ -242,6 +266,8 @@ class Sender:
         self._progress = progress if progress is not None else Progress()
         self._poll = poll
         self._idle = idle
+        #: the queue's outages, shared by the service's senders (one log line each way)
+        self._outage = outage if outage is not None else Outage()
         #: the gate an attempt takes a slot of, and is told its outcome (None: no gate)
         self._concurrency = concurrency
         self._retire_lock = threading.Lock()
@@ -302,7 +328,6 @@ class Sender:
             idle.give()
 
     def _run(self) -> None:
-        failing = False
         while not self._done():
             self._progress.beat(self.name, "taking a batch from the queue")
             polled = time.monotonic()
@@ -311,16 +336,12 @@ class Sender:
                 if delivery is None and self._done():
                     break
             except QueueError as exc:
-                if not failing:
-                    log.error("cannot take batches from queue %s (%s); waiting for it",
-                              self._queue.name, exc)
-                failing = True
+                self._outage.failed("cannot take batches from queue %s (%s); the senders "
+                                    "wait for it", self._queue.name, exc)
                 with self._progress.waiting(self.name, "queue unreachable: asking again in 1 s"):
                     self._abort.wait(1.0)
                 continue
-            if failing:
-                log.warning("queue %s answers again", self._queue.name)
-                failing = False
+            self._outage.answered("queue %s answers again", self._queue.name)
             if delivery is not None:
                 self.deliver(delivery)
             else:
@@ -369,21 +390,18 @@ class Sender:
     def _settle(self, action: Callable[[], object], what: str) -> None:
         """Run a queue/dead-letter step until it succeeds; on abort, leave the batch queued
         (it will be redelivered: a possible duplicate, never a loss)."""
-        failing = False
         while True:
             self._progress.beat(self.name, what)
             try:
                 action()
             except Ms1Error as exc:
-                if not failing:
-                    log.error("cannot %s (%s); retrying", what, exc)
-                failing = True
+                self._outage.failed("cannot %s (%s); the senders retry until the queue "
+                                    "answers", what, exc)
                 with self._progress.waiting(self.name, f"cannot {what}: retrying"):
                     if self._abort.wait(0.5):
                         raise Aborted from exc
                 continue
-            if failing:
-                log.warning("recovered: could %s", what)
+            self._outage.answered("the queue answers again (could %s)", what)
             return
 
     def _give_up(self, delivery: Delivery, max_deliveries: int) -> None:

@@ -13,9 +13,11 @@ entry is:
 * exactly one field, ``email``, of at most ``max_email_bytes`` (``[batch] max_bytes``) —
   an e-mail, handed to the processor as the bytes it is (not UTF-8, not JSON: the
   processor rejects it, and its dead letter keeps those bytes);
-* no ``email`` field, or other fields besides it (another producer's entry, binary field
-  names) — handed out with all its raw fields as data (:func:`.leases.raw_fields`) and a
-  ``problem`` naming the fields;
+* ``email`` and other fields whose names are text (an ingestor's trace id) — the e-mail,
+  as above: the other fields are ignored, each name said once in the log;
+* no ``email`` field, or other fields besides it whose names are not text (another
+  producer's entry, binary field names) — handed out with all its raw fields as data
+  (:func:`.leases.raw_fields`) and a ``problem`` naming the fields;
 * an ``email`` larger than ``max_email_bytes`` — handed out unparsed with a ``problem``:
   the MS4 object made of it is the e-mail less its envelope (give or take a few bytes
   per number normalised), so it would not fit in a batch of ``[batch] max_bytes`` either,
@@ -38,6 +40,7 @@ did.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -75,7 +78,9 @@ def inbound_message(stream: str, entry_id: str, fields: dict[bytes, bytes],
     """What an inbound entry is (see the module doc): an e-mail, or raw data with the
     ``problem`` that makes it a dead letter. Never raises."""
     data = fields.get(b"email")
-    if data is not None and len(fields) == 1:
+    if data is not None and (len(fields) == 1 or _readable_names(fields)):
+        if len(fields) > 1:  # an ingestor's trace id, say: the e-mail is still the e-mail
+            _note_fields(stream, fields)
         if len(data) <= max_email_bytes:
             return InboundMessage(entry_id, data)
         problem = (f"{stream} entry {entry_id}: its e-mail is {len(data)} bytes, more than "
@@ -90,10 +95,42 @@ def inbound_message(stream: str, entry_id: str, fields: dict[bytes, bytes],
     else:
         extra = ", ".join(f"'{name}'" for name in field_names(
             {k: v for k, v in fields.items() if k != b"email"}))
-        problem = (f"{stream} entry {entry_id} has unexpected fields besides 'email' "
-                   f"({extra}): kept with its raw fields")
+        problem = (f"{stream} entry {entry_id} has fields besides 'email' whose names are "
+                   f"not text ({extra}): kept with its raw fields")
     log.warning("%s", problem)
     return InboundMessage(entry_id, raw_fields(fields), problem=problem)
+
+
+#: field names besides ``email`` already said in the log (each once; at most this many)
+_NOTED: set[bytes] = set()
+_NOTED_MOST = 64
+_noted_lock = threading.Lock()
+
+
+def _readable_names(fields: dict[bytes, bytes]) -> bool:
+    """Every field name is text (UTF-8, no control character)."""
+    for name in fields:
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        if not text.isprintable():
+            return False
+    return True
+
+
+def _note_fields(stream: str, fields: dict[bytes, bytes]) -> None:
+    """Say once per field name that entries carry fields besides ``email`` (ignored)."""
+    new = []
+    with _noted_lock:
+        for name in fields:
+            if name != b"email" and name not in _NOTED and len(_NOTED) < _NOTED_MOST:
+                _NOTED.add(name)
+                new.append(name.decode("utf-8"))
+    if new:
+        log.info("%s entries carry fields besides 'email' (%s): ignored, the 'email' field "
+                 "is the e-mail (said once per name)", stream,
+                 ", ".join(f"'{n}'" for n in sorted(new)))
 
 
 class RedisSource(Source):
