@@ -469,3 +469,27 @@ def test_a_replay_failing_midway_says_what_was_replayed(world: World,
     assert "Replayed 2 of 6 dead letters in 1 batches" in page, page
     assert "queue unreachable" in page
     assert len(world.ids()) == 5  # 7 - the 2 replayed
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]"])
+def test_every_interface_without_origins_is_refused_at_start(make_config: Any, host: str
+                                                              ) -> None:
+    """Issue 21: [console] address on every interface with no origins answered a request
+    naming any host (DNS rebinding: a page on attacker.example resolving here got the dead
+    letters) with one WARNING; now the console refuses to start, naming the key. With
+    origins it starts and refuses other hosts."""
+    world = World()
+    config = make_config(f"[console]\naddress = {host}:{free_port()}\n")
+    with pytest.raises(ConfigError, match=r"\[console\] address: .* every interface.*origins"):
+        Console(config, fleet=world.fleet, source=None, queue=world.queue,
+                dead_letters=world.store)
+    config = make_config(f"[console]\naddress = {host}:{free_port()}\n"
+                         "origins = https://ms1.example.com\n")
+    console = Console(config, fleet=world.fleet, source=None, queue=world.queue,
+                      dead_letters=world.store)
+    try:
+        assert console.context.trusted_hosts is not None
+        assert "ms1.example.com" in console.context.trusted_hosts
+        assert "attacker.example" not in console.context.trusted_hosts
+    finally:
+        console.close()

@@ -115,6 +115,12 @@ class Console:
         self.token = read_admin_token(config, environ)
         origins = parse_origins(config.get_str("console", "origins"))
         hosts = trusted_hosts(host, origins)
+        if hosts is None:  # any Host answered: a page on any name resolving here (rebinding)
+            raise config.error("console", "address",
+                               f"{host} listens on every interface, and with no [console] "
+                               "origins a request naming any host would be answered (DNS "
+                               "rebinding): list in origins the names the console is reached "
+                               "under, or listen on one address")
         get_ceiling = ceiling or (lambda: Ceiling.from_config(config))
         letter_counts = LetterCounts(dead_letters)
 
@@ -136,10 +142,6 @@ class Console:
         except (OSError, ValueError) as exc:
             raise config.error("console", "address",
                                f"cannot listen on {host}:{port}: {exc}") from None
-        if hosts is None:
-            log.warning("console: listening on every interface with no [console] origins: "
-                        "requests naming any host are answered (list the names it is "
-                        "reached under in origins)")
 
     @property
     def address(self) -> str:
