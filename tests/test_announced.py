@@ -107,3 +107,21 @@ def test_an_ms4_announcing_a_stricter_limit_draws_no_429(
     print(f"\n{form}: {stats['requests_by_status']}, announced {announced}")
     assert stats["requests_by_status"].get("429", 0) == 0, stats
     assert announced is not None and announced.limit == 30
+
+
+def test_a_hostile_reset_is_held_to_retry_after_max_and_silence_ends_the_budget() -> None:
+    """An MS4 announcing 0 left for a day holds sending no longer than a Retry-After may
+    (retry_after_max); an answer that announces nothing (the front taken out) ends the
+    budget: before, ms1 held one request per window from then on."""
+    pacer = Pacer(SlidingWindowLimiter(120, 60.0), Breaker(5, 30), retry_after_cap=0.3)
+    first = pacer.admit(threading.Event())
+    pacer.done(first, 202, headers={"x-ratelimit-remaining": "0",
+                                    "x-ratelimit-reset": "86400"})
+    started = time.monotonic()
+    second = pacer.admit(threading.Event())
+    assert 0.2 <= time.monotonic() - started <= 1.0
+    pacer.done(second, 202, headers={"content-type": "application/json"})
+    started = time.monotonic()
+    for _ in range(5):  # no budget left to spend: the pace alone
+        pacer.done(pacer.admit(threading.Event()), 202, headers={})
+    assert time.monotonic() - started < 0.2

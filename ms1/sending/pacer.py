@@ -374,10 +374,12 @@ class Pacer:
         (a 3xx's ``Location``, MS4's text); ``sent``: when the request was out
         (``time.monotonic()``; None: unknown — the slot is then stamped now); ``headers``:
         the answer's (lower-case keys), for the RateLimit fields MS4 may announce."""
-        if headers:
+        if headers is not None:
             announced = read_announced(headers)
             if announced is not None:
                 self._follow(admission, announced)
+            elif status is not None:
+                self._unannounced(admission)
         with self._lock:
             self._admitted = max(0, self._admitted - 1)
         ago = 0.0
@@ -432,6 +434,14 @@ class Pacer:
                 return 0.0
             return 0.0 if self._budget > 0 else self._budget_until - now
 
+    def _unannounced(self, admission: Admission) -> None:
+        """An answer newer than the budget's announces nothing: MS4 stopped announcing
+        (a front taken out, a new version); the budget is forgotten, the pace alone
+        paces."""
+        with self._lock:
+            if self._budget is not None and admission.seq > self._budget_seq:
+                self._budget = None
+
     def _follow(self, admission: Admission, announced: Announced) -> None:
         """MS4 announced its limit in an answer: follow its remaining budget until the
         reset (the newest answer's; the requests admitted after this one may not be
@@ -447,7 +457,8 @@ class Pacer:
                 self._budget = announced.remaining - uncounted
                 reset = announced.reset if announced.reset is not None else \
                     self.limiter.window / self.limiter.limit
-                self._budget_until = self._clock() + reset
+                # a reset is held to retry_after_max, as a Retry-After is
+                self._budget_until = self._clock() + min(reset, self.retry_after_cap)
             policy = (announced.limit, announced.window)
             if announced.limit is None or policy == self._contradicted:
                 return
