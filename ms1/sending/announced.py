@@ -50,28 +50,28 @@ class Announced:
         return ", ".join(parts) + f" ({self.source})"
 
 
-def _count(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        value = int(text.strip().strip('"'))
-    except ValueError:
-        return None
-    return value if 0 <= value <= 10**9 else None
-
-
-def _seconds(text: str | None, now: Callable[[], float] = time.time) -> float | None:
+def _number(text: str | None) -> float | None:
+    """A field's non-negative finite number (quotes and blanks around it allowed)."""
     if text is None:
         return None
     try:
         value = float(text.strip().strip('"'))
     except ValueError:
         return None
-    if not math.isfinite(value) or value < 0:
-        return None
-    if value > 1e9:  # a Unix time
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _count(text: str | None) -> int | None:
+    value = _number(text)
+    return int(value) if value is not None and value == int(value) and value <= 10**9 \
+        else None
+
+
+def _seconds(text: str | None, now: Callable[[], float] = time.time) -> float | None:
+    value = _number(text)
+    if value is not None and value > 1e9:  # a Unix time
         value = max(0.0, value - now())
-    return value if value <= MAX_RESET else None
+    return value if value is not None and value <= MAX_RESET else None
 
 
 def _items(value: str) -> list[dict[str, str]]:

@@ -11,7 +11,7 @@
   on the request; with ``answer`` (an MS4 counting requests as it answers them), or when
   the transport does not say, when the answer came. A 429 although the limiter allowed
   the request says MS4 counts later than that: the margin in effect doubles (once per
-  429 pause), up to the window, until a restart or a reload that changes
+  spell of 429s: requests admitted before a widening widen nothing more), up to the window, until a restart or a reload that changes
   ``count_margin`` (:attr:`Pacer.margin`);
 * the **pace** (with ``[send] rate_shape = learn``): the limiter also spaces requests
   evenly with a burst allowance learned from 429s (:mod:`ms1.sending.shape`). A 429 of a
@@ -491,11 +491,6 @@ class Pacer:
         limiter.spacing_floor = min(shapes.MAX_SPACING,
                                     max(0.0, spread) / (limiter.window / limiter.limit))
 
-    @property
-    def jitter(self) -> float:
-        """The spacing the senders' own jitter asks for (a fraction of the interval)."""
-        return self.limiter.spacing_floor
-
     def _accepted(self, grant: Grant) -> None:
         """A 202: the pace's allowance grows if the request used all of it."""
         shape = self.limiter.shape
@@ -559,26 +554,24 @@ class Pacer:
             self.limiter.window / self.limiter.limit
         return step * (1 + random.uniform(0, 0.5))
 
-    def _pause(self, retry_after: str | None) -> bool:
-        """Pause every sender until ``Retry-After``; True if no pause was running (the first
-        429 of a burst: the others answer requests that were in flight with it)."""
+    def _pause(self, retry_after: str | None) -> None:
+        """Pause every sender until ``Retry-After`` (a later end than the running pause's
+        extends it)."""
         delay = parse_retry_after(retry_after, default=self._default_pause(),
                                   cap=self.retry_after_cap)
         with self._lock:
             now = self._clock()
-            began = self._paused_until <= now
             until = now + delay
             if until > self._paused_until:
                 self._paused_until = until
                 log.warning("MS4 answered 429: all senders pause %.1f s (Retry-After: %r)",
                             delay, retry_after)
-        return began
 
     def _widen_margin(self, generation: int) -> None:
         """MS4 answered 429 although the limiter let the request go: MS4 counted one of the
         window's earlier requests later than out + margin (a loaded MS4 reading requests
-        late), or something else spends the key's budget. Double the margin (once per 429
-        pause), up to the window: a margin too wide costs little, since a slot is never
+        late), or something else spends the key's budget. Double the margin (once per spell: a
+        429 of a request admitted before the last widening widens nothing), up to the window: a margin too wide costs little, since a slot is never
         stamped later than its answer came — at worst the share of ``ms4_counts_at =
         answer``. It holds until a restart or a reload that changes ``count_margin`` or
         ``ms4_counts_at``."""

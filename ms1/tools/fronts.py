@@ -157,7 +157,7 @@ def start(kind: str, directory: Path, port: int, upstream: int, limit: int, wind
     directory.mkdir(parents=True, exist_ok=True)
     stderr = (directory / "stderr.log").open("wb")
     if kind == "nginx":
-        if burst and burst < 0:
+        if burst < 0:
             raise ValueError("burst must be >= 0")
         conf = directory / "nginx.conf"
         conf.write_text(nginx_config(directory, port, upstream, limit, window, burst))
