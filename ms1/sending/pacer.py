@@ -11,8 +11,9 @@
   on the request; with ``answer`` (an MS4 counting requests as it answers them), or when
   the transport does not say, when the answer came. A 429 although the limiter allowed
   the request says MS4 counts later than that: the margin in effect doubles (once per
-  spell of 429s: requests admitted before a widening widen nothing more), up to the window, until a restart or a reload that changes
-  ``count_margin`` (:attr:`Pacer.margin`);
+  spell of 429s: requests admitted before a widening widen nothing more), up to the
+  window, until a restart or a reload that changes ``count_margin``
+  (:attr:`Pacer.margin`);
 * the **pace** (with ``[send] rate_shape = learn``): the limiter also spaces requests
   evenly with a burst allowance learned from 429s (:mod:`ms1.sending.shape`). A 429 of a
   request sent as part of a burst cuts the allowance; one of a request sent while the
@@ -571,7 +572,8 @@ class Pacer:
         """MS4 answered 429 although the limiter let the request go: MS4 counted one of the
         window's earlier requests later than out + margin (a loaded MS4 reading requests
         late), or something else spends the key's budget. Double the margin (once per spell: a
-        429 of a request admitted before the last widening widens nothing), up to the window: a margin too wide costs little, since a slot is never
+        429 of a request admitted before the last widening widens nothing), up to the
+        window: a margin too wide costs little, since a slot is never
         stamped later than its answer came — at worst the share of ``ms4_counts_at =
         answer``. It holds until a restart or a reload that changes ``count_margin`` or
         ``ms4_counts_at``."""
