@@ -107,8 +107,9 @@ def test_a_cold_start_sends_two_at_once_then_one_per_interval(shaping: RateLimit
     first, _ = shaping.acquire()
     second, _ = shaping.acquire()
     assert first is not None and second is not None
-    assert (first.level, second.level) == (pytest.approx(1.0, abs=0.01),
-                                           pytest.approx(2.0, abs=0.01))
+    # the level drains with the time between the two grants (1.6 ms once in CI: 1.984)
+    assert (first.level, second.level) == (pytest.approx(1.0, abs=0.1),
+                                           pytest.approx(2.0, abs=0.1))
     assert second.fill == pytest.approx(0.2) and second.epoch == 0
     third, wait = shaping.acquire()
     assert third is None and 0.05 < wait <= 0.11  # one interval, 0.102 s, less the time
