@@ -124,4 +124,4 @@ def test_a_hostile_reset_is_held_to_retry_after_max_and_silence_ends_the_budget(
     started = time.monotonic()
     for _ in range(5):  # no budget left to spend: the pace alone
         pacer.done(pacer.admit(threading.Event()), 202, headers={})
-    assert time.monotonic() - started < 0.2
+    assert time.monotonic() - started < 1.0  # a budget still held would wait 60 s
