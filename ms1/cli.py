@@ -53,6 +53,9 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT
 #: seconds closing the components (Redis connections, prefetched batches) may take at exit:
 #: past it ms1 exits anyway, and what they still hold stays pending in a durable queue
 CLOSE_TIMEOUT = 0.3
+#: seconds between the main thread's checks that every pipeline thread still runs (a
+#: signal wakes it at once)
+ALIVE_CHECK = 2.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,10 +179,12 @@ def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once
         restore_terminal = progressbar.restore_cursor  # the bars' hidden cursor, at os._exit
     stop_requested = threading.Event()
     reload_requested = threading.Event()
+    wake = threading.Event()  # either of them was set
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
             reload_requested.set()
+            wake.set()
             return
         name = signal.Signals(signum).name
         if stop_requested.is_set():
@@ -194,6 +199,7 @@ def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once
             return
         log.info("received %s: draining", name)
         stop_requested.set()
+        wake.set()
 
     handled = [signal.SIGTERM, signal.SIGINT] + ([] if once else [signal.SIGHUP])
     previous = {sig: signal.signal(sig, on_signal) for sig in handled}
@@ -212,7 +218,12 @@ def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once
                 watchdog = Watchdog(notifier, interval, healthy=service.healthy,
                                     status=lambda: _status(service), problem=service.health)
                 watchdog.start()
-            while not stop_requested.wait(0.5):
+            while not stop_requested.is_set():
+                # a signal wakes it; a pipeline thread that died is seen within ALIVE_CHECK
+                wake.wait(ALIVE_CHECK)
+                wake.clear()
+                if stop_requested.is_set():
+                    break
                 if reload_requested.is_set():
                     reload_requested.clear()
                     notifier.reloading()

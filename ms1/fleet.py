@@ -1,13 +1,13 @@
 """The fleet: every running instance publishes what it is doing, anyone can read them all.
 
 A :class:`Fleet` is a small shared board: each running ``ms1-service`` publishes a
-*snapshot* of itself about once a second (:class:`Publisher`, in a thread of its own) with
-a time to live, so an instance that died vanishes within ``ttl`` seconds; the web console
-and ``ms1-service top`` read every live snapshot (:meth:`Fleet.snapshots`) and add them up
-(:mod:`ms1.overview`). Built in: :class:`MemoryFleet` (this process only); the ``redis``
-plugin's fleet covers every instance on the same Redis. A plugin provides one through the
-``ms1_make_fleet`` hook; ``[fleet] backend`` chooses (``auto``: see
-:func:`ms1.pluginmanager.build_fleet`).
+*snapshot* of itself once a second while it changes, every ``ttl / 3`` s while it does not
+(:class:`Publisher`, in a thread of its own), with a time to live, so an instance that
+died vanishes within ``ttl`` seconds; the web console and ``ms1-service top`` read every
+live snapshot (:meth:`Fleet.snapshots`) and add them up (:mod:`ms1.overview`). Built in:
+:class:`MemoryFleet` (this process only); the ``redis`` plugin's fleet covers every
+instance on the same Redis. A plugin provides one through the ``ms1_make_fleet`` hook;
+``[fleet] backend`` chooses (``auto``: see :func:`ms1.pluginmanager.build_fleet`).
 
 A snapshot is a plain JSON-able dict (:func:`Sampler.sample` builds it; schema
 :data:`SCHEMA`)::
@@ -227,14 +227,24 @@ def _pace(pacer: Pacer) -> dict[str, Any]:
             "announced": None if announced is None else announced.text()}
 
 
+#: what moves with time alone (rates, seconds held: an idle sender is held by the empty
+#: queue): a heartbeat carries them
+_TIMELY = frozenset({"updated", "rates", "held_seconds", "held_recent"})
+
+
+def _settled(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """The snapshot without what moves with time alone: equal while nothing happens."""
+    return {key: value for key, value in sample.items() if key not in _TIMELY}
+
+
 def _redacted(text: str | None) -> str | None:
     return None if text is None else redact(text)
 
 
 class Publisher:
-    """Publishes ``sample()`` to ``fleet`` every ``interval`` seconds in the thread
-    ``fleet-publisher``; on :meth:`close` it takes the snapshot down (best effort). A
-    failing fleet only makes it skip beats."""
+    """Samples every ``interval`` seconds in the thread ``fleet-publisher`` and publishes
+    to ``fleet`` what changed (else a heartbeat every ``ttl / 3`` s); on :meth:`close` it
+    takes the snapshot down (best effort). A failing fleet only makes it skip beats."""
 
     def __init__(self, fleet: Fleet, instance: str, sample: Callable[[], Mapping[str, Any]],
                  *, interval: float = PUBLISH_INTERVAL, ttl: float = SNAPSHOT_TTL) -> None:
@@ -247,6 +257,8 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self._failing = False
         self.published = 0
+        self._last_sample: dict[str, Any] | None = None
+        self._last_published = 0.0
 
     def start(self) -> None:
         if self._thread is None:
@@ -268,9 +280,12 @@ class Publisher:
             self._thread.join(timeout)
 
     def publish_once(self) -> bool:
-        """One beat: True if the snapshot went up."""
+        """Sample and publish now: True if the snapshot went up."""
+        return self._publish(self._sample())
+
+    def _publish(self, sample: Mapping[str, Any]) -> bool:
         try:
-            self.fleet.publish(self.instance, self._sample(), self.ttl)
+            self.fleet.publish(self.instance, sample, self.ttl)
         except Exception as exc:  # Ms1Error (unreachable), or a plugin's bug: skip the beat
             if not self._failing:
                 self._failing = True
@@ -287,10 +302,32 @@ class Publisher:
         self.published += 1
         return True
 
+    def beat(self) -> bool:
+        """One turn of the thread: sample, and publish if the snapshot changed (what moves
+        with time alone aside) or the last one is :attr:`heartbeat` seconds old: an idle
+        instance costs Redis a write every few seconds, not every second. True if it went
+        up."""
+        sample = self._sample()
+        now = time.monotonic()
+        same = _settled(sample) == self._last_sample
+        if same and now - self._last_published < self.heartbeat:
+            return False
+        if not self._publish(sample):
+            return False
+        self._last_sample = _settled(sample)
+        self._last_published = now
+        return True
+
+    @property
+    def heartbeat(self) -> float:
+        """Seconds between two snapshots while nothing changes: a third of the time they
+        live, so two may be lost before an idle instance vanishes."""
+        return max(self.interval, self.ttl / 3)
+
     def _run(self) -> None:
         while True:
             started = time.monotonic()
-            self.publish_once()
+            self.beat()
             if self._stop.wait(max(0.05, self.interval - (time.monotonic() - started))):
                 break
         try:

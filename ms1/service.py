@@ -64,6 +64,9 @@ QUEUE_READ_INTERVAL = 1.0
 #: e-mail ends the wait at once; a stop is seen within it): an idle service wakes about
 #: once a second per stage, not five times
 IDLE_READ = 1.0
+#: seconds the batcher, with no batch open, waits for the reader's next chunk: the reader
+#: always ends with an end mark that wakes it, so this only bounds the wait
+IDLE_BATCH = 5.0
 #: most batches (or dead-letter lists) the committer stores in one round trip
 COMMIT_GROUP = 16
 
@@ -448,8 +451,8 @@ class Service:
                 progress.beat("batcher", "batching")
                 deadline = intake.deadline()
                 # nothing pending: wait for a chunk (a put wakes it; the reader always ends
-                # with _EOF), beating once a second
-                wait = IDLE_READ if deadline is None else min(0.2, deadline - time.monotonic())
+                # with _EOF)
+                wait = IDLE_BATCH if deadline is None else min(0.2, deadline - time.monotonic())
                 try:
                     with progress.waiting("batcher", "waiting for e-mails"):
                         chunk = self._inbox.get(timeout=max(wait, 0.0))

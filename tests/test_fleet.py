@@ -262,3 +262,33 @@ def test_publisher_never_holds_the_caller_when_the_fleet_hangs() -> None:
     publisher.close(timeout=0.2)
     assert time.monotonic() - started < 1
     release.set()
+
+
+def test_an_idle_instance_publishes_a_heartbeat_and_a_change_at_once() -> None:
+    """Issue 20 (idle costs nothing): while the snapshot does not change (time stamp, rates
+    and held seconds aside) the publisher writes every ttl / 3 s, not every beat; a change
+    goes up at the next beat."""
+    fleet = Flaky()
+    fleet.failing = False
+    state = {"id": "me", "counters": {"emails_read": 0}, "updated": 0.0, "rates": {"x": 0.0}}
+
+    def sample() -> dict[str, Any]:
+        state["updated"] = time.time()
+        state["rates"] = {"x": time.monotonic()}  # moves with time alone
+        return {**state, "counters": dict(state["counters"])}
+
+    publisher = Publisher(fleet, "me", sample, interval=0.1, ttl=3)
+    assert publisher.heartbeat == 1.0
+    assert publisher.beat()  # the first always goes up
+    for _ in range(3):
+        assert not publisher.beat()  # nothing changed
+    state["counters"]["emails_read"] = 5
+    assert publisher.beat()  # a change: at once
+    assert not publisher.beat()
+    assert fleet.calls == 2
+    assert fleet.snapshots()[0]["counters"] == {"emails_read": 5}
+    publisher.start()
+    time.sleep(0.55)  # about five beats of the thread, none of them changed anything
+    assert fleet.calls == 2
+    assert wait_until(lambda: fleet.calls == 3, 3)  # the heartbeat
+    publisher.close(timeout=5)

@@ -38,20 +38,21 @@ def threads(pid: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # CPU time, not wall time, but caches shared with a busy suite inflate it
 @pytest.mark.xdist_group("measure")
-@pytest.mark.parametrize(("queue", "bound"), [
-    ("memory", 0.002),
-    # every second the instance publishes its snapshot to Redis and reads the queue's
-    # counts for /readyz: two round trips a second by design (0.25 % here, 0.37 % in CI)
-    ("redis", 0.005)])
+# with Redis, an idle instance still makes three round trips a second (the reader's and one
+# sender's blocking reads, the queue's counts for /readyz) and a heartbeat every 3.3 s
+@pytest.mark.parametrize("queue", ["memory", "redis"])
 def test_an_idle_service_uses_at_most_0_2_percent_of_a_core(
-        queue: str, bound: float, own_redis: Any, tmp_path: Path, procs: list[Any]) -> None:
+        queue: str, own_redis: Any, tmp_path: Path, procs: list[Any]) -> None:
     from support import service_ini, wait_until
 
     config = tmp_path / "idle.ini"
     config.write_text(service_ini(own_redis.url, settings={
         "ms1": {"log_level": "WARNING"}, "queue": {"backend": queue},
-        "source": {"allow_volatile": "yes"}}))
+        "source": {"allow_volatile": "yes"},
+        # the shipped defaults, not the suite's quick 0.2 s reads
+        "redis": {"block_timeout": 1.0, "socket_timeout": 5}}))
     log = tmp_path / "ms1.log"
     with log.open("wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "ms1.cli", "--config", str(config)],
@@ -75,7 +76,7 @@ def test_an_idle_service_uses_at_most_0_2_percent_of_a_core(
     print(f"\nidle service, {queue} queue, {threads(proc.pid)} threads: {used * 1000:.1f} ms "
           f"of CPU in {WINDOW:g} s = {share:.3%} of a core")
     assert proc.poll() is None, log.read_text()
-    assert share <= bound
+    assert share <= 0.002
 
 
 def test_one_idle_sender_at_a_time_asks_the_queue_and_a_stop_wakes_the_rest() -> None:
