@@ -26,7 +26,7 @@ from ms1.model import Batch, DeadLetter, InboundMessage, Item
 from ms1.outbound import QueueBackend
 from ms1.pluginmanager import Observers
 from ms1.processor import Accepted, unified_email_processor
-from ms1.progress import Progress
+from ms1.progress import Outage, Progress
 from ms1.source import Source
 from ms1.stats import RunStats
 
@@ -57,6 +57,8 @@ class Intake:
         self._stats = stats
         self._abort = abort
         self._retry_delay = retry_delay
+        #: storing, as the committing thread sees it (``/readyz``; one line each way)
+        self.outage = Outage("storing batches and dead letters", logger=log)
 
     def handle(self, messages: Sequence[InboundMessage]) -> None:
         """Process a chunk of messages; close and enqueue every batch that fills up."""
@@ -158,20 +160,18 @@ class Intake:
 
     def _persist(self, action: Callable[[], T], what: str) -> T:
         """Run ``action`` until it succeeds: the data is held here until it is safe."""
-        failing = False
         thread = threading.current_thread().name
+        outage = self.outage
         while True:
             self._progress.beat(thread, what)
             try:
-                result = action()
+                with outage.calling():
+                    result = action()
             except Ms1Error as exc:
-                if not failing:
-                    log.error("cannot %s (%s); holding the data and retrying every %.1f s",
+                outage.failed("cannot %s (%s); holding the data and retrying every %.1f s",
                               what, exc, self._retry_delay)
-                failing = True
             else:
-                if failing:
-                    log.warning("recovered: could %s again", what)
+                outage.answered("recovered: could %s again", what)
                 return result
             with self._progress.waiting(thread, f"cannot {what}: retrying every "
                                                 f"{self._retry_delay:g} s"):

@@ -17,7 +17,11 @@ fed by the same hooks a third-party metrics plugin would use — plus a small HT
   (:mod:`ms1.progress`), else 503 naming the dead or stalled thread and what it was doing;
 * ``/readyz`` — 200 when ms1 can deliver; 503 naming why not: unhealthy, stopped by a
   401, a 403 or a configuration error (3xx, 404, 405 ...: ``[transport.http] base_url``),
-  breaker open (naming the last failure), or the queue backend (Redis) unreachable.
+  breaker open (naming the last failure), a part of the pipeline that cannot read, store,
+  take or settle batches or ask the rate limiter (its last error, such as Redis refusing
+  writes — OOM, MISCONF, a key of the wrong type — or a call not answered for 2 s past
+  its own wait, as under ``CLIENT PAUSE WRITE``: :class:`ms1.progress.Outage`), or the
+  queue backend (Redis) unreachable.
 
 No request waits for Redis or MS4: health and readiness come from state the threads keep
 (the progress registry, the pacer), and the queue's counts and the dead-letter count from
@@ -133,6 +137,8 @@ class ServiceView:
     in_flight: Callable[[], int] | None = None
     #: the concurrency controller (``ms1_concurrency_target``, ``ms1_ms4_latency_seconds``)
     concurrency: Controller | None = None
+    #: why the pipeline cannot read, store, take or send now (``/readyz``), or None
+    blocked: Callable[[], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -460,6 +466,10 @@ class Exporter:
             return stop.reason
         if pacer.breaker.state == "open":
             return pacer.held_back() or "circuit breaker open: MS4 is failing"
+        blocked = self.service.blocked
+        problem = blocked() if blocked is not None else None
+        if problem is not None:
+            return problem
         unreachable = self.queue_watch.unreachable()
         if unreachable is not None:
             return f"queue unreachable: {unreachable}"

@@ -34,6 +34,7 @@ healthy.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,83 @@ class Progress:
         """What each known thread is doing or waiting for (for status lines)."""
         with self._lock:
             return dict(self._doing)
+
+
+#: seconds past its own allowance a call may take before its part counts as not answering
+SLOW_CALL = 2.0
+
+
+class Outage:
+    """Whether one part of the pipeline (reading the source, storing batches, taking and
+    settling them, the rate limiter) can do its work now, as all its threads see it.
+
+    * :meth:`failed` / :meth:`answered` — the first thread to find it failing logs one
+      ERROR, the first to find it working again one WARNING: one pair of lines per outage
+      for all the threads, not one per thread;
+    * :meth:`calling` — brackets a call in progress, so a call that hangs (a Redis under
+      ``CLIENT PAUSE``, a write blocked) counts as an outage before its own timeout ends it;
+    * :meth:`problem` — why the part cannot work now, for ``/readyz``: readiness follows
+      whether the pipeline stores and sends, not only whether Redis answers a PING.
+    """
+
+    def __init__(self, part: str, *, logger: logging.Logger | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``part``: what the part does, as ``/readyz`` names it; ``logger``: the one its
+        lines go to (the module of the threads that use it)."""
+        self.part = part
+        self._log = logger if logger is not None else log
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._reason: str | None = None
+        self._calls: dict[int, tuple[float, float]] = {}  # thread id: (start, allowance)
+
+    @property
+    def down(self) -> bool:
+        return self._reason is not None
+
+    def failed(self, text: str, *args: object) -> None:
+        """A call failed; ``text % args`` is the reason (logged once per outage)."""
+        reason = text % args if args else text
+        with self._lock:
+            first = self._reason is None
+            self._reason = reason
+        if first:
+            self._log.error("%s", reason)
+
+    def answered(self, text: str, *args: object) -> None:
+        """A call succeeded; logs ``text % args`` if that ends an outage."""
+        with self._lock:
+            if self._reason is None:
+                return
+            self._reason = None
+        self._log.warning(text, *args)
+
+    @contextmanager
+    def calling(self, allowance: float = 0.0) -> Iterator[None]:
+        """Within this block the calling thread waits for an answer; one that takes longer
+        than ``allowance`` (a blocking read's own wait) + :data:`SLOW_CALL` s is an
+        outage while it lasts."""
+        ident = threading.get_ident()
+        with self._lock:
+            self._calls[ident] = (self._clock(), allowance)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls.pop(ident, None)
+
+    def problem(self) -> str | None:
+        """None while the part works; else why not (its last failure, or the call that
+        has not answered for longest)."""
+        now = self._clock()
+        with self._lock:
+            if self._reason is not None:
+                return self._reason
+            late = [now - start for start, allowance in self._calls.values()
+                    if now - start > allowance + SLOW_CALL]
+        if late:
+            return f"{self.part}: no answer for {max(late):.0f} s"
+        return None
 
 
 def call_within(call: Callable[[], T], timeout: float, what: str) -> T:

@@ -33,13 +33,12 @@ from ms1.model import InboundMessage
 from ms1.outbound import QueueStats
 from ms1.overview import Ceiling
 from ms1.pluginmanager import Observers
-from ms1.progress import Progress, Stall
+from ms1.progress import Outage, Progress, Stall
 from ms1.sending.concurrency import Controller, fixed_concurrency
 from ms1.sending.pacer import PacerSettings
 from ms1.sending.sender import (
     IdlePoll,
     InFlight,
-    Outage,
     Sender,
     SendSettings,
     SharedSettings,
@@ -180,7 +179,10 @@ class Service:
         #: abort wake every sender waiting for it
         self.idle = IdlePoll()
         #: the queue's outages as the senders see them: one line each way for all of them
-        self.outage = Outage()
+        self.outage = Outage("taking and settling batches",
+                             logger=logging.getLogger("ms1.sending.sender"))
+        #: the source's, as the reader sees them
+        self.reading = Outage("reading the source", logger=log)
         self.senders_stop: threading.Event = WakingEvent(self.idle)
         self.abort: threading.Event = WakingEvent(self.idle)
         self._inbox: stdqueue.Queue[list[InboundMessage]] = stdqueue.Queue(maxsize=8)
@@ -222,7 +224,7 @@ class Service:
             queue_stats=components.queue.stats,
             dead_letter_count=components.dead_letters.count, health=self.health,
             queue_watch=self.queue_watch, in_flight=lambda: self.in_flight.current,
-            concurrency=self.concurrency)
+            concurrency=self.concurrency, blocked=self.not_storing_or_sending)
         self.exporter: Exporter | None = None
         address = config.get_str("metrics", "address")
         if address:
@@ -345,25 +347,22 @@ class Service:
     def _read_loop(self) -> None:
         source = self.parts.source
         progress = self.progress
-        failing = False
+        reading = self.reading
         wait = 0.2
         try:
             while not self.intake_stop.is_set():
                 progress.beat("reader", f"reading source {source.name}")
                 try:
-                    messages = source.read(self._read_chunk, timeout=wait)
+                    with reading.calling(wait):
+                        messages = source.read(self._read_chunk, timeout=wait)
                 except Ms1Error as exc:
-                    if not failing:
-                        log.error("cannot read from source %s (%s); waiting for it",
-                                  source.name, exc)
-                    failing = True
+                    reading.failed("cannot read from source %s (%s); waiting for it",
+                                   source.name, exc)
                     with progress.waiting("reader", f"source {source.name} unreachable: "
                                                     "reading again in 1 s"):
                         self.intake_stop.wait(1.0)
                     continue
-                if failing:
-                    log.warning("source %s answers again", source.name)
-                    failing = False
+                reading.answered("source %s answers again", source.name)
                 # idle: read with a longer wait (an e-mail arriving ends it at once; a stop is
                 # seen within it); while e-mails flow, and with --once, 0.2 s
                 wait = 0.2 if messages or self.once else IDLE_READ
@@ -500,6 +499,20 @@ class Service:
         stalls = self.stalls()
         if stalls:
             return "; ".join(str(stall) for stall in stalls)
+        return None
+
+    @property
+    def outages(self) -> tuple[Outage, ...]:
+        """Every part whose outage makes the service not ready (``/readyz``)."""
+        return (self.reading, self.intake.outage, self.outage, self.pacer.limiter_outage)
+
+    def not_storing_or_sending(self) -> str | None:
+        """Why the pipeline cannot read, store, take or send now (the first part that
+        cannot), or None."""
+        for outage in self.outages:
+            problem = outage.problem()
+            if problem is not None:
+                return problem
         return None
 
     def healthy(self) -> bool:

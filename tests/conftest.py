@@ -110,7 +110,8 @@ class RedisServer:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
                 "--save", "", "--logfile", str(self.dir / "redis.log"),
-                "--maxmemory-policy", "noeviction"]
+                "--maxmemory-policy", "noeviction",
+                "--enable-protected-configs", "yes"]  # a test may CONFIG SET dir
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

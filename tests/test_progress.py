@@ -73,3 +73,23 @@ def test_many_threads_beating_at_once() -> None:
     for t in threads:
         t.join()
     assert progress.stalled(60) == [] and len(progress.doing()) == 8
+
+
+def test_an_outage_is_a_failure_until_an_answer_or_a_call_past_its_allowance() -> None:
+    """Issue 21: readiness follows whether each part works (ms1.progress.Outage)."""
+    from ms1.progress import SLOW_CALL, Outage
+
+    now = [100.0]
+    outage = Outage("storing", clock=lambda: now[0])
+    assert outage.problem() is None
+    outage.failed("cannot store (%s)", "OOM")
+    outage.failed("cannot store (%s)", "MISCONF")  # the latest reason is the one named
+    assert outage.problem() == "cannot store (MISCONF)" and outage.down
+    outage.answered("stored again")
+    assert outage.problem() is None
+    with outage.calling(allowance=1.0):
+        now[0] += 1.0 + SLOW_CALL
+        assert outage.problem() is None  # within its allowance + SLOW_CALL
+        now[0] += 0.5
+        assert outage.problem() == "storing: no answer for 4 s"
+    assert outage.problem() is None

@@ -292,7 +292,9 @@ def test_redis_frozen_is_no_stall_and_health_answers_at_once(
             print(f"/readyz while Redis is frozen: slowest answer {slowest * 1000:.0f} ms, "
                   f"last: {answers[-1][:2]}; /metrics in {scraped[2] * 1000:.0f} ms")
             assert slowest < 0.1
-            assert answers[-1][0] == 503 and "queue unreachable" in answers[-1][1]
+            # (named by the part that met it first: the queue's counts, or a read that timed out)
+            assert answers[-1][0] == 503 and ("queue unreachable" in answers[-1][1]
+                                              or "Timeout" in answers[-1][1]), answers[-1]
             assert scraped[0] == 200 and scraped[2] < 0.5
             assert "ms1_queue_reachable 0.0" in scraped[1]
             assert wait_until(lambda: get(metrics, "/readyz")[0] == 200, 10), tail(log)

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 from ms1.config import Config, Secret
 from ms1.errors import Ms1Error
+from ms1.progress import Outage
 from ms1.sending import shape as shapes
 from ms1.sending.announced import Announced, read_announced
 from ms1.sending.answers import Answer, Kind, classify
@@ -209,7 +210,8 @@ class Pacer:
         self._stop: Stop | None = None
         self._auth_probe_in_flight = False  # a stop's probe (the name is historical)
         self._next_auth_probe = 0.0
-        self._limiter_down = False
+        #: the rate limiter, as the senders see it (``/readyz``; one line each way)
+        self.limiter_outage = Outage("the rate limiter", logger=log)
         self._key_generation = 0
         self._margin_generation = 0
         #: what MS4 last announced of its limit (RateLimit fields), and the budget left
@@ -286,17 +288,15 @@ class Pacer:
                 self._hold(abort, wait, "rate_budget")
                 continue
             try:
-                grant, wait = self.limiter.acquire(ahead)
+                with self.limiter_outage.calling():
+                    grant, wait = self.limiter.acquire(ahead)
             except Ms1Error as exc:
                 # fail closed: without the shared count we cannot know we are under the limit
-                if not self._limiter_down:
-                    log.error("rate limiter unavailable (%s): not sending until it is back", exc)
-                self._limiter_down = True
+                self.limiter_outage.failed("rate limiter unavailable (%s): not sending until "
+                                           "it is back", exc)
                 self._hold(abort, 0.5, "limiter_down")
                 continue
-            if self._limiter_down:
-                log.warning("rate limiter available again")
-                self._limiter_down = False
+            self.limiter_outage.answered("rate limiter available again")
             if grant is None:
                 self._hold(abort, wait, "rate_budget")
                 continue

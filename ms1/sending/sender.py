@@ -61,7 +61,7 @@ from ms1.errors import Ms1Error, QueueError, TransportError
 from ms1.model import Batch, DeadLetter
 from ms1.outbound import Delivery, QueueBackend
 from ms1.pluginmanager import Observers
-from ms1.progress import Progress
+from ms1.progress import Outage, Progress
 from ms1.sending.answers import Answer, Kind
 from ms1.sending.concurrency import Controller
 from ms1.sending.pacer import Aborted, Admission, Pacer
@@ -198,30 +198,6 @@ class IdlePoll:
             self._cond.notify_all()
 
 
-class Outage:
-    """Whether the queue backend answers, as every sender sees it: the first sender to
-    find it failing logs one ERROR, the first to find it answering again one WARNING —
-    one pair of lines per outage for all the senders, not one per sender."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._down = False
-
-    def failed(self, text: str, *args: object) -> None:
-        with self._lock:
-            if self._down:
-                return
-            self._down = True
-        log.error(text, *args)
-
-    def answered(self, text: str, *args: object) -> None:
-        with self._lock:
-            if not self._down:
-                return
-            self._down = False
-        log.warning(text, *args)
-
-
 class WakingEvent(threading.Event):
     """An Event that also wakes the senders waiting for their turn (:class:`IdlePoll`)
     when it is set: the service's ``senders_stop`` and ``abort``."""
@@ -267,7 +243,8 @@ class Sender:
         self._poll = poll
         self._idle = idle
         #: the queue's outages, shared by the service's senders (one log line each way)
-        self._outage = outage if outage is not None else Outage()
+        self._outage = outage if outage is not None else Outage(
+            "taking and settling batches", logger=log)
         #: the gate an attempt takes a slot of, and is told its outcome (None: no gate)
         self._concurrency = concurrency
         self._retire_lock = threading.Lock()
@@ -323,7 +300,9 @@ class Sender:
         if not turn:
             return None
         try:  # the one asking may wait longer: a batch put wakes it, a stop within IDLE_WAIT
-            return self._queue.get(self.name, timeout=max(self._poll, IDLE_WAIT))
+            wait = max(self._poll, IDLE_WAIT)
+            with self._outage.calling(wait):
+                return self._queue.get(self.name, timeout=wait)
         finally:
             idle.give()
 
@@ -393,7 +372,8 @@ class Sender:
         while True:
             self._progress.beat(self.name, what)
             try:
-                action()
+                with self._outage.calling():
+                    action()
             except Ms1Error as exc:
                 self._outage.failed("cannot %s (%s); the senders retry until the queue "
                                     "answers", what, exc)
