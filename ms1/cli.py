@@ -250,6 +250,8 @@ def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once
         return EXIT_OK if summary.ok else EXIT_FAILED
     if not summary.ok and not components.queue.durable:
         return EXIT_FAILED  # batches left in memory are lost
+    if summary.lost:
+        return EXIT_FAILED  # the queue found stored work gone: never a quiet exit 0
     return EXIT_OK if stop_requested.is_set() else EXIT_FAILED
 
 

@@ -380,6 +380,11 @@ class _State(Collector):
                      "Seconds the queued backlog (ready + in flight, last reading) takes to "
                      "drain at MS4's ceiling, one request per batch (as status estimates it)",
                      (reading.stats.ready + reading.stats.in_flight) / ceiling)
+        yield _counter("ms1_queue_losses", "Stored streams the queue backend found gone "
+                       "while in use (evicted, deleted, flushed): lost work",
+                       len(reading.stats.losses))
+        yield _counter("ms1_lost_batches", "Batches those streams held at their last count "
+                       "(at least): lost", reading.stats.lost_batches)
         if reading.dead_letters is not None:
             yield _gauge("ms1_dead_letters", "Dead letters kept (last reading)",
                          reading.dead_letters)
@@ -397,6 +402,12 @@ def pipeline_threads() -> dict[str, int]:
         if stage in counts:
             counts[stage] += 1
     return counts
+
+
+def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, text)
+    family.add_metric([], value)
+    return family
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
@@ -461,6 +472,10 @@ class Exporter:
         unhealthy = self.health()
         if unhealthy is not None:
             return unhealthy
+        stats = self.queue_watch.latest().stats
+        if stats is not None and stats.losses:  # until a restart: a person must look
+            return f"work lost: {stats.losses[-1]}" + (
+                f" (and {len(stats.losses) - 1} more losses)" if len(stats.losses) > 1 else "")
         stop = pacer.stop
         if stop is not None:  # 401, 403, a configuration error (3xx, 404 ...): its reason
             return stop.reason

@@ -32,11 +32,16 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
-    """``ready``: batches waiting for a sender; ``in_flight``: handed out, not yet acked."""
+    """``ready``: batches waiting for a sender; ``in_flight``: handed out, not yet acked.
+    ``losses``: stored work the backend found gone since it started (a stream evicted,
+    deleted or flushed under it), each said in a line; ``lost_batches``: the batches they
+    held, as last counted (at least)."""
 
     ready: int
     in_flight: int
     invoices: int | None = 0  # None: the backend cannot count them cheaply
+    losses: tuple[str, ...] = ()
+    lost_batches: int = 0
 
     @property
     def empty(self) -> bool:

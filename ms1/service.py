@@ -106,7 +106,13 @@ class Summary:
     def ok(self) -> bool:
         """Everything read was stored and delivered (or dead-lettered), every input read."""
         return (self.undelivered is not None and self.undelivered.empty
+                and not self.undelivered.losses
                 and not self.skipped and self.not_stored == 0 and not self.interrupted)
+
+    @property
+    def lost(self) -> bool:
+        """The queue backend found stored work gone during the run (evicted, deleted)."""
+        return self.undelivered is not None and bool(self.undelivered.losses)
 
     def render(self) -> str:
         s = self.stats
@@ -138,6 +144,10 @@ class Summary:
             lines.append(f"NOT STORED: {self.not_stored} e-mails read were neither queued "
                          f"nor dead-lettered: {self.unacked_fate}")
         u = self.undelivered
+        if u is not None and u.losses:
+            lines.append(f"LOST: {len(u.losses)} stored streams found gone during the run, "
+                         f"with at least {u.lost_batches} batches:")
+            lines += [f"  {loss}" for loss in u.losses[:SUMMARY_SKIPPED_LISTED]]
         durable = ("durable: delivered by the next run" if self.queue_durable
                    else "in memory: LOST when this process exits")
         if u is None:

@@ -84,6 +84,8 @@ from .link import (
     check_key_tag,
     check_url,
     consumer_name,
+    eviction_refusal,
+    evicts_any,
     key_names,
     link_for,
     redact_url,
@@ -133,6 +135,11 @@ def ms1_config_options() -> Sequence[Option]:
                min=0.1, max=600),
         Option(SECTION, "connect_timeout", "float", 3.0, "seconds to connect to Redis",
                min=0.1, max=600),
+        Option(SECTION, "allow_eviction", "bool", False,
+               "run on a Redis whose maxmemory-policy evicts any key (allkeys-*); without "
+               "it ms1 refuses to start there (queued batches and unread e-mails would "
+               "vanish). With it, every stream ms1 finds gone is reported as lost work: "
+               "CRITICAL, /readyz 503, ms1_lost_batches_total, the stop summary"),
         Option(SECTION, "delete_acked_inbound", "bool", True,
                "delete inbound entries once safe (XDEL); say no if other consumer groups "
                "also read the inbound stream"),
@@ -180,7 +187,17 @@ def _check_linger(config: Config) -> None:
                            "short: e-mails waiting in an open batch would be taken over)")
 
 
+def _refuse_eviction(config: Config, link: RedisLink) -> None:
+    """Refuse (a ConfigError naming ``allow_eviction``) a Redis that evicts any key, when
+    it answers now; one that does not is checked at first use (:class:`RedisQueue`)."""
+    link.allow_eviction = config.get_bool(SECTION, "allow_eviction")
+    policy = link.memory_policy()
+    if policy is not None and evicts_any(policy) and not link.allow_eviction:
+        raise config.error(SECTION, "allow_eviction", eviction_refusal(link, policy))
+
+
 def _queue(config: Config, link: RedisLink) -> RedisQueue:
+    _refuse_eviction(config, link)
     keys = key_names(config)
     return RedisQueue(link, stream=keys["outbound_stream"],
                       group=config.get_str(SECTION, "group"), consumer=consumer_name(config),

@@ -44,9 +44,14 @@ def ensure_group(link: RedisLink, stream: str, group: str) -> None:
     again after Redis said NOGROUP (:func:`.link.translated` forgets the groups then): a
     failover can lose a group created just before it. A group created again starts at the
     stream's first entry, so every entry still in the stream is read again (a duplicate at
-    worst, never a loss)."""
+    worst, never a loss). A group that existed and whose stream is gone too is a loss
+    (:meth:`.link.RedisLink.vanished`)."""
     if (stream, group) in link.groups:
         return
+    if (stream, group) in link.lost_groups:  # was there, then NOGROUP: is the stream?
+        if not link.client.exists(stream):
+            link.vanished(stream)
+        link.lost_groups.discard((stream, group))
     try:
         link.client.xgroup_create(stream, group, id="0", mkstream=True)
     except redis.ResponseError as exc:

@@ -267,6 +267,20 @@ class RedisLink:
         #: (stream, group) pairs known to exist (:func:`.leases.ensure_group`); forgotten
         #: when Redis answers NOGROUP
         self.groups: set[tuple[str, str]] = set()
+        #: groups that existed and then drew a NOGROUP: is their stream still there?
+        self.lost_groups: set[tuple[str, str]] = set()
+        #: a stream's length as last counted (the queue's counts): what its loss loses
+        self.last_lengths: dict[str, int] = {}
+        #: streams found gone while ms1 used them, each said in a line (:meth:`vanished`)
+        self.losses: list[str] = []
+        #: the entries they held at the last count (at least), by stream
+        self.lost_counts: dict[str, int] = {}
+        #: Redis's maxmemory-policy as last read (None: not read, or CONFIG/INFO refused)
+        self.eviction_policy: str | None = None
+        #: ``[redis] allow_eviction``; and why ms1 refuses to use this Redis, once it found
+        #: it evicting without that (every queue call then fails with it)
+        self.allow_eviction = False
+        self.refusal: str | None = None
         self._own_wait_paused_until = 0.0
 
     # --- the client ----------------------------------------------------------------------
@@ -550,6 +564,25 @@ class RedisLink:
         except (redis.RedisError, RedisClusterException):
             return False
 
+    def memory_policy(self) -> str | None:
+        """Redis's ``maxmemory-policy`` (CONFIG GET; INFO where CONFIG is disabled, as on
+        managed Redis), kept in :attr:`eviction_policy`; None when Redis does not answer or
+        refuses both."""
+        try:
+            policy = self.server_config("maxmemory-policy")
+        except OUTAGE_ERRORS:
+            return None  # not there now: asked again at first use
+        except (redis.RedisError, RedisClusterException):
+            try:
+                info = self._node_client().info("memory")
+            except (redis.RedisError, RedisClusterException):
+                return None
+            policy = info.get("maxmemory_policy")
+            policy = None if policy is None else str(policy)
+        if policy is not None:
+            self.eviction_policy = policy
+        return policy
+
     def server_config(self, name: str) -> str | None:
         """``CONFIG GET name`` of the primary (of ms1's slot); raises redis-py's errors."""
         reply = self._node_client().config_get(name)
@@ -579,11 +612,48 @@ class RedisLink:
                     log.debug("heartbeat: %s", exc)
                     wait = 1.0  # Redis is failing: refresh again as soon as it is back
 
+    def vanished(self, stream: str) -> None:
+        """``stream`` existed (ms1's group was on it) and no longer does: Redis evicted it
+        (``maxmemory-policy``), or someone deleted or flushed it. Its entries are lost: one
+        CRITICAL line, and the loss goes into :attr:`losses` (the queue's counts carry it
+        to ``/readyz``, the metrics and the stop summary). A stream last counted empty lost
+        nothing: one WARNING."""
+        count = self.last_lengths.pop(stream, None)
+        why = ("evicted by Redis (maxmemory-policy " + self.eviction_policy + "), deleted or "
+               "flushed" if self.eviction_policy not in (None, "noeviction")
+               else "deleted or flushed (or evicted)")
+        if count == 0:
+            log.warning("Redis stream %s vanished (%s); it was empty at the last count: ms1 "
+                        "makes it again", stream, why)
+            return
+        held = (f"the {count} entries it held at the last count are LOST" if count
+                else "every entry it held is LOST (not counted)")
+        text = (f"Redis lost the stream {stream}: it no longer exists ({why}); {held}; ms1 "
+                f"makes it again")
+        with self._lock:
+            self.losses.append(text)
+            self.lost_counts[stream] = self.lost_counts.get(stream, 0) + (count or 0)
+        log.critical("%s", text)
+
     def recently_failed(self) -> bool:
         """True within one heartbeat period (+2 s) of a failed call: while Redis was away
         no instance could refresh what it holds, so nobody's idle entries mean anything
         until every live instance has had a heartbeat to refresh them."""
         return self.failed_at > 0 and time.monotonic() - self.failed_at < self._interval + 2
+
+
+def evicts_any(policy: str) -> bool:
+    """Whether ``maxmemory-policy`` may evict keys without a TTL (ms1's streams): the
+    ``allkeys-*`` policies. ``volatile-*`` evict only keys with a TTL (the rate limiter's,
+    the fleet's: nothing durable)."""
+    return policy.startswith("allkeys-")
+
+
+def eviction_refusal(link: RedisLink, policy: str) -> str:
+    return (f"Redis at {link.url} evicts any key under memory pressure (maxmemory-policy "
+            f"{policy}): queued batches and unread e-mails would vanish; set maxmemory-policy "
+            "noeviction (or a volatile-* policy: ms1's streams carry no TTL), or "
+            "allow_eviction = yes to run anyway with every vanished stream reported as loss")
 
 
 def lasting(exc: BaseException) -> bool:
@@ -613,9 +683,12 @@ def translated(error: type[Ms1Error], what: str, link: RedisLink) -> Iterator[No
             link.failed_at = time.monotonic()
         elif isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc) \
                 and link.groups:
-            # a consumer group is gone (a failover lost its creation): make it again
-            log.warning("%s: Redis has no such consumer group (NOGROUP): ms1 creates its "
-                        "groups again, from the first entry of each stream", what)
+            # a consumer group is gone: a failover lost its creation (make it again), or
+            # its stream is gone (evicted, deleted: a loss, .leases.ensure_group says which)
+            log.warning("%s: Redis has no such consumer group (NOGROUP): ms1 checks its "
+                        "streams and creates its groups again, from the first entry of "
+                        "each stream", what)
+            link.lost_groups |= link.groups
             link.groups.clear()
         raise error(f"{what}: {type(exc).__name__}: {exc} (Redis at {link.url})") from exc
     link.succeeded()

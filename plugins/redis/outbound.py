@@ -50,7 +50,7 @@ from .leases import (
     read_group,
     times_delivered,
 )
-from .link import Fields, RedisLink, translated
+from .link import Fields, RedisLink, eviction_refusal, evicts_any, translated
 
 log = logging.getLogger(__name__)
 
@@ -164,26 +164,40 @@ class RedisQueue(QueueBackend):
         link.on_heartbeat(self._held.refresh, visibility_timeout / 3)
 
     def _ensure(self) -> None:
-        ensure_group(self.link, self.stream, self.group)  # a set lookup once it exists
+        link = self.link
+        if link.refusal is not None:
+            raise QueueError(link.refusal)
+        ensure_group(link, self.stream, self.group)  # a set lookup once it exists
         if self._ready:
             return
         with self._ready_lock:
             if not self._ready:
-                self._check_persistence()
+                self._check_server()
                 self._ready = True
+        if link.refusal is not None:
+            raise QueueError(link.refusal)
 
-    def _check_persistence(self) -> None:
+    def _check_server(self) -> None:
+        """At first use: WARNING without AOF; a Redis that evicts any key is refused unless
+        ``[redis] allow_eviction`` (checked at start too, when Redis answered then)."""
+        link = self.link
+        policy = link.memory_policy()
+        if policy is not None and evicts_any(policy):
+            if link.allow_eviction:
+                log.warning("Redis at %s evicts any key (maxmemory-policy %s) and "
+                            "allow_eviction = yes: a stream it evicts is reported as lost "
+                            "work", link.url, policy)
+            else:
+                link.refusal = eviction_refusal(link, policy) + (
+                    " ([redis] allow_eviction): storing and sending stopped")
+                log.critical("%s", link.refusal)
         try:
-            aof = self.link.server_config("appendonly")
-            policy = self.link.server_config("maxmemory-policy")
+            aof = link.server_config("appendonly")
         except (redis.RedisError, RedisClusterException):
             return  # CONFIG may be disabled (managed Redis): nothing to check
         if aof != "yes":
             log.warning("Redis at %s runs without AOF (appendonly %s): a Redis crash can lose "
-                        "queued batches; production needs appendonly yes", self.link.url, aof)
-        if policy not in (None, "noeviction"):
-            log.warning("Redis at %s evicts keys (maxmemory-policy %s): queued batches can be "
-                        "lost; production needs noeviction", self.link.url, policy)
+                        "queued batches; production needs appendonly yes", link.url, aof)
 
     # --- enqueue -----------------------------------------------------------------------
 
@@ -301,12 +315,22 @@ class RedisQueue(QueueBackend):
     def stats(self) -> QueueStats:
         with translated(QueueError, "read queue length", self.link):
             self._ensure()
-            pipe = self.link.client.pipeline(transaction=False)
+            link = self.link
+            # the other streams ms1 reads here (the inbound one): counted too, so that a
+            # stream found gone says what it held (RedisLink.vanished)
+            others = sorted({stream for stream, _ in link.groups} - {self.stream})
+            pipe = link.client.pipeline(transaction=False)
             pipe.xlen(self.stream)
             pipe.xpending(self.stream, self.group)
-            length, pending = pipe.execute()
+            for stream in others:
+                pipe.xlen(stream)
+            length, pending, *lengths = pipe.execute()
         in_flight = int(pending["pending"])
-        return QueueStats(max(0, int(length) - in_flight), in_flight, None)
+        link.last_lengths.update({self.stream: int(length)} | {
+            stream: int(count) for stream, count in zip(others, lengths, strict=True)})
+        return QueueStats(max(0, int(length) - in_flight), in_flight, None,
+                          losses=tuple(link.losses),
+                          lost_batches=link.lost_counts.get(self.stream, 0))
 
     def describe(self) -> dict[str, object]:
         return {**describe_stream(self.link, self.stream, self.group, QueueError),
