@@ -42,7 +42,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -163,7 +163,7 @@ class Sampler:
     read-only view ``/metrics`` reads). Called from the publisher thread only."""
 
     def __init__(self, view: ServiceView, *, label: str = "", id: str | None = None,
-                 window: float = RATE_WINDOW,
+                 consumer: str | None = None, window: float = RATE_WINDOW,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.view = view
@@ -172,6 +172,7 @@ class Sampler:
         self.pid = os.getpid()
         self.id = id or instance_id(label, self.host, self.pid)
         self.started = wall()
+        self.consumer = consumer
         self._meter = RateMeter(window)
         self._clock = clock
         self._wall = wall
@@ -209,6 +210,8 @@ class Sampler:
                      "breaker": pacer.breaker.state,
                      "reason": _redacted(pacer.held_back())},
             "pace": _pace(pacer),
+            "shares": {"limiter": pacer.limiter.shared_as, "limit": pacer.limiter.limit,
+                       "window": pacer.limiter.window, "consumer": self.consumer},
             "held_seconds": {cause: round(held_seconds.get(cause, 0.0), 3)
                              for cause in HELD_CAUSES},
             "held_recent": {cause: round(rates[f"held:{cause}"], 3) for cause in HELD_CAUSES},
@@ -230,6 +233,38 @@ def _pace(pacer: Pacer) -> dict[str, Any]:
 #: what moves with time alone (rates, seconds held: an idle sender is held by the empty
 #: queue): a heartbeat carries them
 _TIMELY = frozenset({"updated", "rates", "held_seconds", "held_recent"})
+
+
+def disagreements(own: Mapping[str, Any], others: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What this instance's snapshot ``own`` and the other live ones say that cannot both
+    hold: the same shared rate limiter with other figures (the shared count then keeps
+    neither limit: 429s), the same consumer name (each takes over the other's pending
+    entries as its own: duplicates). Each problem in a line naming both instances."""
+    mine = own.get("shares")
+    if not isinstance(mine, Mapping):
+        return []
+    problems = []
+    for other in others:
+        theirs = other.get("shares")
+        if other.get("id") == own.get("id") or not isinstance(theirs, Mapping):
+            continue
+        who = f"instances {own.get('id')} and {other.get('id')}"
+        key = mine.get("limiter")
+        if key is not None and theirs.get("limiter") == key and (
+                (mine.get("limit"), mine.get("window"))
+                != (theirs.get("limit"), theirs.get("window"))):
+            problems.append(
+                f"{who} share the rate limiter {key} with different figures: "
+                f"{mine.get('limit')} per {mine.get('window')} s here, {theirs.get('limit')} "
+                f"per {theirs.get('window')} s there; the shared count keeps neither (429s): "
+                "give every instance the same [send] requests_per_minute and rate_window")
+        consumer = mine.get("consumer")
+        if consumer is not None and theirs.get("consumer") == consumer:
+            problems.append(
+                f"{who} both use the consumer name {consumer!r}: each takes the other's "
+                "pending entries for its own (sent twice); give each instance its own "
+                "[redis] consumer")
+    return problems
 
 
 def _settled(sample: Mapping[str, Any]) -> dict[str, Any]:
@@ -259,6 +294,8 @@ class Publisher:
         self.published = 0
         self._last_sample: dict[str, Any] | None = None
         self._last_published = 0.0
+        self._last_checked = 0.0
+        self._said: set[str] = set()
 
     def start(self) -> None:
         if self._thread is None:
@@ -324,10 +361,35 @@ class Publisher:
         live, so two may be lost before an idle instance vanishes."""
         return max(self.interval, self.ttl / 3)
 
+    #: seconds between two cross-checks of this instance against the others
+    check_every = 5.0
+
+    def cross_check(self) -> list[str]:
+        """Compare this instance's last snapshot with every other live one
+        (:func:`disagreements`); each new problem is one WARNING (said once per run).
+        Returns the problems found now."""
+        own = self._last_sample
+        if own is None:
+            return []
+        try:
+            others = self.fleet.snapshots()
+        except Exception as exc:  # the fleet is down: publishing says so already
+            log.debug("fleet %s: cross-check skipped: %s", self.fleet.name, exc)
+            return []
+        problems = disagreements({**own, "id": self.instance}, others)
+        for problem in problems:
+            if problem not in self._said:
+                self._said.add(problem)
+                log.warning("fleet: %s", redact(problem))
+        return problems
+
     def _run(self) -> None:
         while True:
             started = time.monotonic()
             self.beat()
+            if started - self._last_checked >= self.check_every:
+                self._last_checked = started
+                self.cross_check()
             if self._stop.wait(max(0.05, self.interval - (time.monotonic() - started))):
                 break
         try:
@@ -336,5 +398,5 @@ class Publisher:
             log.debug("fleet %s: withdraw failed: %s", self.fleet.name, exc)
 
 
-__all__ = ["PUBLISH_INTERVAL", "RATE_WINDOW", "SCHEMA", "SNAPSHOT_TTL", "Fleet",
-           "MemoryFleet", "Publisher", "RateMeter", "Sampler", "instance_id"]
+__all__ = ["PUBLISH_INTERVAL", "RATE_WINDOW", "SCHEMA", "SNAPSHOT_TTL", "Fleet", "MemoryFleet",
+           "Publisher", "RateMeter", "Sampler", "disagreements", "instance_id"]

@@ -246,7 +246,8 @@ class Service:
             pm.register(self.exporter, name=f"ms1-metrics-{id(self)}")
         #: where this instance publishes its snapshot (ms1.fleet), about once a second
         self.fleet: Fleet = components.fleet if components.fleet is not None else MemoryFleet()
-        sampler = Sampler(self.view, label=self.fleet.label)
+        sampler = Sampler(self.view, label=self.fleet.label,
+                          consumer=getattr(components.queue, "consumer", None))
         self.publisher = Publisher(self.fleet, sampler.id, sampler.sample)
         self.console = self._console(config, components) \
             if config.get_str("console", "address") else None

@@ -14,6 +14,7 @@ import pluggy
 import pytest
 from support import wait_until
 
+from ms1 import fleet as fleet_module
 from ms1 import pluginmanager
 from ms1.components import make_pacer
 from ms1.config import Config
@@ -292,3 +293,55 @@ def test_an_idle_instance_publishes_a_heartbeat_and_a_change_at_once() -> None:
     assert fleet.calls == 2
     assert wait_until(lambda: fleet.calls == 3, 3)  # the heartbeat
     publisher.close(timeout=5)
+
+
+def test_disagreements_name_both_instances_and_the_figures() -> None:
+    own = {"id": "a@h:1", "shares": {"limiter": "ms1:rate-limit", "limit": 12, "window": 6.0,
+                                     "consumer": "c"}}
+    same = {"id": "b@h:2", "shares": {"limiter": "ms1:rate-limit", "limit": 12, "window": 6.0,
+                                      "consumer": "d"}}
+    other_key = {"id": "c@h:3", "shares": {"limiter": "other", "limit": 60, "window": 6.0,
+                                           "consumer": "e"}}
+    assert fleet_module.disagreements(own, [own, same, other_key, {"id": "old"}]) == []
+    clash = {"id": "b@h:2", "shares": {"limiter": "ms1:rate-limit", "limit": 60,
+                                       "window": 6.0, "consumer": "c"}}
+    limit, consumer = fleet_module.disagreements(own, [clash])
+    assert "a@h:1 and b@h:2" in limit and "12 per 6.0 s here, 60 per 6.0 s there" in limit
+    assert "'c'" in consumer and "[redis] consumer" in consumer
+    # a process's own limiter (None) is shared with nobody
+    alone = {"id": "a@h:1", "shares": {"limiter": None, "limit": 12, "window": 6.0,
+                                       "consumer": None}}
+    assert fleet_module.disagreements(alone, [clash]) == []
+
+
+@pytest.mark.slow
+def test_two_instances_disagreeing_on_the_shared_limiter_or_consumer_each_warn_once(
+        own_redis: Any, tmp_path: Any, procs: list[Any]) -> None:
+    """Issue 21: two instances sharing the Redis limiter with 12 vs 60 requests per 6 s, and
+    with the same consumer name, ran without a word (22 x 429 of 82 requests, the warning
+    pointing at count_margin). Now each says both problems, once, naming the other."""
+    import os
+
+    from support import fleet_configs, start_instances
+
+    configs = fleet_configs(tmp_path, own_redis.url, "http://127.0.0.1:9", {
+        "requests_per_minute": 12, "rate_window": 6}, count=2)
+    second = configs[1].read_text().replace("requests_per_minute = 12",
+                                            "requests_per_minute = 60")
+    configs[1].write_text(second.replace("consumer = fleet-1", "consumer = fleet-0"))
+    logs = start_instances(procs, tmp_path, configs, 0,
+                           {**os.environ, "MS1_MS4_API_KEY": "k"})
+
+    def said(log: Any) -> list[str]:
+        return [line for line in log.read_text(errors="replace").splitlines()
+                if "fleet: instances" in line]
+
+    assert wait_until(lambda: all(len(said(log)) >= 2 for log in logs), 30), \
+        [log.read_text()[-2000:] for log in logs]
+    time.sleep(6)  # another cross-check: nothing said twice
+    for log in logs:
+        lines = said(log)
+        print("\n".join(lines))
+        assert len(lines) == 2, lines
+        assert any("12 per 6.0 s" in line and "60 per 6.0 s" in line for line in lines)
+        assert any("consumer name 'fleet-0'" in line for line in lines)

@@ -57,6 +57,10 @@ class RateLimiter(ABC):
     #: interval): the senders' own jitter between a grant and the request being out,
     #: measured by the pacer, so two requests never reach MS4 closer than the rate
     spacing_floor: float = 0.0
+    #: the name of the count this limiter shares with other instances (the Redis key), or
+    #: None when the count is this process's own: instances sharing one must agree on
+    #: ``limit`` and ``window`` (the fleet cross-checks them, :func:`ms1.fleet.disagreements`)
+    shared_as: str | None = None
 
     def configure(self, limit: int, window: float) -> None:
         """New figures (a reload): they hold from the next request on."""

@@ -42,6 +42,7 @@ class RedisRateLimiter(RateLimiter):
                  lease: float, shaping: bool = False) -> None:
         self.link = link
         self.key, self.limit, self.window, self.lease = key, limit, window, lease
+        self.shared_as = key
         self.shape_key = f"{key}:shape"
         self.shaping = shaping
         self._shape: Shape | None = Shape.initial(limit) if shaping else None
