@@ -185,19 +185,22 @@ def status(config: Config, pm: pluggy.PluginManager, *, as_json: bool) -> int:
         "dead_letters": _probe(pluginmanager.build_dead_letters(pm, config),
                                lambda d: {"backend": d.name, "count": d.count()}),
     }
+    # a part that could not be read: exit 1 (a script or a probe must see it), after
+    # printing all that could be
+    unread = EXIT_FAILED if any("error" in info for info in parts.values()) else EXIT_OK
     parts["sending"] = _sending(config, parts["queue"])
     parts["sending"].update(_pace(config, pm))
     if as_json:
         print(json.dumps(parts, indent=2, default=str))
-        return EXIT_OK
+        return unread
     sending = parts.pop("sending")
     for kind, info in parts.items():
         consumers = info.pop("consumers", None) if isinstance(info, dict) else None
         fields = ", ".join(f"{k} {v}" for k, v in info.items())
-        print(f"{kind.replace('_', ' ')}: {fields}")
+        print(escape_controls(f"{kind.replace('_', ' ')}: {fields}"))
         for consumer in consumers or []:
-            print(f"  consumer {consumer['name']}: pending {consumer['pending']}, "
-                  f"idle {consumer['idle_s']} s")
+            print(escape_controls(f"  consumer {consumer['name']}: pending "
+                                  f"{consumer['pending']}, idle {consumer['idle_s']} s"))
     line = (f"sending: MS4's ceiling {sending['ceiling']} "
             f"({sending['ceiling_invoices_per_minute']:,} invoices/min in full batches)")
     if "drained_in_s" in sending:
@@ -213,7 +216,7 @@ def status(config: Config, pm: pluggy.PluginManager, *, as_json: bool) -> int:
         print(f"  MS4 announces: {escape_controls(text)}")
     print("  per instance (requests in flight, concurrency target, seconds held back by "
           "cause): its /metrics")
-    return EXIT_OK
+    return unread
 
 
 def dlq_list(config: Config, pm: pluggy.PluginManager, *, limit: int, as_json: bool) -> int:

@@ -68,9 +68,13 @@ class TransportError(Ms1Error):
     (None: it was not, or the transport does not say).
     """
 
-    def __init__(self, *args: object, sent: float | None = None) -> None:
+    def __init__(self, *args: object, sent: float | None = None,
+                 misconfigured: bool = False) -> None:
+        """``misconfigured``: no retry can succeed until the configuration changes (the TLS
+        handshake refused a certificate): every sender stops, as for a 3xx or a 404."""
         super().__init__(*args)
         self.sent = sent
+        self.misconfigured = misconfigured
 
 
 class ShutdownTimeout(Ms1Error):

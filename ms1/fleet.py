@@ -361,8 +361,10 @@ class Publisher:
         live, so two may be lost before an idle instance vanishes."""
         return max(self.interval, self.ttl / 3)
 
-    #: seconds between two cross-checks of this instance against the others
-    check_every = 5.0
+    #: seconds between two cross-checks of this instance against the others (the first
+    #: comes :attr:`first_check` s after the start, when the others have published)
+    check_every = 15.0
+    first_check = 3.0
 
     def cross_check(self) -> list[str]:
         """Compare this instance's last snapshot with every other live one
@@ -387,7 +389,9 @@ class Publisher:
         while True:
             started = time.monotonic()
             self.beat()
-            if started - self._last_checked >= self.check_every:
+            if not self._last_checked:
+                self._last_checked = started - self.check_every + self.first_check
+            elif started - self._last_checked >= self.check_every:
                 self._last_checked = started
                 self.cross_check()
             if self._stop.wait(max(0.05, self.interval - (time.monotonic() - started))):

@@ -25,8 +25,8 @@ fed by the same hooks a third-party metrics plugin would use — plus a small HT
 
 No request waits for Redis or MS4: health and readiness come from state the threads keep
 (the progress registry, the pacer), and the queue's counts and the dead-letter count from
-a :class:`QueueWatch`, which reads them about once a second in a thread of its own; the
-queue counts as unreachable when no reading succeeded for 3 s (``/readyz`` then says
+a :class:`QueueWatch`, which reads them every 2 s (the service's) in a thread of its own;
+the queue counts as unreachable when no reading succeeded for 5 s (``/readyz`` then says
 ``queue unreachable: <last error>``). A scrape asks for fresh counts and waits for them at
 most :data:`SCRAPE_WAIT` (0.1 s), else serves the last reading
 (``ms1_queue_reading_age_seconds`` says how old it is).

@@ -57,8 +57,11 @@ ABORT_GRACE = 1.0
 #: seconds the final reading of the queue (the summary) may take after that grace:
 #: shutdown returns by ``timeout + ABORT_GRACE + FINAL_READ`` whatever Redis does
 FINAL_READ = 0.5
-#: seconds the queue's counts are read every (``QueueWatch``: /readyz, /metrics)
-QUEUE_READ_INTERVAL = 1.0
+#: seconds the queue's counts are read every (``QueueWatch``: /readyz, /metrics; a scrape
+#: asks for fresh ones): the parts' own outages name a failing Redis sooner
+QUEUE_READ_INTERVAL = 2.0
+#: seconds without a successful reading before the queue counts as unreachable
+QUEUE_STALE_AFTER = 5.0
 #: seconds the reader waits on the source, and the batcher on the reader, while idle (an
 #: e-mail ends the wait at once; a stop is seen within it): an idle service wakes about
 #: once a second per stage, not five times
@@ -208,7 +211,8 @@ class Service:
         self.watchdog_timeout = config.get_float("ms1", "watchdog_timeout")
         #: the queue's counts, read in a thread of its own: health checks, --once and the
         #: shutdown never wait on the queue backend longer than they choose
-        self.queue_watch = QueueWatch(components.queue.stats, interval=QUEUE_READ_INTERVAL)
+        self.queue_watch = QueueWatch(components.queue.stats, interval=QUEUE_READ_INTERVAL,
+                                      stale_after=QUEUE_STALE_AFTER)
         self.intake = Intake(
             source=components.source, policy=components.policy, queue=components.queue,
             dead_letters=components.dead_letters, observers=self.observers,

@@ -32,6 +32,7 @@ shuts every socket down first, so it never waits, and a sender blocked in a read
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -222,6 +223,16 @@ class _DeadlineHTTPTransport(httpx.HTTPTransport):
         )
 
 
+def _loopback(host: str) -> bool:
+    """``localhost``, or an address in 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _strip_userinfo(url: str) -> str:
     """``url`` without its userinfo (``user:password@``): the URL requests go to (the
     credentials become the client's Basic auth). Shown only through ``redact()``."""
@@ -244,10 +255,16 @@ class HttpTransport(Transport):
         write_timeout: float = 30.0, pool_timeout: float = 10.0,
         request_timeout: float = 60.0, max_answer_bytes: int = 65536,
         max_connections: int | None = None, ssl_context: ssl.SSLContext | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
+        """``tls``: the certificate files ``ssl_context`` was made from (or, without a
+        context, is made from), to name them when a handshake fails for their sake."""
         # credentials in the URL (user:password@) go into the client's Basic auth, as
         # httpx would take them from each request's URL; the URL itself is kept without
         self.base_url = _strip_userinfo(base_url.rstrip("/"))
+        self.tls = tls if tls is not None else TlsFiles()
+        if ssl_context is None and self.base_url.startswith("https:"):
+            ssl_context = self.tls.context()
         given = httpx.URL(base_url)
         auth = httpx.BasicAuth(given.username, given.password) \
             if given.username or given.password else None
@@ -314,6 +331,10 @@ class HttpTransport(Transport):
         except httpx.TimeoutException as exc:
             self._timed_out(exc)
         except httpx.HTTPError as exc:
+            refused = self.tls.refusal(exc)
+            if refused is not None:
+                raise TransportError(refused, sent=self._deadline.sent,
+                                     misconfigured=True) from None
             raise TransportError(f"{type(exc).__name__}: {exc} ({self.base_url})",
                                  sent=self._deadline.sent) from None
         except RuntimeError as exc:  # httpx: "the client has been closed"
@@ -367,6 +388,69 @@ class HttpTransport(Transport):
         return redact(f"HttpTransport(base_url={self.base_url!r})")
 
 
+class TlsFiles:
+    """``[transport.http]``'s TLS settings: the CA file MS4's certificate must chain to
+    (empty: the system's and certifi's), this client's certificate and key (when MS4, or
+    its TLS terminator, asks for one), and whether to verify at all."""
+
+    def __init__(self, ca_file: str = "", client_cert_file: str = "",
+                 client_key_file: str = "", verify: bool = True) -> None:
+        self.ca_file = ca_file
+        self.client_cert_file = client_cert_file
+        self.client_key_file = client_key_file
+        self.verify = verify
+
+    def context(self) -> ssl.SSLContext:
+        """The SSL context; ValueError naming the option and file that cannot be loaded."""
+        if not self.verify:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        elif self.ca_file:
+            try:
+                context = ssl.create_default_context(cafile=self.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise _unloadable("ca_file", self.ca_file, exc) from None
+        else:
+            context = httpx.create_ssl_context()
+        if self.client_cert_file:
+            try:
+                context.load_cert_chain(self.client_cert_file, self.client_key_file or None)
+            except (OSError, ssl.SSLError) as exc:
+                option = "client_key_file" if self.client_key_file and isinstance(
+                    exc, ssl.SSLError) and "KEY" in str(exc).upper() else "client_cert_file"
+                path = self.client_key_file if option == "client_key_file" \
+                    else self.client_cert_file
+                raise _unloadable(option, path, exc) from None
+        return context
+
+    def refusal(self, exc: BaseException) -> str | None:
+        """If ``exc`` is a TLS handshake that failed for a certificate's sake, why, naming
+        the option and file to fix; None for anything else (an outage: retried)."""
+        seen: BaseException | None = exc
+        while seen is not None and not isinstance(seen, ssl.SSLError):
+            seen = seen.__cause__ or seen.__context__
+        if seen is None or isinstance(seen, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            trusted = (f"[{SECTION}] ca_file {self.ca_file}" if self.ca_file
+                       else f"the system's CAs ([{SECTION}] ca_file is unset)")
+            return (f"TLS: MS4's certificate is not trusted by {trusted}: "
+                    f"{seen.verify_message or seen.reason} (configuration error)")
+        reason = str(seen.reason or seen)
+        if "CERTIFICATE" in reason.upper() or "UNKNOWN_CA" in reason.upper():
+            mine = (f"[{SECTION}] client_cert_file {self.client_cert_file}"
+                    if self.client_cert_file else
+                    f"no client certificate ([{SECTION}] client_cert_file is unset)")
+            return (f"TLS: MS4 refused this client's certificate ({reason}): {mine} "
+                    "(configuration error)")
+        return f"TLS handshake with MS4 failed: {reason} (configuration error)"
+
+
+def _unloadable(option: str, path: str, exc: BaseException) -> ValueError:
+    return ValueError(f"{option}: cannot load {path!r}: {exc}")
+
+
 def check_base_url(url: str) -> None:
     """What httpx refuses in ``[transport.http] base_url`` beyond the ``url`` kind's checks
     (which give a scheme, http or https, and a valid port): raise ValueError."""
@@ -402,6 +486,18 @@ def ms1_config_options() -> Sequence[Option]:
                "overall deadline in seconds for one request: pool wait, connect, sending "
                "and MS4's whole answer; past it the attempt fails and is retried",
                min=0.1, max=3600),
+        Option(SECTION, "ca_file", "str", "",
+               "PEM file of the CA(s) MS4's certificate must chain to (a private CA); empty: "
+               "the system's and certifi's"),
+        Option(SECTION, "client_cert_file", "str", "",
+               "PEM file of this client's certificate (and key, unless client_key_file), "
+               "for an MS4 or TLS terminator that asks for one"),
+        Option(SECTION, "client_key_file", "str", "",
+               "PEM file of the client certificate's private key (unencrypted), when it is "
+               "not in client_cert_file"),
+        Option(SECTION, "verify", "bool", True,
+               "verify MS4's certificate and host name; no: anyone on the path can read "
+               "the API key (a WARNING at start)"),
         Option(SECTION, "max_answer_bytes", "int", 65536,
                "most bytes of an answer's body kept in memory; the status always counts, "
                "a longer body is cut (and its connection dropped)",
@@ -427,8 +523,32 @@ def ms1_make_transport(name: str, config: Config) -> Transport | None:
         raise config.error("ms4", "api_key_env",
                            f"the http transport needs an API key: set "
                            f"${config.get_str('ms4', 'api_key_env')} or [ms4] api_key_file")
+    tls = TlsFiles(ca_file=config.get_str(SECTION, "ca_file"),
+                   client_cert_file=config.get_str(SECTION, "client_cert_file"),
+                   client_key_file=config.get_str(SECTION, "client_key_file"),
+                   verify=config.get_bool(SECTION, "verify"))
+    context = None
+    if base_url.startswith("https:"):
+        try:
+            context = tls.context()
+        except ValueError as exc:
+            option, _, text = str(exc).partition(": ")
+            raise config.error(SECTION, option, text) from None
+        if not tls.verify:
+            log.warning("[%s] verify = no: MS4's certificate is not checked, so anyone on the "
+                        "path can pose as MS4 and read the API key", SECTION)
+    else:
+        host = httpx.URL(base_url).host
+        if not _loopback(host):
+            log.warning("[%s] base_url is plain http to %s: the API key and the invoices "
+                        "cross the network unencrypted; use https://", SECTION, host)
+        unused = [key for key in ("ca_file", "client_cert_file", "client_key_file")
+                  if config.get_str(SECTION, key)]
+        if unused:
+            raise config.error(SECTION, unused[0], "is set, but base_url is plain http: "
+                               "use an https:// URL (or leave it empty)")
     return HttpTransport(
-        base_url,
+        base_url, ssl_context=context, tls=tls,
         connect_timeout=config.get_float(SECTION, "connect_timeout"),
         read_timeout=config.get_float(SECTION, "read_timeout"),
         write_timeout=config.get_float(SECTION, "write_timeout"),

@@ -226,6 +226,41 @@ def test_replay_refused_changes_nothing(world: World, data: dict[str, str],
     assert any("refused" in r.getMessage() for r in caplog.records)
 
 
+def test_wrong_admin_tokens_are_throttled_per_address(world: World,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 21: 5,000 wrong tokens took 4.8 s, two log lines each. Now an address gets
+    five tries; then each try waits (1 s, doubling), answered 429 with Retry-After without
+    the token being looked at (the right one included), and one WARNING says so."""
+    caplog.set_level(logging.INFO)
+    answers = [world.post({"all": "1", "token": f"guess-{n:04d}-0123456789"}).status_code
+               for n in range(200)]
+    assert answers[:5] == [403] * 5 and set(answers[5:]) == {429}
+    late = world.post({"all": "1", "token": TOKEN})
+    assert late.status_code == 429 and int(late.headers["Retry-After"]) >= 1
+    assert world.store.count() == 7  # nothing replayed
+    lines = [r for r in caplog.records if r.levelno >= logging.INFO]
+    print(f"\n201 tries: {len(lines)} log lines at INFO or above")
+    assert len(lines) <= 5 * 2 + 2, [r.getMessage() for r in lines]
+    assert sum("wrong admin tokens in a row" in r.getMessage() for r in lines) == 1
+
+
+def test_the_throttle_waits_double_and_a_right_token_clears_the_address() -> None:
+    from ms1.console.throttle import FIRST_WAIT, FREE_GUESSES, Throttle
+
+    now = [0.0]
+    throttle = Throttle(clock=lambda: now[0])
+    for _ in range(FREE_GUESSES - 1):
+        throttle.failed("a")
+    assert throttle.wait("a") == 0
+    throttle.failed("a")
+    assert throttle.wait("a") == FIRST_WAIT and throttle.wait("b") == 0
+    now[0] += FIRST_WAIT
+    throttle.failed("a")
+    assert throttle.wait("a") == 2 * FIRST_WAIT
+    throttle.succeeded("a")
+    assert throttle.wait("a") == 0
+
+
 def test_replay_without_origin_or_referer_is_refused(world: World) -> None:
     answer = world.client.post("/dead-letters/replay", data={"all": "1", "token": TOKEN})
     assert answer.status_code == 403

@@ -236,3 +236,45 @@ def test_with_allow_eviction_an_evicted_queue_is_reported_as_loss_with_a_count(
     assert re.search(r"LOST: [12] stored streams found gone during the run, with at least "
                      r"(\d+) batches", output), tail(log)
     assert code == 1, tail(log)
+
+
+# --- a refusal storm -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_refusal_storm_costs_a_few_requests_and_dead_letters_nothing(
+        own_redis: Any, tmp_path: Path, procs: list[Any]) -> None:
+    """Issue 21, compressed: a 12 s spell in which MS4 answers 422 to everything (naming no
+    invoice), breaker_failures 5, breaker_reset 3 s. Before: every batch was split down to
+    single invoices and each dead-lettered with the 422 — 1,000 of 1,000. Now: at most
+    breaker_failures + 12 / breaker_reset + a few (those in flight) requests during the
+    spell, no dead letter, and afterwards every invoice delivered in full-size batches."""
+    from support import sim_control
+
+    sim = start_sim(procs, tmp_path, "--latency", "0.02")
+    config = tmp_path / "ms1.ini"
+    config.write_text(service_ini(own_redis.url, ms4_url=sim.url, settings={
+        "ms1": {"log_format": "text"}, "batch": {"max_wait": 1},
+        "send": {"breaker_failures": 5, "breaker_reset": 3}}))
+    log = tmp_path / "service.log"
+    service = start_service(procs, config, log)
+    assert wait_until(lambda: "ready" in log.read_text(errors="replace"), 30), tail(log)
+    sim_control(sim.url, answer_status=422)
+    path, emails = make_emails(tmp_path, 1000, invalid_every=0)
+    enqueue(config, path, len(emails))
+    time.sleep(12)  # the spell itself
+    during = sim.stats()["requests_by_status"].get("422", 0)
+    sim_control(sim.url, answer_status=0)
+    assert wait_until(lambda: sim.accepted() == 1000, 60), (sim.stats(), tail(log))
+    stats = sim.stats()
+    output = log.read_text(errors="replace")
+    critical = [line for line in output.splitlines() if " CRITICAL " in line]
+    print(f"\nrefusal storm: {during} requests in 12 s, then {stats['requests_by_status']}; "
+          f"{critical[:1]}")
+    assert during <= 5 + 12 / 3 + 6, during
+    assert len(critical) == 1 and "naming no invoice" in critical[0], critical
+    # 1,000 invoices in 20 full batches, but the first refused: split before the storm was
+    # known (in a few parts, never to the dead letters)
+    assert 20 <= stats["requests_by_status"].get("202", 0) <= 20 + 8, stats
+    assert own_redis.client().xlen("ms1:dead-letters") == 0
+    assert stop_service(service, log) == 0

@@ -44,6 +44,7 @@ from flask import Flask, Response, abort, g, jsonify, render_template, request
 from ms1 import overview as ov
 from ms1.admin import ReplayResult, replay
 from ms1.config import Secret
+from ms1.console.throttle import Throttle
 from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error
 from ms1.fleet import RATE_WINDOW, SNAPSHOT_TTL
@@ -179,6 +180,7 @@ def create_app(ctx: ConsoleContext) -> Flask:
     app.jinja_env.globals.update(STAGES=ov.STAGES, CAUSE_NAMES=ov.CAUSE_NAMES,
                                  RATE_WINDOW=RATE_WINDOW, SNAPSHOT_TTL=SNAPSHOT_TTL)
     origins = {origin.lower() for origin in ctx.origins}
+    throttle = Throttle()
 
     @app.before_request
     def started() -> None:
@@ -193,8 +195,8 @@ def create_app(ctx: ConsoleContext) -> Flask:
         response.headers["Referrer-Policy"] = "same-origin"
         path = request.path
         took = (time.monotonic() - g.get("started", time.monotonic())) * 1000
-        level = logging.DEBUG if path.startswith(_QUIET) and response.status_code < 400 \
-            else logging.INFO
+        level = logging.DEBUG if (path.startswith(_QUIET) and response.status_code < 400) \
+            or g.get("quiet") else logging.INFO
         log.log(level, "console: %s %s %s %d %s B %.0f ms", request.remote_addr or "-",
                 request.method, path[:200], response.status_code,
                 response.calculate_content_length() or "-", took)
@@ -283,7 +285,20 @@ def create_app(ctx: ConsoleContext) -> Flask:
 
     @app.post("/dead-letters/replay")
     def replay_letters() -> Response | tuple[str, int]:
-        why = same_origin() or token_ok()
+        client = request.remote_addr or "-"
+        wait = throttle.wait(client)
+        if wait > 0:  # a guesser: not even looked at (logged at DEBUG, not per guess)
+            g.quiet = True
+            return Response(render_template("refused.html", why="too many wrong admin "
+                                            f"tokens: try again in {wait:.0f} s"),
+                            status=429, headers={"Retry-After": str(max(1, round(wait)))})
+        why = same_origin()
+        if why is None:
+            why = token_ok()
+            if why == "wrong admin token":
+                throttle.failed(client)
+            elif why is None:
+                throttle.succeeded(client)
         if why is not None:
             return refused(why)
         ids: list[str] = []

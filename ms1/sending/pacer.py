@@ -41,8 +41,8 @@ import logging
 import random
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ms1.config import Config, Secret
@@ -154,6 +154,8 @@ class Stop:
     answer: Answer
     reason: str
     detail: str = ""
+    #: a refusal storm (:meth:`Pacer.refusal`): MS4 refuses every batch, naming nothing
+    storm: bool = False
 
     @property
     def status(self) -> int | None:
@@ -174,12 +176,20 @@ def _stop_texts(answer: Answer, detail: str, interval: float) -> tuple[str, str]
                 f"(SIGHUP); a probe is sent every {interval:.0f} s",
                 "paused: MS4 refuses the API key the right to post (403 Forbidden); fix the "
                 "key's rights or load another key and reload")
+    if answer.status is None:  # no answer, for a reason only a configuration change ends
+        return (f"cannot talk to MS4: {detail}. {kept}. Fix [transport.http] and restart; "
+                f"a probe is sent every {interval:.0f} s ([send] breaker_reset)",
+                f"stopped: {detail} (a probe every {interval:.0f} s)")
     return (f"unexpected answer from MS4: {said.removeprefix('MS4 answered ')}, which is not "
             f"in MS4's contract: is [transport.http] base_url right (ms1 follows no "
             f"redirect)? {kept}. Fix base_url and restart; a probe is sent every "
             f"{interval:.0f} s ([send] breaker_reset)",
             f"stopped: MS4 answered {answer.name}, not MS4's contract: is [transport.http] "
             f"base_url right? (a probe every {interval:.0f} s)")
+
+
+#: halves of refused batches remembered as such (:meth:`Pacer.split_for_refusal`)
+FRAGMENTS_KEPT = 10_000
 
 
 class Pacer:
@@ -227,6 +237,10 @@ class Pacer:
         self._delays_seen = 0
         #: seconds senders were held back, by cause (ms1_held_back_seconds_total)
         self.held = HeldTime()
+        #: refusals naming no invoice since MS4 last accepted a request (:meth:`refusal`),
+        #: and the ids of the halves of batches split for one (at most FRAGMENTS_KEPT)
+        self._unexplained = 0
+        self._fragments: OrderedDict[str, None] = OrderedDict()
 
     # state, for status/metrics/readiness
     @property
@@ -369,12 +383,15 @@ class Pacer:
 
     def done(self, admission: Admission, status: int | None,
              retry_after: str | None = None, detail: str = "",
-             sent: float | None = None, headers: Mapping[str, str] | None = None) -> Answer:
+             sent: float | None = None, headers: Mapping[str, str] | None = None,
+             misconfigured: str = "") -> Answer:
         """Record the outcome of an admitted request (``status`` None: no answer) and return
         its row of the answer table. ``detail``: what to quote of the answer in an alert
         (a 3xx's ``Location``, MS4's text); ``sent``: when the request was out
         (``time.monotonic()``; None: unknown — the slot is then stamped now); ``headers``:
-        the answer's (lower-case keys), for the RateLimit fields MS4 may announce."""
+        the answer's (lower-case keys), for the RateLimit fields MS4 may announce;
+        ``misconfigured``: no answer, and why none can come until the configuration changes
+        (a certificate the TLS handshake refused): a stop, as for a 404."""
         if headers is not None:
             announced = read_announced(headers)
             if announced is not None:
@@ -399,6 +416,8 @@ class Pacer:
             log.warning("could not stamp the rate-limit slot (%s)", exc)
         self._release_auth(admission.auth_probe)
         answer = classify(status)
+        if misconfigured:
+            answer, detail = Answer(None, Kind.MISCONFIGURED), misconfigured
         kind = answer.kind
         if kind.breaker_failure:  # named when the breaker opens, if MS4 answered at all
             self.breaker.record(False, answer.name if status is not None else "")
@@ -413,6 +432,8 @@ class Pacer:
             self.breaker.record(True)
             if kind is Kind.ACCEPTED:
                 self._accepted(admission.grant)
+                with self._lock:
+                    self._unexplained = 0
         if status is not None and admission.auth_probe:
             self._probe_answered(answer)
         return answer
@@ -612,13 +633,74 @@ class Pacer:
             self._next_auth_probe = self._clock() + interval
         log.critical("%s", alert)
 
+    def refusal(self, status: int, detail: str, *, named: bool, batch_id: str = "") -> bool:
+        """A batch was refused (400, 413, 422); ``named``: the answer named the invoices it
+        refuses. True if the refusal may be trusted as being about that batch's content
+        (split it, dead-letter a lone invoice); False to send it again unchanged.
+
+        Trusted: a refusal naming invoices (MS4 speaking of them; it ends a storm), and any
+        refusal outside a *refusal storm*. A storm is ``breaker_failures`` batches refused
+        in a row naming nothing, with no acceptance between — halves of a batch being
+        searched for its refused invoice (:meth:`split_for_refusal`) not counted: a front's
+        error page (nginx's 400 for a missing client certificate), an MS4 refusing
+        everything for a while, which no invoice caused. Every sender then stops, as for a
+        configuration error (CRITICAL once, ``/readyz`` names it), one probe goes every
+        ``breaker_reset`` s, nothing is split or dead-lettered, and the first acceptance
+        (or a refusal naming invoices) ends it. A storm so costs about ``breaker_failures``
+        + its length / ``breaker_reset`` requests and its batches go out whole afterwards —
+        but those refused before it was known, split in halves meanwhile."""
+        storm: Stop | None = None
+        with self._lock:
+            stop = self._stop
+            in_storm = stop is not None and stop.storm
+            threshold = max(2, self.breaker.fail_max)
+            ended = named and in_storm
+            trusted = named or not in_storm
+            if named:
+                self._unexplained = 0
+                if in_storm:
+                    self._stop = None
+            elif not in_storm and batch_id not in self._fragments:
+                self._unexplained += 1
+                if self._unexplained >= threshold and stop is None:
+                    interval = self.breaker.reset_timeout
+                    answer = Answer(status, Kind.REFUSED)
+                    said = f"{answer.name}" + (f" ({detail[:300]})" if detail else "")
+                    self._stop = storm = Stop(
+                        answer, f"stopped: MS4 refuses every batch ({self._unexplained} in a "
+                        f"row, naming no invoice: {said}); a probe every {interval:.0f} s",
+                        detail, storm=True)
+                    self._next_auth_probe = self._clock() + interval
+        if ended:
+            log.warning("MS4 names the invoices it refuses again: the refusal storm is over, "
+                        "sending resumes")
+        if storm is not None:
+            log.critical(
+                "MS4 refused %d batches in a row, naming no invoice, and accepted none (%s): "
+                "no invoice causes that (a front's error page, an MS4 fault), so nothing more "
+                "is split or dead-lettered. All senders stopped; every batch stays queued; a "
+                "probe is sent every %.0f s ([send] breaker_reset) and the first acceptance "
+                "ends it", threshold, storm.detail[:300] or storm.answer.name,
+                self.breaker.reset_timeout)
+        return trusted
+
+    def split_for_refusal(self, parts: Sequence[str]) -> None:
+        """The ids of the halves of a batch split after a trusted refusal: their own
+        refusals continue that search (:meth:`refusal`)."""
+        with self._lock:
+            for part in parts:
+                self._fragments[part] = None
+            while len(self._fragments) > FRAGMENTS_KEPT:
+                self._fragments.popitem(last=False)
+
     def _probe_answered(self, answer: Answer) -> None:
         """A stop's probe got an answer of another kind: the stop ends; that answer's own
         row (202, a breaker failure, a 429 pause...) takes over."""
         with self._lock:
             stop = self._stop
-            if stop is None or answer.kind.stops_senders:
-                return
+            if stop is None or answer.kind.stops_senders or (
+                    stop.storm and answer.kind is Kind.REFUSED):
+                return  # (a storm ends with an acceptance, or a refusal naming invoices)
             self._stop = None
         if stop.answer.kind is Kind.UNAUTHORIZED:
             log.warning("MS4 accepts the API key again (a probe was answered %s): sending "

@@ -450,7 +450,8 @@ class Sender:
             with self._in_flight:
                 response = self._transport.send(request)
         except TransportError as exc:
-            self._observe(self._pacer.done(admission, None, sent=exc.sent),
+            self._observe(self._pacer.done(admission, None, sent=exc.sent,
+                                           misconfigured=str(exc) if exc.misconfigured else ""),
                           time.perf_counter() - started)
             self._failed(batch, None, str(exc), attempt)
             raise _SendFailed(None, str(exc)) from exc
@@ -492,11 +493,20 @@ class Sender:
     def _split(self, delivery: Delivery, response: Response, attempt: int) -> None:
         batch = delivery.batch
         answer = f"{response.status} {response.text}".strip()
+        reading = self.settings.current.refusals.read(response.status, response.text,
+                                                      batch.invoice_ids)
+        named = bool(reading.named)
+        if not self._pacer.refusal(response.status, response.text[:300].strip(), named=named,
+                                   batch_id=batch.id):
+            # a refusal storm (MS4 refuses everything, naming nothing): no invoice's doing,
+            # so the batch is sent again unchanged once the storm ends, never split for it
+            error = f"MS4 answered {answer[:300]}, naming no invoice, in a refusal storm: " \
+                    "sent again unchanged"
+            self._failed(batch, response.status, error, attempt)
+            raise _SendFailed(response.status, error, paced=self._pacer.stop is not None)
         self._observers.batch_failed(batch, status=response.status, error=answer[:500],
                                      attempt=attempt, will_retry=False)
         if len(batch) > 1:
-            reading = self.settings.current.refusals.read(response.status, response.text,
-                                                          batch.invoice_ids)
             if reading.named:
                 self._set_aside(delivery, reading.named, answer)
                 return
@@ -505,6 +515,7 @@ class Sender:
                          "trusted (%s): splitting it in halves", batch.id, len(batch),
                          response.status, reading.problem)
             parts = batch.split()
+            self._pacer.split_for_refusal([part.id for part in parts])
             self._settle(lambda: self._queue.replace(delivery, parts),
                          f"replace batch {batch.id} by its halves")
             self._stats.add("batches_split")

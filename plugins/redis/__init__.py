@@ -135,6 +135,14 @@ def ms1_config_options() -> Sequence[Option]:
                min=0.1, max=600),
         Option(SECTION, "connect_timeout", "float", 3.0, "seconds to connect to Redis",
                min=0.1, max=600),
+        Option(SECTION, "ca_file", "str", "",
+               "with a rediss:// URL: PEM file of the CA(s) Redis's certificate must chain "
+               "to (a private CA); empty: the system's"),
+        Option(SECTION, "client_cert_file", "str", "",
+               "with a rediss:// URL: PEM file of this client's certificate (and key, unless "
+               "client_key_file), for a Redis with tls-auth-clients"),
+        Option(SECTION, "client_key_file", "str", "",
+               "with a rediss:// URL: PEM file of the client certificate's private key"),
         Option(SECTION, "allow_eviction", "bool", False,
                "run on a Redis whose maxmemory-policy evicts any key (allkeys-*); without "
                "it ms1 refuses to start there (queued batches and unread e-mails would "

@@ -54,10 +54,11 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -238,8 +239,12 @@ class RedisLink:
     def __init__(self, url: str, *, password: Secret | None = None,
                  socket_timeout: float = 10.0, connect_timeout: float = 3.0,
                  max_connections: int = 16, topology: Topology = SINGLE, key_tag: str = "",
-                 min_replicas: int = 0, replica_timeout: float = 1.0) -> None:
+                 min_replicas: int = 0, replica_timeout: float = 1.0,
+                 tls: Mapping[str, str] | None = None) -> None:
+        """``tls``: redis-py's ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` for a
+        ``rediss://`` URL (``[redis] ca_file``, ``client_cert_file``, ``client_key_file``)."""
         self.topology = topology
+        self._tls = dict(tls or {})
         self.key_tag = CLUSTER_KEY_TAG if topology.cluster and not key_tag else key_tag
         #: a key in the slot of every key ms1 uses (routes WAIT in a cluster)
         self.home_key = f"{{{self.key_tag}}}" if self.key_tag else "ms1"
@@ -300,6 +305,8 @@ class RedisLink:
             scheme = urlsplit(url).scheme
             if scheme in ("redis", "rediss"):
                 kwargs["socket_keepalive"] = True
+            if scheme == "rediss":
+                kwargs.update(self._tls)
             if kind == "single":
                 if secret is not None:
                     kwargs["password"] = secret
@@ -344,6 +351,7 @@ class RedisLink:
             "retry": Retry(NoBackoff(), 0), "client_name": "ms1-sentinel-query"}
         if ssl:
             sentinel_kwargs["ssl"] = True
+            sentinel_kwargs.update(self._tls)
         if self.topology.sentinel_password is not None:
             sentinel_kwargs["password"] = self.topology.sentinel_password.reveal()
         self._sentinel = Sentinel(
@@ -564,6 +572,28 @@ class RedisLink:
         except (redis.RedisError, RedisClusterException):
             return False
 
+    def tls_hint(self, exc: BaseException) -> str:
+        """For a TLS failure, what to check, naming the ``[redis]`` option: the handshake
+        errors say nothing of ms1's settings."""
+        text = str(exc)
+        lower = text.lower()
+        if "certificate_verify_failed" in lower or "certificate verify failed" in lower:
+            trusted = self._tls.get("ssl_ca_certs")
+            return ("; TLS: Redis's certificate is not trusted by "
+                    + (f"[redis] ca_file {trusted}" if trusted else
+                       "the system's CAs ([redis] ca_file is unset)"))
+        if "wrong version number" in lower or "record layer failure" in lower:
+            return "; TLS: no TLS answers on that port (rediss:// needs Redis's tls-port)"
+        if "rediss://" in self.url and ("eof occurred in violation of protocol" in lower
+                                               or "certificate required" in lower
+                                               or "unknown ca" in lower
+                                               or "bad certificate" in lower):
+            mine = self._tls.get("ssl_certfile")
+            return ("; TLS: Redis closed the handshake: does it require a client certificate "
+                    "(tls-auth-clients)? " + (f"[redis] client_cert_file {mine}" if mine else
+                                              "[redis] client_cert_file is unset"))
+        return ""
+
     def memory_policy(self) -> str | None:
         """Redis's ``maxmemory-policy`` (CONFIG GET; INFO where CONFIG is disabled, as on
         managed Redis), kept in :attr:`eviction_policy`; None when Redis does not answer or
@@ -690,7 +720,8 @@ def translated(error: type[Ms1Error], what: str, link: RedisLink) -> Iterator[No
                         "each stream", what)
             link.lost_groups |= link.groups
             link.groups.clear()
-        raise error(f"{what}: {type(exc).__name__}: {exc} (Redis at {link.url})") from exc
+        raise error(f"{what}: {type(exc).__name__}: {exc} (Redis at {link.url})"
+                    + link.tls_hint(exc)) from exc
     link.succeeded()
 
 
@@ -753,6 +784,40 @@ def consumer_name(config: Config) -> str:
     return config.get_str(SECTION, "consumer") or socket.gethostname()
 
 
+#: ``[redis]`` TLS options and the redis-py connection argument each becomes
+TLS_OPTIONS = {"ca_file": "ssl_ca_certs", "client_cert_file": "ssl_certfile",
+               "client_key_file": "ssl_keyfile"}
+
+
+def tls_files(config: Config, url: str) -> dict[str, str]:
+    """redis-py's TLS arguments from ``[redis] ca_file``, ``client_cert_file``,
+    ``client_key_file``, each file loaded once here so that a missing or broken one is a
+    configuration error naming it (not an outage at the first connection)."""
+    given = {key: config.get_str(SECTION, key) for key in TLS_OPTIONS}
+    given = {key: path for key, path in given.items() if path}
+    if not given:
+        return {}
+    if urlsplit(url).scheme != "rediss":
+        raise config.error(SECTION, next(iter(given)), "is set, but url is not rediss://: "
+                           "TLS to Redis needs a rediss:// URL")
+    try:
+        context = ssl.create_default_context(cafile=given.get("ca_file"))
+    except (OSError, ssl.SSLError) as exc:
+        raise config.error(SECTION, "ca_file", f"cannot load {given['ca_file']!r}: {exc}") \
+            from None
+    if "client_key_file" in given and "client_cert_file" not in given:
+        raise config.error(SECTION, "client_key_file", "is set without client_cert_file")
+    if "client_cert_file" in given:
+        try:
+            context.load_cert_chain(given["client_cert_file"], given.get("client_key_file"))
+        except (OSError, ssl.SSLError) as exc:
+            raise config.error(SECTION, "client_cert_file",
+                               f"cannot load {given['client_cert_file']!r}"
+                               + (f" with {given['client_key_file']!r}"
+                                  if "client_key_file" in given else "") + f": {exc}") from None
+    return {TLS_OPTIONS[key]: path for key, path in given.items()}
+
+
 def link_for(config: Config) -> RedisLink:
     """The shared client of this config (created on first use, never at import); each
     component takes its own use of it (:meth:`RedisLink.use`) and releases it on close."""
@@ -778,8 +843,9 @@ def link_for(config: Config) -> RedisLink:
             raise config.error(SECTION, "replica_ack_timeout", "must be shorter than "
                                "socket_timeout (a WAIT would otherwise time out as an error)")
         key_names(config)  # every key name valid under the tag
+        tls = tls_files(config, url)
         try:
-            link = RedisLink(url, password=password,
+            link = RedisLink(url, password=password, tls=tls,
                              socket_timeout=config.get_float(SECTION, "socket_timeout"),
                              connect_timeout=config.get_float(SECTION, "connect_timeout"),
                              max_connections=pool_size(sender_threads(config)),
