@@ -145,7 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # PluginError too: a broken plugin stops the start
         return _fail(str(exc), EXIT_USAGE)
     if args.command == "check":
-        sys.stdout.write(config.render())
+        # what the file holds, each line with its control characters escaped (a value may
+        # hold any byte: it reaches the operator's terminal only so)
+        sys.stdout.write("".join(escape_controls(line) + "\n"
+                                 for line in config.render().splitlines()))
         return EXIT_OK
     setup_logging(config.get_str("ms1", "log_level"), config.get_str("ms1", "log_format"),
                   secrets=[config.api_key.reveal()] if config.api_key else [])

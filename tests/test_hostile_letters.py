@@ -158,3 +158,21 @@ def test_a_jsonl_store_reads_a_broken_line_as_a_malformed_letter(tmp_path: Path)
         assert len(store.list()) == 3
     finally:
         store.close()
+
+
+def test_no_control_byte_reaches_the_terminal_from_check(tmp_path: Path) -> None:
+    """Issue 21's escaping rule for `check`: a value holding escape sequences (a title-
+    setting OSC, a screen clear, a bell) is printed escaped, not played."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "ms1.ini"
+    config.write_bytes(b"[source]\nname = files\n[queue]\nbackend = memory\n"
+                       b"[ms4]\ntransport = memory\n[dead_letters]\nbackend = jsonl\n"
+                       b"[dead_letters.jsonl]\npath = /tmp/x\x1b]0;PWNED\x07\x1b[2J.jsonl\n")
+    result = subprocess.run([sys.executable, "-m", "ms1.cli", "--config", str(config), "check"],
+                            capture_output=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert b"PWNED" in result.stdout  # shown, escaped
+    assert not [byte for byte in result.stdout if (byte < 0x20 and byte not in b"\n\t")
+                or byte == 0x7f]
