@@ -23,6 +23,7 @@ is wrong (one line on stderr naming file, section and key).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -69,36 +70,48 @@ def _parser() -> argparse.ArgumentParser:
                              f"e.g. redis); repeatable; also ${pluginmanager.BLOCK_ENV}, "
                              "comma-separated")
     parser.add_argument("--version", action="version", version=f"ms1 {__version__}")
+    # the global options again on every subcommand, so they may follow it too
+    # (``ms1-service check --config F``); SUPPRESS keeps a value given before it
+    globals_after = argparse.ArgumentParser(add_help=False)
+    globals_after.add_argument("--config", "-c", default=argparse.SUPPRESS,
+                               help="INI config file (default: $MS1_CONFIG)")
+    globals_after.add_argument("--block-plugin", action="append", default=argparse.SUPPRESS,
+                               metavar="NAME", help="do not load the installed plugin NAME")
     sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", help="run the pipeline (the default command)")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[globals_after])
+    run = command("run", "run the pipeline (the default command)")
     run.add_argument("--once", action="store_true",
                      help="process what the source holds, wait for delivery, print a "
                           "summary and exit (1 if anything is left undelivered or not "
                           "stored, or an input file could not be read)")
     run.add_argument("files", nargs="*", help="EmailMessage files (*.json, *.jsonl) for "
                                               "the files source")
-    sub.add_parser("check", help="validate the config (everything run would refuse) and "
+    command("check", "validate the config (everything run would refuse) and "
                                  "print it, secrets and URL credentials redacted")
-    enq = sub.add_parser("enqueue", help="push EmailMessage files into the configured source")
+    enq = command("enqueue", "push EmailMessage files into the configured source")
     enq.add_argument("files", nargs="+", help="*.json (one e-mail) or *.jsonl (one per line)")
-    status = sub.add_parser("status", help="queue lengths, pending, consumers, dead letters")
+    status = command("status", "queue lengths, pending, consumers, dead letters")
     status.add_argument("--json", action="store_true")
-    dlq = sub.add_parser("dlq", help="the dead letters")
+    dlq = command("dlq", "the dead letters")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
-    dlq_list = dlq_sub.add_parser("list", help="list dead letters (oldest first)")
+    dlq_list = dlq_sub.add_parser("list", parents=[globals_after],
+                                  help="list dead letters (oldest first)")
     dlq_list.add_argument("--limit", type=int, default=20)
     dlq_list.add_argument("--json", action="store_true", help="one JSON object per line")
-    dlq_replay = dlq_sub.add_parser("replay", help="put dead letters back on the outbound path")
+    dlq_replay = dlq_sub.add_parser("replay", parents=[globals_after],
+                                    help="put dead letters back on the outbound path")
     dlq_replay.add_argument("ids", nargs="*", help="dead-letter ids (see dlq list)")
     dlq_replay.add_argument("--all", action="store_true", help="replay every dead letter")
-    top = sub.add_parser("top", help="the overview of every running instance (as the web "
+    top = command("top", "the overview of every running instance (as the web "
                                      "console shows it), live, until Ctrl-C")
     top.add_argument("--interval", type=float, default=1.0, metavar="S",
                      help="seconds between two readings (default 1)")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.add_argument("--json", action="store_true",
                      help="print the overview as JSON (as /api/overview) and exit")
-    smp = sub.add_parser("samples", help="write generated sample e-mails as JSON lines")
+    smp = command("samples", "write generated sample e-mails as JSON lines")
     smp.add_argument("--count", type=int, default=1000)
     smp.add_argument("--invalid-every", type=int, default=10)
     smp.add_argument("--prefix", default="INV")
@@ -106,8 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UnknownCommand(Exception):
+    """The first word is no command and no file: a mistyped command."""
+
+
 def _with_default_command(argv: list[str]) -> list[str]:
-    """Insert ``run`` where the first non-global argument stands, unless a command is given."""
+    """Insert ``run`` where the first non-global argument stands, unless a command is given.
+    A first word that is no command, no option and no existing file, and has neither
+    ``/`` nor ``.`` (an input file's name has a suffix), is a mistyped command:
+    :class:`UnknownCommand` (exit 2 naming it), not an input file of ``run``."""
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -120,6 +140,9 @@ def _with_default_command(argv: list[str]) -> list[str]:
             continue
         if arg in COMMANDS:
             return argv
+        if not arg.startswith("-") and not any(c in arg for c in "/.") \
+                and not os.path.exists(arg):
+            raise UnknownCommand(arg)
         return [*argv[:i], "run", *argv[i:]]
     return [*argv, "run"]
 
@@ -131,8 +154,12 @@ def _fail(message: str, status: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(_with_default_command(list(sys.argv[1:] if argv is None
-                                                           else argv)))
+    try:
+        words = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    except UnknownCommand as exc:
+        return _fail(f"unknown command {str(exc)!r} (commands: {', '.join(COMMANDS)}; an "
+                     "input file of run needs its suffix or path)", EXIT_USAGE)
+    args = _parser().parse_args(words)
     if args.command == "samples":
         return _samples(args)
     if not args.config:
@@ -145,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # PluginError too: a broken plugin stops the start
         return _fail(str(exc), EXIT_USAGE)
     if args.command == "check":
+        try:  # what run refuses when it builds its parts: an unset secret, a TLS file ...
+            _refusals_of_run(pm, config)
+        except ConfigError as exc:
+            return _fail(str(exc), EXIT_USAGE)
         # what the file holds, each line with its control characters escaped (a value may
         # hold any byte: it reaches the operator's terminal only so)
         sys.stdout.write("".join(escape_controls(line) + "\n"
@@ -165,6 +196,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_USAGE)
     except Ms1Error as exc:
         return _fail(str(exc), EXIT_FAILED)
+
+
+def _refusals_of_run(pm: pluggy.PluginManager, config: Config) -> None:
+    """Build (and close) the parts ``run`` builds before it starts, so that ``check``
+    refuses what ``run`` would: the transport (its API key resolved, TLS files loaded), the
+    queue, the dead letters and the rate limiter (their secrets resolved; a Redis that
+    answers is asked its eviction policy). The source is not built (a files source would
+    read its inputs)."""
+    builders = (pluginmanager.build_transport, pluginmanager.build_queue,
+                pluginmanager.build_dead_letters, pluginmanager.build_rate_limiter)
+    for build in builders:
+        part = build(pm, config)
+        with contextlib.suppress(Ms1Error):
+            part.close()
 
 
 def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once: bool) -> int:
