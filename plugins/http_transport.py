@@ -428,9 +428,14 @@ class TlsFiles:
         """If ``exc`` is a TLS handshake that failed for a certificate's sake, why, naming
         the option and file to fix; None for anything else (an outage: retried)."""
         seen: BaseException | None = exc
-        while seen is not None and not isinstance(seen, ssl.SSLError):
+        visited: set[int] = set()  # a chain may loop (an exception re-raised in its handler)
+        while seen is not None and not isinstance(seen, ssl.SSLError) \
+                and id(seen) not in visited:
+            visited.add(id(seen))
             seen = seen.__cause__ or seen.__context__
-        if seen is None or isinstance(seen, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        if not isinstance(seen, ssl.SSLError):
+            return None
+        if isinstance(seen, ssl.SSLEOFError | ssl.SSLZeroReturnError):
             return None
         if isinstance(seen, ssl.SSLCertVerificationError):
             trusted = (f"[{SECTION}] ca_file {self.ca_file}" if self.ca_file
