@@ -66,6 +66,8 @@ import errno
 import io
 import logging
 import os
+import platform
+import re
 import resource
 import selectors
 import socket
@@ -87,6 +89,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ms1 import __version__
 from ms1.errors import Ms1Error
 from ms1.hookspecs import hookimpl
 from ms1.model import Batch, DeadLetter
@@ -349,6 +352,10 @@ class _State(Collector):
         for cause, seconds in pacer.held.snapshot().items():
             held.add_metric([cause], seconds)
         yield held
+        build = GaugeMetricFamily("ms1_build_info", "ms1's version and Python's (always 1)",
+                                  labels=["version", "python"])
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
         yield _gauge("ms1_up", "1 while every pipeline thread is alive and making progress",
                      1 if self._exporter.health() is None else 0)
         threads = GaugeMetricFamily(
@@ -402,6 +409,12 @@ def pipeline_threads() -> dict[str, int]:
         if stage in counts:
             counts[stage] += 1
     return counts
+
+
+#: most (stage, field) label pairs of ms1_payloads_rejected_total: its fields come from
+#: the e-mails, so their number is bounded here (the rest count as field "other")
+REJECTED_LABELS = 64
+_INDEX = re.compile(r"\[[^\]]*\]")
 
 
 def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
@@ -500,8 +513,13 @@ class Exporter:
     @hookimpl
     def ms1_payload_rejected(self, letter: DeadLetter) -> None:
         field = letter.reason.split(":", 1)[0] if letter.stage == "processor" else letter.stage
+        # the field comes from the e-mail (a duplicate key's path names any key the sender
+        # wrote): indexes folded, at most REJECTED_LABELS label pairs, the rest "other"
+        field = _INDEX.sub("[]", field)[:64]
         with self._lock:
-            key = (letter.stage, field[:64])
+            key = (letter.stage, field)
+            if key not in self._rejected and len(self._rejected) >= REJECTED_LABELS:
+                key = (letter.stage, "other")
             self._rejected[key] = self._rejected.get(key, 0) + 1
 
 

@@ -337,3 +337,36 @@ def test_no_queue_reading_no_drain_time() -> None:
         exporter.close()
     assert "ms1_backlog_drain_seconds" not in text
     assert "ms1_ms4_ceiling_requests_per_second 2.0" in text
+
+
+def test_rejected_field_labels_are_bounded() -> None:
+    """Issue 22: the field label came from sender-controlled text (a duplicate key's path
+    names any key the e-mail holds): 500 distinct keys made 500 label values. Now indexes
+    are folded and at most REJECTED_LABELS pairs exist; the rest count as "other"."""
+    from ms1.metrics import REJECTED_LABELS
+    from ms1.model import DeadLetter
+
+    pacer = Pacer(SlidingWindowLimiter(120, 60), Breaker(5, 30))
+    exporter = Exporter(ServiceView(
+        counters=dict, alive=lambda: True, pacer=pacer,
+        queue_stats=lambda: QueueStats(0, 0, None), dead_letter_count=lambda: 0),
+        "127.0.0.1:0")
+    try:
+        for n in range(500):
+            exporter.ms1_payload_rejected(DeadLetter(
+                reason=f"raw_json.attacker_key_{n}: duplicate key", stage="processor",
+                payload=b"{}"))
+            exporter.ms1_payload_rejected(DeadLetter(
+                reason=f"raw_json.line_items[{n}].quantity: not a number", stage="processor",
+                payload=b"{}"))
+        text = generate_latest(exporter.registry).decode()
+    finally:
+        exporter.close()
+    labels = re.findall(r'^ms1_payloads_rejected_total\{(.*)\} ', text, re.M)
+    assert len(labels) <= REJECTED_LABELS + 1
+    assert any('field="raw_json.line_items[].quantity"' in label for label in labels)
+    total = sum(float(v) for v in re.findall(r"^ms1_payloads_rejected_total\{.*\} (\S+)",
+                                             text, re.M))
+    assert total == 1000  # none lost to the bound
+    assert any('field="other"' in label for label in labels)
+    assert re.search(r'^ms1_build_info\{python="[0-9.]+",version="[^"]+"\} 1\.0$', text, re.M)
