@@ -560,12 +560,12 @@ def load_config(
     """Read and validate ``path`` against ``options``. Raise ConfigError on any problem."""
     table = index_options(options)
     environ = os.environ if environ is None else environ
-    # one rule for comments: a line starting with ; or #, or ; / # after whitespace at the
-    # end of a value (`cluster_nodes = a:1, b:2   ; more nodes`): a value cannot hold
-    # " ;" or " #" (write them without the space before)
+    # one rule for comments: a line starting with ; or #, or ; after whitespace at the end
+    # of a value (`cluster_nodes = a:1, b:2   ; more nodes`): a value cannot hold " ;"
+    # (a # inside a value stays: a pattern, a URL's fragment)
     parser = configparser.ConfigParser(interpolation=None, strict=True,
                                        default_section="\x00no-default",
-                                       inline_comment_prefixes=(";", "#"))
+                                       inline_comment_prefixes=(";",))
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     try:
         with open(path, encoding="utf-8") as fh:

@@ -278,7 +278,8 @@ def _redacted(text: str | None) -> str | None:
 
 class Publisher:
     """Samples every ``interval`` seconds in the thread ``fleet-publisher`` and publishes
-    to ``fleet`` what changed (else a heartbeat every ``ttl / 3`` s); on :meth:`close` it
+    to ``fleet`` what changed (else a heartbeat every ``ttl / 3`` s; after
+    :attr:`quiet_after` unchanged samples it samples at that pace too); on :meth:`close` it
     takes the snapshot down (best effort). A failing fleet only makes it skip beats."""
 
     def __init__(self, fleet: Fleet, instance: str, sample: Callable[[], Mapping[str, Any]],
@@ -364,7 +365,7 @@ class Publisher:
     #: seconds between two cross-checks of this instance against the others (the first
     #: comes :attr:`first_check` s after the start, when the others have published)
     check_every = 15.0
-    first_check = 3.0
+    first_check = 10.0
 
     def cross_check(self) -> list[str]:
         """Compare this instance's last snapshot with every other live one
@@ -385,16 +386,25 @@ class Publisher:
                 log.warning("fleet: %s", redact(problem))
         return problems
 
+    #: unchanged samples in a row after which the publisher samples only every
+    #: :attr:`heartbeat` s (an idle instance wakes every few seconds, not every second; the
+    #: first change after a quiet spell shows within a heartbeat)
+    quiet_after = 3
+
     def _run(self) -> None:
+        quiet = 0
         while True:
             started = time.monotonic()
-            self.beat()
+            before = self._last_sample
+            self.beat()  # (a heartbeat changes nothing: still quiet)
+            quiet = quiet + 1 if before is not None and self._last_sample == before else 0
             if not self._last_checked:
                 self._last_checked = started - self.check_every + self.first_check
             elif started - self._last_checked >= self.check_every:
                 self._last_checked = started
                 self.cross_check()
-            if self._stop.wait(max(0.05, self.interval - (time.monotonic() - started))):
+            pace = self.heartbeat if quiet >= self.quiet_after else self.interval
+            if self._stop.wait(max(0.05, pace - (time.monotonic() - started))):
                 break
         try:
             self.fleet.withdraw(self.instance)

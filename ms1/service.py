@@ -63,9 +63,9 @@ QUEUE_READ_INTERVAL = 2.0
 #: seconds without a successful reading before the queue counts as unreachable
 QUEUE_STALE_AFTER = 5.0
 #: seconds the reader waits on the source, and the batcher on the reader, while idle (an
-#: e-mail ends the wait at once; a stop is seen within it): an idle service wakes about
-#: once a second per stage, not five times
-IDLE_READ = 1.0
+#: e-mail ends the wait at once; a stop is seen within it; a Redis read waits at most
+#: [redis] block_timeout): an idle service wakes every few seconds per stage
+IDLE_READ = 2.0
 #: seconds the batcher, with no batch open, waits for the reader's next chunk: the reader
 #: always ends with an end mark that wakes it, so this only bounds the wait
 IDLE_BATCH = 5.0

@@ -7,7 +7,7 @@
 * ``check`` exited 0 for configs ``run`` refuses (an unset API-key variable, an unset
   ``password_env``): it now builds what run builds before it starts;
 * inline comments were kept in values (the README's Cluster snippet failed, ``check``'s own
-  output did not load): ``;`` / ``#`` after whitespace now start a comment.
+  output did not load): ``;`` after whitespace now starts a comment.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_check_refuses_what_run_refuses(tmp_path: Path, extra: str, said: str) -
 
 def test_inline_comments_are_stripped_and_checks_output_loads(tmp_path: Path) -> None:
     config = memory_ini(tmp_path, "[batch]\nmax_wait = 0.5   ; half a second\n"
-                                  "max_items = 20 # a smaller batch\n")
+                                  "max_items = 20 ; a smaller batch\n")
     checked = ms1("--config", str(config), "check")
     assert checked.returncode == 0, checked.stderr
     again = tmp_path / "again.ini"

@@ -52,7 +52,7 @@ def test_an_idle_service_uses_at_most_0_2_percent_of_a_core(
         "ms1": {"log_level": "WARNING"}, "queue": {"backend": queue},
         "source": {"allow_volatile": "yes"},
         # the shipped defaults, not the suite's quick 0.2 s reads
-        "redis": {"block_timeout": 1.0, "socket_timeout": 5}}))
+        "redis": {"block_timeout": 2.0, "socket_timeout": 10}}))
     log = tmp_path / "ms1.log"
     with log.open("wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "ms1.cli", "--config", str(config)],

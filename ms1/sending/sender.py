@@ -159,7 +159,7 @@ class _SendFailed(Exception):
 
 #: the longest the sender whose turn it is waits on the queue at once (a batch put wakes
 #: it at once; a stop is seen within this)
-IDLE_WAIT = 1.0
+IDLE_WAIT = 2.0
 
 
 class IdlePoll:

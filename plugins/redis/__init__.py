@@ -127,7 +127,7 @@ def ms1_config_options() -> Sequence[Option]:
         Option(SECTION, "visibility_timeout", "float", 60.0,
                "seconds an entry may sit unrefreshed in a consumer's pending list before "
                "another instance takes it over (XAUTOCLAIM)", min=1, max=86400),
-        Option(SECTION, "block_timeout", "float", 1.0,
+        Option(SECTION, "block_timeout", "float", 2.0,
                "seconds an XREADGROUP waits for new entries (keep below socket_timeout)",
                min=0.01, max=60),
         Option(SECTION, "socket_timeout", "float", 10.0,
@@ -243,7 +243,8 @@ def ms1_make_source(name: str, config: Config, inputs: Sequence[str]) -> Source 
                        group=config.get_str(SECTION, "group"), consumer=consumer_name(config),
                        visibility_timeout=config.get_float(SECTION, "visibility_timeout"),
                        delete_acked=config.get_bool(SECTION, "delete_acked_inbound"),
-                       max_email_bytes=config.get_int("batch", "max_bytes"))
+                       max_email_bytes=config.get_int("batch", "max_bytes"),
+                       block_timeout=config.get_float(SECTION, "block_timeout"))
 
 
 @hookimpl

@@ -140,8 +140,11 @@ class RedisSource(Source):
 
     def __init__(self, link: RedisLink, *, stream: str, group: str, consumer: str,
                  visibility_timeout: float, delete_acked: bool,
-                 max_email_bytes: int = MAX_EMAIL_BYTES) -> None:
+                 max_email_bytes: int = MAX_EMAIL_BYTES, block_timeout: float = 60.0) -> None:
+        """``block_timeout``: the longest one XREADGROUP waits (``[redis] block_timeout``:
+        below the socket timeout), whatever wait a read asks for."""
         self.link = link
+        self.block_timeout = block_timeout
         self.max_email_bytes = max_email_bytes
         self.stream, self.group, self.consumer = stream, group, consumer
         self.delete = delete_acked
@@ -157,7 +160,7 @@ class RedisSource(Source):
             ensure_group(self.link, self.stream, self.group)
             entries: list[Entry] = self._claimer.take(max_items) or read_group(
                 self.link, self.stream, self.group, self.consumer, max_items,
-                block_ms=max(1, int(timeout * 1000)))
+                block_ms=max(1, int(min(timeout, self.block_timeout) * 1000)))
         messages = [inbound_message(self.stream, entry_id, fields, self.max_email_bytes)
                     for entry_id, fields in entries if fields is not None]
         self._held.add([m.ref for m in messages])
