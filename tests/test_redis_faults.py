@@ -17,8 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import pytest
 import redis as redis_py
 from conftest import free_port
 from support import service_ini, tail, wait_until
+from test_operations import scrape
 from test_redis_durability import (
     INBOUND,
     Sim,
@@ -41,13 +40,7 @@ RATE_KEY = "ms1:rate-limit"
 
 
 def readyz(address: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://{address}/readyz", timeout=5) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except urllib.error.URLError:
-        return 0, ""  # not listening yet
+    return scrape(address, "/readyz")
 
 
 def config_for(tmp_path: Path, redis_url: str, sim: Sim, address: str) -> Path:
