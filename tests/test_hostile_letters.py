@@ -160,6 +160,7 @@ def test_a_jsonl_store_reads_a_broken_line_as_a_malformed_letter(tmp_path: Path)
         store.close()
 
 
+@pytest.mark.slow
 def test_no_control_byte_reaches_the_terminal_from_check(tmp_path: Path) -> None:
     """Issue 21's escaping rule for `check`: a value holding escape sequences (a title-
     setting OSC, a screen clear, a bell) is printed escaped, not played."""

@@ -168,6 +168,7 @@ def test_a_wrong_type_key_makes_readyz_503_naming_it(
 # --- eviction: refused, or every vanished stream reported as loss ----------------------
 
 
+@pytest.mark.slow
 def test_a_redis_that_evicts_any_key_is_refused_at_start_naming_the_policy(
         own_redis: Any, tmp_path: Path) -> None:
     """Issue 21: before, ms1 started on allkeys-lru with one WARNING and later lost 46,200

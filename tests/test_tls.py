@@ -32,7 +32,8 @@ from test_redis_durability import start_sim
 
 from ms1.tools import samples
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl"),
+              pytest.mark.slow]  # subprocesses and real servers: not in the floors' unit run
 
 
 def openssl(*args: str, cwd: Path) -> None:
