@@ -30,7 +30,7 @@ from conftest import free_port
 from support import ini, wait_until
 from test_redis_durability import start_sim
 
-from ms1.tools import samples
+from ms1.tools import fronts, samples
 
 pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl"),
               pytest.mark.slow]  # subprocesses and real servers: not in the floors' unit run
@@ -83,18 +83,10 @@ def https_ms4(pki: Path, tmp_path: Path, procs: list[Any]) -> Iterator[tuple[str
     port = free_port()
     folder = tmp_path / "nginx"
     folder.mkdir()
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    temp = "\n".join(f"  {name}_temp_path {folder}/{name};"
-                     for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    (folder / "nginx.conf").write_text(f"""{user}daemon off;
-master_process off;
-worker_processes 1;
-pid {folder}/nginx.pid;
-error_log {folder}/error.log info;
-events {{ worker_connections 256; }}
-http {{
+    (folder / "nginx.conf").write_text(f"""{fronts.nginx_process(folder, errors="info",
+                                                             connections=256)}http {{
   access_log off;
-{temp}
+{fronts.nginx_temp_paths(folder)}
   server {{
     listen 127.0.0.1:{port} ssl;
     ssl_certificate {pki}/server.crt;

@@ -41,22 +41,32 @@ def nginx_rate(limit: int, window: float) -> str:
     raise ValueError(f"nginx cannot express {limit} per {window:g} s (whole r/s or r/m)")
 
 
-def nginx_config(directory: Path, port: int, upstream: int, limit: int, window: float,
-                 burst: int = 0) -> str:
-    burst_text = f" burst={burst} nodelay" if burst else ""
+def nginx_process(directory: Path, *, errors: str = "warn", connections: int = 1024) -> str:
+    """The top of an nginx config for one foreground process whose files all live in
+    ``directory`` (as root, ``user root``), up to the ``events`` block."""
     user = "user root;\n" if os.geteuid() == 0 else ""
-    temp = "\n".join(f"  {name}_temp_path {directory}/{name};"
-                     for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"""{user}daemon off;
 master_process off;
 worker_processes 1;
 pid {directory}/nginx.pid;
-error_log {directory}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
+error_log {directory}/error.log {errors};
+events {{ worker_connections {connections}; }}
+"""
+
+
+def nginx_temp_paths(directory: Path) -> str:
+    """The ``http`` block's temp paths, in ``directory`` (not the packaged defaults)."""
+    return "\n".join(f"  {name}_temp_path {directory}/{name};"
+                     for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+
+
+def nginx_config(directory: Path, port: int, upstream: int, limit: int, window: float,
+                 burst: int = 0) -> str:
+    burst_text = f" burst={burst} nodelay" if burst else ""
+    return f"""{nginx_process(directory)}http {{
   log_format ms4 '$status';
   access_log {directory}/access.log ms4;
-{temp}
+{nginx_temp_paths(directory)}
   limit_req_zone $binary_remote_addr zone=ms4:1m rate={nginx_rate(limit, window)};
   limit_req_status 429;
   upstream ms4 {{ server 127.0.0.1:{upstream}; keepalive 128; }}
