@@ -479,6 +479,8 @@ class Pacer:
                 self._budget = announced.remaining - uncounted
                 reset = announced.reset if announced.reset is not None else \
                     self.limiter.window / self.limiter.limit
+                if announced.reset is not None and float(announced.reset).is_integer():
+                    reset += 1.0  # whole seconds, maybe rounded down: the window may end later
                 # a reset is held to retry_after_max, as a Retry-After is
                 self._budget_until = self._clock() + min(reset, self.retry_after_cap)
             policy = (announced.limit, announced.window)
