@@ -6,6 +6,7 @@ no 429."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
@@ -17,7 +18,7 @@ from test_concurrency import start_service
 from ms1.sending.announced import Announced, read_announced
 from ms1.sending.breaker import Breaker
 from ms1.sending.limiter import SlidingWindowLimiter
-from ms1.sending.pacer import Pacer
+from ms1.sending.pacer import Aborted, Pacer
 from ms1.tools.sim import Ms4Sim, SimConfig
 
 
@@ -126,3 +127,42 @@ def test_a_hostile_reset_is_held_to_retry_after_max_and_silence_ends_the_budget(
     for _ in range(5):  # no budget left to spend: the pace alone
         pacer.done(pacer.admit(threading.Event()), 202, headers={})
     assert time.monotonic() - started < 1.0  # a budget still held would wait 60 s
+
+
+def test_senders_checking_the_last_of_the_budget_at_once_send_only_what_is_left() -> None:
+    """Reproduces the CI failure of the announced-limit test (1 x 429): the budget was
+    checked before the limiter and spent after it, so senders checking at once all saw
+    the last request left and all went. Here eight senders reach the limiter together
+    (a barrier holds them there while it can) with two requests left: two go."""
+    gate = threading.Barrier(8, timeout=0.5)
+    together = threading.Event()
+
+    class Together(SlidingWindowLimiter):
+        def acquire(self, ahead: float = 0.0) -> Any:
+            if together.is_set():
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    gate.wait()
+            return super().acquire(ahead)
+
+    pacer = Pacer(Together(1_000, 60.0), Breaker(5, 30))
+    abort = threading.Event()
+    pacer.done(pacer.admit(abort), 202, headers={"x-ratelimit-remaining": "2",
+                                                 "x-ratelimit-reset": "30"})
+    together.set()
+    admitted: list[Any] = []
+
+    def send() -> None:
+        with contextlib.suppress(Aborted):
+            admitted.append(pacer.admit(abort))
+
+    senders = [threading.Thread(target=send) for _ in range(8)]
+    for sender in senders:
+        sender.start()
+    deadline = time.monotonic() + 2.0
+    while len(admitted) < 2 and time.monotonic() < deadline:
+        abort.wait(0.02)
+    abort.wait(0.7)  # the others held by the budget, not the barrier (broken by now)
+    abort.set()
+    for sender in senders:
+        sender.join(2.0)
+    assert len(admitted) == 2

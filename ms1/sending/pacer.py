@@ -231,7 +231,8 @@ class Pacer:
         self._budget_until = 0.0
         self._budget_seq = -1
         self._seq = 0
-        self._admitted = 0  # admissions not yet done
+        self._in_flight: set[int] = set()  # the seqs of admissions not yet done
+        self._budget_generation = 0  # +1 each time a budget is announced or renewed
         self._contradicted: tuple[int | None, float | None] | None = None
         self._delays: deque[float] = deque(maxlen=JITTER_SAMPLES)
         self._delays_seen = 0
@@ -297,7 +298,7 @@ class Pacer:
             if wait > 0:
                 self._hold(abort, wait, "429_pause")
                 continue
-            wait = self._budget_wait()
+            wait, budget = self._take_budget()
             if wait > 0:
                 self._hold(abort, wait, "rate_budget")
                 continue
@@ -305,6 +306,7 @@ class Pacer:
                 with self.limiter_outage.calling():
                     grant, wait = self.limiter.acquire(ahead)
             except Ms1Error as exc:
+                self._return_budget(budget)
                 # fail closed: without the shared count we cannot know we are under the limit
                 self.limiter_outage.failed("rate limiter unavailable (%s): not sending until "
                                            "it is back", exc)
@@ -312,17 +314,20 @@ class Pacer:
                 continue
             self.limiter_outage.answered("rate limiter available again")
             if grant is None:
+                self._return_budget(budget)
                 self._hold(abort, wait, "rate_budget")
                 continue
             token = grant.token
             probe, wait = self._claim_auth()
             if wait > 0:
+                self._return_budget(budget)
                 with contextlib.suppress(Ms1Error):
                     self.limiter.cancel(token)
                 self._hold(abort, wait, self._stop_cause())
                 continue
             allowed, wait = self.breaker.admit()
             if not allowed:
+                self._return_budget(budget)
                 self._release_auth(probe)
                 with contextlib.suppress(Ms1Error):
                     self.limiter.cancel(token)
@@ -331,9 +336,9 @@ class Pacer:
             with self._lock:
                 generation, margins = self._key_generation, self._margin_generation
                 self._seq += 1
-                self._admitted += 1
-                if self._budget is not None:
-                    self._budget -= 1
+                self._in_flight.add(self._seq)
+                if self._budget is not None and budget != self._budget_generation:
+                    self._budget -= 1  # announced since the take, without this request
                 admission = Admission(token, probe, generation, grant, margins)
                 admission.seq = self._seq
             return admission
@@ -399,7 +404,7 @@ class Pacer:
             elif status is not None:
                 self._unannounced(admission)
         with self._lock:
-            self._admitted = max(0, self._admitted - 1)
+            self._in_flight.discard(admission.seq)
         ago = 0.0
         arrival = self.counts_at == "arrival"
         if sent is not None:
@@ -444,17 +449,31 @@ class Pacer:
         with self._lock:
             return self._announced
 
-    def _budget_wait(self) -> float:
-        """Seconds to wait for MS4's announced budget: while it is spent, until it resets
-        (then one request goes, whose answer announces the next)."""
+    def _take_budget(self) -> tuple[float, int]:
+        """Take one request from MS4's announced budget: ``(0.0, generation)``, or the
+        seconds to wait while it is spent, until it resets (then one request goes, whose
+        answer announces the next). Taken and spent under one lock: senders checking at
+        once cannot all see the last request left. A budget announced between the take
+        and the admission does not count the request yet: :meth:`admit` spends it from
+        that one too; :meth:`_return_budget` gives it back if it is not sent."""
         with self._lock:
             if self._budget is None:
-                return 0.0
+                return 0.0, self._budget_generation
             now = self._clock()
             if now >= self._budget_until:
                 self._budget, self._budget_until = 1, now + self.limiter.window
-                return 0.0
-            return 0.0 if self._budget > 0 else self._budget_until - now
+                self._budget_generation += 1
+            if self._budget <= 0:
+                return self._budget_until - now, self._budget_generation
+            self._budget -= 1
+            return 0.0, self._budget_generation
+
+    def _return_budget(self, generation: int) -> None:
+        """A request taken from the budget ``generation`` was not sent (the limiter, the
+        breaker or the key held it back)."""
+        with self._lock:
+            if self._budget is not None and generation == self._budget_generation:
+                self._budget += 1
 
     def _unannounced(self, admission: Admission) -> None:
         """An answer newer than the budget's announces nothing: MS4 stopped announcing
@@ -473,10 +492,12 @@ class Pacer:
             self._announced = announced
             if announced.remaining is not None and admission.seq >= self._budget_seq:
                 self._budget_seq = admission.seq
-                # not counted in it yet, at most: those admitted after this request, or
-                # every other one in flight (one admitted before may have arrived after)
-                uncounted = max(self._seq - admission.seq, self._admitted - 1)
+                # not counted in it yet, at most: every request admitted after this one,
+                # and those admitted before it still in flight (one may arrive after it)
+                uncounted = self._seq - admission.seq + sum(
+                    1 for seq in self._in_flight if seq < admission.seq)
                 self._budget = announced.remaining - uncounted
+                self._budget_generation += 1
                 reset = announced.reset if announced.reset is not None else \
                     self.limiter.window / self.limiter.limit
                 if announced.reset is not None and float(announced.reset).is_integer():
