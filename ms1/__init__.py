@@ -22,4 +22,4 @@ The data flow, one place per stage::
 Importing the package has no side effects.
 """
 
-__version__ = "0.1.0"
+__version__ = "1.0.0"

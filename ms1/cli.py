@@ -10,6 +10,8 @@
     ms1-service --config F dlq replay (--all | ID ...)  dead letters back to the outbound queue
     ms1-service --config F top [--interval S] [--once] [--json]  every instance, live
     ms1-service samples [--count N] [--invalid-every K] [-o OUT.jsonl]
+    ms1-service conf list | show NAME | write DIR [--force] | defaults
+                                                       the operator's files; every option
 
 ``--block-plugin NAME`` (repeatable, before the command) or ``$MS1_BLOCK_PLUGINS``
 (comma-separated) keeps an installed plugin, built-in or third-party, from loading.
@@ -34,9 +36,9 @@ from types import FrameType
 
 import pluggy
 
-from ms1 import __version__, admin, pluginmanager
+from ms1 import __version__, admin, deploy, pluginmanager
 from ms1.components import Components
-from ms1.config import Config
+from ms1.config import Config, render_defaults
 from ms1.errors import ConfigError, Ms1Error
 from ms1.logs import add_secret, escape_controls, setup_logging
 from ms1.notify import Notifier, Watchdog
@@ -47,7 +49,7 @@ from ms1.tools import samples
 
 log = logging.getLogger("ms1")
 
-COMMANDS = ("run", "check", "samples", "enqueue", "status", "dlq", "top")
+COMMANDS = ("run", "check", "samples", "enqueue", "status", "dlq", "top", "conf")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: a second SIGINT: exit at once, as a shell's Ctrl-C does (128 + SIGINT)
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -93,12 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     enq = command("enqueue", "push EmailMessage files into the configured source")
     enq.add_argument("files", nargs="+", help="*.json (one e-mail) or *.jsonl (one per line)")
     status = command("status", "queue lengths, pending, consumers, dead letters")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true",
+                        help="print the status as one JSON object (raw text, JSON-escaped)")
     dlq = command("dlq", "the dead letters")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq_sub.add_parser("list", parents=[globals_after],
                                   help="list dead letters (oldest first)")
-    dlq_list.add_argument("--limit", type=int, default=20)
+    dlq_list.add_argument("--limit", type=int, default=20, metavar="N",
+                          help="list at most N (default 20)")
     dlq_list.add_argument("--json", action="store_true", help="one JSON object per line")
     dlq_replay = dlq_sub.add_parser("replay", parents=[globals_after],
                                     help="put dead letters back on the outbound path")
@@ -112,10 +116,28 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--json", action="store_true",
                      help="print the overview as JSON (as /api/overview) and exit")
     smp = command("samples", "write generated sample e-mails as JSON lines")
-    smp.add_argument("--count", type=int, default=1000)
-    smp.add_argument("--invalid-every", type=int, default=10)
-    smp.add_argument("--prefix", default="INV")
+    smp.add_argument("--count", type=int, default=1000, help="how many (default 1000)")
+    smp.add_argument("--invalid-every", type=int, default=10, metavar="K",
+                     help="every K-th e-mail is invalid, to exercise the dead letters "
+                          "(default 10; 0: none)")
+    smp.add_argument("--prefix", default="INV", help="invoice id prefix (default INV)")
     smp.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    conf = command("conf", "the operator's files shipped with ms1 (INI templates, systemd "
+                           "unit, alert rules, dashboard) and every option's default")
+    conf_sub = conf.add_subparsers(dest="conf_command", required=True)
+    conf_sub.add_parser("list", parents=[globals_after], help="name the operator's files")
+    conf_show = conf_sub.add_parser("show", parents=[globals_after],
+                                    help="print one operator file")
+    conf_show.add_argument("name", help="its name, as conf list gives it")
+    conf_write = conf_sub.add_parser("write", parents=[globals_after],
+                                     help="write every operator file under DIR (the unit's "
+                                          "paths: this installation's, DIR)")
+    conf_write.add_argument("directory", metavar="DIR", help="where (created if missing)")
+    conf_write.add_argument("--force", action="store_true",
+                            help="replace files that exist (default: keep them)")
+    conf_sub.add_parser("defaults", parents=[globals_after],
+                        help="print every option (ms1's and the installed plugins') at its "
+                             "default, as a loadable INI file")
     return parser
 
 
@@ -162,10 +184,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(words)
     if args.command == "samples":
         return _samples(args)
-    if not args.config:
-        return _fail("no config file: give --config FILE or set $MS1_CONFIG", EXIT_USAGE)
+    if args.command == "conf" and args.conf_command != "defaults":
+        return _conf(args)
     blocked = [name for value in args.block_plugin for name in pluginmanager.parse_blocked(value)]
     blocked += pluginmanager.blocked_from_env(os.environ)
+    if args.command == "conf":
+        try:
+            pm = pluginmanager.make_plugin_manager(blocked=blocked)
+        except ConfigError as exc:
+            return _fail(str(exc), EXIT_USAGE)
+        sys.stdout.write(render_defaults(pluginmanager.all_options(pm)))
+        return EXIT_OK
+    if not args.config:
+        return _fail("no config file: give --config FILE or set $MS1_CONFIG", EXIT_USAGE)
     try:
         pm = pluginmanager.make_plugin_manager(blocked=blocked)
         config = pluginmanager.load(pm, args.config)
@@ -384,6 +415,31 @@ def _reload(service: Service, pm: pluggy.PluginManager) -> None:
              ", ".join(applied) or "no change")
     if restart:  # every changed key needing a restart, in this one line
         log.warning("changes that need a restart were not applied: %s", ", ".join(restart))
+
+
+def _conf(args: argparse.Namespace) -> int:
+    """``conf list``, ``conf show NAME``, ``conf write DIR``."""
+    if args.conf_command == "list":
+        width = max(map(len, deploy.FILES))
+        for name, what in deploy.FILES.items():
+            print(f"{name:<{width}}  {what}")
+        return EXIT_OK
+    if args.conf_command == "show":
+        try:
+            sys.stdout.write(deploy.read(args.name))
+        except deploy.UnknownFile as exc:
+            return _fail(str(exc), EXIT_USAGE)
+        return EXIT_OK
+    try:
+        done = deploy.write(args.directory, force=args.force)
+    except OSError as exc:
+        return _fail(f"cannot write the operator's files to {args.directory}: {exc}",
+                     EXIT_FAILED)
+    for path in done.written:
+        print(f"wrote {escape_controls(str(path))}")
+    for path in done.kept:
+        print(f"kept {escape_controls(str(path))} (it exists; --force replaces it)")
+    return EXIT_OK
 
 
 def _samples(args: argparse.Namespace) -> int:

@@ -452,13 +452,15 @@ class Config:
     def __init__(
         self, path: str, options: Mapping[tuple[str, str], Option],
         values: Mapping[tuple[str, str], Any], explicit: Iterable[tuple[str, str]],
-        api_key: Secret | None,
+        api_key: Secret | None, from_env: Mapping[tuple[str, str], str] | None = None,
     ) -> None:
         self.path = path
         self.options = dict(options)
         self._values = dict(values)
         self.explicit = frozenset(explicit)
         self.api_key = api_key
+        #: the keys set from the environment, with the variable that set them
+        self.from_env = dict(from_env or {})
 
     def get(self, section: str, key: str) -> Any:
         try:
@@ -500,7 +502,8 @@ class Config:
         """A copy with some values replaced (tests, CLI overrides)."""
         values = {**self._values, **changes}
         return Config(self.path, self.options, values, self.explicit | set(changes),
-                      self.api_key)
+                      self.api_key, {k: v for k, v in self.from_env.items()
+                                     if k not in changes})
 
     def changed(self, other: Config) -> list[tuple[str, str]]:
         """The ``(section, key)`` pairs whose value differs in ``other``, sorted (keys only
@@ -516,11 +519,14 @@ class Config:
         kept = [k for k in keys if k in old._values]
         values = {**self._values, **{k: old._values[k] for k in kept}}
         explicit = (self.explicit - set(kept)) | (old.explicit & set(kept))
-        return Config(self.path, self.options, values, explicit, self.api_key)
+        from_env = {k: v for k, v in self.from_env.items() if k not in kept}
+        from_env.update({k: v for k, v in old.from_env.items() if k in kept})
+        return Config(self.path, self.options, values, explicit, self.api_key, from_env)
 
     def render(self) -> str:
-        """The effective configuration as INI text, defaults marked; every line passes
-        through :func:`ms1.redaction.redact` (API key, passwords, URL credentials)."""
+        """The effective configuration as INI text (loadable), each value's origin marked
+        (``; default``, ``; from $MS1_...``; none: the file); every line passes through
+        :func:`ms1.redaction.redact` (API key, passwords, URL credentials)."""
         lines: list[str] = [f"# effective configuration from {self.path}"]
         if self.api_key is None:
             lines.append("# MS4 API key: not set")
@@ -533,7 +539,8 @@ class Config:
                 section = sec
             value = self._values[(sec, key)]
             text = ("yes" if value else "no") if isinstance(value, bool) else str(value)
-            origin = "" if (sec, key) in self.explicit else "  ; default"
+            origin = "  ; default" if (sec, key) not in self.explicit else \
+                f"  ; from ${self.from_env[(sec, key)]}" if (sec, key) in self.from_env else ""
             lines.append(redact(f"{key} = {text}") + origin)
             lines.append(f"#   {opt.help}")
         return "\n".join(lines) + "\n"
@@ -542,14 +549,57 @@ class Config:
         return f"Config(path={self.path!r}, api_key={self.api_key!r})"
 
 
+#: the prefix of every option's environment variable (:func:`env_name`)
+ENV_PREFIX = "MS1_"
+
+
+def env_name(section: str, key: str) -> str:
+    """The environment variable that overrides ``[section] key``: ``MS1_``, then the
+    section and the key upper-cased, joined by ``_``, each ``.`` or ``-`` an ``_``
+    (``[send] requests_per_minute``: ``MS1_SEND_REQUESTS_PER_MINUTE``; ``[transport.http]
+    base_url``: ``MS1_TRANSPORT_HTTP_BASE_URL``)."""
+    return ENV_PREFIX + f"{section}_{key}".upper().replace(".", "_").replace("-", "_")
+
+
+def render_defaults(options: Iterable[Option]) -> str:
+    """Every option at its default as INI text that loads (``conf defaults``): each
+    with its help and its environment variable (:func:`env_name`) in comments."""
+    lines = ["# every option at its default (ms1-service conf defaults); a key left out of",
+             "# a config file has this value. Each can be set from the environment too."]
+    section = None
+    for (sec, key), opt in sorted(index_options(options).items()):
+        if sec != section:
+            lines.append(f"\n[{sec}]")
+            section = sec
+        value = opt.default
+        text = ("yes" if value else "no") if isinstance(value, bool) else _fmt_default(value)
+        lines.append(f"#   {opt.help}")
+        lines.append(f"#   environment: ${env_name(sec, key)}")
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_default(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return "" if value is None else str(value)
+
+
 def index_options(options: Iterable[Option]) -> dict[tuple[str, str], Option]:
-    """Options by ``(section, key)``; a key declared twice is a programming error."""
+    """Options by ``(section, key)``; a key declared twice, or two keys with one
+    environment variable, is a programming error."""
     table: dict[tuple[str, str], Option] = {}
+    names: dict[str, tuple[str, str]] = {}
     for opt in options:
         where = (opt.section, opt.key)
         if where in table:
             raise ValueError(f"option [{opt.section}] {opt.key} is declared twice")
-        table[where] = opt
+        name = env_name(*where)
+        if name in names:
+            other = names[name]
+            raise ValueError(f"options [{other[0]}] {other[1]} and [{opt.section}] {opt.key} "
+                             f"would share the environment variable {name}")
+        table[where], names[name] = opt, where
     return table
 
 
@@ -602,16 +652,16 @@ def load_config(
         known = sorted(k for s, k in table if s == sec)
         for key, raw in parser.items(sec):
             if (sec, key) in _FORBIDDEN_CONSOLE_KEYS:
-                env_name = parser.get("console", "admin_token_env",
+                variable = parser.get("console", "admin_token_env",
                                       fallback="MS1_CONSOLE_TOKEN")
                 raise ConfigError(
                     f"the console's admin token is never read from the INI file: set "
-                    f"${env_name.strip()} or name a token file with admin_token_file",
+                    f"${variable.strip()} or name a token file with admin_token_file",
                     path=path, section=sec, key=key)
             if (sec, key) in _FORBIDDEN_KEYS:
-                env_name = parser.get("ms4", "api_key_env", fallback="MS1_MS4_API_KEY")
+                variable = parser.get("ms4", "api_key_env", fallback="MS1_MS4_API_KEY")
                 raise ConfigError(
-                    f"the API key is never read from the INI file: set ${env_name.strip()} "
+                    f"the API key is never read from the INI file: set ${variable.strip()} "
                     "or name a key file with api_key_file",
                     path=path, section=sec, key=key)
             opt = table.get((sec, key))
@@ -621,14 +671,39 @@ def load_config(
             try:
                 values[(sec, key)] = opt.parse(raw)
             except ValueError as exc:
-                raise ConfigError(str(exc), path=path, section=sec, key=key) from None
+                raise ConfigError(str(exc) + _comment_hint(raw), path=path, section=sec,
+                                  key=key) from None
             explicit.append((sec, key))
+
+    # the environment overrides the file, one variable per option (env_name)
+    from_env: dict[tuple[str, str], str] = {}
+    for (sec, key), opt in table.items():
+        name = env_name(sec, key)
+        given = environ.get(name)
+        if given is None:
+            continue
+        try:
+            values[(sec, key)] = opt.parse(given)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (from ${name})", path=path, section=sec,
+                              key=key) from None
+        explicit.append((sec, key))
+        from_env[(sec, key)] = name
 
     api_key = None
     if ("ms4", "api_key_env") in table:
         api_key = read_api_key(path, str(values[("ms4", "api_key_env")]),
                                str(values[("ms4", "api_key_file")]), environ)
-    return Config(path, table, values, explicit, api_key)
+    return Config(path, table, values, explicit, api_key, from_env)
+
+
+def _comment_hint(raw: str) -> str:
+    """What to add to a refused value that holds `` #``: a comment is only a line
+    starting with ``#`` or ``;``, or `` ;`` after a value."""
+    if re.search(r"\s#", raw):
+        return " (an inline comment? after a value only ' ;' starts one; '#' only at a " \
+               "line's start)"
+    return ""
 
 
 def key_problem(value: str) -> str | None:

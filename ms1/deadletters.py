@@ -30,7 +30,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ms1.model import DEFAULT_MAX_PAYLOAD_BYTES, DeadLetter
+from ms1.model import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    ENTRY_FORMAT,
+    FORMAT_FIELD,
+    DeadLetter,
+    entry_format,
+)
 from ms1.source import Source
 
 __all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "DeadLetterStore", "JsonlDeadLetters",
@@ -163,7 +169,8 @@ class MemoryDeadLetters(DeadLetterStore):
 def letter_to_json(letter: DeadLetter) -> dict[str, Any]:
     """A JSON-able dict of a letter; the payload as text when it is UTF-8, else base64."""
     record: dict[str, Any] = {
-        "reason": letter.reason, "stage": letter.stage, "message_id": letter.message_id,
+        FORMAT_FIELD: ENTRY_FORMAT, "reason": letter.reason, "stage": letter.stage,
+        "message_id": letter.message_id,
         "invoice_id": letter.invoice_id, "source_ref": letter.source_ref,
         "ms4_answer": letter.ms4_answer, "at": letter.at, "id": letter.id,
     }
@@ -190,6 +197,10 @@ def decode_letter(field: Callable[[str], object], payload: bytes, letter_id: str
     that is missing or unreadable is read as empty (a time as 0, a size as none) and said
     in :attr:`DeadLetter.malformed`, never an error."""
     problems = list(problems or [])
+    try:  # a newer ms1's letter: shown as such, kept by replay (a malformed letter is)
+        entry_format(field(FORMAT_FIELD))
+    except ValueError as exc:
+        problems.append(str(exc))
 
     def text(name: str, required: bool = False) -> str | None:
         value = field(name)

@@ -108,6 +108,8 @@ _COUNTERS = (
     ("dead_lettered", "ms1_invoices_dead_lettered", "Objects or e-mails put in the dead letters"),
     ("send_failures", "ms1_send_retries", "Failed sends that will be retried"),
     ("batches_split", "ms1_batches_split", "Batches split after a 400/413"),
+    ("batches_merged", "ms1_batches_merged",
+     "Batches merged of halves split before a refusal storm was recognised"),
     ("processor_errors", "ms1_processor_errors",
      "Unexpected errors inside the processor (each e-mail dead-lettered)"),
 )
@@ -489,6 +491,9 @@ class Exporter:
         if stats is not None and stats.losses:  # until a restart: a person must look
             return f"work lost: {stats.losses[-1]}" + (
                 f" (and {len(stats.losses) - 1} more losses)" if len(stats.losses) > 1 else "")
+        if stats is not None and stats.newer:  # a rolling upgrade: the newer instances take them
+            return (f"the queue holds {len(stats.newer)} entries of a newer format than ms1 "
+                    f"{__version__} reads (first: {stats.newer[0]}): upgrade this instance")
         stop = pacer.stop
         if stop is not None:  # 401, 403, a configuration error (3xx, 404 ...): its reason
             return stop.reason

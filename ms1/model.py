@@ -9,13 +9,43 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 BATCH_PATH = "/batch-metadata"
 UNIT_PATH = "/metadata"
 #: default of ``[dead_letters] max_payload_bytes``: payload bytes a dead letter keeps
 DEFAULT_MAX_PAYLOAD_BYTES = 65536
+#: the format of every stored entry this version writes (an outbound batch, a dead
+#: letter), in the field :data:`FORMAT_FIELD`; an entry without it is format 1 (written
+#: before formats were marked). A newer format is left untouched (:func:`entry_format`).
+ENTRY_FORMAT = 1
+FORMAT_FIELD = "v"
+
+
+class NewerFormat(ValueError):
+    """A stored entry of a format newer than this version reads (written by a newer ms1
+    during a rolling upgrade): left untouched, never dead-lettered or dropped."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"format {version}, newer than the format {ENTRY_FORMAT} this ms1 "
+                         "reads: written by a newer ms1; left untouched")
+        self.version = version
+
+
+def entry_format(value: object) -> int:
+    """The format of a stored entry from its :data:`FORMAT_FIELD` (None: missing, format
+    1); raise :class:`NewerFormat` for one newer than :data:`ENTRY_FORMAT`, ValueError
+    for one that is no format number."""
+    if value is None:
+        return 1
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    if not text.isdigit() or len(text) > 6 or int(text) < 1:
+        raise ValueError(f"format {text[:20]!r} is not a format number")
+    version = int(text)
+    if version > ENTRY_FORMAT:
+        raise NewerFormat(version)
+    return version
 
 
 # Per-invoice records are plain slots dataclasses, treated as read-only: a frozen one
@@ -105,6 +135,24 @@ class Batch:
             raise ValueError("a batch of one object cannot be split")
         mid = len(self.payloads) // 2
         return self._slice(0, mid), self._slice(mid, len(self.payloads))
+
+    @classmethod
+    def join(cls, batches: Sequence[Batch]) -> Batch:
+        """One batch of ``batches``' objects, in order (the halves of batches split before
+        a refusal storm was recognised, merged again): the halves of one batch joined give
+        that batch back, id included. All must share one ``path``."""
+        if not batches or len({batch.path for batch in batches}) != 1:
+            raise ValueError("batches to join must be one or more, all of one path")
+        refs = () if any(len(b.refs) != len(b) for b in batches) else tuple(
+            ref for batch in batches for ref in batch.refs)
+        return cls(
+            path=batches[0].path,
+            payloads=tuple(p for batch in batches for p in batch.payloads),
+            invoice_ids=tuple(i for batch in batches for i in batch.invoice_ids),
+            message_ids=tuple(m for batch in batches for m in batch.message_ids),
+            created_at=min(batch.created_at for batch in batches),
+            refs=refs,
+        )
 
     def select(self, indexes: Iterable[int]) -> Batch:
         """The objects at ``indexes`` (0-based, in this order) as a batch of their own, with

@@ -3,7 +3,8 @@
 A :class:`QueueBackend` stores batches until MS4 accepted them. Senders
 ``get`` a :class:`Delivery`, and the sender module decides its fate: ``ack``
 (MS4 answered 202, or every object is in the dead letters), ``replace`` (a
-400 split it into parts), or ``release`` (give it back undelivered, on
+400 split it into parts), ``merge`` (the parts of batches split before a refusal
+storm was recognised, joined again), or ``release`` (give it back undelivered, on
 shutdown). Built in: :class:`MemoryQueue`.
 """
 
@@ -35,13 +36,17 @@ class QueueStats:
     """``ready``: batches waiting for a sender; ``in_flight``: handed out, not yet acked.
     ``losses``: stored work the backend found gone since it started (a stream evicted,
     deleted or flushed under it), each said in a line; ``lost_batches``: the batches they
-    held, as last counted (at least)."""
+    held, as last counted (at least). ``newer``: entries a newer ms1 wrote, left
+    untouched for it."""
 
     ready: int
     in_flight: int
     invoices: int | None = 0  # None: the backend cannot count them cheaply
     losses: tuple[str, ...] = ()
     lost_batches: int = 0
+    #: stored entries of a newer format than this version reads (a newer ms1 wrote them):
+    #: left untouched, each named
+    newer: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -92,6 +97,15 @@ class QueueBackend(ABC):
     @abstractmethod
     def replace(self, delivery: Delivery, parts: Sequence[Batch]) -> None:
         """Atomically store ``parts`` and ack ``delivery`` (a batch split after a 400)."""
+
+    def merge(self, deliveries: Sequence[Delivery], batch: Batch) -> bool:
+        """Atomically store ``batch`` and ack ``deliveries`` (all held by this process),
+        or change nothing and return False: a delivery is no longer this consumer's (its
+        lease ran out and another took it), or the backend cannot merge (this default:
+        the parts are then sent as they are). Raises :class:`~ms1.errors.QueueError`
+        when the outcome is unknown: ``deliveries`` are then no longer kept alive, so if
+        the merge did not happen they are handed out again after their lease."""
+        return False
 
     @abstractmethod
     def release(self, delivery: Delivery) -> None:
@@ -159,6 +173,16 @@ class MemoryQueue(QueueBackend):
             for part in reversed(parts):
                 self._ready.appendleft((part, 0))
             self._cond.notify_all()
+
+    def merge(self, deliveries: Sequence[Delivery], batch: Batch) -> bool:
+        with self._cond:
+            if any(d.token not in self._in_flight for d in deliveries):
+                return False
+            for delivery in deliveries:
+                del self._in_flight[delivery.token]
+            self._ready.appendleft((batch, 0))
+            self._cond.notify_all()
+            return True
 
     def release(self, delivery: Delivery) -> None:
         with self._cond:

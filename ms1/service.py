@@ -35,6 +35,7 @@ from ms1.overview import Ceiling
 from ms1.pluginmanager import Observers
 from ms1.progress import Outage, Progress, Stall
 from ms1.sending.concurrency import Controller, fixed_concurrency
+from ms1.sending.fragments import Fragments, Limits
 from ms1.sending.pacer import PacerSettings
 from ms1.sending.sender import (
     IdlePoll,
@@ -196,6 +197,8 @@ class Service:
                              logger=logging.getLogger("ms1.sending.sender"))
         #: the source's, as the reader sees them
         self.reading = Outage("reading the source", logger=log)
+        #: split halves parked by the senders during a refusal storm, to merge them
+        self.fragments = Fragments(self._fragment_limits)
         self.senders_stop: threading.Event = WakingEvent(self.idle)
         self.abort: threading.Event = WakingEvent(self.idle)
         self._inbox: stdqueue.Queue[list[InboundMessage]] = stdqueue.Queue(maxsize=8)
@@ -303,7 +306,14 @@ class Service:
             observers=self.observers, stats=self.stats, pacer=self.pacer,
             stop=self.senders_stop, abort=self.abort, settings=self.send_settings,
             in_flight=self.in_flight, progress=self.progress, concurrency=self.concurrency,
-            idle=self.idle, outage=self.outage)
+            idle=self.idle, outage=self.outage, fragments=self.fragments)
+
+    def _fragment_limits(self) -> Limits:
+        """What a batch merged of fragments may hold: the running policy's limits."""
+        policy = self.parts.policy
+        items, size = getattr(policy, "max_items", None), getattr(policy, "max_bytes", None)
+        return Limits(items if isinstance(items, int) else 1,
+                      size if isinstance(size, int) else 1)
 
     def _allowed_rate(self) -> float:
         """Requests per second the rate limiter allows (the whole limit, every instance)."""

@@ -99,6 +99,38 @@ def test_replace_swaps_batch_for_parts_atomically(backend: QueueBackend) -> None
     assert ids == {left.id, right.id}
 
 
+def test_merge_swaps_parts_for_their_join_atomically(backend: QueueBackend) -> None:
+    """The halves of batches split before a refusal storm was recognised, joined again:
+    the join is stored and every part acked at once; halves of one batch give it back."""
+    whole = batch(1, size=4)
+    left, right = whole.split()
+    backend.put_many([left, right])
+    first, second = backend.get("c1", timeout=1), backend.get("c1", timeout=1)
+    assert first is not None and second is not None
+    joined = Batch.join([first.batch, second.batch])
+    assert joined.id == whole.id and joined.payloads == whole.payloads
+    assert backend.merge([first, second], joined) is True
+    stats = backend.stats()
+    assert (stats.ready, stats.in_flight) == (1, 0)
+    got = backend.get("c1", timeout=1)
+    assert got is not None and got.batch.id == whole.id and got.batch.payloads == whole.payloads
+    backend.ack(got)
+    assert backend.stats().empty
+
+
+def test_merge_changes_nothing_when_a_part_is_no_longer_held(backend: QueueBackend) -> None:
+    left, right = batch(1, size=4).split()
+    backend.put_many([left, right])
+    first, second = backend.get("c1", timeout=1), backend.get("c1", timeout=1)
+    assert first is not None and second is not None
+    backend.ack(second)  # finished meanwhile (sent, or taken by another instance)
+    assert backend.merge([first, second], Batch.join([first.batch, second.batch])) is False
+    stats = backend.stats()
+    assert (stats.ready, stats.in_flight) == (0, 1)  # the first still held, nothing added
+    backend.ack(first)
+    assert backend.stats().empty
+
+
 def test_concurrent_consumers_get_each_batch_once(backend: QueueBackend) -> None:
     total = 200
     for i in range(total):

@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 from ms1.config import Config
 from ms1.sending.answers import Answer, Kind
-from ms1.sending.pacer import Aborted
+from ms1.sending.pacer import Aborted, Left
 
 #: Little's law headroom: target = rate * latency * HEADROOM + EXTRA
 HEADROOM = 1.5
@@ -89,14 +89,18 @@ class Gate:
             if grew:  # only a larger size lets a waiter through
                 self._cond.notify_all()
 
-    def acquire(self, abort: threading.Event, poll: float = 0.2) -> None:
+    def acquire(self, abort: threading.Event, poll: float = 0.2,
+                leave: Callable[[], bool] | None = None) -> None:
         """Take a slot, waiting for one; raise :class:`Aborted` once ``abort`` is set (seen
         within ``poll`` s: an Event cannot wake a Condition) — the pacer's, which the
-        sender already handles."""
+        sender already handles — and :class:`~ms1.sending.pacer.Left` once ``leave()``
+        is true while it waits (as :meth:`Pacer.admit <ms1.sending.pacer.Pacer.admit>`)."""
         with self._cond:
             while self._held >= self._size:
                 if abort.is_set():
                     raise Aborted
+                if leave is not None and leave():
+                    raise Left
                 self._cond.wait(poll)
             if abort.is_set():
                 raise Aborted

@@ -62,6 +62,11 @@ class Aborted(Exception):
     """The shutdown deadline passed while waiting for permission to send."""
 
 
+class Left(Exception):
+    """The caller's ``leave()`` said to stop waiting for permission (a fragment to park
+    while a refusal storm holds sending)."""
+
+
 #: why senders were held back (``ms1_held_back_seconds_total{cause=...}``): the rate
 #: limiter's budget, a 429 pause, a 401/403 stop, another stop (configuration error), an
 #: open breaker, the rate limiter unreachable, and (counted by the senders) nothing to send
@@ -268,6 +273,18 @@ class Pacer:
         with self._lock:
             return self._stop
 
+    @property
+    def in_storm(self) -> bool:
+        """Stopped by a refusal storm (MS4 refusing every request, naming nothing)."""
+        with self._lock:
+            return self._stop is not None and self._stop.storm
+
+    def is_fragment(self, batch_id: str) -> bool:
+        """Whether ``batch_id`` is a half of a batch split after a refusal (the last
+        FRAGMENTS_KEPT of them)."""
+        with self._lock:
+            return batch_id in self._fragments
+
     def holding(self) -> bool:
         """True while a stop, an open breaker or a 429 pause holds every sender back (what
         :meth:`held_back` names, without building the text)."""
@@ -287,13 +304,17 @@ class Pacer:
             return f"paused by a 429 ({paused:.0f} s left)"
         return None
 
-    def admit(self, abort: threading.Event, ahead: float = 0.0) -> Admission:
-        """Block until a request may be sent; raise :class:`Aborted` if ``abort`` is set.
-        Each wait is counted in :attr:`held` under its cause. ``ahead``: how far the
-        limiter's :attr:`~ms1.sending.limiter.RateLimiter.free_hint` looks ahead."""
+    def admit(self, abort: threading.Event, ahead: float = 0.0,
+              leave: Callable[[], bool] | None = None) -> Admission:
+        """Block until a request may be sent; raise :class:`Aborted` if ``abort`` is set,
+        :class:`Left` if ``leave()`` turns true between waits. Each wait is counted in
+        :attr:`held` under its cause. ``ahead``: how far the limiter's
+        :attr:`~ms1.sending.limiter.RateLimiter.free_hint` looks ahead."""
         while True:
             if abort.is_set():
                 raise Aborted
+            if leave is not None and leave():
+                raise Left
             wait = self._gate()
             if wait > 0:
                 self._hold(abort, wait, "429_pause")

@@ -64,7 +64,8 @@ from ms1.pluginmanager import Observers
 from ms1.progress import Outage, Progress
 from ms1.sending.answers import Answer, Kind
 from ms1.sending.concurrency import Controller
-from ms1.sending.pacer import Aborted, Admission, Pacer
+from ms1.sending.fragments import Fragments
+from ms1.sending.pacer import Aborted, Admission, Left, Pacer
 from ms1.sending.refusals import RefusalReader
 from ms1.stats import RunStats
 from ms1.transport import Request, Response, Transport
@@ -146,6 +147,11 @@ class InFlight:
             return peak
 
 
+class _Merged(Exception):
+    """The delivery was merged with other fragments into a batch of its own in the queue
+    (or the merge's outcome is unknown: it is then handed out again after its lease)."""
+
+
 class _SendFailed(Exception):
     """An attempt that should be retried (no answer, 5xx, 401, 429, unexpected status);
     ``paced``: the pacer decides when (a stop or a 429 pause), not the backoff."""
@@ -222,10 +228,12 @@ class Sender:
         progress: Progress | None = None, concurrency: Controller | None = None,
         retry_initial: float = 0.5, retry_max: float = 30.0, poll: float = 0.2,
         idle: IdlePoll | None = None, outage: Outage | None = None,
-        max_deliveries: int = 0,
+        max_deliveries: int = 0, fragments: Fragments | None = None,
     ) -> None:
         """``settings``: the shared settings to read (the service's); without it, the
-        sender has its own, from ``retry_initial``, ``retry_max`` and ``max_deliveries``."""
+        sender has its own, from ``retry_initial``, ``retry_max`` and ``max_deliveries``.
+        ``fragments``: where the service's senders park split halves during a refusal
+        storm, to merge them (None: never parked, sent as they are)."""
         self.name = name
         self._queue = queue
         self._transport = transport
@@ -247,6 +255,8 @@ class Sender:
             "taking and settling batches", logger=log)
         #: the gate an attempt takes a slot of, and is told its outcome (None: no gate)
         self._concurrency = concurrency
+        self._fragments = fragments
+        self._unparked = ""  # the delivery parked once, to be sent as it is
         self._retire_lock = threading.Lock()
         self._retired = False
         self._left = False
@@ -336,6 +346,8 @@ class Sender:
             try:
                 self._attempt(delivery, 1)  # the common case, without tenacity's bookkeeping
                 return
+            except _Merged:
+                return
             except _SendFailed as first:
                 failed = first
             retrying = Retrying(
@@ -349,6 +361,8 @@ class Sender:
             for attempt in retrying:
                 with attempt:
                     self._attempt(delivery, attempt.retry_state.attempt_number + 1)
+        except _Merged:
+            return
         except Aborted:
             with contextlib.suppress(QueueError):
                 self._queue.release(delivery)
@@ -414,27 +428,77 @@ class Sender:
     def _attempt(self, delivery: Delivery, attempt: int) -> None:
         """One attempt in a slot of the concurrency gate: taken with a batch in hand (a
         sender without one holds none), given back once the answer is settled."""
+        while True:
+            if self._parkable(delivery):
+                self._park(delivery)  # raises _Merged once the delivery is merged
+            try:
+                self._attempt_gated(delivery, attempt)
+                return
+            except Left:  # a storm began while it waited for the pacer: park it
+                continue
+
+    def _attempt_gated(self, delivery: Delivery, attempt: int) -> None:
         controller = self._concurrency
         if controller is None:
             self._attempt_in_slot(delivery, attempt)
             return
         gate = controller.gate
+        leave = (lambda: self._parkable(delivery)) if self._fragments is not None else None
         with self._progress.waiting(self.name, "waiting for a concurrency slot"):
-            gate.acquire(self._abort)
+            gate.acquire(self._abort, leave=leave)
         try:
             self._attempt_in_slot(delivery, attempt)
         finally:
             gate.release()
 
+    def _parkable(self, delivery: Delivery) -> bool:
+        """A split half, while a refusal storm holds sending (and not parked before)."""
+        return self._fragments is not None and delivery.token != self._unparked and \
+            self._pacer.in_storm and self._pacer.is_fragment(delivery.batch.id)
+
+    def _park(self, delivery: Delivery) -> None:
+        """Park the fragment until others join it (:mod:`ms1.sending.fragments`); raise
+        :class:`_Merged` once it is merged, return to send it as it is."""
+        assert self._fragments is not None
+        with self._progress.waiting(self.name, "a fragment parked: waiting for others"):
+            group = self._fragments.park(delivery, lambda: self._pacer.in_storm, self._abort)
+        if group is None:
+            self._unparked = delivery.token
+            return
+        if not group:
+            raise _Merged
+        batch = Batch.join([part.batch for part in group])
+        try:
+            merged = self._queue.merge(group, batch)
+        except QueueError as exc:
+            log.warning("could not merge %d fragments (%s): they are handed out again after "
+                        "their lease", len(group), exc)
+            raise _Merged from exc
+        if not merged:
+            for partner in group[1:]:
+                with contextlib.suppress(QueueError):
+                    self._queue.release(partner)
+            self._unparked = delivery.token
+            return
+        if len(batch) < self._fragments.limits().max_items:  # it may take more yet
+            self._pacer.split_for_refusal([batch.id])
+        self._stats.add("batches_merged")
+        log.info("%d fragments of batches split before the refusal storm was recognised "
+                 "merged into batch %s (%d invoices)", len(group), batch.id, len(batch),
+                 extra={"batch": batch.id, "size": len(batch)})
+        self._observers.batch_enqueued(batch)
+        raise _Merged
+
     def _observe(self, answer: Answer, latency: float) -> None:
         if self._concurrency is not None:
             self._concurrency.observe(answer, latency)
 
-    def _admit(self) -> Admission:
+    def _admit(self, delivery: Delivery) -> Admission:
         controller = self._concurrency
         ahead = controller.lookahead if controller is not None else 0.0
+        leave = (lambda: self._parkable(delivery)) if self._fragments is not None else None
         with self._progress.waiting(self.name, "held back by the pacer"):
-            admission = self._pacer.admit(self._abort, ahead)
+            admission = self._pacer.admit(self._abort, ahead, leave)
         if controller is not None:  # what the window lets go next may open the gate
             controller.admitted(self._pacer.limiter.free_hint)
         return admission
@@ -442,7 +506,7 @@ class Sender:
     def _attempt_in_slot(self, delivery: Delivery, attempt: int) -> None:
         batch = delivery.batch
         request = Request(batch.path, batch.body(), batch.id, len(batch))
-        admission = self._admit()
+        admission = self._admit(delivery)
         # a request in flight is no bounded wait: past watchdog_timeout it is a stall
         self._progress.beat(self.name, f"sending batch {batch.id} to MS4 (attempt {attempt})")
         started = time.perf_counter()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from ms1.deadletters import DeadLetterStore, clip, decode_letter
 from ms1.errors import QueueError
-from ms1.model import DeadLetter
+from ms1.model import ENTRY_FORMAT, FORMAT_FIELD, DeadLetter
 from ms1.source import Source
 
 from .commit import EntryGroup, inbound_of, store
@@ -27,8 +27,8 @@ LETTERS_PER_GROUP = 100
 
 
 def letter_fields(letter: DeadLetter) -> Fields:
-    fields: Fields = {"reason": letter.reason, "stage": letter.stage,
-                      "payload": letter.payload, "at": repr(letter.at)}
+    fields: Fields = {FORMAT_FIELD: str(ENTRY_FORMAT), "reason": letter.reason,
+                      "stage": letter.stage, "payload": letter.payload, "at": repr(letter.at)}
     for key in ("message_id", "invoice_id", "source_ref", "ms4_answer", "payload_sha256"):
         value = getattr(letter, key)
         if value is not None:

@@ -80,7 +80,7 @@ from ms1.sending.concurrency import sender_threads
 log = logging.getLogger(__name__)
 SECTION = "redis"
 #: the Lua scripts, ``scripts/<name>.lua``
-SCRIPTS = ("enqueue", "finish", "submit", "limiter_acquire", "limiter_finish",
+SCRIPTS = ("enqueue", "finish", "merge", "submit", "limiter_acquire", "limiter_finish",
            "limiter_learn")
 #: a stream entry's fields as ms1 writes them
 Fields = dict[str, bytes | str]

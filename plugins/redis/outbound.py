@@ -34,7 +34,17 @@ import redis
 from redis.exceptions import RedisClusterException
 
 from ms1.errors import QueueError
-from ms1.model import BATCH_PATH, DEFAULT_MAX_PAYLOAD_BYTES, UNIT_PATH, Batch, DeadLetter
+from ms1.model import (
+    BATCH_PATH,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    ENTRY_FORMAT,
+    FORMAT_FIELD,
+    UNIT_PATH,
+    Batch,
+    DeadLetter,
+    NewerFormat,
+    entry_format,
+)
 from ms1.outbound import Delivery, QueueBackend, QueueStats
 from ms1.source import Source
 
@@ -55,8 +65,13 @@ from .link import Fields, RedisLink, eviction_refusal, evicts_any, translated
 log = logging.getLogger(__name__)
 
 
+#: newer-format entries an instance remembers (and checks are still there)
+NEWER_KEPT = 100
+
+
 def batch_fields(batch: Batch) -> Fields:
     return {
+        FORMAT_FIELD: str(ENTRY_FORMAT),
         "id": batch.id,
         "path": batch.path,
         "payloads": b"\n".join(batch.payloads),  # compact JSON never holds a raw newline
@@ -86,6 +101,7 @@ def batch_from_fields(fields: dict[bytes, bytes]) -> Batch:
 
 
 def _decode_batch(fields: dict[bytes, bytes]) -> Batch:
+    entry_format(fields.get(FORMAT_FIELD.encode()))  # NewerFormat: left untouched
     missing = [name.decode() for name in BATCH_FIELDS if name not in fields]
     if missing:
         raise ValueError(f"missing fields: {', '.join(missing)}")
@@ -155,6 +171,8 @@ class RedisQueue(QueueBackend):
         self._prefetch = max(1, prefetch)
         self._buffer: deque[Delivery] = deque()
         self._buffer_lock = threading.Lock()
+        #: entries of a newer format seen (id: format), at most NEWER_KEPT
+        self._newer: dict[str, int] = {}
         self._fetching = threading.Lock()
         self._ready = False
         self._ready_lock = threading.Lock()
@@ -258,6 +276,9 @@ class RedisQueue(QueueBackend):
                 continue
             try:
                 batch = batch_from_fields(fields)
+            except NewerFormat as exc:  # pending, not kept alive: a newer instance takes it
+                self._newer_format(entry_id, exc)
+                continue
             except ValueError as exc:
                 reason = f"{self.stream} entry {entry_id} is not an ms1 batch ({exc})"
                 log.error("%s: set aside as a dead letter in %s", reason,
@@ -300,6 +321,26 @@ class RedisQueue(QueueBackend):
         self._finish(delivery.token, [batch_fields(part) for part in parts], self.stream,
                      f"split batch {delivery.batch.id}")
 
+    def merge(self, deliveries: Sequence[Delivery], batch: Batch) -> bool:
+        """``scripts/merge.lua``: all or nothing, and only entries still this consumer's.
+        Whatever the outcome, the entries are no longer kept alive here: merged, they are
+        gone; not merged or unknown, their lease runs out and they are handed out again."""
+        tokens = [delivery.token for delivery in deliveries]
+        try:
+            with translated(QueueError, f"merge {len(tokens)} batches into {batch.id}",
+                            self.link):
+                self._ensure()
+                merged = self.link.script(
+                    "merge", [self.stream],
+                    [self.group, self.consumer, len(tokens), *tokens,
+                     *pack_entries([batch_fields(batch)])], replicate=True)
+        except QueueError:
+            self._held.discard(tokens)
+            raise
+        if merged:
+            self._held.discard(tokens)
+        return bool(merged)
+
     def release(self, delivery: Delivery) -> None:
         """Mark the entry idle past the visibility timeout: the next XAUTOCLAIM of any
         instance (this one included) takes it at once. It never leaves the stream."""
@@ -324,17 +365,44 @@ class RedisQueue(QueueBackend):
             pipe.xpending(self.stream, self.group)
             for stream in others:
                 pipe.xlen(stream)
+            with self._buffer_lock:
+                newer = list(self._newer.items())
+            for entry_id, _ in newer:
+                pipe.xrange(self.stream, entry_id, entry_id)
             length, pending, *lengths = pipe.execute()
+            found = lengths[len(lengths) - len(newer):] if newer else []
+            lengths = lengths[:len(lengths) - len(newer)]
+        still = [(entry_id, version) for (entry_id, version), entries in zip(
+            newer, found, strict=True) if entries]
+        with self._buffer_lock:
+            for entry_id, _ in newer:
+                if (entry_id, self._newer.get(entry_id)) not in still:
+                    self._newer.pop(entry_id, None)
         in_flight = int(pending["pending"])
         link.last_lengths.update({self.stream: int(length)} | {
             stream: int(count) for stream, count in zip(others, lengths, strict=True)})
         return QueueStats(max(0, int(length) - in_flight), in_flight, None,
                           losses=tuple(link.losses),
-                          lost_batches=link.lost_counts.get(self.stream, 0))
+                          lost_batches=link.lost_counts.get(self.stream, 0),
+                          newer=tuple(f"{self.stream} entry {entry_id} (format {version})"
+                                      for entry_id, version in still))
 
     def describe(self) -> dict[str, object]:
         return {**describe_stream(self.link, self.stream, self.group, QueueError),
                 **self.link.describe()}
+
+    def _newer_format(self, entry_id: str, exc: NewerFormat) -> None:
+        """An entry a newer ms1 wrote: left untouched (pending, so a newer instance takes
+        it over after the lease), said once (CRITICAL) and in :meth:`stats` until the
+        stream holds no such entry this instance saw."""
+        with self._buffer_lock:
+            if entry_id in self._newer:
+                return
+            self._newer[entry_id] = exc.version
+            while len(self._newer) > NEWER_KEPT:
+                self._newer.pop(next(iter(self._newer)))
+        log.critical("%s entry %s is of %s. Upgrade this instance (a rolling upgrade: stop "
+                     "the older ones)", self.stream, entry_id, exc)
 
     def close(self) -> None:
         """Give back prefetched batches no sender took, then let go of the connection."""
