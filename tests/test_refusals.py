@@ -460,3 +460,23 @@ def test_a_bad_pattern_is_a_one_line_config_error(
     message = str(raised.value)
     assert "\n" not in message
     assert "[send] refusal_index_pattern" in message and says in message
+
+
+def test_a_lone_invoice_is_not_dead_lettered_while_other_batches_are_refused_too() -> None:
+    """Reproduces a CI failure of the TLS test: nginx refusing every request (400, no
+    client certificate); one batch's search reached a lone invoice before five batches
+    were refused, and that invoice was dead-lettered — though MS4 would accept it once
+    the front is fixed. A lone invoice refused naming nothing while another batch was
+    refused so too since the last acceptance is sent again, not trusted (for at most
+    breaker_failures attempts); after an acceptance, it is."""
+    pacer = Pacer(SlidingWindowLimiter(1_000, 60), Breaker(5, 30))
+    assert pacer.refusal(400, "", named=False, batch_id="A") is True  # split A
+    pacer.split_for_refusal(["A1", "A2"], parent="A")
+    pacer.split_for_refusal(["A1a", "A1b"], parent="A1")
+    assert pacer.refusal(400, "", named=False, batch_id="A1", single=False) is True
+    assert pacer.refusal(400, "", named=False, batch_id="A1a", single=True) is True  # A alone
+    assert pacer.refusal(400, "", named=False, batch_id="B") is True  # another batch
+    assert pacer.refusal(400, "", named=False, batch_id="A1b", single=True) is False
+    assert pacer.refusal(400, "", named=False, batch_id="A1b", single=True, attempt=6) is True
+    pacer.done(pacer.admit(threading.Event()), 202)  # MS4 accepts something: trusted again
+    assert pacer.refusal(400, "", named=False, batch_id="A1b", single=True) is True

@@ -246,7 +246,10 @@ class Pacer:
         #: refusals naming no invoice since MS4 last accepted a request (:meth:`refusal`),
         #: and the ids of the halves of batches split for one (at most FRAGMENTS_KEPT)
         self._unexplained = 0
-        self._fragments: OrderedDict[str, None] = OrderedDict()
+        self._fragments: OrderedDict[str, str] = OrderedDict()  # half's id -> its root's
+        #: the batches (roots: a half counts as the batch first split) refused naming
+        #: nothing since MS4 last accepted a request or named an invoice
+        self._streak_roots: set[str] = set()
 
     # state, for status/metrics/readiness
     @property
@@ -460,6 +463,7 @@ class Pacer:
                 self._accepted(admission.grant)
                 with self._lock:
                     self._unexplained = 0
+                    self._streak_roots.clear()
         if status is not None and admission.auth_probe:
             self._probe_answered(answer)
         return answer
@@ -677,7 +681,8 @@ class Pacer:
             self._next_auth_probe = self._clock() + interval
         log.critical("%s", alert)
 
-    def refusal(self, status: int, detail: str, *, named: bool, batch_id: str = "") -> bool:
+    def refusal(self, status: int, detail: str, *, named: bool, batch_id: str = "",
+                single: bool = False, attempt: int = 1) -> bool:
         """A batch was refused (400, 413, 422); ``named``: the answer named the invoices it
         refuses. True if the refusal may be trusted as being about that batch's content
         (split it, dead-letter a lone invoice); False to send it again unchanged.
@@ -691,8 +696,13 @@ class Pacer:
         configuration error (CRITICAL once, ``/readyz`` names it), one probe goes every
         ``breaker_reset`` s, nothing is split or dead-lettered, and the first acceptance
         (or a refusal naming invoices) ends it. A storm so costs about ``breaker_failures``
-        + its length / ``breaker_reset`` requests and its batches go out whole afterwards —
-        but those refused before it was known, split in halves meanwhile."""
+        + its length / ``breaker_reset`` requests and its batches go out whole afterwards
+        (those split before it was known are merged again: :mod:`ms1.sending.fragments`).
+
+        A lone invoice (``single``) refused naming nothing while batches of two or more
+        roots were refused so since the last acceptance is not trusted either, for its
+        first ``breaker_failures`` attempts: a storm being recognised, not proof against
+        the invoice (before, a search that reached one invoice first dead-lettered it)."""
         storm: Stop | None = None
         with self._lock:
             stop = self._stop
@@ -702,9 +712,14 @@ class Pacer:
             trusted = named or not in_storm
             if named:
                 self._unexplained = 0
+                self._streak_roots.clear()
                 if in_storm:
                     self._stop = None
-            elif not in_storm and batch_id not in self._fragments:
+            else:
+                self._streak_roots.add(self._fragments.get(batch_id, batch_id))
+                if single and len(self._streak_roots) > 1 and attempt <= threshold:
+                    trusted = False
+            if not named and not in_storm and batch_id not in self._fragments:
                 self._unexplained += 1
                 if self._unexplained >= threshold and stop is None:
                     interval = self.breaker.reset_timeout
@@ -728,12 +743,14 @@ class Pacer:
                 self.breaker.reset_timeout)
         return trusted
 
-    def split_for_refusal(self, parts: Sequence[str]) -> None:
-        """The ids of the halves of a batch split after a trusted refusal: their own
-        refusals continue that search (:meth:`refusal`)."""
+    def split_for_refusal(self, parts: Sequence[str], parent: str = "") -> None:
+        """The ids of the halves of batch ``parent`` split after a trusted refusal: their
+        own refusals continue that search (:meth:`refusal`). Without ``parent`` each part
+        is a root of its own (a batch merged of halves)."""
         with self._lock:
             for part in parts:
-                self._fragments[part] = None
+                self._fragments[part] = self._fragments.get(parent, parent) if parent \
+                    else part
             while len(self._fragments) > FRAGMENTS_KEPT:
                 self._fragments.popitem(last=False)
 

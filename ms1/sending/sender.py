@@ -561,11 +561,13 @@ class Sender:
                                                       batch.invoice_ids)
         named = bool(reading.named)
         if not self._pacer.refusal(response.status, response.text[:300].strip(), named=named,
-                                   batch_id=batch.id):
-            # a refusal storm (MS4 refuses everything, naming nothing): no invoice's doing,
-            # so the batch is sent again unchanged once the storm ends, never split for it
-            error = f"MS4 answered {answer[:300]}, naming no invoice, in a refusal storm: " \
-                    "sent again unchanged"
+                                   batch_id=batch.id, single=len(batch) == 1,
+                                   attempt=attempt):
+            # a refusal storm (MS4 refuses everything, naming nothing), or maybe one: no
+            # invoice's doing, so the batch is sent again unchanged, never split for it
+            error = f"MS4 answered {answer[:300]}, naming no invoice, " + (
+                "in a refusal storm" if self._pacer.in_storm else
+                "as it refused other batches") + ": sent again unchanged"
             self._failed(batch, response.status, error, attempt)
             raise _SendFailed(response.status, error, paced=self._pacer.stop is not None)
         self._observers.batch_failed(batch, status=response.status, error=answer[:500],
@@ -579,7 +581,7 @@ class Sender:
                          "trusted (%s): splitting it in halves", batch.id, len(batch),
                          response.status, reading.problem)
             parts = batch.split()
-            self._pacer.split_for_refusal([part.id for part in parts])
+            self._pacer.split_for_refusal([part.id for part in parts], parent=batch.id)
             self._settle(lambda: self._queue.replace(delivery, parts),
                          f"replace batch {batch.id} by its halves")
             self._stats.add("batches_split")
