@@ -32,7 +32,6 @@ from typing import Any
 from ms1.errors import ConfigError
 from ms1.model import DEFAULT_MAX_PAYLOAD_BYTES
 from ms1.redaction import redact, remember, url_secrets
-from ms1.sending.refusals import DEFAULT_INDEX_PATTERN, check_index_pattern
 
 #: which option names the component of each kind (for "no plugin provides ..." errors)
 COMPONENT_KEYS: dict[str, tuple[str, str]] = {
@@ -206,6 +205,24 @@ def _parse_url(opt: Option, text: str) -> str:
 
 
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+#: the default of ``[send] refusal_index_pattern``: ``item 3: bad currency``
+DEFAULT_INDEX_PATTERN = r"(?i)\bitem (?P<index>[0-9]+):"
+
+
+def check_index_pattern(value: str) -> None:
+    """The ``check`` of ``[send] refusal_index_pattern``: a regex with a group ``index``
+    (or empty: off); raises ``ValueError`` in one line."""
+    if not value:
+        return
+    try:
+        compiled = re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression ({exc}): {value!r}") from None
+    if "index" not in compiled.groupindex:
+        raise ValueError(f"the regular expression needs a named group 'index' "
+                         f"((?P<index>[0-9]+)): {value!r}")
 
 
 def split_address(text: str) -> tuple[str, int]:

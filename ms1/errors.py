@@ -60,11 +60,27 @@ class SourceError(Ms1Error):
     """The source could not be read or acknowledged."""
 
 
+class SubmitError(SourceError):
+    """E-mails were not acknowledged as safe: they may or may not be in the inbound
+    stream. Retry with ``key=`` :attr:`key`: a retry with the same key adds none twice."""
+
+    def __init__(self, message: str, *, key: str, added: bool | None = None,
+                 permanent: bool = False) -> None:
+        super().__init__(message)
+        self.key = key
+        #: True: they are in the stream on the primary (replicas fell short); None: unknown
+        self.added = added
+        #: True: Redis refused for a reason no wait clears (a key of another type, an ACL
+        #: that forbids the command or key): retrying is no use until that is fixed, so
+        #: ``retry_for`` is not spent on it
+        self.permanent = permanent
+
+
 class TransportError(Ms1Error):
     """The transport could not get an answer from MS4 (connection error, timeout).
 
     The batch was not acknowledged by MS4 and stays queued. ``sent``: as
-    :attr:`ms1.transport.Response.sent`, when the request was out before the failure
+    :attr:`ms1.pipeline.transport.Response.sent`, when the request was out before the failure
     (None: it was not, or the transport does not say).
     """
 

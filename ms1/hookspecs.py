@@ -67,22 +67,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import pluggy
+from ms1.markers import PROJECT as PROJECT  # re-exported: plugins import them from here
+from ms1.markers import hookimpl as hookimpl
+from ms1.markers import hookspec as hookspec
 
 if TYPE_CHECKING:
-    from ms1.batching import BatchPolicy
     from ms1.config import Config, Option
-    from ms1.deadletters import DeadLetterStore
-    from ms1.fleet import Fleet
     from ms1.model import Batch, DeadLetter
-    from ms1.outbound import QueueBackend
-    from ms1.sending.limiter import RateLimiter
-    from ms1.source import Source
-    from ms1.transport import Transport
+    from ms1.ops.fleet import Fleet
+    from ms1.pipeline.batching import BatchPolicy
+    from ms1.pipeline.deadletters import DeadLetterStore
+    from ms1.pipeline.outbound import QueueBackend
+    from ms1.pipeline.sending.limiter import RateLimiter
+    from ms1.pipeline.source import Source
+    from ms1.pipeline.transport import Transport
 
-PROJECT = "ms1"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # --- declaration hooks -------------------------------------------------------
 
@@ -129,7 +128,7 @@ def ms1_make_source(name: str, config: Config, inputs: Sequence[str]) -> Source 
     ``status``, with no inputs). ``inputs`` are the file arguments of the command
     line (possibly empty).
 
-    :return: a :class:`~ms1.source.Source` if ``name`` is yours, else None.
+    :return: a :class:`~ms1.pipeline.source.Source` if ``name`` is yours, else None.
         ``firstresult``: the first non-None result is used; anything that is not a
         ``Source`` stops the start.
     :raise ~ms1.errors.ConfigError: for unusable settings (``config.error(...)``).
@@ -146,7 +145,7 @@ def ms1_make_batch_policy(name: str, config: Config) -> BatchPolicy | None:
     already built, where it has such attributes (from the main thread, while the
     batching thread runs), and a changed ``[batch] policy`` needs a restart.
 
-    :return: a :class:`~ms1.batching.BatchPolicy` if ``name`` is yours, else None.
+    :return: a :class:`~ms1.pipeline.batching.BatchPolicy` if ``name`` is yours, else None.
         ``firstresult``.
     """
 
@@ -159,7 +158,7 @@ def ms1_make_queue(name: str, config: Config) -> QueueBackend | None:
     ``dlq replay``). The instance is shared by the committer and every sender
     thread, so it must be thread-safe.
 
-    :return: a :class:`~ms1.outbound.QueueBackend` if ``name`` is yours, else None.
+    :return: a :class:`~ms1.pipeline.outbound.QueueBackend` if ``name`` is yours, else None.
         ``firstresult``.
     """
 
@@ -171,7 +170,7 @@ def ms1_make_dead_letters(name: str, config: Config) -> DeadLetterStore | None:
     Called once at start, from the main thread (and by ``ms1-service status`` and
     ``dlq``). Shared by the committer and the sender threads: thread-safe.
 
-    :return: a :class:`~ms1.deadletters.DeadLetterStore` if ``name`` is yours,
+    :return: a :class:`~ms1.pipeline.deadletters.DeadLetterStore` if ``name`` is yours,
         else None. ``firstresult``.
     """
 
@@ -184,7 +183,7 @@ def ms1_make_transport(name: str, config: Config) -> Transport | None:
     afterwards with ``Transport.set_api_key`` (again on a reload that changes
     it). Shared by every sender thread: thread-safe.
 
-    :return: a :class:`~ms1.transport.Transport` if ``name`` is yours, else None.
+    :return: a :class:`~ms1.pipeline.transport.Transport` if ``name`` is yours, else None.
         ``firstresult``.
     """
 
@@ -198,11 +197,11 @@ def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
     that shares it (``memory``: the sender threads of this process; ``redis``:
     every instance on the Redis); a reload reconfigures it with
     ``RateLimiter.configure``. With ``[send] rate_shape = learn`` it should also pace
-    by a learned :class:`~ms1.sending.shape.Shape` (override ``acquire``, ``shape`` and
+    by a learned :class:`~ms1.pipeline.sending.shape.Shape` (override ``acquire``, ``shape`` and
     ``learn``, as both built-in limiters do); one implementing only ``try_acquire``
     still works, with the window alone.
 
-    :return: a :class:`~ms1.sending.limiter.RateLimiter` if ``name`` is yours,
+    :return: a :class:`~ms1.pipeline.sending.limiter.RateLimiter` if ``name`` is yours,
         else None. ``firstresult``.
     """
 
@@ -211,17 +210,17 @@ def ms1_make_rate_limiter(name: str, config: Config) -> RateLimiter | None:
 def ms1_make_fleet(name: str, config: Config) -> Fleet | None:
     """Build the fleet selected by ``[fleet] backend``: where every running instance
     publishes a snapshot of itself about once a second, for the web console and
-    ``ms1-service top`` (see :mod:`ms1.fleet`).
+    ``ms1-service top`` (see :mod:`ms1.ops.fleet`).
 
     Called once at start, from the main thread (and by the commands that read the fleet,
     in their own process). ``auto`` never reaches this hook: it is resolved first
-    (:func:`ms1.pluginmanager.fleet_name`: ``redis`` when the outbound queue is on Redis,
+    (:func:`ms1.runtime.pluginmanager.fleet_name`: ``redis`` when the outbound queue is on Redis,
     else ``memory``). Publishing runs in a thread of its own while console requests read:
     thread-safe. A fleet that cannot reach its backend raises
     :class:`~ms1.errors.Ms1Error` from ``publish``/``snapshots``; the publisher skips
     that beat.
 
-    :return: a :class:`~ms1.fleet.Fleet` if ``name`` is yours, else None.
+    :return: a :class:`~ms1.ops.fleet.Fleet` if ``name`` is yours, else None.
         ``firstresult``.
     """
 

@@ -14,10 +14,10 @@ import logging
 from collections.abc import Sequence
 
 from ms1.config import Config, Option
-from ms1.deadletters import DeadLetterStore, JsonlDeadLetters
 from ms1.hookspecs import hookimpl
-from ms1.source import MAX_EMAIL_BYTES, FileSource, MemorySource, Source
-from ms1.tools import samples
+from ms1.pipeline import samples
+from ms1.pipeline.deadletters import DeadLetterStore, JsonlDeadLetters
+from ms1.pipeline.source import MAX_EMAIL_BYTES, FileSource, MemorySource, Source
 
 log = logging.getLogger(__name__)
 

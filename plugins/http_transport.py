@@ -49,8 +49,8 @@ import httpx
 from ms1.config import Config, Option, Secret
 from ms1.errors import TransportError
 from ms1.hookspecs import hookimpl
+from ms1.pipeline.transport import Request, Response, Transport
 from ms1.redaction import redact
-from ms1.transport import Request, Response, Transport
 
 NAME = "http"
 SECTION = "transport.http"

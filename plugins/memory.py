@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ms1.config import Config
-from ms1.deadletters import DeadLetterStore, MemoryDeadLetters
-from ms1.fleet import Fleet, MemoryFleet
 from ms1.hookspecs import hookimpl
-from ms1.outbound import MemoryQueue, QueueBackend
-from ms1.sending.limiter import RateLimiter, SlidingWindowLimiter
-from ms1.source import MemorySource, Source
-from ms1.transport import MemoryTransport, Transport
+from ms1.ops.fleet import Fleet, MemoryFleet
+from ms1.pipeline.deadletters import DeadLetterStore, MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue, QueueBackend
+from ms1.pipeline.sending.limiter import RateLimiter, SlidingWindowLimiter
+from ms1.pipeline.source import MemorySource, Source
+from ms1.pipeline.transport import MemoryTransport, Transport
 
 NAME = "memory"
 

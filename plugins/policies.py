@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ms1.batching import BatchPolicy, SizeBatchPolicy, UnitPolicy
 from ms1.config import Config
 from ms1.hookspecs import hookimpl
+from ms1.pipeline.batching import BatchPolicy, SizeBatchPolicy, UnitPolicy
 
 
 @hookimpl

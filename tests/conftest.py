@@ -10,8 +10,8 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from ms1 import pluginmanager
 from ms1.config import Config
+from ms1.runtime import pluginmanager
 
 
 @pytest.fixture

@@ -17,13 +17,15 @@ from typing import Any
 
 import pluggy
 
-from ms1 import logs, pluginmanager, redaction
-from ms1.components import Components
+from ms1 import redaction
 from ms1.config import Config
-from ms1.deadletters import MemoryDeadLetters
-from ms1.outbound import MemoryQueue
-from ms1.service import Service
-from ms1.source import MemorySource
+from ms1.ops import logs
+from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.source import MemorySource
+from ms1.runtime import pluginmanager
+from ms1.runtime.components import Components
+from ms1.runtime.service import Service
 
 Settings = Mapping[str, Mapping[str, object]]
 
@@ -74,7 +76,7 @@ def start_instances(procs: list[Any], tmp_path: Path, configs: list[Path], invoi
     """Queue ``invoices`` sample e-mails in the inbound stream (``enqueue`` with the first
     config), then start one ms1-service per config, each logging to ``ms1-N.log``; the
     logs."""
-    from ms1.tools import samples
+    from ms1.pipeline import samples
 
     data = tmp_path / "in.jsonl"
     data.write_bytes(b"".join(s.data + b"\n" for s in samples.generate(invoices)))
@@ -164,7 +166,7 @@ class SimProcess:
         self.log = log
         with self.log.open("ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ms1.tools.sim", "--port", "0", *args],
+                [sys.executable, "-m", "ms1_tools.sim", "--port", "0", *args],
                 cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=err)
         procs.append(self.proc)
         assert self.proc.stdout is not None

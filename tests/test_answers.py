@@ -1,4 +1,4 @@
-"""Every MS4 answer against its row of the answer table (``ms1/sending/answers.py``), one
+"""Every MS4 answer against its row of the answer table (``ms1/pipeline/sending/answers.py``), one
 by one: the real pipeline (Components + Service, the ``http`` transport) against an
 in-process ``ms4-sim`` that answers every request with one status for a spell
 (``answer_status``), then 202s again.
@@ -23,19 +23,19 @@ from dataclasses import dataclass
 import pluggy
 import pytest
 from conftest import free_port
+from ms1_tools.sim import Ms4Sim, SimConfig, is_rejected_by_sim
 from prometheus_client.parser import text_string_to_metric_families
 from support import wait_until
 
-from ms1 import pluginmanager
-from ms1.batching import SizeBatchPolicy
-from ms1.components import Components
 from ms1.config import Config
-from ms1.deadletters import MemoryDeadLetters
-from ms1.outbound import MemoryQueue
-from ms1.service import Service, Summary
-from ms1.source import MemorySource
-from ms1.tools import samples
-from ms1.tools.sim import Ms4Sim, SimConfig, is_rejected_by_sim
+from ms1.pipeline import samples
+from ms1.pipeline.batching import SizeBatchPolicy
+from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.source import MemorySource
+from ms1.runtime import pluginmanager
+from ms1.runtime.components import Components
+from ms1.runtime.service import Service, Summary
 
 pytestmark = pytest.mark.slow
 
@@ -152,7 +152,7 @@ def test_a_spell_of_one_answer(status: int, make_config: Callable[[str], Config]
         assert any(str(status) in why for why in reasons), reasons
     # an alert line at its level, once per spell for a stop
     alerts = [r for r in caplog.records if r.levelno >= row.level
-              and row.alert in r.getMessage() and r.name.startswith("ms1.sending")]
+              and row.alert in r.getMessage() and r.name.startswith("ms1.pipeline.sending")]
     assert alerts, [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     if row.kind == "stop":
         assert len(alerts) == 1, [r.getMessage() for r in alerts]

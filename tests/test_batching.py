@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from ms1.batching import SizeBatchPolicy, UnitPolicy
 from ms1.model import BATCH_PATH, UNIT_PATH, Batch, Item
+from ms1.pipeline.batching import SizeBatchPolicy, UnitPolicy
 
 
 def item(i: int, pad: int = 0) -> Item:

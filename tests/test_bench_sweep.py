@@ -6,8 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
-from ms1.tools import bench
+from ms1_tools import bench
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import free_port
 
-from ms1.tools import samples
+from ms1.pipeline import samples
 
 
 def ms1(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess[str]:
@@ -104,7 +104,7 @@ def run_demo(tmp_path: Path, redis_url: str) -> subprocess.CompletedProcess[str]
                       .replace("url = redis://127.0.0.1:6379/0", f"url = {redis_url}"))
     env = {k: v for k, v in os.environ.items() if k != "MS1_MS4_API_KEY"}
     proc = subprocess.run(
-        [sys.executable, "-m", "ms1.tools.sim", "--port", str(port), "--",
+        [sys.executable, "-m", "ms1_tools.sim", "--port", str(port), "--",
          sys.executable, "-m", "ms1.cli", "--config", str(config), "--once"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -18,22 +18,23 @@ from typing import Any
 
 import pluggy
 import pytest
+from ms1_tools import bench
+from ms1_tools.sim import Ms4Sim, SimConfig
 from support import run_in_process
 
-from ms1 import pluginmanager
-from ms1.components import Components
 from ms1.config import Config
-from ms1.deadletters import MemoryDeadLetters
-from ms1.outbound import MemoryQueue
-from ms1.sending.answers import classify
-from ms1.sending.breaker import Breaker
-from ms1.sending.concurrency import Controller, Gate
-from ms1.sending.limiter import SlidingWindowLimiter
-from ms1.sending.pacer import Aborted, Pacer
-from ms1.service import Service
-from ms1.source import MemorySource
-from ms1.tools import bench, samples
-from ms1.tools.sim import Ms4Sim, SimConfig
+from ms1.pipeline import samples
+from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.sending.answers import classify
+from ms1.pipeline.sending.breaker import Breaker
+from ms1.pipeline.sending.concurrency import Controller, Gate
+from ms1.pipeline.sending.limiter import SlidingWindowLimiter
+from ms1.pipeline.sending.pacer import Aborted, Pacer
+from ms1.pipeline.source import MemorySource
+from ms1.runtime import pluginmanager
+from ms1.runtime.components import Components
+from ms1.runtime.service import Service
 
 ACCEPTED = classify(202)
 FAILED = classify(500)
@@ -196,7 +197,7 @@ def test_gate_resize_and_abort() -> None:
 
 
 def test_service_threads_set_means_fixed(make_config: Any) -> None:
-    from ms1.service import _concurrency_settings
+    from ms1.runtime.service import _concurrency_settings
 
     assert _concurrency_settings(make_config(""))["fixed"] is None
     assert _concurrency_settings(make_config("[send]\nthreads = 4\n"))["fixed"] == 4
@@ -288,7 +289,7 @@ def test_failing_ms4_brings_concurrency_down_to_min(make_config: Any,
 
 
 def test_status_says_when_the_backlog_drains_at_the_ceiling(make_config: Any) -> None:
-    from ms1.admin import _sending
+    from ms1.cli.admin import _sending
 
     config = make_config("[send]\nrequests_per_minute = 120\n")
     redis_like = _sending(config, {"stream": "outbound", "length": 600})
@@ -340,8 +341,8 @@ def test_pacer_counts_held_back_seconds_by_cause() -> None:
 def test_metrics_export_the_target_and_held_back_seconds() -> None:
     from prometheus_client import generate_latest
 
-    from ms1.metrics import Exporter, ServiceView
-    from ms1.outbound import QueueStats
+    from ms1.ops.metrics import Exporter, ServiceView
+    from ms1.pipeline.outbound import QueueStats
 
     pacer = Pacer(SlidingWindowLimiter(1000, 60), Breaker(100, 60))
     pacer.held.add("empty_queue", 1.5)

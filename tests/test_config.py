@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ms1 import cli
+from ms1.cli import command as cli
 from ms1.config import Secret
 
 
@@ -141,7 +141,7 @@ def test_typed_values_and_defaults(make_config) -> None:
 
 @pytest.mark.parametrize("name", ["dev.ini", "prod.ini"])
 def test_shipped_configs_are_valid_and_every_key_is_commented(name: str, pm) -> None:
-    from ms1 import pluginmanager
+    from ms1.runtime import pluginmanager
 
     path = Path(__file__).parent.parent / "conf" / name
     pluginmanager.load(pm, str(path))
@@ -155,7 +155,7 @@ def test_shipped_configs_are_valid_and_every_key_is_commented(name: str, pm) -> 
 
 
 def test_readme_config_reference_lists_every_option(pm) -> None:
-    from ms1 import pluginmanager
+    from ms1.runtime import pluginmanager
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [f"[{o.section}] {o.key}" for o in pluginmanager.all_options(pm)
@@ -292,8 +292,8 @@ def test_durable_and_non_acking_combinations_load(make_config) -> None:
 
 
 def test_third_party_backends_count_as_durable(write_config) -> None:
-    from ms1 import pluginmanager
     from ms1.hookspecs import hookimpl
+    from ms1.runtime import pluginmanager
 
     class Kafka:
         @hookimpl

@@ -21,19 +21,19 @@ from conftest import free_port
 from flask.testing import FlaskClient
 from support import run_in_process, wait_until
 
-from ms1 import pluginmanager
 from ms1.config import Secret
 from ms1.console import Console, read_admin_token, trusted_hosts
 from ms1.console.app import ConsoleContext, OverviewCache, create_app
 from ms1.console.browse import FilterError, LetterFilter, find, matching_ids
 from ms1.console.server import ConsoleServer, may_accept
-from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import ConfigError
-from ms1.fleet import MemoryFleet
 from ms1.model import DeadLetter
-from ms1.outbound import MemoryQueue
-from ms1.overview import Ceiling, gather
-from ms1.tools import samples
+from ms1.ops.fleet import MemoryFleet
+from ms1.ops.overview import Ceiling, gather
+from ms1.pipeline import samples
+from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.runtime import pluginmanager
 
 TOKEN = "console-token-0123456789"
 ORIGIN = "http://localhost"

@@ -39,7 +39,7 @@ import pytest
 from conftest import RedisServer, free_port
 from support import service_ini, sim_control, tail, wait_until
 
-from ms1.tools import samples
+from ms1.pipeline import samples
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("console-browser")]
 ROOT = Path(__file__).parent.parent
@@ -93,7 +93,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     procs: list[subprocess.Popen[Any]] = []
     try:
         sim = subprocess.Popen(
-            [sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--rate-limit", "0",
+            [sys.executable, "-m", "ms1_tools.sim", "--port", "0", "--rate-limit", "0",
              "--api-key", API_KEY, "--latency", "0.01", "--reject-every", str(REJECT_EVERY)],
             stdout=subprocess.PIPE, text=True)
         procs.append(sim)

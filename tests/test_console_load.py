@@ -40,8 +40,8 @@ import redis as redis_py
 from conftest import free_port
 from support import service_ini, tail, wait_until
 
-from ms1.metrics import fd_reserve
-from ms1.tools import samples
+from ms1.ops.metrics import fd_reserve
+from ms1.pipeline import samples
 
 # alone: 0.74 once in CI with the rest of the suite beside it on 2 cores (0.93-1.07 alone)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("measure"), pytest.mark.alone]
@@ -104,7 +104,7 @@ def deliver_round(client: redis_py.Redis, sim: str, start: int, count: int) -> f
 def test_200_idle_console_connections_neither_slow_delivery_nor_exhaust_fds(
         redis_url: str, tmp_path: Path, procs: list[subprocess.Popen[Any]],
         fd_limit: int | None) -> None:
-    sim_proc = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0",
+    sim_proc = subprocess.Popen([sys.executable, "-m", "ms1_tools.sim", "--port", "0",
                                  "--rate-limit", "0", "--api-key", "k", "--latency", "0.2"],
                                 stdout=subprocess.PIPE, text=True)
     procs.append(sim_proc)

@@ -43,12 +43,12 @@ from opsconf import (
 from prometheus_client import generate_latest
 from support import service_ini, wait_until
 
-from ms1.metrics import Exporter, ServiceView, pipeline_threads
-from ms1.outbound import QueueStats
-from ms1.sending.breaker import Breaker
-from ms1.sending.limiter import SlidingWindowLimiter
-from ms1.sending.pacer import Pacer
-from ms1.tools import samples
+from ms1.ops.metrics import Exporter, ServiceView, pipeline_threads
+from ms1.pipeline import samples
+from ms1.pipeline.outbound import QueueStats
+from ms1.pipeline.sending.breaker import Breaker
+from ms1.pipeline.sending.limiter import SlidingWindowLimiter
+from ms1.pipeline.sending.pacer import Pacer
 
 
 def all_exprs(dashboard: dict[str, Any] | None = None,
@@ -72,7 +72,7 @@ def scrape(address: str, path: str = "/metrics") -> tuple[int, str]:
 
 
 def start_sim(*args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "ms1_tools.sim", "--port", "0",
                              "--rate-limit", "0", *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -343,8 +343,8 @@ def test_rejected_field_labels_are_bounded() -> None:
     """Issue 22: the field label came from sender-controlled text (a duplicate key's path
     names any key the e-mail holds): 500 distinct keys made 500 label values. Now indexes
     are folded and at most REJECTED_LABELS pairs exist; the rest count as "other"."""
-    from ms1.metrics import REJECTED_LABELS
     from ms1.model import DeadLetter
+    from ms1.ops.metrics import REJECTED_LABELS
 
     pacer = Pacer(SlidingWindowLimiter(120, 60), Breaker(5, 30))
     exporter = Exporter(ServiceView(

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ms1.deadletters import DeadLetterStore, JsonlDeadLetters, MemoryDeadLetters
 from ms1.errors import Ms1Error
 from ms1.model import DeadLetter
+from ms1.pipeline.deadletters import DeadLetterStore, JsonlDeadLetters, MemoryDeadLetters
 from ms1_plugins.redis import RedisDeadLetters, RedisLink
 
 
@@ -99,7 +99,7 @@ def test_scan_with_a_cursor_that_is_no_id(store: DeadLetterStore) -> None:
     assert len(page) <= 2
 
 
-# --- the console's and top's summary (ms1.overview.LetterCounts), over every store ------
+# --- the console's and top's summary (ms1.ops.overview.LetterCounts), over every store ------
 
 def counting_reads(store: DeadLetterStore) -> list[int]:
     """Make ``store`` count the letters its ``scan`` hands out: [letters read so far]."""
@@ -118,7 +118,7 @@ def counting_reads(store: DeadLetterStore) -> list[int]:
 def whole_summary(store: DeadLetterStore, limit: int, read: list[int] | None = None
                   ) -> dict[str, object]:
     """The summary of a whole read (its letters not counted in ``read``)."""
-    from ms1.overview import letter_summary
+    from ms1.ops.overview import letter_summary
 
     before = read[0] if read is not None else 0
     summary = letter_summary(store.iterate(limit=limit), store.count())
@@ -139,7 +139,7 @@ def test_the_summary_reads_only_the_letters_that_came_since(store: DeadLetterSto
     reads the new letters only (the old code read every letter again at each: 40 + k per
     refresh here, 10,000 with their payloads in production), and the summary is always
     the one a whole read gives."""
-    from ms1.overview import LetterCounts
+    from ms1.ops.overview import LetterCounts
 
     store.add(varied(40, 0))
     read = counting_reads(store)
@@ -156,7 +156,7 @@ def test_the_summary_reads_only_the_letters_that_came_since(store: DeadLetterSto
 def test_the_summary_is_read_whole_after_letters_went(store: DeadLetterStore) -> None:
     """A replay removes letters: when the count fell, or grew by other than the letters
     after the last one counted, the letters are all read again."""
-    from ms1.overview import LetterCounts
+    from ms1.ops.overview import LetterCounts
 
     store.add(varied(10, 0))
     read = counting_reads(store)
@@ -177,7 +177,7 @@ def test_a_summary_of_the_oldest_letters_only_is_read_again_once_settled(
     """More letters than ``limit``: the summary is the oldest ones', so letters coming in
     change only the count until it is ``settle`` s old; a fall in the count reads it all
     again at once."""
-    from ms1.overview import LetterCounts
+    from ms1.ops.overview import LetterCounts
 
     now = [0.0]
     store.add(varied(30, 0))

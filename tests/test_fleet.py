@@ -1,4 +1,4 @@
-"""The fleet (ms1/fleet.py, plugins/redis/fleet.py): the contract over the memory fleet
+"""The fleet (ms1/ops/fleet.py, plugins/redis/fleet.py): the contract over the memory fleet
 and the Redis one (a real redis-server), the sampler's snapshot, the publisher's thread
 (a fleet that fails only makes it skip), and how [fleet] backend is resolved."""
 
@@ -14,16 +14,17 @@ import pluggy
 import pytest
 from support import wait_until
 
-from ms1 import fleet as fleet_module
-from ms1 import pluginmanager
-from ms1.components import make_pacer
 from ms1.config import Config
 from ms1.errors import ConfigError, Ms1Error
-from ms1.fleet import Fleet, MemoryFleet, Publisher, RateMeter, Sampler, instance_id
-from ms1.metrics import ServiceView
-from ms1.outbound import MemoryQueue
-from ms1.sending.concurrency import Controller
-from ms1.stats import RunStats
+from ms1.ops import publisher as fleet_module
+from ms1.ops.fleet import Fleet, MemoryFleet, instance_id
+from ms1.ops.metrics import ServiceView
+from ms1.ops.publisher import Publisher, RateMeter, Sampler
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.sending.concurrency import Controller
+from ms1.pipeline.stats import RunStats
+from ms1.runtime import pluginmanager
+from ms1.runtime.components import make_pacer
 
 
 class Clock:
@@ -243,7 +244,7 @@ def test_publisher_skips_while_the_fleet_fails_logs_once_and_withdraws_at_close(
     assert wait_until(lambda: fleet.snapshots() == [{"id": "me"}], 5)
     publisher.close(timeout=5)
     assert fleet.snapshots() == []  # withdrawn
-    warnings = [r.getMessage() for r in caplog.records if r.name == "ms1.fleet"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ms1.ops.fleet"]
     assert len(warnings) == 2, warnings
     assert "cannot publish" in warnings[0] and "Redis down" in warnings[0]
     assert "publishing again" in warnings[1]

@@ -24,8 +24,8 @@ from support import tail, wait_until
 from test_redis_durability import enqueue, make_emails, start_service, start_sim, stop_service
 from test_redis_faults import config_for, readyz
 
-from ms1.deadletters import decode_letter
 from ms1.model import ENTRY_FORMAT
+from ms1.pipeline.deadletters import decode_letter
 
 pytestmark = pytest.mark.slow
 

@@ -17,24 +17,23 @@ from typing import Any
 import pytest
 from support import service_ini
 
-from ms1 import processor
-from ms1.batching import SizeBatchPolicy
 from ms1.config import CORE_OPTIONS
-from ms1.deadletters import (
+from ms1.model import DeadLetter
+from ms1.pipeline import processor, samples
+from ms1.pipeline.batching import SizeBatchPolicy
+from ms1.pipeline.deadletters import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     JsonlDeadLetters,
     MemoryDeadLetters,
     letter_from_json,
     letter_to_json,
 )
-from ms1.intake import Intake
-from ms1.model import DeadLetter
-from ms1.outbound import MemoryQueue
-from ms1.pluginmanager import Observers, make_plugin_manager
-from ms1.processor import Accepted, Rejected, unified_email_processor
-from ms1.source import MemorySource
-from ms1.stats import RunStats
-from ms1.tools import samples
+from ms1.pipeline.intake import Intake
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.processor import Accepted, Rejected, unified_email_processor
+from ms1.pipeline.source import MemorySource
+from ms1.pipeline.stats import RunStats
+from ms1.runtime.pluginmanager import Observers, make_plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +169,7 @@ def test_a_rejection_is_not_an_internal_error() -> None:
 
 
 def test_processor_errors_counter_is_exported() -> None:
-    from ms1 import metrics
+    from ms1.ops import metrics
 
     assert ("processor_errors", "ms1_processor_errors",
             "Unexpected errors inside the processor (each e-mail dead-lettered)"
@@ -299,7 +298,7 @@ def test_service_once_delivers_the_valid_emails_and_dead_letters_a_malformed_ent
 
 
 def test_replay_keeps_a_clipped_letter_rather_than_sending_half_an_object() -> None:
-    from ms1.admin import replay
+    from ms1.pipeline.replay import replay
 
     store = MemoryDeadLetters()
     store.max_payload_bytes = 1024

@@ -3,7 +3,7 @@ one malformed letter broke the console and the dlq commands (``XADD ms1:dead-let
 reason x stage ms4 payload {} at not-a-number``: /dead-letters 500, ``dlq list`` and
 ``dlq replay --all`` exit 1 with ValueError), and MS4's text reached the terminal raw
 (escape and bell bytes from a 400's message written by ``dlq list``). Now every store's
-letters go through one defensive decoder (``ms1.deadletters.decode_letter``) and every
+letters go through one defensive decoder (``ms1.pipeline.deadletters.decode_letter``) and every
 text-mode line is escaped."""
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from support import service_ini
 from ms1.config import Secret
 from ms1.console import trusted_hosts
 from ms1.console.app import ConsoleContext, create_app
-from ms1.deadletters import JsonlDeadLetters
-from ms1.outbound import MemoryQueue
-from ms1.overview import Ceiling, gather
+from ms1.ops.overview import Ceiling, gather
+from ms1.pipeline.deadletters import JsonlDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
 from plugins.memory import MemoryFleet
 from plugins.redis.deadletters import RedisDeadLetters
 from plugins.redis.link import RedisLink

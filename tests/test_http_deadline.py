@@ -32,17 +32,17 @@ from test_http_transport import (
     wait_for,
 )
 
-from ms1.batching import SizeBatchPolicy
-from ms1.components import Components
 from ms1.config import Config
-from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import TransportError
 from ms1.model import BATCH_PATH
-from ms1.outbound import MemoryQueue
-from ms1.service import Service, Summary
-from ms1.source import MemorySource
-from ms1.tools import samples
-from ms1.transport import Request
+from ms1.pipeline import samples
+from ms1.pipeline.batching import SizeBatchPolicy
+from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.source import MemorySource
+from ms1.pipeline.transport import Request
+from ms1.runtime.components import Components
+from ms1.runtime.service import Service, Summary
 
 EARLY_HINTS = (b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
                b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
@@ -213,7 +213,7 @@ MEASURE = textwrap.dedent("""\
     import json, sys
     from ms1.config import Secret
     from ms1.model import BATCH_PATH
-    from ms1.transport import Request
+    from ms1.pipeline.transport import Request
     from ms1_plugins.http_transport import HttpTransport
 
     def high_water_mark() -> int:

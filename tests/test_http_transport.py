@@ -22,18 +22,18 @@ import httpx
 import pytest
 import respx
 
-from ms1.batching import SizeBatchPolicy, UnitPolicy
-from ms1.components import Components
 from ms1.config import Secret
-from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import ConfigError, TransportError
 from ms1.hookspecs import hookimpl
 from ms1.model import BATCH_PATH, UNIT_PATH
-from ms1.outbound import MemoryQueue
-from ms1.service import Service
-from ms1.source import MemorySource
-from ms1.tools import samples
-from ms1.transport import Request
+from ms1.pipeline import samples
+from ms1.pipeline.batching import SizeBatchPolicy, UnitPolicy
+from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.source import MemorySource
+from ms1.pipeline.transport import Request
+from ms1.runtime.components import Components
+from ms1.runtime.service import Service
 from ms1_plugins.http_transport import HttpTransport
 
 BASE = "http://ms4.test"
@@ -97,7 +97,7 @@ def test_key_never_in_repr(transport: HttpTransport) -> None:
 
 
 def test_factory_needs_a_key_and_a_real_url(make_config, monkeypatch) -> None:
-    from ms1 import pluginmanager
+    from ms1.runtime import pluginmanager
 
     monkeypatch.delenv("MS1_MS4_API_KEY", raising=False)
     pm = pluginmanager.make_plugin_manager()
@@ -271,7 +271,7 @@ def test_401_stops_every_sender_logs_once_and_resumes_after_probe(make_config, p
         return httpx.Response(202)
 
     script = Ms4Script(answer)
-    with caplog.at_level(logging.CRITICAL, logger="ms1.sending.pacer"):
+    with caplog.at_level(logging.CRITICAL, logger="ms1.pipeline.sending.pacer"):
         summary, _, ids = run_service(make_config, pm, script, n=300)
     assert summary.ok and sorted(script.delivered()) == sorted(ids)
     spell = [c for c in script.calls if c[3] == 401]

@@ -1,7 +1,7 @@
 """Idle costs nothing (issue 20): a service with nothing to do uses at most 0.2 % of a
 core. Before, its 64 sender threads each asked the queue every 0.2 s (1.7 % of a core
 with the memory queue); now one sender at a time waits on the queue and the others on a
-condition (ms1.sending.sender.IdlePoll). Measured from the kernel's per-thread CPU time
+condition (ms1.pipeline.sending.sender.IdlePoll). Measured from the kernel's per-thread CPU time
 (/proc/PID/task/*/schedstat, nanoseconds) of an ms1-service process over 6 s."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from ms1.outbound import MemoryQueue
-from ms1.sending.sender import IdlePoll, WakingEvent
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.sending.sender import IdlePoll, WakingEvent
 
 WINDOW = 6.0
 

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import pytest
 from test_pacing import FakeClock
 
-from ms1.sending.breaker import Breaker
-from ms1.sending.limiter import RateLimiter, SlidingWindowLimiter
-from ms1.sending.pacer import Pacer, PacerSettings
+from ms1.pipeline.sending.breaker import Breaker
+from ms1.pipeline.sending.limiter import RateLimiter, SlidingWindowLimiter
+from ms1.pipeline.sending.pacer import Pacer, PacerSettings
 from plugins.redis.limiter import RedisRateLimiter
 from plugins.redis.link import RedisLink
 

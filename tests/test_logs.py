@@ -1,4 +1,4 @@
-"""ms1.logs: the three formats, one record per line, and secrets never reaching the output."""
+"""ms1.ops.logs: the three formats, one record per line, and secrets never reaching the output."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from collections.abc import Iterator, Mapping
 import pytest
 from support import logging_restored
 
-from ms1 import logs
-from ms1.logs import (
+from ms1.ops import logs
+from ms1.ops.logs import (
     JsonFormatter,
     KeyValueFormatter,
     RedactingFilter,
@@ -217,7 +217,7 @@ def test_url_quoted_secret_is_redacted() -> None:
 def test_add_secret_after_setup() -> None:
     stream = configure("kv", secrets=())
     new_key = "rotated-key-0042"
-    log = logging.getLogger("ms1.sending.pacer")
+    log = logging.getLogger("ms1.pipeline.sending.pacer")
     log.info("before %s", new_key)
     add_secret(new_key)
     log.info("after %s", new_key)

@@ -26,7 +26,8 @@ import pytest
 from conftest import free_port
 from support import service_ini, wait_until
 
-from ms1 import metrics, pluginmanager
+from ms1.ops import metrics
+from ms1.runtime import pluginmanager
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -46,7 +47,7 @@ def get(address: str, path: str, timeout: float = 5) -> tuple[int, str]:
 
 
 def start_sim() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "ms1_tools.sim", "--port", "0",
                              "--rate-limit", "0", "--api-key", "k"],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -268,7 +269,7 @@ def test_no_connection_is_accepted_inside_the_fd_reserve(
     used = [limit - metrics.fd_reserve(limit)]  # one more would eat into the reserve
     monkeypatch.setattr(metrics, "fd_usage", lambda: (used[0], limit))
     host, port = address_of(server).rsplit(":", 1)
-    with caplog.at_level(logging.DEBUG, logger="ms1.metrics"), \
+    with caplog.at_level(logging.DEBUG, logger="ms1.ops.metrics"), \
             socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")  # waits in the listen backlog
         assert wait_until(lambda: "not accepting connections" in caplog.text, 5)
@@ -426,7 +427,7 @@ def test_client_resets_are_logged_in_the_log_format_not_as_tracebacks(
     assert get(address, "/healthz") == (200, "ok\n")
     assert stop_service(service) == 0
     records = json_lines(log)
-    client = [r for r in records if r["logger"] == "ms1.metrics" and r["level"] == "DEBUG"
+    client = [r for r in records if r["logger"] == "ms1.ops.metrics" and r["level"] == "DEBUG"
               and str(r["msg"]).startswith("metrics: client")]
     assert len(client) >= 20
     assert any("Connection reset by peer" in str(r["msg"]) for r in client)

@@ -10,18 +10,18 @@ import zlib
 from collections import defaultdict
 
 import pytest
+from ms1_tools.sim import Ms4Sim, SimConfig
 
-from ms1 import pluginmanager
-from ms1.batching import SizeBatchPolicy
-from ms1.components import Components
 from ms1.config import Secret
-from ms1.deadletters import MemoryDeadLetters
 from ms1.hookspecs import hookimpl
-from ms1.outbound import MemoryQueue
-from ms1.service import Service
-from ms1.source import MemorySource
-from ms1.tools import samples
-from ms1.tools.sim import Ms4Sim, SimConfig
+from ms1.pipeline import samples
+from ms1.pipeline.batching import SizeBatchPolicy
+from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.source import MemorySource
+from ms1.runtime import pluginmanager
+from ms1.runtime.components import Components
+from ms1.runtime.service import Service
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +107,7 @@ def sim_process():
     procs: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> str:
-        proc = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0",
+        proc = subprocess.Popen([sys.executable, "-m", "ms1_tools.sim", "--port", "0",
                                  "--api-key", "right-key", *args],
                                 stdout=subprocess.PIPE, text=True)
         procs.append(proc)

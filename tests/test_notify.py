@@ -1,4 +1,4 @@
-"""ms1.notify: real sd_notify datagrams on a real AF_UNIX socket, and the watchdog thread."""
+"""ms1.ops.notify: real sd_notify datagrams on a real AF_UNIX socket, and the watchdog thread."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ms1.notify import Notifier, Watchdog
+from ms1.ops.notify import Notifier, Watchdog
 
 
 class Receiver:

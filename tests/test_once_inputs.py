@@ -24,8 +24,8 @@ from conftest import free_port
 
 from ms1.errors import SourceError
 from ms1.model import InboundMessage
-from ms1.source import FileSource
-from ms1.tools import samples
+from ms1.pipeline import samples
+from ms1.pipeline.source import FileSource
 
 MiB = 1024 * 1024
 PR_CAPBSET_DROP = 24
@@ -267,7 +267,7 @@ def test_max_email_bytes_option_sets_the_bound(tmp_path: Path) -> None:
 
 
 def test_read_inputs_reports_each_problem_and_yields_the_rest(tmp_path: Path) -> None:
-    from ms1.source import read_inputs  # new in issue 11
+    from ms1.pipeline.source import read_inputs  # new in issue 11
 
     good = tmp_path / "a.jsonl"
     good.write_bytes(b"one\n\n  \ntwo\r\nthree")
@@ -305,7 +305,7 @@ def test_a_read_error_mid_file_keeps_what_was_read_and_reports_the_rest(
                 raise OSError(5, "Input/output error")
             return real_readline(self, -1 if size is None else size)
 
-    import ms1.source as source_module
+    import ms1.pipeline.source as source_module
 
     monkeypatch.setattr(source_module, "_reader", lambda fd: Flaky(io.FileIO(fd, "rb")))
     source = FileSource([path, after], max_email_bytes=64)

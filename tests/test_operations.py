@@ -18,14 +18,14 @@ from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from support import service_ini, wait_until
 
-from ms1.tools import samples
+from ms1.pipeline import samples
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
 
 
 def start_sim(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--rate-limit",
+    proc = subprocess.Popen([sys.executable, "-m", "ms1_tools.sim", "--port", "0", "--rate-limit",
                              "0", *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -243,7 +243,7 @@ def test_metrics_scraped_during_a_run_match_the_simulator(redis_url, tmp_path, s
 
 
 def test_unit_file() -> None:
-    from ms1 import deploy
+    from ms1.ops import deploy
 
     unit = deploy.read(deploy.UNIT)  # rendered for /etc/ms1 and this installation
     for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
@@ -268,9 +268,10 @@ def test_reload_applies_limits_rate_and_senders_and_refuses_a_bad_file(
         pm, write_config, caplog) -> None:
     import logging
 
-    from ms1 import cli, pluginmanager
-    from ms1.components import Components
-    from ms1.service import Service
+    from ms1.cli import command as cli
+    from ms1.runtime import pluginmanager
+    from ms1.runtime.components import Components
+    from ms1.runtime.service import Service
 
     path = write_config("[send]\nthreads = 2\nrequests_per_minute = 120\n[batch]\nmax_items = 50\n")
     config = pluginmanager.load(pm, str(path))

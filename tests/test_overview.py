@@ -1,4 +1,4 @@
-"""The overview (ms1/overview.py) the console and top render: totals over the instances'
+"""The overview (ms1/ops/overview.py) the console and top render: totals over the instances'
 snapshots, backlog per stream and its drain time at MS4's ceiling (status' rule), what
 holds sending back, the dead-letter summary; gather() over real parts."""
 
@@ -9,14 +9,15 @@ from typing import Any
 
 import pytest
 
-from ms1 import admin, overview
-from ms1.deadletters import MemoryDeadLetters
+from ms1.cli import admin
 from ms1.errors import QueueError
-from ms1.fleet import MemoryFleet
 from ms1.model import DeadLetter
-from ms1.outbound import MemoryQueue
-from ms1.overview import Ceiling, collect, gather
-from ms1.source import MemorySource
+from ms1.ops import overview
+from ms1.ops.fleet import MemoryFleet
+from ms1.ops.overview import Ceiling, collect, gather
+from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.source import MemorySource
 
 
 def snap(id: str, **over: Any) -> dict[str, Any]:

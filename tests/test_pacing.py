@@ -10,11 +10,11 @@ from email.utils import format_datetime
 
 import pytest
 
-from ms1.sending.answers import Kind, classify
-from ms1.sending.breaker import Breaker
-from ms1.sending.limiter import SlidingWindowLimiter
-from ms1.sending.pacer import Aborted, Pacer
-from ms1.sending.retry_after import parse_retry_after
+from ms1.pipeline.sending.answers import Kind, classify
+from ms1.pipeline.sending.breaker import Breaker
+from ms1.pipeline.sending.limiter import SlidingWindowLimiter
+from ms1.pipeline.sending.pacer import Aborted, Pacer
+from ms1.pipeline.sending.retry_after import parse_retry_after
 
 NOW = datetime(2026, 11, 23, 8, 0, 0, tzinfo=UTC)
 IN_7 = NOW + timedelta(seconds=7)
@@ -243,7 +243,7 @@ def test_a_401_for_a_request_sent_with_the_previous_key_starts_no_spell(caplog) 
     abort = threading.Event()
     in_flight = pacer.admit(abort)  # sent with the old key
     pacer.key_changed(None)         # SIGHUP with the new key
-    with caplog.at_level("CRITICAL", logger="ms1.sending.pacer"):
+    with caplog.at_level("CRITICAL", logger="ms1.pipeline.sending.pacer"):
         pacer.done(in_flight, 401)
     assert not pacer.auth_blocked
     assert not [r for r in caplog.records if r.levelname == "CRITICAL"]
@@ -254,7 +254,7 @@ def test_a_401_for_a_request_sent_with_the_previous_key_starts_no_spell(caplog) 
 def test_a_reload_during_a_probe_gives_one_critical_line_per_spell(caplog) -> None:
     pacer = make_pacer(auth_probe_interval=0.05)
     abort = threading.Event()
-    with caplog.at_level("CRITICAL", logger="ms1.sending.pacer"):
+    with caplog.at_level("CRITICAL", logger="ms1.pipeline.sending.pacer"):
         pacer.done(pacer.admit(abort), 401)       # spell 1: CRITICAL
         probe = pacer.admit(abort)                # the probe goes out with the old key
         assert probe.auth_probe
@@ -291,7 +291,7 @@ def test_every_stopping_or_breaker_answer_is_paced_or_a_breaker_failure() -> Non
 def test_403_stops_every_sender_with_its_own_critical_line(caplog) -> None:
     pacer = make_pacer(auth_probe_interval=3600)
     abort = threading.Event()
-    with caplog.at_level("CRITICAL", logger="ms1.sending.pacer"):
+    with caplog.at_level("CRITICAL", logger="ms1.pipeline.sending.pacer"):
         in_flight = [pacer.admit(abort) for _ in range(3)]  # 3 senders, all answered 403
         for admission in in_flight:
             pacer.done(admission, 403, detail="key lacks metadata:write")
@@ -314,7 +314,7 @@ def test_a_configuration_error_stops_every_sender_and_probes_every_breaker_reset
         status: int, caplog) -> None:
     pacer = Pacer(SlidingWindowLimiter(1000, 60), Breaker(100, 0.2))
     abort = threading.Event()
-    with caplog.at_level("CRITICAL", logger="ms1.sending.pacer"):
+    with caplog.at_level("CRITICAL", logger="ms1.pipeline.sending.pacer"):
         for admission in [pacer.admit(abort) for _ in range(4)]:
             pacer.done(admission, status, detail="Location: http://elsewhere/")
     stop = pacer.stop
@@ -339,7 +339,7 @@ def test_a_configuration_error_stops_every_sender_and_probes_every_breaker_reset
 def test_a_probe_answered_403_during_a_401_stop_turns_it_into_a_403_stop(caplog) -> None:
     pacer = make_pacer(auth_probe_interval=0.05)
     abort = threading.Event()
-    with caplog.at_level("CRITICAL", logger="ms1.sending.pacer"):
+    with caplog.at_level("CRITICAL", logger="ms1.pipeline.sending.pacer"):
         pacer.done(pacer.admit(abort), 401)
         pacer.done(pacer.admit(abort), 403)  # the probe (the key is known now)
     assert pacer.stop is not None and pacer.stop.status == 403
@@ -351,7 +351,7 @@ def test_408_409_5xx_and_no_answer_are_breaker_failures_named_when_it_opens(
         status: int | None, caplog) -> None:
     pacer = Pacer(SlidingWindowLimiter(1000, 60), Breaker(2, 60))
     abort = threading.Event()
-    with caplog.at_level("ERROR", logger="ms1.sending.breaker"):
+    with caplog.at_level("ERROR", logger="ms1.pipeline.sending.breaker"):
         for _ in range(2):
             pacer.done(pacer.admit(abort), status)
     assert pacer.breaker.state == "open" and pacer.stop is None

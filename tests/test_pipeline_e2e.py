@@ -8,16 +8,16 @@ from collections import Counter
 
 import pytest
 
-from ms1.batching import SizeBatchPolicy
-from ms1.components import Components
-from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import QueueError
 from ms1.model import BATCH_PATH
-from ms1.outbound import MemoryQueue
-from ms1.service import COMMIT_GROUP, Service
-from ms1.source import MemorySource
-from ms1.tools import samples
-from ms1.transport import MemoryTransport, Response
+from ms1.pipeline import samples
+from ms1.pipeline.batching import SizeBatchPolicy
+from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.source import MemorySource
+from ms1.pipeline.transport import MemoryTransport, Response
+from ms1.runtime.components import Components
+from ms1.runtime.service import COMMIT_GROUP, Service
 
 
 def run_pipeline(make_config, pm, emails: list[samples.Sample], *, max_items: int = 50,

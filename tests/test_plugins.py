@@ -16,18 +16,20 @@ from typing import Any
 import pluggy
 import pytest
 
-from ms1 import cli, hookspecs, pluginmanager
-from ms1.batching import SizeBatchPolicy
-from ms1.components import Components
+from ms1 import hookspecs
+from ms1.cli import command as cli
 from ms1.config import Config
-from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import ConfigError, PluginError
 from ms1.model import Batch, DeadLetter
-from ms1.outbound import MemoryQueue
-from ms1.service import Service
-from ms1.source import MemorySource
-from ms1.tools import samples
-from ms1.transport import MemoryTransport, Request, Response
+from ms1.pipeline import samples
+from ms1.pipeline.batching import SizeBatchPolicy
+from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.source import MemorySource
+from ms1.pipeline.transport import MemoryTransport, Request, Response
+from ms1.runtime import pluginmanager
+from ms1.runtime.components import Components
+from ms1.runtime.service import Service
 
 HERE = Path(__file__).parent
 EXAMPLE = HERE / "plugin_dist" / "ms1-example-plugin"
@@ -59,7 +61,7 @@ def test_builtins_come_through_the_entry_point_group() -> None:
 
 
 def test_no_plugin_manager_is_created_on_import() -> None:
-    code = ("import sys, pluggy; import ms1.cli, ms1.service, ms1.hookspecs;"
+    code = ("import sys, pluggy; import ms1.cli.command, ms1.runtime.service, ms1.hookspecs;"
             "import gc; print(sum(isinstance(o, pluggy.PluginManager) for o in gc.get_objects()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout
@@ -311,7 +313,7 @@ def test_a_factory_building_the_wrong_type_is_an_error(write_config) -> None:
     config = pluginmanager.load(pm, str(write_config("[queue]\nbackend = wrong\n")))
     with pytest.raises(PluginError, match=r"\[queue\] backend: queue 'wrong' was built as "
                                           r"builtins.object, which is not a "
-                                          r"ms1.outbound.QueueBackend"):
+                                          r"ms1.pipeline.outbound.QueueBackend"):
         pluginmanager.build_queue(pm, config)
 
 

@@ -1,4 +1,4 @@
-"""Tests of ms1.processor: normalisation, rejection reasons, and never raising."""
+"""Tests of ms1.pipeline.processor: normalisation, rejection reasons, and never raising."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ms1.currencies import ISO_4217
-from ms1.processor import (
+from ms1.pipeline.currencies import ISO_4217
+from ms1.pipeline.processor import (
     Accepted,
     InvalidInvoice,
     Rejected,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from ms1.progress import Progress
+from ms1.heartbeat import Progress
 
 
 class Clock:
@@ -76,8 +76,8 @@ def test_many_threads_beating_at_once() -> None:
 
 
 def test_an_outage_is_a_failure_until_an_answer_or_a_call_past_its_allowance() -> None:
-    """Issue 21: readiness follows whether each part works (ms1.progress.Outage)."""
-    from ms1.progress import SLOW_CALL, Outage
+    """Issue 21: readiness follows whether each part works (ms1.heartbeat.Outage)."""
+    from ms1.heartbeat import SLOW_CALL, Outage
 
     now = [100.0]
     outage = Outage("storing", clock=lambda: now[0])

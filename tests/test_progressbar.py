@@ -1,4 +1,4 @@
-"""Progress bars (ms1/progressbar.py): ``enqueue``, ``--once`` and ``dlq replay --all`` show
+"""Progress bars (ms1/cli/progressbar.py): ``enqueue``, ``--once`` and ``dlq replay --all`` show
 count, rate and time left when stderr is a terminal (run here on a pseudo-terminal), and
 nothing at all in a pipe; log lines printed meanwhile stay whole."""
 
@@ -19,10 +19,11 @@ import redis
 from support import logging_restored, service_ini
 from terminal import assert_no_progress, plain, read_terminal, run_on_terminal
 
-from ms1 import pluginmanager, progressbar
-from ms1.logs import setup_logging
+from ms1.cli import progressbar
 from ms1.model import DeadLetter
-from ms1.tools import samples
+from ms1.ops.logs import setup_logging
+from ms1.pipeline import samples
+from ms1.runtime import pluginmanager
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +87,7 @@ def test_once_shows_read_and_delivered_on_a_terminal_with_whole_log_lines(
         shown[-3000:]
     # every log line reached the terminal whole, on a line of its own: one per rejection
     lines = shown.split("\n")
-    rejected = [line for line in lines if " INFO ms1.intake [committer] rejected " in line]
+    rejected = [line for line in lines if " INFO ms1.pipeline.intake [committer] rejected " in line]
     assert len(rejected) == len(invalid), shown[-3000:]
     pattern = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO ms1\.intake \[committer\] rejected "
                          rf".+ \({re.escape(str(data))}:(\d+)\): \S")
@@ -103,7 +104,7 @@ def test_once_shows_read_and_delivered_on_a_terminal_with_whole_log_lines(
     # the same log lines, to the character, as in a pipe
     assert sorted(_untimed(rejected)) == sorted(_untimed(
         line for line in proc.stderr.splitlines()
-        if " INFO ms1.intake [committer] rejected " in line))
+        if " INFO ms1.pipeline.intake [committer] rejected " in line))
     # the summary on stdout is the same with or without the bars
     assert proc.stdout.splitlines()[:2] == ran.stdout.splitlines()[:2]
     assert "e-mails read: 2000, rejected: 200" in proc.stdout

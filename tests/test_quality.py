@@ -52,20 +52,21 @@ def _module_name(path: Path) -> str:
     parts = list(rel.parts)
     if parts[0] == "plugins":
         parts[0] = "ms1_plugins"
+    if parts[0] == "tools":
+        parts.pop(0)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def _runtime_imports(path: Path, package: str) -> set[str]:
-    """Modules ``path`` imports when it runs (not under ``if TYPE_CHECKING:``)."""
+def _imports(path: Path, package: str) -> set[str]:
+    """Modules ``path`` imports: when it runs, inside functions too, and under ``if
+    TYPE_CHECKING:`` (a type-only import is an arrow all the same: issue 23)."""
     tree = ast.parse(path.read_text())
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                continue
             if isinstance(child, ast.Import):
                 found.update(alias.name for alias in child.names)
             elif isinstance(child, ast.ImportFrom):
@@ -82,16 +83,23 @@ def _runtime_imports(path: Path, package: str) -> set[str]:
     return found
 
 
-def test_no_import_cycles() -> None:
-    """The module graph of ms1 and its built-in plugins has no cycle (imports inside
-    functions count too; ``TYPE_CHECKING`` imports do not)."""
-    paths = [*ROOT.glob("ms1/**/*.py"), *ROOT.glob("plugins/**/*.py")]
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the ms1 modules it imports (:func:`_imports`), over ms1 and the built-in
+    plugins."""
+    paths = [*ROOT.glob("ms1/**/*.py"), *ROOT.glob("plugins/**/*.py"),
+             *ROOT.glob("tools/ms1_tools/*.py")]
     modules = {_module_name(p): p for p in paths}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        graph[name] = {m for m in _runtime_imports(path, package)
-                       if m in modules and m != name}
+        graph[name] = {m for m in _imports(path, package) if m in modules and m != name}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    """The module graph of ms1 and its built-in plugins has no cycle (imports inside
+    functions count too, and so do ``TYPE_CHECKING`` imports)."""
+    graph = import_graph()
     cycles: list[list[str]] = []
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -111,6 +119,62 @@ def test_no_import_cycles() -> None:
         if node not in state:
             walk(node)
     assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+#: the packages of ms1 by concern; a module elsewhere in ms1 is a top-level one
+PACKAGES = ("ms1.pipeline", "ms1.runtime", "ms1.ops", "ms1.cli", "ms1.console")
+#: what each layer may not import (arrows point down: the stages never reach the plugin
+#: loader, the service, operations or the command line; plugins use the core's contracts)
+FORBIDDEN = {
+    "ms1.pipeline": ("ms1.runtime", "ms1.ops", "ms1.cli", "ms1.console", "ms1.hookspecs",
+                     "ms1.api"),
+    "ms1.ops": ("ms1.runtime", "ms1.cli", "ms1.console", "ms1.hookspecs"),
+    "ms1.console": ("ms1.runtime", "ms1.cli"),
+    "ms1_plugins": ("ms1.runtime", "ms1.cli", "ms1.console", "ms1.ops.metrics",
+                    "ms1.ops.publisher", "ms1.ops.overview", "ms1.ops.logs", "ms1.ops.notify"),
+}
+
+
+def _package(module: str) -> str:
+    for package in PACKAGES:
+        if module == package or module.startswith(package + "."):
+            return package
+    return module.split(".")[0] if module.startswith(("ms1_plugins", "ms1_tools")) else module
+
+
+def test_packages_import_downward_only() -> None:
+    """Issue 23: no circle between packages either (``TYPE_CHECKING`` included), and the
+    forbidden arrows are absent."""
+    graph = import_graph()
+    between: dict[str, set[str]] = {}
+    wrong: list[str] = []
+    for module, imported in graph.items():
+        for target in imported:
+            source_pkg, target_pkg = _package(module), _package(target)
+            if source_pkg != target_pkg:
+                between.setdefault(source_pkg, set()).add(target_pkg)
+            for banned in FORBIDDEN.get(source_pkg, ()):
+                if target == banned or target.startswith(banned + "."):
+                    wrong.append(f"{module} -> {target}")
+    assert not wrong, "\n".join(sorted(wrong))
+    state: dict[str, int] = {}
+
+    def walk(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(between.get(node, ())):
+            assert state.get(nxt) != 1, " -> ".join([*path, node, nxt])
+            if nxt not in state:
+                walk(nxt, [*path, node])
+        state[node] = 2
+
+    for node in sorted(between):
+        if node not in state:
+            walk(node, [])
+
+
+def test_the_top_level_holds_at_most_twelve_modules() -> None:
+    modules = sorted(p.name for p in (ROOT / "ms1").glob("*.py"))
+    assert len(modules) <= 12, modules
 
 
 def test_no_module_shadows_the_standard_library() -> None:

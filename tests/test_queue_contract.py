@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from ms1.model import BATCH_PATH, Batch, Item
-from ms1.outbound import MemoryQueue, QueueBackend
+from ms1.pipeline.outbound import MemoryQueue, QueueBackend
 from ms1_plugins.redis import RedisLink, RedisQueue
 
 

@@ -23,6 +23,7 @@ def test_demo_command_uses_the_shipped_config() -> None:
     readme = (ROOT / "README.md").read_text()
     demo = sh_blocks(readme)[0].strip()
     assert demo.startswith(
-        "python3 -m venv .venv && .venv/bin/pip install -q -c requirements/lock.txt -e . && ")
+        "python3 -m venv .venv && .venv/bin/pip install -q -c requirements/lock.txt -e . -e tools "
+        "&& ")
     assert "ms4-sim --port 8404 -- .venv/bin/ms1-service --config conf/dev.ini --once" in demo
     assert "127.0.0.1:8404" in (ROOT / "conf" / "dev.ini").read_text()

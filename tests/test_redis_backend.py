@@ -18,16 +18,16 @@ import pytest
 import redis
 from conftest import RedisServer
 
-from ms1.admin import replay
-from ms1.components import Components
 from ms1.config import CORE_OPTIONS, Config
-from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import QueueError
 from ms1.model import BATCH_PATH, Batch, DeadLetter, Item
-from ms1.outbound import MemoryQueue
-from ms1.service import COMMIT_GROUP, Service, Summary
-from ms1.tools import samples
-from ms1.transport import MemoryTransport
+from ms1.pipeline import samples
+from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.replay import replay
+from ms1.pipeline.transport import MemoryTransport
+from ms1.runtime.components import Components
+from ms1.runtime.service import COMMIT_GROUP, Service, Summary
 from ms1_plugins.redis import (
     RedisDeadLetters,
     RedisLink,

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ms1_tools.sim import REJECT_EVERY_REASON, is_rejected_by_sim
 from support import service_ini, tail, wait_until
 
-from ms1.tools import samples
-from ms1.tools.sim import REJECT_EVERY_REASON, is_rejected_by_sim
+from ms1.pipeline import samples
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def start_sim(procs: list[subprocess.Popen[bytes]], tmp_path: Path, *args: str,
     log = tmp_path / f"{name}.log"
     with log.open("ab") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--api-key", API_KEY,
+            [sys.executable, "-m", "ms1_tools.sim", "--port", "0", "--api-key", API_KEY,
              "--rate-limit", str(rate_limit), "--window", str(window), *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
     procs.append(proc)
@@ -389,7 +389,7 @@ def test_a_5_second_redis_outage_is_two_lines_per_stage_not_one_per_sender(
         own_redis, tmp_path, procs) -> None:
     """Issue 21: an idle service with its default 64 senders, Redis stopped for 5 s: before,
     every sender logged its own ERROR and WARNING (130 lines); now the senders share one
-    outage (ms1.sending.sender.Outage) and every pipeline stage says it at most twice."""
+    outage (ms1.pipeline.sending.sender.Outage) and every pipeline stage says it at most twice."""
     sim = start_sim(procs, tmp_path)
     config = tmp_path / "ms1.ini"
     config.write_text(service_ini(own_redis.url, ms4_url=sim.url,

@@ -2,8 +2,8 @@
 
 Topologies (``tests/redis_topologies.py``): a primary, a replica and three Sentinels; a
 Redis Cluster of three primaries with one replica each. The service (``python -m
-ms1.cli``) and ``ms4-sim`` run as processes; e-mails come in as the ingestor would send
-them, through ``ms1-service enqueue`` and the ingestor's helper (:mod:`ms1.inbound`) with
+ms1.cli.command``) and ``ms4-sim`` run as processes; e-mails come in as the ingestor would send
+them, through ``ms1-service enqueue`` and the ingestor's helper (:mod:`ms1.runtime.ingest`) with
 ``[redis] min_replicas_acked = 1``, retried under the same key when a submit is not
 acknowledged. Mid-run the test kills the primary with SIGKILL; Sentinel (or the cluster)
 promotes the replica; the killed server is started again and becomes a replica of the new
@@ -49,10 +49,10 @@ from redis_topologies import (  # the fixtures too, for the tests here
 from support import SimProcess, service_ini, tail, wait_until
 from test_redis_durability import stop_service as sigterm_and_wait
 
-from ms1 import pluginmanager
 from ms1.errors import ConfigError
-from ms1.inbound import Inbound, SubmitError
-from ms1.tools import samples
+from ms1.pipeline import samples
+from ms1.runtime import pluginmanager
+from ms1.runtime.ingest import Inbound, SubmitError
 from ms1_plugins.redis import link_for
 from ms1_plugins.redis.link import key_names, tagged
 
@@ -171,7 +171,7 @@ class ClusterTopo(Topo):
 
 
 class Feeder(threading.Thread):
-    """The ingestor: submits e-mails in chunks through :class:`ms1.inbound.Inbound`, and
+    """The ingestor: submits e-mails in chunks through :class:`ms1.runtime.ingest.Inbound`, and
     when a submit is not acknowledged, submits the same chunk again under the same key
     (the documented way: a retry adds nothing twice)."""
 

@@ -6,7 +6,7 @@ the inbound stream or the rate limiter's key: ``/readyz`` is 503 naming the caus
 
 Before (the defect): ``/readyz`` said 200 "ready" through all of them — the queue's counts
 (XLEN, XPENDING: reads) still came back — while the committer could store nothing or the
-reader read nothing (``ms1.progress.Outage`` now carries each part's state)."""
+reader read nothing (``ms1.heartbeat.Outage`` now carries each part's state)."""
 
 from __future__ import annotations
 

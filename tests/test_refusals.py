@@ -1,5 +1,5 @@
 """A refused batch (400/422) whose answer names the refused objects: those are dead-lettered
-with MS4's text for each, the rest goes out in ONE request (``ms1/sending/refusals.py``);
+with MS4's text for each, the rest goes out in ONE request (``ms1/pipeline/sending/refusals.py``);
 an answer that names nothing, or cannot be trusted, splits the batch in halves as before.
 
 Figures (one poison object in each of 10 batches of 50, against ms4-sim over HTTP): 2.0
@@ -18,23 +18,23 @@ from typing import Any
 
 import pluggy
 import pytest
+from ms1_tools.sim import Ms4Sim, SimConfig
 
-from ms1 import pluginmanager
 from ms1.config import Config
-from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import ConfigError
 from ms1.hookspecs import hookimpl
 from ms1.model import BATCH_PATH, Batch, DeadLetter, Item
-from ms1.outbound import MemoryQueue
-from ms1.sending.breaker import Breaker
-from ms1.sending.limiter import SlidingWindowLimiter
-from ms1.sending.pacer import Pacer
-from ms1.sending.refusals import DEFAULT_INDEX_PATTERN, RefusalReader
-from ms1.sending.sender import Sender, SendSettings, SharedSettings
-from ms1.stats import RunStats
-from ms1.tools import samples
-from ms1.tools.sim import Ms4Sim, SimConfig
-from ms1.transport import MemoryTransport, Request, Response, Transport
+from ms1.pipeline import samples
+from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.sending.breaker import Breaker
+from ms1.pipeline.sending.limiter import SlidingWindowLimiter
+from ms1.pipeline.sending.pacer import Pacer
+from ms1.pipeline.sending.refusals import DEFAULT_INDEX_PATTERN, RefusalReader
+from ms1.pipeline.sending.sender import Sender, SendSettings, SharedSettings
+from ms1.pipeline.stats import RunStats
+from ms1.pipeline.transport import MemoryTransport, Request, Response, Transport
+from ms1.runtime import pluginmanager
 
 # --- helpers ---------------------------------------------------------------------------
 
@@ -304,7 +304,7 @@ def test_an_answer_that_cannot_be_trusted_falls_back_to_bisection(
 
     transport = fake_ms4(answer, bad)
     rig = Rig(transport)
-    with caplog.at_level("INFO", logger="ms1.sending.sender"):
+    with caplog.at_level("INFO", logger="ms1.pipeline.sending.sender"):
         rig.send(batch)
     assert_settled(rig, [batch], bad, transport.accepted)
     assert len(transport.requests[1].body) < len(batch.body())  # halved, not "the rest"
@@ -427,17 +427,21 @@ def test_reader_distrusts_a_wrong_answer(text: str, problem: str) -> None:
     assert not reading.named and reading.problem is not None and problem in reading.problem
 
 
+def reader(config: Config) -> RefusalReader:
+    return SendSettings.from_config(config).refusals
+
+
 def test_reader_options(make_config: Callable[[str], Config]) -> None:
     sim_text = '{"details": [{"index": 1, "message": "item 2: nested"}]}'
-    assert RefusalReader.from_config(make_config("")).read(400, sim_text, IDS).named == \
+    assert reader(make_config("")).read(400, sim_text, IDS).named == \
         {1: "item 2: nested"}
-    no_json = RefusalReader.from_config(make_config("[send]\nrefusal_json_details = no\n"))
+    no_json = reader(make_config("[send]\nrefusal_json_details = no\n"))
     assert no_json.read(400, sim_text, IDS).named == {2: "nested"}
-    custom = RefusalReader.from_config(make_config(
+    custom = reader(make_config(
         "[send]\nrefusal_json_details = off\nrefusal_index_pattern = record #(?P<index>\\d+) "
         "rejected -\n"))
     assert custom.read(422, "record #4 rejected - bad date", IDS).named == {4: "bad date"}
-    off = RefusalReader.from_config(make_config(
+    off = reader(make_config(
         "[send]\nrefusal_json_details = no\nrefusal_index_pattern =\n"))
     assert off.read(400, sim_text, IDS).named == {}
     assert off.read(400, "item 1: x", IDS).named == {}

@@ -27,9 +27,12 @@ from typing import Any
 import pluggy
 import pytest
 
-from ms1 import __version__, cli, deploy, pluginmanager
+from ms1 import __version__
+from ms1.cli import command as cli
 from ms1.config import Option, env_name, index_options, load_config
 from ms1.errors import ConfigError
+from ms1.ops import deploy
+from ms1.runtime import pluginmanager
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,7 +112,12 @@ def test_a_wheel_installed_outside_the_repo_writes_the_operator_files(tmp_path: 
     wheel = _built("wheel", tmp_path / "dist")
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
         archive.extractall(site)
+    # issue 23: the simulator and the bench are a distribution of their own (tools/)
+    assert not [n for n in names if "ms1_tools" in n or "sim" in Path(n).stem], names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "ms4-sim" not in (site / entry_points).read_text()
     away = tmp_path / "elsewhere"
     away.mkdir()
     code = (f"import sys; sys.path.insert(0, {str(site)!r}); import ms1; from ms1 import cli; "
@@ -129,7 +137,7 @@ def test_the_sdist_runs_its_tests(tmp_path: Path) -> None:
         archive.extractall(tmp_path / "src", filter="data")
     (tree,) = (tmp_path / "src").iterdir()
     for needed in ("tests/conftest.py", "tests/support.py", "requirements/lock.txt",
-                   "CHANGELOG.md", "ms1/deploy/files/prod.ini"):
+                   "CHANGELOG.md", "ms1/ops/deploy/files/prod.ini"):
         assert (tree / needed).is_file(), needed
     env = {**os.environ, "PYTHONPATH": str(tree)}
     result = subprocess.run(

@@ -1,7 +1,7 @@
 """SIGHUP reload applies what it says (issue 12).
 
 * retry settings and ``max_deliveries`` reach the running senders (they read one shared
-  :class:`~ms1.sending.sender.SendSettings`, swapped by the reload);
+  :class:`~ms1.pipeline.sending.sender.SendSettings`, swapped by the reload);
 * ``log_format`` (and level) change at once, redaction kept;
 * every option says whether it is reloadable where it is declared; plugins get
   ``ms1_config_reloaded`` after the core applied its part; every changed key that needs
@@ -47,15 +47,16 @@ from test_redis_durability import (
     xlen,
 )
 
-from ms1 import cli, pluginmanager
-from ms1.components import Components
+from ms1.cli import command as cli
 from ms1.config import CORE_OPTIONS, Config, Option
 from ms1.hookspecs import hookimpl
-from ms1.logs import add_secret, setup_logging
 from ms1.model import BATCH_PATH, Batch, Item
-from ms1.processor import Accepted, unified_email_processor
-from ms1.service import Service
-from ms1.tools.samples import generate
+from ms1.ops.logs import add_secret, setup_logging
+from ms1.pipeline.processor import Accepted, unified_email_processor
+from ms1.pipeline.samples import generate
+from ms1.runtime import pluginmanager
+from ms1.runtime.components import Components
+from ms1.runtime.service import Service
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -344,7 +345,7 @@ def test_reload_applies_core_and_plugin_options_and_names_restart_keys_in_one_li
 def test_log_format_and_level_switch_at_once_keeping_redaction(write_config: Any) -> None:
     """logs.apply_log_settings swaps the formatter of the handler setup_logging made (no
     moment without one) and keeps its redaction filter."""
-    from ms1 import logs
+    from ms1.ops import logs
 
     stream = io.StringIO()
     root = logging.getLogger()
@@ -410,7 +411,7 @@ def test_threads_lowered_then_raised_mid_flight_never_exceeds_the_count(
     once, none released, the count settles at 2."""
     import dataclasses
 
-    from ms1.transport import MemoryTransport
+    from ms1.pipeline.transport import MemoryTransport
 
     path = write_config("[send]\nthreads = 16\nrequests_per_minute = 100000\n")
     config = pluginmanager.load(pm, str(path))
@@ -461,9 +462,9 @@ def test_threads_lowered_then_raised_mid_flight_never_exceeds_the_count(
 #: since the last line (Service.in_flight, what ms1_requests_in_flight will export)
 SAMPLER = """\
 import sys, threading, time
-from ms1 import cli
-from ms1.service import Service
-from ms1.tools.samples import generate
+from ms1.cli import command as cli
+from ms1.runtime.service import Service
+from ms1.pipeline.samples import generate
 
 out_path = sys.argv.pop(1)
 start = Service.start

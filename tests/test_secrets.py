@@ -19,9 +19,11 @@ import pytest
 from conftest import free_port
 from support import logging_restored
 
-from ms1 import cli, logs, redaction
+from ms1 import redaction
+from ms1.cli import command as cli
 from ms1.config import Config, Secret
 from ms1.errors import ConfigError, QueueError, TransportError
+from ms1.ops import logs
 
 API_KEY = "sk-live-Q7w8e9r0t1y2"
 REDIS_PASSWORD = "r3d!s-P@ss/word"  # needs percent-encoding in a URL

@@ -7,17 +7,17 @@ import threading
 
 import pytest
 
-from ms1 import pluginmanager
-from ms1.deadletters import MemoryDeadLetters
 from ms1.errors import TransportError
 from ms1.model import BATCH_PATH, Batch, Item
-from ms1.outbound import MemoryQueue
-from ms1.sending.breaker import Breaker
-from ms1.sending.limiter import SlidingWindowLimiter
-from ms1.sending.pacer import Pacer
-from ms1.sending.sender import Sender, SendSettings
-from ms1.stats import RunStats
-from ms1.transport import MemoryTransport, Request, Response
+from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.sending.breaker import Breaker
+from ms1.pipeline.sending.limiter import SlidingWindowLimiter
+from ms1.pipeline.sending.pacer import Pacer
+from ms1.pipeline.sending.sender import Sender, SendSettings
+from ms1.pipeline.stats import RunStats
+from ms1.pipeline.transport import MemoryTransport, Request, Response
+from ms1.runtime import pluginmanager
 
 
 def make_batch(ids: list[str]) -> Batch:

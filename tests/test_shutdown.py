@@ -29,7 +29,7 @@ from test_watchdog import (
     wait_until,
 )
 
-from ms1.tools import samples
+from ms1.pipeline import samples
 
 pytestmark = pytest.mark.slow
 SHUTDOWN_TIMEOUT = 2.0
@@ -41,7 +41,7 @@ def sim() -> Iterator[Callable[..., str]]:
     procs: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> str:
-        proc = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0",
+        proc = subprocess.Popen([sys.executable, "-m", "ms1_tools.sim", "--port", "0",
                                  "--rate-limit", "0", "--api-key", "k", *args],
                                 stdout=subprocess.PIPE, text=True)
         procs.append(proc)

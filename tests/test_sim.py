@@ -19,8 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-
-from ms1.tools.sim import REJECT_EVERY_REASON, Ms4Sim, SimConfig, main, validate_metadata
+from ms1_tools.sim import REJECT_EVERY_REASON, Ms4Sim, SimConfig, main, validate_metadata
 
 KEY = "sim-key"
 HEADERS = {"X-API-Key": KEY}
@@ -629,7 +628,7 @@ def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
 def test_main_subprocess_smoke(raw: httpx.Client) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MS4_SIM_API_KEY": "s3cret-env-key"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--rate-limit", "50",
+        [sys.executable, "-m", "ms1_tools.sim", "--port", "0", "--rate-limit", "50",
          "--reset", "0", "--retry-after", "2", "--retry-after-form", "http-date"],
         cwd=ROOT,
         env=env,
@@ -668,7 +667,7 @@ def test_main_runs_a_command_against_the_sim_and_returns_its_status() -> None:
             "'vendor_name': 'V', 'invoice_date': '2025-11-01', 'total_amount': 1, "
             "'currency': 'USD', 'line_items': []}); sys.exit(r.status_code - 200)")
     env = {k: v for k, v in os.environ.items() if k != "MS1_MS4_API_KEY"}
-    proc = subprocess.run([sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--",
+    proc = subprocess.run([sys.executable, "-m", "ms1_tools.sim", "--port", "0", "--",
                            sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=60)
     assert proc.returncode == 2  # 202 - 200: the command's own status comes back

@@ -8,10 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from ms1_tools.sim import Ms4Sim, SimConfig
+from ms1_tools.sim_limits import Limiter
 from test_sim import api_client, make_sim, obj
-
-from ms1.tools.sim import Ms4Sim, SimConfig
-from ms1.tools.sim_limits import Limiter
 
 __all__ = ["make_sim"]  # the fixture, shared with test_sim
 
@@ -106,7 +105,7 @@ def test_x_ratelimit_fields_and_the_shape_set_at_runtime(
 
 
 def test_the_cli_takes_the_shape_options() -> None:
-    from ms1.tools.sim import _build_parser
+    from ms1_tools.sim import _build_parser
     args = _build_parser().parse_args(
         ["--limiter", "sliding-counter", "--count-denied", "--burst", "5",
          "--ratelimit-headers", "x-ratelimit", "--retry-after-form", "none"])

@@ -27,10 +27,11 @@ from typing import Any
 
 import pytest
 from conftest import free_port
+from ms1_tools import fronts
 from support import ini, wait_until
 from test_redis_durability import start_sim
 
-from ms1.tools import fronts, samples
+from ms1.pipeline import samples
 
 pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl"),
               pytest.mark.slow]  # subprocesses and real servers: not in the floors' unit run
@@ -150,7 +151,7 @@ def test_ms4_over_https_with_a_private_ca_and_a_client_certificate_from_the_ini(
      ["not trusted by [transport.http] ca_file", "configuration error"]),
     # nginx completes the handshake and answers 400 "No required SSL certificate was sent"
     # to every request: before, every invoice was split out and dead-lettered with it; now
-    # a refusal storm (ms1.sending.pacer.Pacer.refusal) stops the senders, keeping them all
+    # a refusal storm (ms1.pipeline.sending.pacer.Pacer.refusal) stops the senders, keeping them all
     ({"ca_file": "ca.crt"}, ["No required SSL certificate was sent", "naming no invoice"])])
 def test_a_refused_certificate_stops_the_senders_naming_it(
         tls: dict[str, str], named: list[str], pki: Path, https_ms4: tuple[str, Any],

@@ -1,4 +1,4 @@
-"""``ms1-service top`` (ms1/top.py): the fleet overview, live in a real terminal (tmux),
+"""``ms1-service top`` (ms1/cli/top.py): the fleet overview, live in a real terminal (tmux),
 shows the figures ms4-sim counted; Ctrl-C ends it with status 0 and the terminal as it
 was; ``--once`` and ``--json`` print one reading."""
 
@@ -23,9 +23,9 @@ import pytest
 from rich.console import Console
 from support import service_ini, wait_until
 
-from ms1 import top
-from ms1.overview import Ceiling, collect
-from ms1.tools import samples
+from ms1.cli import top
+from ms1.ops.overview import Ceiling, collect
+from ms1.pipeline import samples
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def tmux() -> Iterator[Tmux]:
 
 
 def start_sim(*args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "ms1_tools.sim", "--port", "0",
                              "--rate-limit", "0", "--api-key", KEY, *args],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None

@@ -16,12 +16,12 @@ import sys
 import time
 
 import pytest
+from ms1_tools.sim import Ms4Sim, SimConfig
 from support import run_in_process
 
 from ms1.config import Config
 from ms1.hookspecs import hookimpl
-from ms1.tools import samples
-from ms1.tools.sim import Ms4Sim, SimConfig
+from ms1.pipeline import samples
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def deliver(pm, config: Config, emails: list[samples.Sample]) -> SendTimes:
 
 @pytest.fixture
 def sim_url():
-    proc = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0", "--api-key", "k",
+    proc = subprocess.Popen([sys.executable, "-m", "ms1_tools.sim", "--port", "0", "--api-key", "k",
                              "--rate-limit", "0", "--latency", "0.05"],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None

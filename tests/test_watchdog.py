@@ -27,11 +27,11 @@ from support import service_ini, wait_until
 from test_http_transport import Peer, Server, serving
 
 from ms1.errors import Ms1Error
-from ms1.metrics import QueueWatch
-from ms1.notify import Notifier, Watchdog
-from ms1.outbound import QueueStats
-from ms1.progress import call_within
-from ms1.tools import samples
+from ms1.heartbeat import call_within
+from ms1.ops.metrics import QueueWatch
+from ms1.ops.notify import Notifier, Watchdog
+from ms1.pipeline import samples
+from ms1.pipeline.outbound import QueueStats
 
 WATCHDOG_TIMEOUT = 3.0
 WATCHDOG_USEC = 1_000_000  # pings every 0.5 s
@@ -261,7 +261,7 @@ def test_ms4_down_is_no_stall(tmp_path: Path, redis_url: str,
 @pytest.mark.slow
 def test_redis_frozen_is_no_stall_and_health_answers_at_once(
         tmp_path: Path, own_redis: RedisServer, notify_socket: NotifySocket) -> None:
-    sim = subprocess.Popen([sys.executable, "-m", "ms1.tools.sim", "--port", "0",
+    sim = subprocess.Popen([sys.executable, "-m", "ms1_tools.sim", "--port", "0",
                             "--rate-limit", "0", "--api-key", "k"], stdout=subprocess.PIPE,
                            text=True)
     assert sim.stdout is not None

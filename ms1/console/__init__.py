@@ -22,11 +22,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ms1.config import Config, Secret, key_problem, parse_origins
-from ms1.deadletters import DeadLetterStore
-from ms1.fleet import Fleet
-from ms1.outbound import QueueBackend
-from ms1.overview import Ceiling, LetterCounts, gather
-from ms1.source import Source
+from ms1.ops.fleet import Fleet
+from ms1.ops.overview import Ceiling, LetterCounts, gather
+from ms1.pipeline.deadletters import DeadLetterStore
+from ms1.pipeline.outbound import QueueBackend
+from ms1.pipeline.source import Source
 
 from .app import ConsoleContext, OverviewCache, create_app
 from .server import Server

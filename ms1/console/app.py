@@ -2,7 +2,7 @@
 
 Pages (server-rendered; ``static/console.js`` only refreshes the overview):
 
-* ``GET /`` — the overview of every instance (:mod:`ms1.overview`), refreshed every 2 s
+* ``GET /`` — the overview of every instance (:mod:`ms1.ops.overview`), refreshed every 2 s
   from ``GET /overview.part`` (the same template's fragment); ``GET /api/overview`` is the
   same structure as JSON;
 * ``GET /dead-letters`` — the dead-letter browser: filters ``reason`` (contained),
@@ -11,7 +11,7 @@ Pages (server-rendered; ``static/console.js`` only refreshes the overview):
 * ``GET /dead-letters/<id>`` — one letter: the object, the original e-mail's reference,
   MS4's answer;
 * ``POST /dead-letters/replay`` — replay the letters ticked (``id`` fields) or every letter
-  that matches the filter sent with ``all=1`` (:func:`ms1.admin.replay`, the path ``dlq
+  that matches the filter sent with ``all=1`` (:func:`ms1.pipeline.replay.replay`, the path ``dlq
   replay`` takes). Allowed only with the admin token (form field ``token`` or header
   ``X-Admin-Token``, compared in constant time) **and** from the console's own origin
   (``Origin``, else ``Referer``; or one of ``[console] origins``); otherwise 403 and
@@ -41,15 +41,15 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, g, jsonify, render_template, request
 
-from ms1 import overview as ov
-from ms1.admin import ReplayResult, replay
 from ms1.config import Secret
 from ms1.console.throttle import Throttle
-from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error
-from ms1.fleet import RATE_WINDOW, SNAPSHOT_TTL
 from ms1.model import DeadLetter
-from ms1.outbound import QueueBackend
+from ms1.ops import overview as ov
+from ms1.ops.fleet import RATE_WINDOW, SNAPSHOT_TTL
+from ms1.pipeline.deadletters import DeadLetterStore
+from ms1.pipeline.outbound import QueueBackend
+from ms1.pipeline.replay import ReplayResult, replay
 
 from .browse import PAGE, FilterError, LetterFilter, find, matching_ids
 
@@ -57,7 +57,7 @@ log = logging.getLogger("ms1.console")
 
 #: header carrying the admin token (instead of the form field ``token``)
 TOKEN_HEADER = "X-Admin-Token"
-#: ids replayed per call to :func:`ms1.admin.replay`
+#: ids replayed per call to :func:`ms1.pipeline.replay.replay`
 REPLAY_CHUNK = 1000
 #: paths whose requests are logged at DEBUG (the overview's refreshes, static files)
 _QUIET = ("/overview.part", "/api/overview", "/static/")

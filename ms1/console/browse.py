@@ -1,5 +1,5 @@
 """The dead-letter browser's filter and pages: pure functions over a
-:class:`~ms1.deadletters.DeadLetterStore`, read page by page with ``scan``.
+:class:`~ms1.pipeline.deadletters.DeadLetterStore`, read page by page with ``scan``.
 
 A filter holds what the console's query string may carry and nothing else: a reason
 substring, a stage, a date range (UTC days) and an invoice id. It never holds a payload.
@@ -11,9 +11,9 @@ import datetime as dt
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from ms1.deadletters import DeadLetterStore
 from ms1.model import DeadLetter
-from ms1.overview import STAGES
+from ms1.ops.overview import STAGES
+from ms1.pipeline.deadletters import DeadLetterStore
 
 #: letters one page shows
 PAGE = 50

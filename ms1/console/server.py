@@ -8,7 +8,7 @@ new connections wait in the kernel's listen backlog, costing ms1 nothing) and
 ``channel_timeout`` (``[console] idle_timeout``: idle connections are closed) — the
 listening socket is only polled while taking one more descriptor leaves room for the
 pipeline (:func:`may_accept`): the reserve of the metrics server
-(:func:`ms1.metrics.fd_reserve`, an eighth of ``RLIMIT_NOFILE``, at least 16) plus what the
+(:func:`ms1.ops.metrics.fd_reserve`, an eighth of ``RLIMIT_NOFILE``, at least 16) plus what the
 pipeline may still open (``pipeline_fds``: its Redis and MS4 connections, counted by the
 service) beyond what the process holds apart from the console's connections. When that
 room is gone the console stops accepting (one WARNING a minute at most) until it is back.
@@ -28,7 +28,7 @@ from waitress.adjustments import Adjustments  # type: ignore[import-untyped]
 from waitress.server import TcpWSGIServer  # type: ignore[import-untyped]
 from waitress.task import ThreadedTaskDispatcher  # type: ignore[import-untyped]
 
-from ms1.metrics import fd_reserve, fd_usage
+from ms1.ops.metrics import fd_reserve, fd_usage
 
 log = logging.getLogger("ms1.console")
 

@@ -31,7 +31,7 @@ call) at a time, so any number of threads share the pool, waiting for a connecti
 it is busy. One Redis server (``[redis] url``), Sentinel (``[redis] sentinels``: the
 primary follows failovers) or Redis Cluster (``[redis] cluster = yes``: every key carries
 the hash tag ``[redis] key_tag``), all built in :mod:`.link`. With ``[redis]
-min_replicas_acked`` the ingestor's writes (``enqueue``, :mod:`ms1.inbound`) succeed only
+min_replicas_acked`` the ingestor's writes (``enqueue``, :mod:`ms1.runtime.ingest`) succeed only
 once that many replicas have them, and ms1's own scripts wait for them too (best effort).
 Explicit connect and socket timeouts, XREADGROUP BLOCK shorter than the socket timeout;
 redis-py's own retries are off (a retried XADD whose reply was lost would be a
@@ -65,13 +65,13 @@ import logging
 from collections.abc import Sequence
 
 from ms1.config import Config, Option
-from ms1.deadletters import DeadLetterStore
 from ms1.errors import Ms1Error
 from ms1.hookspecs import hookimpl
-from ms1.outbound import MemoryQueue, QueueBackend
-from ms1.sending.concurrency import sender_threads
-from ms1.sending.limiter import RateLimiter
-from ms1.source import Source
+from ms1.pipeline.deadletters import DeadLetterStore
+from ms1.pipeline.outbound import MemoryQueue, QueueBackend
+from ms1.pipeline.sending.concurrency import sender_threads
+from ms1.pipeline.sending.limiter import RateLimiter
+from ms1.pipeline.source import Source
 
 from .deadletters import RedisDeadLetters
 from .fleet import fleet_components as fleet_components  # the fleet hooks: plugin "redis"
@@ -173,8 +173,8 @@ def ms1_config_options() -> Sequence[Option]:
                "(with cluster = yes, empty means ms1)", check=check_key_tag),
         Option(SECTION, "min_replicas_acked", "int", 0,
                "replicas that must acknowledge a write (WAIT; WAITAOF on Redis 7.2+) before "
-               "'enqueue' and ms1.inbound report e-mails added (else they fail: retry); ms1's "
-               "own writes wait too, best effort; 0: no waiting (a failover can lose "
+               "'enqueue' and ms1.runtime.ingest report e-mails added (else they fail: "
+               "retry); ms1's own writes wait too, best effort; 0: no waiting (a failover can lose "
                "e-mails the ingestor was told were added)", min=0, max=100),
         Option(SECTION, "replica_ack_timeout", "float", 1.0,
                "seconds a write waits for min_replicas_acked replicas", min=0.001, max=60),

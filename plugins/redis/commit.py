@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from ms1.source import Source
+from ms1.pipeline.source import Source
 
 from .link import Fields, RedisLink
 from .source import RedisSource

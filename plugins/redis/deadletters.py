@@ -2,7 +2,7 @@
 
 Fields: reason, stage, payload, at, and message_id, invoice_id, source_ref, ms4_answer,
 payload_size and payload_sha256 (a clipped payload) when known; a letter's id is its entry
-id. Every payload is cut to ``max_payload_bytes`` (:func:`ms1.deadletters.clip`). Letters
+id. Every payload is cut to ``max_payload_bytes`` (:func:`ms1.pipeline.deadletters.clip`). Letters
 from a Redis source on the same server are stored and their inbound entries acked in one
 atomic step (:mod:`.commit`), in groups of at most :data:`LETTERS_PER_GROUP` letters, each
 group with its own refs.
@@ -13,10 +13,10 @@ from __future__ import annotations
 import builtins
 from collections.abc import Sequence
 
-from ms1.deadletters import DeadLetterStore, clip, decode_letter
 from ms1.errors import QueueError
 from ms1.model import ENTRY_FORMAT, FORMAT_FIELD, DeadLetter
-from ms1.source import Source
+from ms1.pipeline.deadletters import DeadLetterStore, clip, decode_letter
+from ms1.pipeline.source import Source
 
 from .commit import EntryGroup, inbound_of, store
 from .leases import decode
@@ -39,7 +39,7 @@ def letter_fields(letter: DeadLetter) -> Fields:
 
 
 def letter_from_fields(entry_id: str, fields: dict[bytes, bytes]) -> DeadLetter:
-    """A letter from its stream entry, defensively (:func:`ms1.deadletters.decode_letter`:
+    """A letter from its stream entry, defensively (:func:`ms1.pipeline.deadletters.decode_letter`:
     a missing or unreadable field is said in ``malformed``, never an error)."""
     return decode_letter(lambda key: fields.get(key.encode()), fields.get(b"payload", b""),
                          entry_id)

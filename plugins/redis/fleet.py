@@ -22,8 +22,8 @@ from typing import Any
 
 from ms1.config import Config
 from ms1.errors import QueueError
-from ms1.fleet import Fleet
 from ms1.hookspecs import hookimpl
+from ms1.ops.fleet import Fleet
 
 from .leases import decode
 from .link import RedisLink, consumer_name, key_names, link_for, translated

@@ -4,7 +4,7 @@ on the Redis.
 A sliding-window log in a sorted set (``[redis] rate_limit_key``), updated by
 ``scripts/limiter_acquire.lua`` and ``scripts/limiter_finish.lua`` on the server's clock,
 so hosts need not agree on the time. With shaping, the learned
-:class:`~ms1.sending.shape.Shape` and GCRA's theoretical arrival time live in a hash
+:class:`~ms1.pipeline.sending.shape.Shape` and GCRA's theoretical arrival time live in a hash
 beside it (``<rate_limit_key>:shape``, the same hash tag): every instance paces by it and
 learns into it (``scripts/limiter_learn.lua``, compare and set).
 """
@@ -15,8 +15,8 @@ import uuid
 from typing import Any
 
 from ms1.errors import QueueError
-from ms1.sending.limiter import Change, Grant, RateLimiter
-from ms1.sending.shape import Shape
+from ms1.pipeline.sending.limiter import Change, Grant, RateLimiter
+from ms1.pipeline.sending.shape import Shape
 
 from .link import RedisLink, translated
 
@@ -33,7 +33,7 @@ class RedisRateLimiter(RateLimiter):
     """At most ``limit`` requests in any ``window`` s for every instance on the Redis.
 
     Member = one request, score = when MS4 counted it (see
-    :mod:`ms1.sending.limiter`). While in flight a request's score is
+    :mod:`ms1.pipeline.sending.limiter`). While in flight a request's score is
     start + ``lease`` (the longest a request can take), so the slot of a process killed
     mid-request still expires.
     """

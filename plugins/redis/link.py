@@ -29,7 +29,7 @@ new one (:meth:`RedisLink.primary`; ``status`` shows it too).
 **Replicas.** With ``[redis] min_replicas_acked = n`` (:meth:`RedisLink.replicated`) a
 write is followed, on the same connection, by ``WAIT n timeout`` — or ``WAITAOF 0 n
 timeout`` on Redis 7.2 and later, where a replica counts once it has fsynced the write to
-its AOF. The ingestor's writes (``enqueue``, :mod:`ms1.inbound`) fail when fewer replicas
+its AOF. The ingestor's writes (``enqueue``, :mod:`ms1.runtime.ingest`) fail when fewer replicas
 acknowledged them; ms1's own scripts (enqueue-and-ack, a batch's ack) wait too, but only
 to bound what a failover can make it send twice: a shortfall is logged and delivery goes
 on (WAITs of its own are then left out for :data:`OWN_WAIT_PAUSE` s, so a missing replica
@@ -74,8 +74,8 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ms1.config import Config, Secret, split_address
 from ms1.errors import Ms1Error
+from ms1.pipeline.sending.concurrency import sender_threads
 from ms1.redaction import redact
-from ms1.sending.concurrency import sender_threads
 
 log = logging.getLogger(__name__)
 SECTION = "redis"

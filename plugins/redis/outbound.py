@@ -45,8 +45,8 @@ from ms1.model import (
     NewerFormat,
     entry_format,
 )
-from ms1.outbound import Delivery, QueueBackend, QueueStats
-from ms1.source import Source
+from ms1.pipeline.outbound import Delivery, QueueBackend, QueueStats
+from ms1.pipeline.source import Source
 
 from .commit import inbound_of, pack_entries, store
 from .deadletters import letter_fields

@@ -27,7 +27,7 @@ entry is:
 The intake makes an entry with a ``problem`` a dead letter (stage ``source``), acked
 atomically like every dead letter; the entries read with it are processed as usual.
 
-E-mails come in through :meth:`RedisSource.submit` (:mod:`ms1.inbound`, the ingestor's
+E-mails come in through :meth:`RedisSource.submit` (:mod:`ms1.runtime.ingest`, the ingestor's
 helper): ``scripts/submit.lua`` adds them with their key, once per key, and with ``[redis]
 min_replicas_acked`` a WAIT on the same connection tells whether enough replicas have them
 (:meth:`~.link.RedisLink.replicated`). :meth:`RedisSource.push` (``ms1-service enqueue``)
@@ -45,10 +45,9 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from ms1.errors import Ms1Error, SourceError
-from ms1.inbound import SubmitError
+from ms1.errors import Ms1Error, SourceError, SubmitError
 from ms1.model import InboundMessage
-from ms1.source import MAX_EMAIL_BYTES, Source
+from ms1.pipeline.source import MAX_EMAIL_BYTES, Source
 
 from .leases import (
     Claimer,
@@ -214,8 +213,8 @@ class RedisSource(Source):
                retry_for: float = 0.0) -> str:
         """Add ``emails`` under ``key`` (a new one if None) and return the key: once per
         key, and with ``min_replicas_acked = n`` only reported done once ``n`` replicas
-        acknowledged them. Raises :class:`~ms1.inbound.SubmitError` otherwise, after
-        retrying for ``retry_for`` s (see :mod:`ms1.inbound`)."""
+        acknowledged them. Raises :class:`~ms1.errors.SubmitError` otherwise, after
+        retrying for ``retry_for`` s (see :mod:`ms1.runtime.ingest`)."""
         key = key or uuid.uuid4().hex
         deadline = time.monotonic() + retry_for
         failing = False

@@ -10,11 +10,17 @@ import json
 import threading
 from collections.abc import Sequence
 
-from ms1.batching import BatchPolicy, SizeBatchPolicy
-from ms1.config import Config, Option
-from ms1.hookspecs import hookimpl
-from ms1.model import Batch
-from ms1.transport import Request, Response, Transport
+from ms1.api import (
+    Batch,
+    BatchPolicy,
+    Config,
+    Option,
+    Request,
+    Response,
+    SizeBatchPolicy,
+    Transport,
+    hookimpl,
+)
 
 
 class FileTransport(Transport):

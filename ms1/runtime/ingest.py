@@ -1,0 +1,109 @@
+"""The ingestor's side of ms1's inbound stream: hand e-mails to ms1 so that a Redis
+failover cannot lose them.
+
+The ingestor (MS1) calls this instead of its own ``XADD``::
+
+    from ms1.runtime.ingest import Inbound, SubmitError
+
+    with Inbound("/etc/ms1/prod.ini") as inbound:      # the config ms1 runs with
+        try:
+            inbound.submit([email_json_bytes, ...])
+        except SubmitError as exc:                      # not known to be safe: retry
+            inbound.submit([email_json_bytes, ...], key=exc.key, retry_for=60)
+
+:meth:`Inbound.submit` returns once every e-mail is an entry of the inbound stream (field
+``email``) and, with ``[redis] min_replicas_acked = n``, once ``n`` replicas have
+acknowledged it (``WAIT``; ``WAITAOF`` on Redis 7.2+): then a failover that promotes one of
+them keeps it. Otherwise it raises :class:`SubmitError`, and **the e-mails may or may not
+be in the stream** (the primary may have them, and may die before a replica has them).
+Calling ``submit`` again with the same e-mails and ``key=exc.key`` adds none of them
+twice (within :data:`~ms1_plugins.redis.source.SUBMIT_MEMORY` seconds): the key is
+stored with the entries in one atomic step, so it survives a failover exactly when they
+do. Without the key, a retry after a lost answer can add an e-mail twice; ms1 then sends
+its invoice twice (under two different ``Idempotency-Key``\\s, as two batches differ):
+MS4 sees the same ``invoice_id`` again.
+
+``retry_for`` (seconds) makes ``submit`` retry by itself, with the same key, while Redis
+is unreachable or the replicas fall short: a failover takes Sentinel's
+``down-after-milliseconds`` (or the cluster's ``cluster-node-timeout``) plus an election.
+When Redis refuses for a reason no wait clears (a key of another type, an ACL that
+forbids the command or key) it raises at once, with :attr:`SubmitError.permanent` set.
+
+``ms1-service enqueue FILE...`` goes the same way (each chunk of e-mails with its own key,
+retried for :data:`~ms1_plugins.redis.source.PUSH_RETRY` s), except with one Redis server
+and no ``min_replicas_acked``, where it adds them as it always did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Protocol, runtime_checkable
+
+import pluggy
+
+from ms1.config import Config
+from ms1.errors import ConfigError
+from ms1.errors import SubmitError as SubmitError  # re-exported: the ingestor imports it here
+from ms1.pipeline.source import Source
+
+__all__ = ["Inbound", "SubmitError", "Submitter", "submit"]
+
+
+@runtime_checkable
+class Submitter(Protocol):
+    """A source that takes e-mails with an idempotency key (the ``redis`` source)."""
+
+    def submit(self, emails: Sequence[bytes], *, key: str | None = None,
+               retry_for: float = 0.0) -> str: ...
+
+
+class Inbound:
+    """The inbound stream of one ms1 config, for the ingestor (see the module doc).
+
+    ``config``: the path of ms1's INI file (or a loaded :class:`~ms1.config.Config`); its
+    ``[source] name`` must be a source that takes e-mails with a key (``redis``). Keep one
+    ``Inbound`` open and call :meth:`submit` from any thread; :meth:`close` it at the end.
+    """
+
+    def __init__(self, config: str | Config, *, pm: pluggy.PluginManager | None = None
+                 ) -> None:
+        from ms1.runtime import pluginmanager  # the plugins load when an Inbound is made
+
+        pm = pm or pluginmanager.make_plugin_manager()
+        if isinstance(config, str):
+            config = pluginmanager.load(pm, config)
+        if config.get_str("source", "name") != "redis":
+            raise config.error("source", "name", "ms1.runtime.ingest submits to the redis "
+                               "source; "
+                               f"this config reads {config.get_str('source', 'name')!r}")
+        self._source: Source = pluginmanager.build_source(pm, config)
+        if not isinstance(self._source, Submitter):
+            self._source.close()
+            raise ConfigError(f"source {self._source.name!r} takes no e-mails with a key")
+        self._submitter: Submitter = self._source
+
+    def submit(self, emails: Sequence[bytes | str], *, key: str | None = None,
+               retry_for: float = 0.0) -> str:
+        """Add ``emails`` (each one JSON ``EmailMessage``, bytes or text) to the inbound
+        stream; return the key they were added under. Raises :class:`SubmitError` when
+        they are not known to be safe (retry with its ``key``)."""
+        data = [e.encode("utf-8") if isinstance(e, str) else bytes(e) for e in emails]
+        return self._submitter.submit(data, key=key, retry_for=retry_for)
+
+    def close(self) -> None:
+        self._source.close()
+
+    def __enter__(self) -> Inbound:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def submit(config: str | Config, emails: Sequence[bytes | str], *, key: str | None = None,
+           retry_for: float = 0.0) -> str:
+    """One-off :meth:`Inbound.submit` (connects, submits, disconnects)."""
+    with Inbound(config) as inbound:
+        return inbound.submit(emails, key=key, retry_for=retry_for)
