@@ -112,6 +112,10 @@ class Option:
     schemes: tuple[str, ...] = ()
     check: Callable[[Any], None] | None = None
     reloadable: bool = False
+    #: what leaving the key out means, when that is not its default (``[send] threads``:
+    #: set, a fixed concurrency; not set, adaptive): ``conf defaults`` then writes the key
+    #: commented out, and the references show this instead of the default
+    unset: str = ""
 
     def parse(self, raw: str) -> Any:
         """Turn the INI text into a typed value; raise ``ValueError`` saying what is wrong."""
@@ -317,7 +321,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("send", "threads", "int", 4,
            "set: fixed concurrency, that many sender threads and requests in flight (the "
            "manual override); not set: adaptive between min_concurrency and "
-           "max_concurrency", min=1, max=256, reloadable=True),
+           "max_concurrency", min=1, max=256, reloadable=True,
+           unset="adaptive concurrency"),
     Option("send", "min_concurrency", "int", 1,
            "adaptive concurrency (threads not set): fewest requests in flight the "
            "controller goes down to", min=1, max=256, reloadable=True),
@@ -558,7 +563,10 @@ class Config:
             text = ("yes" if value else "no") if isinstance(value, bool) else str(value)
             origin = "  ; default" if (sec, key) not in self.explicit else \
                 f"  ; from ${self.from_env[(sec, key)]}" if (sec, key) in self.from_env else ""
-            lines.append(redact(f"{key} = {text}") + origin)
+            if opt.unset and (sec, key) not in self.explicit:  # left out: so it stays
+                lines.append(redact(f";{key} = {text}") + f"  ; not set: {opt.unset}")
+            else:
+                lines.append(redact(f"{key} = {text}") + origin)
             lines.append(f"#   {opt.help}")
         return "\n".join(lines) + "\n"
 
@@ -592,7 +600,11 @@ def render_defaults(options: Iterable[Option]) -> str:
         text = ("yes" if value else "no") if isinstance(value, bool) else _fmt_default(value)
         lines.append(f"#   {opt.help}")
         lines.append(f"#   environment: ${env_name(sec, key)}")
-        lines.append(f"{key} = {text}")
+        if opt.unset:  # its default applies only when set: left out, as by default
+            lines.append(f"#   not set: {opt.unset}")
+            lines.append(f";{key} = {text}")
+        else:
+            lines.append(f"{key} = {text}")
     return "\n".join(lines) + "\n"
 
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import pluggy
 import pytest
-from ms1_tools.sim import Ms4Sim, SimConfig
 from test_concurrency import start_service
 
 from ms1.pipeline.sending.announced import Announced, read_announced
 from ms1.pipeline.sending.breaker import Breaker
 from ms1.pipeline.sending.limiter import SlidingWindowLimiter
 from ms1.pipeline.sending.pacer import Aborted, Pacer
+from ms1_tools.sim import Ms4Sim, SimConfig
 
 
 @pytest.mark.parametrize(("headers", "expected"), [

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import pluggy
 import pytest
 from conftest import free_port
-from ms1_tools.sim import Ms4Sim, SimConfig, is_rejected_by_sim
 from prometheus_client.parser import text_string_to_metric_families
 from support import wait_until
 
@@ -36,6 +35,7 @@ from ms1.pipeline.source import MemorySource
 from ms1.runtime import pluginmanager
 from ms1.runtime.components import Components
 from ms1.runtime.service import Service, Summary
+from ms1_tools.sim import Ms4Sim, SimConfig, is_rejected_by_sim
 
 pytestmark = pytest.mark.slow
 

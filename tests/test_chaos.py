@@ -50,10 +50,10 @@ from typing import Any, cast
 import pytest
 import redis as redis_py
 from conftest import RedisServer
-from ms1_tools.sim import REJECT_EVERY_REASON, is_rejected_by_sim
 from support import SimProcess, service_ini, tail, wait_until
 
 from ms1.pipeline import samples
+from ms1_tools.sim import REJECT_EVERY_REASON, is_rejected_by_sim
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,6 @@ from typing import Any
 
 import pluggy
 import pytest
-from ms1_tools import bench
-from ms1_tools.sim import Ms4Sim, SimConfig
 from support import run_in_process
 
 from ms1.config import Config
@@ -35,6 +33,8 @@ from ms1.pipeline.source import MemorySource
 from ms1.runtime import pluginmanager
 from ms1.runtime.components import Components
 from ms1.runtime.service import Service
+from ms1_tools import bench
+from ms1_tools.sim import Ms4Sim, SimConfig
 
 ACCEPTED = classify(202)
 FAILED = classify(500)

@@ -154,15 +154,6 @@ def test_shipped_configs_are_valid_and_every_key_is_commented(name: str, pm) -> 
             above = line
 
 
-def test_readme_config_reference_lists_every_option(pm) -> None:
-    from ms1.runtime import pluginmanager
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    missing = [f"[{o.section}] {o.key}" for o in pluginmanager.all_options(pm)
-               if f"`{o.key}`" not in readme.split(f"`[{o.section}]`", 1)[-1]]
-    assert not missing, f"README config reference lacks: {missing}"
-
-
 def test_console_script_exit_status(write_config) -> None:
     path = write_config("[batch]\nmax_items = x\n")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -140,7 +140,7 @@ def test_build_fleet_checks_what_the_plugin_built(make_config) -> None:
             return object()
 
     pm = pluginmanager.make_plugin_manager(plugins=[Wrong()])
-    with pytest.raises(ConfigError, match=r"not a ms1\.fleet\.Fleet"):
+    with pytest.raises(ConfigError, match=r"not a ms1\.ops\.fleet\.Fleet"):
         pluginmanager.build_fleet(pm, make_config(""))
 
 

@@ -22,14 +22,14 @@ from typing import Any
 
 import pytest
 from conftest import free_port
-from ms1_tools import bench, fronts
-from ms1_tools.sim import Ms4Sim, SimConfig
 
 from ms1.pipeline.sending import shape as shapes
 from ms1.pipeline.sending.breaker import Breaker
 from ms1.pipeline.sending.limiter import RateLimiter, SlidingWindowLimiter
 from ms1.pipeline.sending.pacer import Pacer
 from ms1.pipeline.sending.shape import Shape
+from ms1_tools import bench, fronts
+from ms1_tools.sim import Ms4Sim, SimConfig
 from plugins.redis.limiter import RedisRateLimiter
 from plugins.redis.link import RedisLink
 

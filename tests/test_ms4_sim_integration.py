@@ -10,7 +10,6 @@ import zlib
 from collections import defaultdict
 
 import pytest
-from ms1_tools.sim import Ms4Sim, SimConfig
 
 from ms1.config import Secret
 from ms1.hookspecs import hookimpl
@@ -22,6 +21,7 @@ from ms1.pipeline.source import MemorySource
 from ms1.runtime import pluginmanager
 from ms1.runtime.components import Components
 from ms1.runtime.service import Service
+from ms1_tools.sim import Ms4Sim, SimConfig
 
 pytestmark = pytest.mark.slow
 

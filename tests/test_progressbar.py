@@ -89,7 +89,8 @@ def test_once_shows_read_and_delivered_on_a_terminal_with_whole_log_lines(
     lines = shown.split("\n")
     rejected = [line for line in lines if " INFO ms1.pipeline.intake [committer] rejected " in line]
     assert len(rejected) == len(invalid), shown[-3000:]
-    pattern = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO ms1\.intake \[committer\] rejected "
+    pattern = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO ms1\.pipeline\.intake "
+                         r"\[committer\] rejected "
                          rf".+ \({re.escape(str(data))}:(\d+)\): \S")
     refs = []
     for line in rejected:

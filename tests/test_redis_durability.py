@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ms1_tools.sim import REJECT_EVERY_REASON, is_rejected_by_sim
 from support import service_ini, tail, wait_until
 
 from ms1.pipeline import samples
+from ms1_tools.sim import REJECT_EVERY_REASON, is_rejected_by_sim
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import pluggy
 import pytest
-from ms1_tools.sim import Ms4Sim, SimConfig
 
 from ms1.config import Config
 from ms1.errors import ConfigError
@@ -35,6 +34,7 @@ from ms1.pipeline.sending.sender import Sender, SendSettings, SharedSettings
 from ms1.pipeline.stats import RunStats
 from ms1.pipeline.transport import MemoryTransport, Request, Response, Transport
 from ms1.runtime import pluginmanager
+from ms1_tools.sim import Ms4Sim, SimConfig
 
 # --- helpers ---------------------------------------------------------------------------
 

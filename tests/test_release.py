@@ -99,10 +99,14 @@ def test_the_written_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
 
 
 def _built(kind: str, out: Path) -> Path:
-    """A wheel or sdist of this checkout, built offline with the installed setuptools."""
+    """A wheel or sdist of this checkout, built offline with the installed setuptools, in
+    a copy of the tree (a ``build/`` left by an earlier build would leak into the wheel)."""
+    tree = out.parent / f"tree-{kind}"
+    shutil.copytree(ROOT, tree, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "site", "dist", "*.egg-info", "__pycache__", ".*_cache"))
     code = ("import sys; from setuptools import build_meta as b; "
             f"print(b.build_{kind}(sys.argv[1]))")
-    built = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT,
+    built = subprocess.run([sys.executable, "-c", code, str(out)], cwd=tree,
                            capture_output=True, text=True, timeout=300, check=True)
     return out / built.stdout.strip().splitlines()[-1]
 
@@ -120,7 +124,8 @@ def test_a_wheel_installed_outside_the_repo_writes_the_operator_files(tmp_path: 
     assert "ms4-sim" not in (site / entry_points).read_text()
     away = tmp_path / "elsewhere"
     away.mkdir()
-    code = (f"import sys; sys.path.insert(0, {str(site)!r}); import ms1; from ms1 import cli; "
+    code = (f"import sys; sys.path.insert(0, {str(site)!r}); import ms1; "
+            "from ms1.cli import command as cli; "
             "print(ms1.__file__); sys.exit(cli.main(['conf', 'write', 'etc']))")
     result = subprocess.run([sys.executable, "-c", code], cwd=away, capture_output=True,
                             text=True, timeout=60, check=False)
@@ -161,6 +166,9 @@ def test_conf_defaults_prints_an_ini_that_loads_to_the_defaults(tmp_path: Path,
     for (section, key), option in index_options(options).items():
         assert loaded.get(section, key) == option.default, (section, key)
         assert f"${env_name(section, key)}" in out
+    # an option whose default applies only when set stays unset ([send] threads: set,
+    # fixed concurrency; not set, adaptive)
+    assert ("send", "threads") not in loaded.explicit
 
 
 def test_an_option_set_from_the_environment_and_check_says_so(
@@ -252,3 +260,20 @@ def test_the_version_is_1_0_or_later_and_the_changelog_names_it() -> None:
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert re.search(rf"^## \[{re.escape(__version__)}\] - \d{{4}}-\d\d-\d\d$", changelog, re.M)
     assert "## [Unreleased]" in changelog
+
+
+def test_checks_output_loads_to_the_same_configuration(tmp_path: Path,
+                                                       pm: pluggy.PluginManager) -> None:
+    """check's output is itself a config: loaded, it gives the same values, and an option
+    whose default applies only when set ([send] threads) stays unset — before, the
+    printed ``threads = 4  ; default`` made a loaded copy run fixed at 4 senders."""
+    path = tmp_path / "ms1.ini"
+    path.write_text("[queue]\nbackend = memory\n[ms4]\ntransport = memory\n")
+    code, out, _ = run_cli("check", "--config", str(path))
+    assert code == 0 and ";threads = 4  ; not set: adaptive concurrency" in out
+    again = tmp_path / "again.ini"
+    again.write_text(out)
+    first = pluginmanager.load(pm, str(path))
+    second = pluginmanager.load(pm, str(again))
+    assert first.changed(second) == []
+    assert ("send", "threads") not in second.explicit

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from ms1_tools.sim import REJECT_EVERY_REASON, Ms4Sim, SimConfig, main, validate_metadata
 
 KEY = "sim-key"

@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from test_sim import api_client, make_sim, obj
+
 from ms1_tools.sim import Ms4Sim, SimConfig
 from ms1_tools.sim_limits import Limiter
-from test_sim import api_client, make_sim, obj
 
 __all__ = ["make_sim"]  # the fixture, shared with test_sim
 

@@ -27,11 +27,11 @@ from typing import Any
 
 import pytest
 from conftest import free_port
-from ms1_tools import fronts
 from support import ini, wait_until
 from test_redis_durability import start_sim
 
 from ms1.pipeline import samples
+from ms1_tools import fronts
 
 pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl"),
               pytest.mark.slow]  # subprocesses and real servers: not in the floors' unit run

@@ -16,12 +16,12 @@ import sys
 import time
 
 import pytest
-from ms1_tools.sim import Ms4Sim, SimConfig
 from support import run_in_process
 
 from ms1.config import Config
 from ms1.hookspecs import hookimpl
 from ms1.pipeline import samples
+from ms1_tools.sim import Ms4Sim, SimConfig
 
 pytestmark = pytest.mark.slow
 
