@@ -6,15 +6,7 @@ hook. Loading rejects a missing file, an unknown section or key, a value of the
 wrong type or out of range with a :class:`~ms1.errors.ConfigError` whose text is
 one line naming file, section and key.
 
-The MS4 API key is never read from the INI: it comes from the environment
-variable named by ``[ms4] api_key_env`` or from the file named by
-``[ms4] api_key_file``, and is held in a :class:`Secret` that never shows its
-value in ``repr``/``str`` and is known to :mod:`ms1.redaction` from the moment it exists.
-
-Validation lives in the schema, so loading (``check``, ``run``, a SIGHUP reload) refuses
-everything a component would refuse, without building one: kinds ``url`` and
-``address`` parse their values, and an option may carry a ``check`` of its own (a plugin
-declares it with the option, in ``ms1_config_options``).
+More: docs/internals.md, ``ms1.config``.
 """
 
 from __future__ import annotations

@@ -5,31 +5,7 @@ that never ends, a committer inside a call that never returns. systemd's watchdo
 restart such a process — and must *not* restart one that is correctly waiting out a
 Redis or MS4 outage. So every pipeline thread tells :class:`Progress`:
 
-* :meth:`Progress.beat` — "I made progress, or went round my loop" (each loop turn of a
-  thread whose waits are all bounded: a read with a timeout, a retry after a pause);
-* :meth:`Progress.waiting` — "from now until the end of this block I am in a wait that
-  is bounded by design" (the pacer holding a request back for the rate limit, a 429
-  pause, a 401 spell or an open breaker; a store retried until Redis is back): such a
-  thread counts as healthy however long the wait lasts;
-* :meth:`Progress.leave` — the thread has ended on purpose (a finite source is done, a
-  reload retired a sender).
-
-:meth:`Progress.stalled` names the threads that have done neither for longer than a
-limit (``[ms1] watchdog_timeout``): the process is wedged, health turns 503 and the
-watchdog stops pinging, so systemd restarts it.
-
-What counts as progress. A *call* — a request to MS4, a Redis command — is work, not a
-bounded wait: the thread beats before it and must come back within the limit. Every such
-call has a deadline of its own (``[transport.http] request_timeout``; ``[redis]
-socket_timeout`` + ``connect_timeout``), after which it fails and the thread goes round
-its loop (a retry, a backoff, a breaker wait: all progress). So with ``watchdog_timeout``
-above those deadlines (the default 120 s is, with the default 60 s and 10 + 3 s) a slow,
-trickling, refusing or frozen MS4 or Redis is *never* a stall: ms1 is doing what it should,
-and a restart would not help. A stall means a call outlived its own deadline or a thread
-is stuck outside any call (a deadlock, a bug) — what a restart is for. A ``watchdog_timeout``
-below ``request_timeout`` makes any request longer than it a stall (ms1 warns at start).
-Waiting for input (an idle queue, an empty stream) is a bounded wait too: an idle ms1 is
-healthy.
+More: docs/internals.md, ``ms1.heartbeat``.
 """
 
 from __future__ import annotations

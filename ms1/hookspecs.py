@@ -6,60 +6,7 @@ ms1 through the ``ms1`` entry-point group (``[options.entry_points]`` in their
 installed plugin is kept from loading by its entry-point name with
 ``ms1-service --block-plugin NAME`` or ``MS1_BLOCK_PLUGINS=NAME,...``.
 
-Every ``@hookimpl`` is checked when the plugins are loaded, before anything
-runs: a function named ``ms1_...`` that is not one of the hooks below (a typo
-such as ``ms1_batch_sentt``), or one asking for an argument its hook does not
-give, stops the start with one line naming the plugin and the hook (exit 2).
-A hookimpl may take any subset of its hook's arguments, by name.
-
-There are three families:
-
-* **declaration** hooks (all results merged): the options a plugin adds to
-  the config schema and the component names it can build. Called from the
-  main thread whenever a config file is read: at start, and again on every
-  reload (SIGHUP), so they must return the same thing each time.
-* **factory** hooks (``firstresult``): called once per component at start, from
-  the main thread; the plugin whose name matches returns an instance, every
-  other returns None. A reload never calls them again: see *Reload* below. The
-  admin commands (``enqueue``, ``status``, ``dlq``) build the parts they need the
-  same way, in their own process.
-* **observer** hooks (results ignored): called as things happen, from the
-  thread where they happen (main, committer or a sender thread), so an
-  implementation must be thread-safe and quick: delivery waits for it. ms1
-  calls each implementation on its own (in pluggy's order: last registered
-  first, ``tryfirst``/``trylast`` respected): one that raises is logged with
-  its plugin's name and the hook's and skipped; the others are still called and
-  delivery goes on. Observer hookimpls cannot be wrappers (``wrapper=True``,
-  ``hookwrapper=True``): that is refused when the plugins are loaded.
-
-Reload (SIGHUP)
----------------
-
-The config file is read again and validated against the whole schema (the
-declaration hooks are called again); an invalid file is refused and the running
-configuration kept. Nothing is rebuilt. Every option says where it is declared
-whether a reload applies it: ``Option(..., reloadable=True)``; the default,
-False, means a change needs a restart. For the keys that changed:
-
-* **reloadable core options** are applied by the core at once: ``[ms1] log_level``,
-  ``log_format`` (the same log handler and redaction, a new format),
-  ``shutdown_timeout``; ``[source] read_chunk``; ``[batch] max_items``,
-  ``max_bytes``, ``max_wait`` (set on the batch policy, where it has such an
-  attribute); ``[dead_letters] max_payload_bytes``; ``[send] threads`` (a sender
-  removed finishes its current batch first), ``retry_initial``, ``retry_max``,
-  ``max_deliveries`` (read by the senders per delivery and per retry),
-  ``requests_per_minute``, ``rate_window`` (``RateLimiter.configure``),
-  ``retry_after_default``, ``retry_after_max``, ``breaker_failures``,
-  ``breaker_reset``, ``auth_probe_interval``, ``refusal_json_details``,
-  ``refusal_index_pattern`` (read per refusal); ``[ms4] api_key_env``,
-  ``api_key_file`` and the key itself (``Transport.set_api_key``; ends a 401 spell);
-* **reloadable plugin options** are applied by the plugin that declares them, in
-  :func:`ms1_config_reloaded`, called once the core has applied its part;
-* **every other changed key** (component choices, URLs, Redis and HTTP settings,
-  ``[metrics] address``, and any plugin option not marked reloadable) keeps its
-  running value, and all of them are named in ONE log line, WARNING ``changes that
-  need a restart were not applied: [section] key, ...``. They are named again on
-  every later reload until ms1 is restarted.
+More: docs/internals.md, ``ms1.hookspecs``.
 """
 
 from __future__ import annotations

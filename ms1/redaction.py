@@ -3,20 +3,7 @@ through before anyone sees it.
 
 :func:`redact` replaces with ``***``
 
-* by shape, whatever the value: the password of a URL's userinfo (``user:password@`` ->
-  ``user:***@``; a userinfo without a colon, often a token, becomes ``***@``) and the
-  value of a password-like query parameter (``?password=``, ``&pass=``, ``?auth=``,
-  ``token``, ``secret``, ``key``, ... case-insensitive);
-* every **known** secret, in every form it can be written out: as it is, inside a
-  ``repr()`` (``'KEY'``, escapes included), inside a bytes repr (``b'KEY\\n...'``),
-  JSON-escaped, percent-encoded (as in a URL), and each line of a multi-line one.
-
-A secret becomes known with :func:`remember`; every :class:`ms1.config.Secret` does so
-when it is made (the API key, the Redis password), and so does every password a URL
-option holds. Strings shorter than :data:`MIN_SECRET_LENGTH` are never treated as
-secrets (they would mask too much). Knowing is process-wide and only grows.
-
-This module imports nothing of ms1, so every part of it can use it.
+More: docs/internals.md, ``ms1.redaction``.
 """
 
 from __future__ import annotations

@@ -4,29 +4,7 @@
 object, the unit policy), with ``X-API-Key``, ``Content-Type: application/json``
 and ``Idempotency-Key`` (the batch id: the same on every retry and redelivery).
 
-Under the client is httpx's own ``HTTPTransport`` (httpcore + h11): a pool of kept-alive
-HTTP/1.1 connections, one per request in flight (the pool has no fixed size: the sender
-threads bound the concurrency, and a reload that adds senders needs no new pool), and no
-retries anywhere — a
-request is sent exactly as often as the sender decides. Informational answers (1xx) are
-skipped by httpcore; a ``101`` comes back as it is, and the sender does not take it for
-a success.
-
-Bounds, per request:
-
-* ``connect_timeout``, ``write_timeout``, ``read_timeout``: each socket operation
-  (httpx's timeouts); ``pool_timeout``: waiting for a free pooled connection;
-* ``request_timeout``: ONE deadline for the whole request — pool wait, connect, TLS,
-  sending, and the whole answer (status line, headers, body). httpx has no such
-  timeout (encode/httpx#1450); :class:`_DeadlineNetwork` is how it is done;
-* ``max_answer_bytes``: the answer is read streamed and at most this much of its body
-  is kept (the status and headers always are); the rest is not read: the connection is
-  dropped instead.
-
-No answer at all (refused, timed out, dropped) becomes :class:`~ms1.errors.TransportError`;
-every answer, whatever its status, is returned for the sender to judge. ``close()``
-shuts every socket down first, so it never waits, and a sender blocked in a read gets a
-``TransportError`` at once.
+More: docs/internals.md, ``ms1_plugins.http_transport``.
 """
 
 from __future__ import annotations

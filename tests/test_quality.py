@@ -209,3 +209,15 @@ def test_the_floors_file_pins_exactly_setup_cfgs_floors() -> None:
         pinned = _requirements((ROOT / "requirements" / lock).read_text())
         assert set(declared) <= set(pinned), lock
         assert all(spec.startswith("==") for spec in pinned.values()), lock
+
+
+def test_module_docstrings_are_short() -> None:
+    """Issue 23: a module opens with what it is (about ten lines at most); the prose is in
+    docs/ (docs/internals.md holds the longer notes, by module)."""
+    long = []
+    for path in [*ROOT.glob("ms1/**/*.py"), *ROOT.glob("plugins/**/*.py"),
+                 *ROOT.glob("tools/ms1_tools/*.py")]:
+        doc = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""
+        if len(doc.splitlines()) > 12:
+            long.append(f"{path.relative_to(ROOT)}: {len(doc.splitlines())} lines")
+    assert not long, long

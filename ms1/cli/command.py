@@ -1,25 +1,6 @@
 """``ms1-service``: the command line.
 
-::
-
-    ms1-service --config F [run] [--once] [FILE ...]   run the pipeline (default command)
-    ms1-service --config F check                       validate, print the effective config
-    ms1-service --config F enqueue FILE ...            push e-mails into the source (inbound)
-    ms1-service --config F status [--json]             queue lengths, consumers, dead letters
-    ms1-service --config F dlq list [--limit N] [--json]
-    ms1-service --config F dlq replay (--all | ID ...)  dead letters back to the outbound queue
-    ms1-service --config F top [--interval S] [--once] [--json]  every instance, live
-    ms1-service samples [--count N] [--invalid-every K] [-o OUT.jsonl]
-    ms1-service conf list | show NAME | write DIR [--force] | defaults
-                                                       the operator's files; every option
-
-``--block-plugin NAME`` (repeatable, before the command) or ``$MS1_BLOCK_PLUGINS``
-(comma-separated) keeps an installed plugin, built-in or third-party, from loading.
-
-Exit status: 0 ok; 1 something was left undelivered or not stored, or an input file
-could not be read (``--once``, ``enqueue``: each such file is named on one line, the
-others are processed), or the service failed; 2 the configuration or the command line
-is wrong (one line on stderr naming file, section and key).
+More: docs/internals.md, ``ms1.cli.command``.
 """
 
 from __future__ import annotations

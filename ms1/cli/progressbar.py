@@ -5,17 +5,7 @@ Not to be confused with :mod:`ms1.heartbeat`, the pipeline threads' progress rec
 watchdog reads: this module only draws, for a person at a terminal. The commands import
 it when they run (``rich`` stays out of the service's own start).
 
-A :class:`Display` draws on stderr only when :func:`wanted` says so: stderr is a
-terminal (not a pipe, a file or journald), ``TERM`` is not ``dumb``, and the log format
-is not ``json`` (lines meant for a machine). Otherwise it draws nothing and its rows do
-nothing, so callers never ask whether it is on, and their output is what it always was.
-
-Logs and bars share the terminal without garbling each other: while a display is on,
-every log handler writing to that terminal, ``sys.stderr``, and ``sys.stdout`` when it
-is the same terminal, write through the display's ``rich`` console, which prints each
-whole line above the bars and redraws the bars under it. No log line is held back or
-cut (hiding logs behind the bars would hide the one line that says what went wrong);
-the bars' last state stays on screen when the command ends.
+More: docs/internals.md, ``ms1.cli.progressbar``.
 """
 
 from __future__ import annotations

@@ -1,23 +1,7 @@
 """``ms1-service --config F top``: the overview of every running instance, live in the
 terminal, refreshed every ``--interval`` seconds (default 1) until Ctrl-C.
 
-What it shows is :func:`ms1.ops.overview.gather`'s overview, the structure the web console
-renders, so both always show the same figures: e-mails in and invoices delivered per
-second over every instance, requests in flight, MS4's ceiling, the backlog per stream
-and how long it takes to drain at that ceiling, what holds sending back, the totals of
-the running instances, the dead letters by stage and reason, one row per instance. The
-parts are built from the config as ``status`` builds them (the fleet, the source, the
-outbound queue, the dead letters); nothing is written anywhere.
-
-The reading happens in a thread of its own, so a Redis that does not answer never
-freezes the screen or Ctrl-C: the screen then says how old its reading is. Ctrl-C (or
-SIGTERM) ends it at once with status 0, the terminal as it was (``top`` draws on the
-alternate screen, like ``top(1)``). Log records are held while it draws and written
-afterwards.
-
-``--once`` prints one frame (to a terminal or a pipe) and exits; ``--json`` prints the
-overview itself, as ``GET /api/overview`` serves it. Not on a terminal, and without
-``--once``, a frame is printed every interval (like ``top -b``).
+More: docs/internals.md, ``ms1.cli.top``.
 """
 
 from __future__ import annotations

@@ -2,27 +2,7 @@
 
 Pages (server-rendered; ``static/console.js`` only refreshes the overview):
 
-* ``GET /`` — the overview of every instance (:mod:`ms1.ops.overview`), refreshed every 2 s
-  from ``GET /overview.part`` (the same template's fragment); ``GET /api/overview`` is the
-  same structure as JSON;
-* ``GET /dead-letters`` — the dead-letter browser: filters ``reason`` (contained),
-  ``stage``, ``from``/``to`` (UTC days), ``invoice`` (an invoice id, contained) as query
-  parameters, 50 letters a page (``after``: the last id of the previous page);
-* ``GET /dead-letters/<id>`` — one letter: the object, the original e-mail's reference,
-  MS4's answer;
-* ``POST /dead-letters/replay`` — replay the letters ticked (``id`` fields) or every letter
-  that matches the filter sent with ``all=1`` (:func:`ms1.pipeline.replay.replay`, the path ``dlq
-  replay`` takes). Allowed only with the admin token (form field ``token`` or header
-  ``X-Admin-Token``, compared in constant time) **and** from the console's own origin
-  (``Origin``, else ``Referer``; or one of ``[console] origins``); otherwise 403 and
-  nothing changes.
-
-Every request must name a host the console is known under (Flask's ``TRUSTED_HOSTS``:
-the listening address, the loopback names when it listens there, the hosts of
-``[console] origins``), which defeats DNS rebinding. Pages are never cached, may not be
-framed, and load scripts from the console only (Content-Security-Policy). One log line per
-request (``ms1.console``: method, path without the query string, status, bytes, ms; INFO,
-the overview's refreshes at DEBUG): no query, no form, no token in the log.
+More: docs/internals.md, ``ms1.console.app``.
 """
 
 from __future__ import annotations

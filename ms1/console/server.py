@@ -1,17 +1,7 @@
 """The console's HTTP server: waitress, bounded so it never costs the pipeline its file
 descriptors or threads.
 
-waitress serves every connection from one ``poll`` loop (a connection costs a file
-descriptor, not a thread) and runs requests on a few worker threads (:data:`THREADS`).
-On top of its own limits — ``connection_limit`` (``[console] max_connections``: beyond it
-new connections wait in the kernel's listen backlog, costing ms1 nothing) and
-``channel_timeout`` (``[console] idle_timeout``: idle connections are closed) — the
-listening socket is only polled while taking one more descriptor leaves room for the
-pipeline (:func:`may_accept`): the reserve of the metrics server
-(:func:`ms1.ops.metrics.fd_reserve`, an eighth of ``RLIMIT_NOFILE``, at least 16) plus what the
-pipeline may still open (``pipeline_fds``: its Redis and MS4 connections, counted by the
-service) beyond what the process holds apart from the console's connections. When that
-room is gone the console stops accepting (one WARNING a minute at most) until it is back.
+More: docs/internals.md, ``ms1.console.server``.
 """
 
 from __future__ import annotations

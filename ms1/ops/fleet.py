@@ -1,38 +1,6 @@
 """The fleet: every running instance publishes what it is doing, anyone can read them all.
 
-A :class:`Fleet` is a small shared board: each running ``ms1-service`` publishes a
-*snapshot* of itself once a second while it changes, every ``ttl / 3`` s while it does
-not (:class:`ms1.ops.publisher.Publisher`, in a thread of its own), with a time to live,
-so an instance that died vanishes within ``ttl`` seconds; the web console and
-``ms1-service top`` read every live snapshot (:meth:`Fleet.snapshots`) and add them up
-(:mod:`ms1.ops.overview`). Built in: :class:`MemoryFleet` (this process only); the
-``redis`` plugin's fleet covers every instance on the same Redis. A plugin provides one
-through the ``ms1_make_fleet`` hook; ``[fleet] backend`` chooses (``auto``: see
-:func:`ms1.runtime.pluginmanager.build_fleet`).
-
-A snapshot is a plain JSON-able dict (:meth:`ms1.ops.publisher.Sampler.sample` builds
-it; schema
-:data:`SCHEMA`)::
-
-    {"schema": 1, "id": "ms1-a@host:4711", "label": "ms1-a", "host": "host", "pid": 4711,
-     "version": "0.1.0", "started": 1730450000.0, "updated": 1730450100.5,
-     "counters": {"emails_read": 2000, "invoices_delivered": 1950, "dead_lettered": 50,
-                  "responses_202": 39, "responses_400": 11, ...},   # RunStats, as is
-     "rates": {"window_s": 10.0, "emails_in_per_s": 120.5, "invoices_delivered_per_s": 118.0},
-     "in_flight": 3, "concurrency_target": 12, "adaptive": true, "latency_s": 0.05,
-     "held": {"pause_429_s": 0.0, "stop": null, "stop_status": null, "auth_blocked": false,
-              "breaker": "closed", "reason": null},
-     "held_seconds": {"rate_budget": 12.5, "429_pause": 0.0, ...},   # totals, by cause
-     "held_recent": {"rate_budget": 1.2, ...},   # sender-seconds held per second, last window
-     "health": {"ok": true, "problem": null, "threads": {"reader": 1, "batcher": 1,
-                                                         "committer": 1, "sender": 64}}}
-
-Nothing in it is secret or invoice data: counters, states, and texts (a stop's reason, a
-stalled thread's doing) that pass through :func:`ms1.redaction.redact`.
-
-Publishing never holds the pipeline back: the publisher has its own thread, and a fleet
-that cannot be reached (Redis down) only makes it skip beats (one WARNING when it starts
-failing, one when it answers again).
+More: docs/internals.md, ``ms1.ops.fleet``.
 """
 
 from __future__ import annotations

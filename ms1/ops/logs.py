@@ -2,26 +2,7 @@
 
 :func:`setup_logging` gives the root logger one handler with one of three formats:
 
-``text``
-    ``2026-11-23 10:30:00,123 INFO ms1.sender [sender-1] batch sent batch=ab12 size=50``
-    (for a terminal). Control characters in the line are escaped (a newline in a logged
-    value is written ``\\n``), so a value cannot start a line of its own; a traceback
-    follows on its own lines, each prefixed with `` | ``, so that no line after a record's
-    first can look like a record
-``kv``
-    ``ts=2026-11-23T09:30:00.123Z level=INFO logger=ms1.sender thread=sender-1
-    msg="batch sent" batch=ab12 size=50`` — logfmt, exactly one line per record
-``json``
-    one JSON object per line with the same keys
-
-The structured fields are whatever the call passed as ``extra={...}``. A
-:class:`RedactingFilter` on the handler passes the message, its arguments, exception and
-stack text, and the extras through ms1's one redaction (:mod:`ms1.redaction`: every known
-secret in any form, URL passwords, password-like query values) before any formatter sees
-the record. :func:`add_secret` teaches it a new secret (after a key reload); every
-:class:`ms1.config.Secret` is known from the moment it is made. A reload (SIGHUP) changes
-the level and the format at once with :func:`apply_log_settings`: the same handler and
-its redaction, a new formatter.
+More: docs/internals.md, ``ms1.ops.logs``.
 """
 
 from __future__ import annotations

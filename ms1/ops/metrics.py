@@ -3,59 +3,7 @@
 :class:`Exporter` is an observer plugin — registered on the service's plugin manager,
 fed by the same hooks a third-party metrics plugin would use — plus a small HTTP server:
 
-* ``/metrics`` — Prometheus text format: e-mails read, payloads rejected by stage and
-  field, batches and invoices enqueued / delivered / dead-lettered, MS4 responses by
-  status, retries, queue ready / in flight, dead-letter count, breaker state, 429 pause
-  and 401 spell, histograms of batch size and send latency; MS4's ceiling
-  (``ms1_ms4_ceiling_requests_per_second``) and how long the queued backlog takes to
-  drain at it (``ms1_backlog_drain_seconds``, the estimate ``status`` prints), the
-  pipeline threads alive by stage (``ms1_pipeline_threads{stage}``), and the standard
-  ``process_*`` metrics (start time, CPU, memory, open file descriptors). The alert rules
-  and the Grafana dashboard in ``conf/`` use these names (``tests/test_dashboard.py``
-  checks every name they use against a running service's ``/metrics``);
-* ``/healthz`` — 200 while every pipeline thread is alive and making progress
-  (:mod:`ms1.heartbeat`), else 503 naming the dead or stalled thread and what it was doing;
-* ``/readyz`` — 200 when ms1 can deliver; 503 naming why not: unhealthy, stopped by a
-  401, a 403 or a configuration error (3xx, 404, 405 ...: ``[transport.http] base_url``),
-  breaker open (naming the last failure), a part of the pipeline that cannot read, store,
-  take or settle batches or ask the rate limiter (its last error, such as Redis refusing
-  writes — OOM, MISCONF, a key of the wrong type — or a call not answered for 2 s past
-  its own wait, as under ``CLIENT PAUSE WRITE``: :class:`ms1.heartbeat.Outage`), or the
-  queue backend (Redis) unreachable.
-
-No request waits for Redis or MS4: health and readiness come from state the threads keep
-(the progress registry, the pacer), and the queue's counts and the dead-letter count from
-a :class:`QueueWatch`, which reads them every 2 s (the service's) in a thread of its own;
-the queue counts as unreachable when no reading succeeded for 5 s (``/readyz`` then says
-``queue unreachable: <last error>``). A scrape asks for fresh counts and waits for them at
-most :data:`SCRAPE_WAIT` (0.1 s), else serves the last reading
-(``ms1_queue_reading_age_seconds`` says how old it is).
-
-Counters are read from the run's :class:`~ms1.pipeline.stats.RunStats` at scrape time, so they
-always agree with the ``--once`` summary and the logs.
-
-The HTTP server (:class:`MetricsServer`, on :mod:`http.server`) can never cost the
-pipeline its file descriptors or threads, whatever its clients do:
-
-* at most :data:`MAX_CONNECTIONS` connections are served at once, one short-lived thread
-  each. When all are taken, a new connection evicts the oldest one still sending its
-  request (a slow client cannot hold a slot against a health check); when none can be
-  evicted it is accepted and closed at once;
-* a client has :data:`REQUEST_TIMEOUT` seconds for its whole request head (however
-  slowly it trickles in) and the answer :data:`WRITE_TIMEOUT` seconds to be written;
-  one request per connection (HTTP/1.0);
-* no connection is accepted while fewer than :func:`fd_reserve` file descriptors remain
-  below the process's ``RLIMIT_NOFILE`` (counted in ``/proc/self/fd``): those are kept
-  for Redis and MS4. The oldest connection still sending its request is dropped to make
-  room; when there is none, new connections wait in the listen backlog (a WARNING, at
-  most one a minute, and an INFO when it ends);
-* client errors (resets, timeouts, malformed requests) are logged by ``ms1.ops.metrics`` at
-  DEBUG in the configured log format, never printed as tracebacks.
-
-Why not ``prometheus_client.start_http_server``: it serves on a
-``ThreadingMixIn`` WSGI server (a thread per connection, no limit, no timeout, tracebacks
-on stderr), and ``wsgiref`` alone answers one client at a time, so a single slow client
-would block every scrape and health check.
+More: docs/internals.md, ``ms1.ops.metrics``.
 """
 
 from __future__ import annotations

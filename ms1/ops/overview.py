@@ -8,36 +8,7 @@ backlog per stream and how long it takes to drain at MS4's ceiling (:class:`Ceil
 request per batch of ``max_items``, the rule ``status`` has always used). :func:`gather`
 does the reading (I/O, each part's error kept in ``errors``) and calls it.
 
-The structure (``OVERVIEW_SCHEMA``)::
-
-    {"schema": 1, "at": 1730450100.0,
-     "ceiling": {"requests_per_minute": 120, "rate_window_s": 60.0, "max_items": 50,
-                 "requests_per_s": 2.0, "invoices_per_s": 100.0,
-                 "text": "120 requests per 60 s"},
-     "totals": {"instances": 2, "healthy": 2, "emails_in_per_s": ..,
-                "invoices_delivered_per_s": .., "in_flight": 3, "concurrency_target": 24,
-                "emails_read": .., "invoices_delivered": .., "dead_lettered": ..,
-                "requests": .., "requests_by_status": {"202": .., "400": ..}},
-     "streams": [{"name": "inbound", "unit": "e-mails", "backlog": 1200, "batches": 24,
-                  "drain_s": 12.0, "detail": {...describe()...}},
-                 {"name": "outbound", "unit": "batches", "backlog": 40, "batches": 40,
-                  "invoices": 2000, "drain_s": 20.0, "detail": {...}}],
-     "drain_s": 32.0,
-     "held": {"now": [{"cause": "429_pause", "instances": ["a@h:1"], "detail": "..."}],
-              "recent": {"rate_budget": 1.5, ...}, "seconds": {"rate_budget": 120.0, ...}},
-     "dead_letters": {"count": 51, "by_stage": {"ms4": 40, "processor": 11},
-                      "by_reason": [["MS4 answered 400", 40], ...], "scanned": 51,
-                      "complete": true},
-     "instances": [{"id": .., "label": .., "host": .., "pid": .., "age_s": 0.4, "uptime_s": ..,
-                    "emails_in_per_s": .., "invoices_delivered_per_s": .., "in_flight": ..,
-                    "concurrency_target": .., "latency_s": .., "emails_read": ..,
-                    "invoices_delivered": .., "dead_lettered": .., "requests": ..,
-                    "holding": "paused by a 429 (3 s left)" | null, "breaker": "closed",
-                    "healthy": true, "problem": null}],
-     "errors": {"fleet": "...", "inbound": "...", "outbound": "...", "dead_letters": "..."}}
-
-Totals are over the instances alive now (a stopped instance's counters leave with it);
-``requests_by_status`` counts MS4's answers (``responses_<status>`` counters).
+More: docs/internals.md, ``ms1.ops.overview``.
 """
 
 from __future__ import annotations

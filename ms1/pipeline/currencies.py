@@ -3,20 +3,7 @@
 This is ISO 4217 "List One" (currencies and funds) as maintained by SIX, the ISO 4217
 Maintenance Agency, reflecting the amendments up to 2025:
 
-* includes the newer codes ``SLE`` (Sierra Leone, 2022), ``VED`` (Venezuela, 2021),
-  ``ZWG`` (Zimbabwe Gold, 2024), ``XCG`` (Caribbean guilder, 2025) and ``XAD``
-  (Arab Accounting Dinar, 2025);
-* includes the fund codes (``BOV CHE CHW CLF COU MXV USN UYI UYW``), the supranational
-  and unit-of-account codes (``XAF XCD XOF XPF XDR XSU XUA XBA XBB XBC XBD``) and the
-  precious metals (``XAU XAG XPD XPT``);
-* excludes ``XXX`` (no currency) and ``XTS`` (reserved for testing): an invoice in
-  neither is meaningful;
-* excludes every historic code, e.g. ``DEM FRF ITL ESP NLG`` (replaced by ``EUR``),
-  ``HRK`` (Croatia adopted the euro in 2023), ``ZWL`` (replaced by ``ZWG``), ``SLL``
-  (replaced by ``SLE``), ``ANG`` (replaced by ``XCG``, withdrawn mid-2025),
-  ``CUC``, ``MRO``, ``STD``, ``VEF``, ``BYR``, ``LTL``, ``LVL``, ``EEK``, ``USS``.
-
-Update this set when SIX publishes an amendment that adds or withdraws a code.
+More: docs/internals.md, ``ms1.pipeline.currencies``.
 """
 
 from __future__ import annotations

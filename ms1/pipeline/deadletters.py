@@ -5,12 +5,7 @@ batch) and the senders (objects MS4 rejected with 400). Built in:
 :class:`MemoryDeadLetters` and :class:`JsonlDeadLetters` (an append-only file,
 fsynced on every write).
 
-Every store keeps at most ``max_payload_bytes`` of a letter's payload
-(``[dead_letters] max_payload_bytes``, set on the store when it is built): its ``add``
-passes the letters through :func:`clip`, which cuts with :meth:`DeadLetter.clipped` —
-the one place a letter is cut, whoever produced it (processor, batching, senders,
-sources). A clipped letter records the original's length and SHA-256 and says so in its
-reason. Other dead-letter plugins do the same with :func:`clip`.
+More: docs/internals.md, ``ms1.pipeline.deadletters``.
 """
 
 from __future__ import annotations

@@ -1,40 +1,6 @@
 """Turn one inbound e-mail record into the MS4 invoice object, or a precise rejection.
 
-An e-mail record is one JSON object (bytes, text, or an already-decoded mapping)::
-
-    {"message_id": "<...>", "received_at": "...", "sender": "...", "subject": "...",
-     "raw_json": {"invoice_id": ..., "vendor_name": ..., "invoice_date": ...,
-                  "total_amount": ..., "currency": ..., "line_items": [...]}}
-
-:func:`unified_email_processor` never raises: it returns :class:`Accepted` (the compact
-JSON payload for MS4) or :class:`Rejected` (a reason starting with the field path, for
-the dead-letter record). :func:`normalise_invoice` is the pure validation/normalisation
-step for ``raw_json`` and raises :class:`InvalidInvoice`.
-
-Every regular expression, the JSON decoder and the encoder are built once at import
-time; the happy path parses the input once and raises no exception.
-
-**Text fields.** One rule, :func:`_check_text`, holds for every text the MS4 object
-carries (``invoice_id``, ``vendor_name``, ``currency``, each line item's
-``description``) and for ``message_id``, which travels with it: surrounding white space
-is trimmed (``str.strip()``, as always), then the text is rejected, with the field path
-and the code point as ``U+XXXX`` in the reason, if it still contains a C0 control
-(U+0000-U+001F: TAB, CR and LF inside a text too), DEL or a C1 control (U+007F-U+009F),
-a bidi control (U+200E, U+200F, U+202A-U+202E, U+2066-U+2069) or an unpaired surrogate
-(U+D800-U+DFFF; only a ``\\ud800`` escape in the JSON or a mapping given directly can
-carry one). Nothing is silently removed or replaced: what MS4 receives is what the
-e-mail said.
-
-**Duplicate keys.** A JSON object that names a key twice — anywhere: the e-mail, its
-``raw_json`` (also when given as a JSON string), a line item — is rejected with the
-key's path (``raw_json.line_items[1].quantity: duplicate key ...``) instead of letting
-the last one win. The decoder's ``object_pairs_hook`` only compares two lengths per
-object; the path is looked for (a second parse) only when there is a duplicate.
-
-**Internal errors.** An unexpected exception inside the processor (a bug) is logged
-with its traceback, the message id and the caller's ``ref``, and returned as a
-:class:`Rejected` with ``internal_error`` set and a reason naming the exception's type
-and message; the caller counts it (``processor_errors``).
+More: docs/internals.md, ``ms1.pipeline.processor``.
 """
 
 from __future__ import annotations

@@ -1,37 +1,7 @@
 """The ingestor's side of ms1's inbound stream: hand e-mails to ms1 so that a Redis
 failover cannot lose them.
 
-The ingestor (MS1) calls this instead of its own ``XADD``::
-
-    from ms1.runtime.ingest import Inbound, SubmitError
-
-    with Inbound("/etc/ms1/prod.ini") as inbound:      # the config ms1 runs with
-        try:
-            inbound.submit([email_json_bytes, ...])
-        except SubmitError as exc:                      # not known to be safe: retry
-            inbound.submit([email_json_bytes, ...], key=exc.key, retry_for=60)
-
-:meth:`Inbound.submit` returns once every e-mail is an entry of the inbound stream (field
-``email``) and, with ``[redis] min_replicas_acked = n``, once ``n`` replicas have
-acknowledged it (``WAIT``; ``WAITAOF`` on Redis 7.2+): then a failover that promotes one of
-them keeps it. Otherwise it raises :class:`SubmitError`, and **the e-mails may or may not
-be in the stream** (the primary may have them, and may die before a replica has them).
-Calling ``submit`` again with the same e-mails and ``key=exc.key`` adds none of them
-twice (within :data:`~ms1_plugins.redis.source.SUBMIT_MEMORY` seconds): the key is
-stored with the entries in one atomic step, so it survives a failover exactly when they
-do. Without the key, a retry after a lost answer can add an e-mail twice; ms1 then sends
-its invoice twice (under two different ``Idempotency-Key``\\s, as two batches differ):
-MS4 sees the same ``invoice_id`` again.
-
-``retry_for`` (seconds) makes ``submit`` retry by itself, with the same key, while Redis
-is unreachable or the replicas fall short: a failover takes Sentinel's
-``down-after-milliseconds`` (or the cluster's ``cluster-node-timeout``) plus an election.
-When Redis refuses for a reason no wait clears (a key of another type, an ACL that
-forbids the command or key) it raises at once, with :attr:`SubmitError.permanent` set.
-
-``ms1-service enqueue FILE...`` goes the same way (each chunk of e-mails with its own key,
-retried for :data:`~ms1_plugins.redis.source.PUSH_RETRY` s), except with one Redis server
-and no ``min_replicas_acked``, where it adds them as it always did.
+More: docs/internals.md, ``ms1.runtime.ingest``.
 """
 
 from __future__ import annotations

@@ -2,60 +2,7 @@
 
 Components (all on Redis Streams with one consumer group, ``[redis] group``):
 
-* source ``redis`` — the inbound stream (``ms1:emails``, one e-mail per entry in
-  field ``email``). An entry is acknowledged (XACK, and XDEL unless
-  ``delete_acked_inbound = no``) in the same atomic, idempotent Lua script that
-  enqueues the batch holding its payload or stores its dead letter. An entry without an
-  ``email`` field is set aside on its own as a dead letter (stage ``source``) with all
-  its raw fields;
-* queue ``redis`` — the outbound stream (``ms1:outbound``, one batch per entry).
-  Senders XREADGROUP; a batch is XACKed and XDELed by one script after MS4's
-  202 (or its split, or its dead letters). Entries held by this process are
-  re-claimed (XCLAIM JUSTID) every ``visibility_timeout / 3`` s so they never look
-  idle; entries idle longer than ``visibility_timeout`` belong to a dead consumer
-  and are taken over with XAUTOCLAIM; at start an instance first re-reads its own
-  pending entries. An entry that is no ms1 batch is set aside as a dead letter (stage
-  ``queue``) with its raw fields, in the same script that acks it; the entries read with
-  it are delivered. ms1 never trims: finished entries are deleted, so a stream's
-  length is exactly the work not yet done, and nothing pending can be trimmed;
-* queue ``auto`` — ``redis`` if a Redis answers at ``[redis] url``, else the
-  in-memory queue (for the demo); it says which;
-* dead letters ``redis`` — a stream (``ms1:dead-letters``): reason, stage, message
-  id, invoice id, source ref, MS4's answer, time, the object;
-* rate limiter ``redis`` — a sliding-window log in a sorted set, updated by a Lua
-  script on the server's clock, shared by every instance on the Redis.
-
-Connections: one redis-py client (hiredis parser) per config, on a blocking pool (per
-node in a cluster); a connection is checked out for one command (or pipeline, or script
-call) at a time, so any number of threads share the pool, waiting for a connection when
-it is busy. One Redis server (``[redis] url``), Sentinel (``[redis] sentinels``: the
-primary follows failovers) or Redis Cluster (``[redis] cluster = yes``: every key carries
-the hash tag ``[redis] key_tag``), all built in :mod:`.link`. With ``[redis]
-min_replicas_acked`` the ingestor's writes (``enqueue``, :mod:`ms1.runtime.ingest`) succeed only
-once that many replicas have them, and ms1's own scripts wait for them too (best effort).
-Explicit connect and socket timeouts, XREADGROUP BLOCK shorter than the socket timeout;
-redis-py's own retries are off (a retried XADD whose reply was lost would be a
-duplicate): ms1's loops retry, and when Redis is unreachable they log once, wait, and
-carry on when it is back. Every redis-py error is translated at this boundary into
-:class:`~ms1.errors.QueueError` or :class:`~ms1.errors.SourceError`. No script call
-carries more than a few thousand arguments.
-
-Modules:
-
-* :mod:`.link` — the client (one server, Sentinel, cluster), its pool and scripts,
-  waiting for replicas, the primary in use, the heartbeat thread, error translation, URL
-  redaction, the key names (:func:`~.link.key_names`), :func:`link_for`;
-* :mod:`.leases` — reading through the consumer group, held entries and their
-  heartbeat refresh, takeover (own pending re-read, XAUTOCLAIM);
-* :mod:`.commit` — storing entries and acking their inbound e-mails in one step;
-* :mod:`.source` — :class:`RedisSource`;
-* :mod:`.outbound` — :class:`RedisQueue`, batch <-> fields;
-* :mod:`.deadletters` — :class:`RedisDeadLetters`;
-* :mod:`.limiter` — :class:`RedisRateLimiter`;
-* ``scripts/*.lua`` — ``enqueue`` (store + ack inbound), ``finish`` (ack an outbound
-  entry, with its replacements), ``submit`` (the ingestor's e-mails, once per key),
-  ``limiter_acquire``, ``limiter_finish``;
-* this module — the plugin's hooks: options, components, factories.
+More: docs/internals.md, ``ms1_plugins.redis``.
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
 """Storing entries and acking the inbound e-mails they came from, in one atomic step.
 
-:func:`store` XADDs groups of entries (batches to the outbound stream, dead letters to
-theirs) and acks each group's inbound refs with ``scripts/enqueue.lua``: atomic, and
-idempotent per group (a group none of whose refs is still pending was stored by an
-earlier call whose reply was lost, and is skipped). That is where an inbound entry is
-acked when what became of it is stored on the same Redis; otherwise the caller stores,
-then acks with :meth:`~ms1_plugins.redis.source.RedisSource.ack`. With ``[redis]
-min_replicas_acked`` each call is followed by a WAIT (best effort: a failover that loses the
-call makes the e-mails pending again, read again: nothing is lost either way).
-
-No script call carries more than :data:`MAX_SCRIPT_ARGS` arguments (Lua's ``unpack``
-has a limit, and one huge call blocks Redis meanwhile): a long list of groups goes in
-several calls, each atomic and idempotent per group, so a retry after a failure half-way
-skips what the first calls stored. A group is never split: its size is bounded by the
-callers (a batch by ``[batch] max_items`` <= 1,000; dead letters come in groups of
-:data:`~ms1_plugins.redis.deadletters.LETTERS_PER_GROUP`). A group without refs (no Redis
-source) has nothing to recognise on a retry, but such groups are small (one batch: 15
-arguments), so the committer's groups of at most 16 batches always go in one call.
+More: docs/internals.md, ``ms1_plugins.redis.commit``.
 """
 
 from __future__ import annotations

@@ -4,14 +4,7 @@ Keys (named from ``[redis] outbound_stream`` by :func:`~.link.key_names`, so a c
 hash tag applies and they share the slot of every other key ms1 uses): the instances that
 serve one outbound stream are one fleet.
 
-* ``<outbound_stream>:instances:<instance id>`` — a string, the snapshot as JSON, set with
-  ``SET ... PX ttl``: an instance that stops publishing vanishes after ``ttl``;
-* ``<outbound_stream>:instances`` — a set of the instance ids (the index a reader starts
-  from: no ``SCAN``, which a cluster would have to run on every node). A reader drops the
-  ids whose snapshot has expired; the set itself expires an hour after the last publish.
-
-Writes are one pipeline (SET + SADD + PEXPIRE), reads two round trips (SMEMBERS, then the
-GETs in one pipeline); every error becomes a :class:`~ms1.errors.QueueError`.
+More: docs/internals.md, ``ms1_plugins.redis.fleet``.
 """
 
 from __future__ import annotations

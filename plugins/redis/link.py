@@ -7,45 +7,7 @@ the heartbeat thread. :func:`link_for` builds or shares the link of a config,
 password (ms1's one redaction), :func:`check_url` is the ``[redis] url`` option's check,
 :func:`key_names` is the one rule that names every key ms1 uses.
 
-**Topologies** (:class:`Topology`), all built here and nowhere else:
-
-* one server: ``redis.Redis`` on a :class:`redis.BlockingConnectionPool` from ``[redis] url``;
-* Sentinel (``[redis] sentinels``): ``redis.sentinel.Sentinel(...).master_for(service_name)``
-  on :class:`BlockingSentinelPool` (redis-py's ``SentinelConnectionPool``, blocking like the
-  single-server pool). A new connection asks the Sentinels for the primary; a connection
-  that finds the old primary dead or demoted (``READONLY``) fails, the caller's loop
-  retries, and the retry connects to whichever primary the Sentinels name by then. While
-  none is named, every call fails as in a Redis outage and ms1 waits. The URL gives only
-  the database, TLS (``rediss``) and credentials;
-* Redis Cluster (``[redis] cluster = yes``): ``redis.cluster.RedisCluster`` with the URL
-  (and ``[redis] cluster_nodes``) as startup nodes, a blocking pool per node, its own
-  retries off (ms1's loops retry: a failed call makes the client read the slot table
-  again, and the retry goes to the new primary of the slot). Every key carries the hash
-  tag ``[redis] key_tag`` (:func:`key_names`), so each script's keys are in one slot.
-
-When the primary changes, the first call that succeeds afterwards logs one line naming the
-new one (:meth:`RedisLink.primary`; ``status`` shows it too).
-
-**Replicas.** With ``[redis] min_replicas_acked = n`` (:meth:`RedisLink.replicated`) a
-write is followed, on the same connection, by ``WAIT n timeout`` — or ``WAITAOF 0 n
-timeout`` on Redis 7.2 and later, where a replica counts once it has fsynced the write to
-its AOF. The ingestor's writes (``enqueue``, :mod:`ms1.runtime.ingest`) fail when fewer replicas
-acknowledged them; ms1's own scripts (enqueue-and-ack, a batch's ack) wait too, but only
-to bound what a failover can make it send twice: a shortfall is logged and delivery goes
-on (WAITs of its own are then left out for :data:`OWN_WAIT_PAUSE` s, so a missing replica
-does not slow every call down).
-
-Connections: every command checks a connection out for that command only (no connection
-is kept by a thread), so a pool smaller than the thread count is no error: a caller finding
-it busy waits for a free connection (at most ``connect_timeout + socket_timeout``), as in a
-burst every command is short. The longest holds are the blocking reads (one XREADGROUP
-BLOCK at a time for the source, one for the queue, each at most ``block_timeout``). The
-pool is sized ``max(16, [send] threads + 8)`` (per node, in a cluster) when the link is
-built; raising ``[send] threads`` on reload needs no new connections, only shares the same
-ones. Explicit connect and socket timeouts; TCP keepalive on TCP URLs (redis-py refuses
-the option on a ``unix://`` socket); redis-py's own retries are off (a retried XADD whose
-reply was lost would be a duplicate): ms1's loops retry, and when Redis is unreachable they
-log once, wait, and carry on when it is back.
+More: docs/internals.md, ``ms1_plugins.redis.link``.
 """
 
 from __future__ import annotations

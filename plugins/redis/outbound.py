@@ -7,16 +7,7 @@ source is Redis too). Senders take batches from :meth:`RedisQueue.get`: one fetc
 time reads up to ``prefetch`` entries with XREADGROUP, the others take theirs from that
 buffer; entries of dead consumers are taken over (:mod:`.leases`).
 
-Where an outbound entry is acked: only in ``scripts/finish.lua``, called by
-:meth:`RedisQueue._finish` — after MS4's 202 (:meth:`~RedisQueue.ack`), after a split
-(:meth:`~RedisQueue.replace`, its halves added in the same step), for an entry that is no
-ms1 batch (set aside: a dead letter with its raw fields and the reason, stage ``queue``,
-added to ``[redis] dead_letter_stream`` in the same step), and for an entry deleted while
-pending. XACK and XDEL go together: ms1 never trims, a stream's length is exactly the
-work not yet done. With ``[redis] min_replicas_acked`` the script is followed by a WAIT on
-the same connection, and an ack that fails (a failover under it) is retried by the sender
-until it is done on the new primary: a batch MS4 accepted is sent again after a failover
-only if it was in flight when the primary died.
+More: docs/internals.md, ``ms1_plugins.redis.outbound``.
 """
 
 from __future__ import annotations

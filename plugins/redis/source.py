@@ -7,34 +7,7 @@ safe: by ``scripts/enqueue.lua`` in the same atomic step that stores its batch o
 letter (:mod:`.commit`), or by :meth:`RedisSource.ack` when that went elsewhere; XDEL
 follows the XACK unless ``delete_acked_inbound = no``.
 
-Every entry is decoded by :func:`inbound_message`, the one place that decides what an
-entry is:
-
-* exactly one field, ``email``, of at most ``max_email_bytes`` (``[batch] max_bytes``) —
-  an e-mail, handed to the processor as the bytes it is (not UTF-8, not JSON: the
-  processor rejects it, and its dead letter keeps those bytes);
-* ``email`` and other fields whose names are text (an ingestor's trace id) — the e-mail,
-  as above: the other fields are ignored, each name said once in the log;
-* no ``email`` field, or other fields besides it whose names are not text (another
-  producer's entry, binary field names) — handed out with all its raw fields as data
-  (:func:`.leases.raw_fields`) and a ``problem`` naming the fields;
-* an ``email`` larger than ``max_email_bytes`` — handed out unparsed with a ``problem``:
-  the MS4 object made of it is the e-mail less its envelope (give or take a few bytes
-  per number normalised), so it would not fit in a batch of ``[batch] max_bytes`` either,
-  and parsing megabytes would stall the batcher. The e-mail is the data (the store cuts it to
-  ``[dead_letters] max_payload_bytes``, keeping its length and SHA-256).
-
-The intake makes an entry with a ``problem`` a dead letter (stage ``source``), acked
-atomically like every dead letter; the entries read with it are processed as usual.
-
-E-mails come in through :meth:`RedisSource.submit` (:mod:`ms1.runtime.ingest`, the ingestor's
-helper): ``scripts/submit.lua`` adds them with their key, once per key, and with ``[redis]
-min_replicas_acked`` a WAIT on the same connection tells whether enough replicas have them
-(:meth:`~.link.RedisLink.replicated`). :meth:`RedisSource.push` (``ms1-service enqueue``)
-submits chunk by chunk, retrying each under its key through a failover — not when Redis
-refuses for good (a key of another type, an ACL: :func:`.link.lasting`), which ends it at
-once; with one server and no ``min_replicas_acked`` it pipelines plain XADDs, as it always
-did.
+More: docs/internals.md, ``ms1_plugins.redis.source``.
 """
 
 from __future__ import annotations

@@ -5,28 +5,7 @@ generated e-mails into the inbound stream from a separate producer process (as t
 ingestor would), runs the ms1 service — Redis source, processor, batches, Redis
 outbound stream, httpx, 202 — and prints:
 
-* invoices/s end to end (first inbound XADD to last 202) and requests/s;
-* p50 / p99 time from inbound entry (its stream id's timestamp) to MS4's 202;
-* peak RSS of the process running ms1.
-
-Modes: default (producer and service overlap), ``--backlog`` (every e-mail is queued
-in Redis before the service starts; shows memory stays flat), ``--rate R`` (light load:
-R e-mails per second, for added latency). ``--reference PATH`` also runs the bare
-reference loop (``shared/bench/limit.py``) with the same N right before and right
-after ms1, and prints ms1's end-to-end throughput as a ratio to their mean;
-``--repeat K`` does that K times and prints the median ratio.
-
-``--sweep 0.05,0.25,0.5,1.0``: for each MS4 latency, ms1 with its default settings
-(adaptive concurrency: no ``[send] threads``) against an ms4-sim limited like MS4 but
-time-compressed ten-fold (120 requests per 6 s on the sim and in ms1's config), with
-every e-mail ready at once (default 15,000: 300 requests of 50); prints the share of
-the ceiling reached (the window over the mean gap between request k and k-120, from the
-times ms1 saw each 202), the most and mean requests in flight and concurrency target,
-the sim's 429s, the invoices lost (enqueued - accepted by MS4 - dead-lettered), and the
-most a limiter that never risks a 429 can reach: window / (window + the lesser of
-count_margin and the latency) when MS4 counts requests as they arrive (``--count-at
-arrival``, the default, on the sim and in ms1's config), window / (window + latency) when
-it counts them as it answers; then one table.
+More: docs/internals.md, ``ms1_tools.bench``.
 """
 
 from __future__ import annotations

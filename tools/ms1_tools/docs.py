@@ -5,6 +5,7 @@ metrics exporter yields. ``python -m ms1_tools.docs`` writes them;
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 from pathlib import Path
@@ -23,6 +24,17 @@ from ms1.runtime import pluginmanager
 
 CONFIGURATION = "configuration.md"
 METRICS = "metrics.md"
+HOOKS = "hooks.md"
+
+HOOKS_HEAD = """# Hooks reference
+
+Generated from `ms1/hookspecs.py` (`python -m ms1_tools.docs`; a test fails when this
+page is stale): every hook a plugin may implement, with its signature, whether the first
+non-None result wins (`firstresult`: the factory hooks) and its documentation — when it
+is called, from which thread, what it gets and returns. How to write and install a
+plugin: [Plugins](plugins.md).
+
+"""
 
 CONFIG_HEAD = """# Configuration reference
 
@@ -115,10 +127,30 @@ def metrics() -> str:
     return "\n".join(lines) + "\n"
 
 
+def hooks() -> str:
+    """The hooks reference page, from :mod:`ms1.hookspecs`."""
+    from ms1 import hookspecs
+
+    lines = [HOOKS_HEAD]
+    for name in sorted(vars(hookspecs)):
+        function = getattr(hookspecs, name)
+        options = getattr(function, f"{hookspecs.PROJECT}_spec", None)
+        if not name.startswith("ms1_") or options is None:
+            continue
+        signature = inspect.signature(function)
+        doc = inspect.getdoc(function) or ""
+        first = " (firstresult)" if options.get("firstresult") else ""
+        shown = str(signature).replace("'", "")  # the annotations are strings
+        lines += [f"## `{name}`{first}", "", "```python", f"def {name}{shown}", "```", "",
+                  doc, ""]
+    return "\n".join(lines)
+
+
 def pages() -> dict[str, str]:
     """Every generated page, by file name under ``docs/``."""
     pm = pluginmanager.make_plugin_manager()
-    return {CONFIGURATION: configuration(pluginmanager.all_options(pm)), METRICS: metrics()}
+    return {CONFIGURATION: configuration(pluginmanager.all_options(pm)), METRICS: metrics(),
+            HOOKS: hooks()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,16 +2,7 @@
 ``http_req_rate``, as Debian packages them, each started as its own process with a
 config in a temp dir, on loopback.
 
-* **nginx**: ``limit_req_zone $binary_remote_addr zone=ms4:1m rate=R;`` (``R`` the
-  limit's rate, in ``r/s`` or ``r/m``), ``limit_req zone=ms4 [burst=N nodelay];``,
-  ``limit_req_status 429;`` — a leaky bucket keyed on the client address (an empty key
-  would count nothing), no ``Retry-After``;
-* **HAProxy**: a stick table storing ``http_req_rate(window)``, ``http-request track-sc0
-  int(1)`` (one counter for everyone), ``http-request deny deny_status 429 if {
-  sc_http_req_rate(0) gt LIMIT }`` — a sliding counter that counts the requests it
-  denies too, no ``Retry-After``.
-
-:func:`start` returns a :class:`Front` (a context manager) once it accepts connections.
+More: docs/internals.md, ``ms1_tools.fronts``.
 """
 
 from __future__ import annotations

@@ -2,56 +2,7 @@
 
 Endpoints (MS4 contract):
 
-* ``POST /batch-metadata`` -- body is a non-empty JSON array of metadata objects.
-* ``POST /metadata``       -- body is ONE metadata object.
-
-Answers: 202 (empty body) accepted, 400 invalid (JSON body; ``refuse_status = 422``
-answers 422 instead), 401 bad ``X-API-Key``, 413 body too large, 429 rate limited
-(``Retry-After``), 500 injected failure. ``answer_status = N`` (``--answer-status``,
-or at runtime through ``/_control``): every API request is answered N (200..599 but
-202) at once, after its body and ``latency``, before anything else -- an MS4 (or
-whatever sits at its address) that answers 403, 404, 409, 302 ... to everything; a 3xx
-carries a ``Location``, a 405 ``Allow``, a 429 or 503 ``Retry-After``. 0 turns it off.
-
-Control endpoints (no API key, not counted in the stats, no latency):
-
-* ``GET /stats``  -- JSON stats (see :meth:`Ms4Sim.stats`).
-* ``POST /reset`` -- clears stats, accepted ids and the rate limiter (204).
-* ``GET /accepted`` -- every accepted request, in order: ``idempotency_key``,
-  ``invoice_ids``, ``answer`` (``202``, ``dropped``: closed unanswered, ``reset``: reset
-  mid-answer) -- what a test needs to tell a re-sent batch from a new one.
-* ``GET /_control`` -- the settings that can be changed at runtime (the key is not shown).
-* ``POST /_control`` -- body: a JSON object of settings to change at once, any of
-  :data:`CONTROLLABLE` (``api_key``, ``latency``, ``fail_500``, ``fail_429``, ``fail_401``,
-  ``drop``, ``reset``, ``retry_after``, ``retry_after_form``, ``rate_limit``, ``window``,
-  ``limiter``, ``burst``, ``count_denied``, ``ratelimit_headers``,
-  ``reject_every``, ``answer_status``, ``refuse_status``); 200 with the new settings, or
-  400 naming what is wrong (nothing changed then). Requests already past the step that
-  reads a setting keep the old one (an in-flight request checked against the old key
-  still answers as it would have).
-
-Request handling order for an API POST: read body -> sliding-window rate limit (with
-``count_at = "arrival"``, the default: a request with the right key is counted as it
-arrives — or ``count_late`` seconds later in every other spell of ``count_late_spell``
-seconds — and one over the limit is answered 429 at once) -> ``latency`` (the server's work) ->
-``answer_status`` -> API key -> sliding-window rate limit (with ``count_at = "answer"``:
-counted after the work) -> injected faults -> parse
-JSON -> shape -> validate every object -> accept (record, then maybe drop the connection
-without answering, or reset it after part of the answer) -> 202 at once. Like a real server,
-the sim does its work and then answers: an accepted request's 202 is on its way as soon
-as it is recorded.
-
-The config object is read on every request, so tests may tweak e.g. ``sim.config.drop``
-or ``sim.config.fail_500`` while the sim is running (in-process), or ``POST /_control``
-(or :meth:`Ms4Sim.control`) from anywhere.
-
-The rate limiter counts by one of the shapes of :mod:`ms1_tools.sim_limits` (``limiter``:
-sliding log, the default, HAProxy's sliding counter, fixed window, token bucket, nginx's
-leaky bucket; ``burst``, ``count_denied``); with ``ratelimit_headers`` every API answer
-carries the limiter's RateLimit header fields (the IETF draft's, or ``X-RateLimit-*``).
-429s carry ``Retry-After`` as delay-seconds (``retry_after_form = "seconds"``, the
-default, ``retry_after`` rounded up) or as an IMF-fixdate HTTP-date ``retry_after`` seconds
-ahead (``"http-date"``), or none at all (``"none"``, as nginx and HAProxy answer).
+More: docs/internals.md, ``ms1_tools.sim``.
 """
 
 from __future__ import annotations

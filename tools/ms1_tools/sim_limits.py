@@ -3,21 +3,7 @@
 All allow ``limit`` requests per ``window`` seconds in the long run and differ in the
 bursts they allow and what they remember:
 
-* ``sliding-log``: at most ``limit`` in any window (exact; MS4's contract as ms1 first
-  read it);
-* ``sliding-counter``: HAProxy's ``http_req_rate(window)``: the count of the current
-  period plus the previous period's, weighted by the share of it still in the window;
-  with ``count_denied`` a refused request is counted too (HAProxy tracks before it
-  denies);
-* ``fixed-window``: at most ``limit`` per window aligned to the limiter's start;
-* ``token-bucket``: ``burst`` tokens (default ``limit``), refilled at ``limit / window``
-  a second (Envoy, Kong, API gateways);
-* ``leaky-bucket``: nginx's ``limit_req`` (``rate = limit / window``, ``burst``, no
-  delay): a request is refused when the excess it would leave exceeds ``burst``.
-
-:meth:`Limiter.admit` answers one arriving request with a :class:`Verdict`: whether it
-passes, when one would (the ``Retry-After``), and the budget left and the seconds until
-it grows (the ``RateLimit`` header fields).
+More: docs/internals.md, ``ms1_tools.sim_limits``.
 """
 
 from __future__ import annotations

@@ -2,16 +2,7 @@
 
 Read from every answer, in this order of preference:
 
-* the IETF draft's fields (draft-ietf-httpapi-ratelimit-headers-08 on):
-  ``RateLimit-Policy: "default";q=120;w=60`` and ``RateLimit: "default";r=37;t=12`` —
-  the policy's quota ``q`` per ``w`` seconds, the budget ``r`` left and ``t`` seconds until
-  it resets. Several policies: the one with the least left;
-* the older draft's ``RateLimit-Limit`` / ``RateLimit-Remaining`` / ``RateLimit-Reset``
-  (the limit may carry its window: ``120, 120;w=60``);
-* the widespread ``X-RateLimit-Limit`` / ``-Remaining`` / ``-Reset`` (a reset above
-  10⁹ is a Unix time, as GitHub sends it).
-
-Every value is hostile: an unreadable or absurd one is ignored, never an error.
+More: docs/internals.md, ``ms1.pipeline.sending.announced``.
 """
 
 from __future__ import annotations

@@ -7,29 +7,7 @@ is in flight than there is work.
 
 The :class:`Controller` sizes the gate:
 
-* **fixed** (``[send] threads`` set in the config: the manual override): ``threads``;
-* **adaptive** (``threads`` not set): between ``[send] min_concurrency`` and
-  ``max_concurrency``, enough for the rate limiter — not the senders — to be the
-  bottleneck. Little's law: a request in flight for L seconds can use one slot of the
-  window, so the senders need as many in flight as the window lets go within the next
-  L. The limiter says so at every grant (its ``free_hint``: slots free now, plus those
-  leaving the window within :attr:`Controller.lookahead` = 1.5 L — a backlog after a
-  quiet spell goes out as fast as the window allows, and a burst that filled the window
-  is followed by one as fast when its slots come free). The target is the larger of
-  that hint + 1 and the steady rate's share ``ceil(R * L * 1.5 + 1)`` (R the limiter's
-  ``limit / window``, L an EWMA of the latency of accepted requests); it is recomputed at
-  every grant and every answer. An AIMD cap bounds it: halved on every failure
-  (timeout, no answer, 5xx, 408, 409: multiplicative decrease), cut by a quarter (at
-  most once per latency) when the latency rises above twice its slow average, and raised
-  by one per accepted request otherwise (additive increase). The target never grows
-  while the pacer holds every sender back (a 429 pause, a 401/403 or configuration stop,
-  an open breaker). At light load the gate does not matter: a sender holds a slot only
-  with a batch in hand, so no more is in flight than there is work.
-
-Several instances sharing the Redis limiter each size their gate from the whole limit's
-rate and the shared window's free slots (capped by ``max_concurrency``); the shared
-limiter keeps the total under the limit, so each instance ends up using the share it
-gets.
+More: docs/internals.md, ``ms1.pipeline.sending.concurrency``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 """Fragments joined again after a refusal storm (issue 21).
 
-Before a refusal storm is recognised (MS4 refusing every request, naming nothing), the
-first refused batches are split in halves, as a poison object would be searched for.
-Once the storm is recognised, those halves are no invoice's doing: a sender holding one
-parks it here instead of waiting for the storm to end, and the next sender parking one
-of the same path takes every parked one that fits one batch (``[batch] max_items`` and
-``max_bytes``), joins them (:meth:`~ms1.model.Batch.join`) and stores the result in
-their place with
-:meth:`~ms1.pipeline.outbound.QueueBackend.merge`. The merged batch waits in the queue like any
-other, so after the storm every invoice goes in a full-size batch.
-
-A fragment parked alone waits at most :data:`PARK_WAIT` seconds for a partner, then is
-sent as it is: a lone fragment must not wait for a storm's end that only a request can
-see.
+More: docs/internals.md, ``ms1.pipeline.sending.fragments``.
 """
 
 from __future__ import annotations

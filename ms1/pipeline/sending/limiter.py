@@ -8,10 +8,7 @@ out, plus a margin), or when it answered (the stamp is now). Built in:
 :class:`SlidingWindowLimiter` (one process); the Redis plugin ships one shared by every
 instance on the Redis.
 
-With shaping (``[send] rate_shape = learn``, the default) a limiter also paces requests
-by GCRA with the burst allowance of a :class:`~ms1.pipeline.sending.shape.Shape` it holds and
-learns (:meth:`RateLimiter.learn`): a request goes only when both the window and the
-pace allow it. Without (``window``) only the window counts.
+More: docs/internals.md, ``ms1.pipeline.sending.limiter``.
 """
 
 from __future__ import annotations

@@ -2,36 +2,7 @@
 
 :class:`Pacer` holds the four things that can hold a request back:
 
-* the **rate limiter** (:mod:`ms1.pipeline.sending.limiter`): at most N requests in any
-  sliding window (default 120 per 60 s). A request's slot is stamped with the moment MS4
-  counted it: by default (``[send] ms4_counts_at = arrival``) when the transport says the
-  request was out (:attr:`~ms1.pipeline.transport.Response.sent`) plus ``count_margin`` (the
-  network's one-way delay, at most) — never later than an answer came, since MS4
-  counted the request before it answered — so a slot is not held for the time MS4 works
-  on the request; with ``answer`` (an MS4 counting requests as it answers them), or when
-  the transport does not say, when the answer came. A 429 although the limiter allowed
-  the request says MS4 counts later than that: the margin in effect doubles (once per
-  spell of 429s: requests admitted before a widening widen nothing more), up to the
-  window, until a restart or a reload that changes ``count_margin``
-  (:attr:`Pacer.margin`);
-* the **pace** (with ``[send] rate_shape = learn``): the limiter also spaces requests
-  evenly with a burst allowance learned from 429s (:mod:`ms1.pipeline.sending.shape`). A 429 of a
-  request sent as part of a burst cuts the allowance; one of a request sent while the
-  window was (nearly) full widens the count margin instead (above);
-* a **429 pause**: every sender waits until ``Retry-After``
-  (:mod:`ms1.pipeline.sending.retry_after`) has passed — without one (nginx and HAProxy send
-  none), one emission interval plus up to half of one more, at random (or
-  ``retry_after_default`` when set);
-* a **stop** (:class:`Stop`): after an answer no resend will change — 401 or 403
-  (the key; one probe every ``auth_probe_interval`` s, a key reload ends it at once), or
-  a configuration error, 3xx, 404, 405 ... (one probe every ``breaker_reset`` s) — no
-  sender sends but the probe, until a probe gets another kind of answer;
-* the **circuit breaker** (:mod:`ms1.pipeline.sending.breaker`): opens after N consecutive
-  failures (5xx, 408, 409, timeouts, connection errors), lets one probe through after
-  ``reset_timeout``.
-
-What each answer means is :mod:`ms1.pipeline.sending.answers`' table; :meth:`Pacer.done` reads it
-and returns the row, so the sender acts on the same verdict.
+More: docs/internals.md, ``ms1.pipeline.sending.pacer``.
 """
 
 from __future__ import annotations

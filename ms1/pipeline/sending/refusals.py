@@ -5,27 +5,7 @@ names them, the sender dead-letters exactly those, each with MS4's text for it, 
 the rest in one request; when it names none, or cannot be trusted, the sender splits the
 batch in halves as before (:meth:`ms1.pipeline.sending.sender.Sender._split`).
 
-MS4's contract only says "a descriptive error message", so what is recognised is
-configurable (``[send] refusal_json_details``, ``[send] refusal_index_pattern``). Indexes
-are **0-based positions in the batch as sent** (the JSON array of the request), as ms4-sim
-answers them. Recognised, in this order:
-
-1. ``refusal_json_details`` (default on): a JSON object body with a non-empty list
-   ``details`` whose every entry is an object with an integer ``index`` — ms4-sim's
-   ``{"error": "invalid object(s)", "details": [{"index": 3, "invoice_id": "...",
-   "field": "currency", "message": "..."}]}``. An object's text is ``field: message``
-   (or the entry as JSON when it has neither). An entry naming an ``invoice_id`` other
-   than the one at its index makes the whole answer untrusted.
-2. ``refusal_index_pattern`` (default ``(?i)\\bitem (?P<index>[0-9]+):``, empty: off): a
-   regex with a named group ``index``, searched in the body — in each JSON string of it
-   when the body is JSON (``{"error": "item 3: bad currency; item 7: bad date"}``), else
-   in the plain text. An object's text runs from the end of its match to the next match
-   (separators ``;``, ``,`` and spaces trimmed).
-
-The answer is not trusted — the batch is split in halves — when it names nothing, names
-an index outside the batch, names one index twice, or contradicts itself (a detail without
-a usable index, a detail's ``invoice_id`` that is not the one at its index). A 413 (body
-too large) is always split: it is about the batch's size, not an object.
+More: docs/internals.md, ``ms1.pipeline.sending.refusals``.
 """
 
 from __future__ import annotations

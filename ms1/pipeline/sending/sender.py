@@ -4,43 +4,7 @@ Each :class:`Sender` takes a batch from the queue, sends it through the
 transport and settles it by the row of MS4's answer in the answer table
 (:mod:`ms1.pipeline.sending.answers`, which :meth:`Pacer.done` returns):
 
-=====================  ========================================================
-ACCEPTED (202)         ack the batch in the queue
-REFUSED (400, 413,     the objects MS4's answer names (:mod:`ms1.pipeline.sending.refusals`)
-422)                   are dead-lettered with its text for each, the rest put
-                       back as one batch (``QueueBackend.replace``); an answer
-                       naming none (or untrusted; any 413): split the batch in
-                       halves; a single object is dead-lettered with MS4's text,
-                       then acked — an unchanged batch is never resent after a
-                       refusal
-UNAUTHORIZED (401,     every sender stops (:class:`~ms1.pipeline.sending.pacer.Pacer`): the
-403), MISCONFIGURED    batch is kept and resent once the stop ends (a reloaded
-(3xx, 404, 405, ...)   key, a probe answered otherwise)
-RATE_LIMITED (429)     every sender pauses until ``Retry-After``; then resend
-RETRY (408, 409, 5xx,  retry with exponential backoff and jitter (tenacity);
-no answer)             the circuit breaker counts the failure; the batch stays
-                       pending in the queue until delivered
-=====================  ========================================================
-
-Before each attempt the sender asks the shared :class:`~ms1.pipeline.sending.pacer.Pacer` for
-permission (rate limit, 429 pause, 401 spell, breaker) and tells it the outcome.
-
-Settings: every sender reads the one :class:`SharedSettings` the service holds — a frozen
-:class:`SendSettings` (``retry_initial``, ``retry_max``, ``max_deliveries``,
-``refusals``) that a reload replaces whole — once per delivery (``max_deliveries``), once
-per retry (the backoff) and once per refusal, never a copy taken when the sender was
-built. :class:`InFlight` counts the requests in
-flight over all senders (``ms1_requests_in_flight``). A sender retired by a reload that
-lowers ``[send] threads`` leaves after its current batch; a reload that raises the count
-again before it left keeps it (:meth:`Sender.keep`) instead of starting a new one.
-
-Each attempt holds a slot of the service's concurrency gate
-(:mod:`ms1.pipeline.sending.concurrency`), taken once the sender has a batch and given back after
-the answer: the gate, not the thread count, bounds the requests in flight (adaptive
-unless ``[send] threads`` is set), and each outcome is told to its controller.
-
-On shutdown a sender finishes its current attempt; a batch it could not
-deliver before the deadline is released back to the queue, never dropped.
+More: docs/internals.md, ``ms1.pipeline.sending.sender``.
 """
 
 from __future__ import annotations

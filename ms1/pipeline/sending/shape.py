@@ -7,23 +7,7 @@ without ``burst`` none at all. ms1 paces requests by GCRA (a token bucket: one r
 every ``window / limit`` seconds, times ``1 + spacing``) with a burst allowance learned
 as TCP learns its window (AIMD):
 
-* **slow start**: the allowance starts at :data:`INITIAL_BURST` and grows by one per
-  accepted request that used all of it, up to the ceiling (at first the whole window's
-  budget, ``limit``: against a sliding-window MS4 the first window goes at once);
-* **a 429 the model cannot explain** (one of a request the limiter let go) cuts it: to
-  half, and below the level the refused request was sent at — if it was part of a burst;
-  a request sent at the steady pace (no burst in use) widens ``spacing`` instead (the
-  limiter is strict and the network's jitter brought two requests too close). The cut
-  opens a new *epoch*: answers to requests granted before it teach nothing more, so a
-  spell of 429s (every request in flight with the first) cuts once;
-* **congestion avoidance**: after a cut, the allowance grows by one only after ``hold``
-  accepted requests at full use — a window's budget times two to the power of the cuts
-  so far (at most 16 windows' budgets), so a limiter whose burst ms1 has found is probed
-  rarely; ``spacing`` halves back towards :data:`BASE_SPACING` at each growth.
-
-The shape is plain data; the rate limiter holds it (the Redis limiter in Redis, so
-every instance learns together) and applies these transitions atomically
-(:meth:`~ms1.pipeline.sending.limiter.RateLimiter.learn`).
+More: docs/internals.md, ``ms1.pipeline.sending.shape``.
 """
 
 from __future__ import annotations
