@@ -25,7 +25,7 @@ from ms1.config import Secret
 from ms1.console import Console, read_admin_token, trusted_hosts
 from ms1.console.app import ConsoleContext, OverviewCache, create_app
 from ms1.console.browse import FilterError, LetterFilter, find, matching_ids
-from ms1.console.server import ConsoleServer, may_accept
+from ms1.ops.httpserver import BoundedServer, may_accept
 from ms1.errors import ConfigError
 from ms1.model import DeadLetter
 from ms1.ops.fleet import MemoryFleet
@@ -377,12 +377,12 @@ def test_trusted_hosts() -> None:
 
 def test_fd_budget_rule() -> None:
     # limit 256: reserve 32; the rest of ms1 holds 40 and may need up to 100
-    assert may_accept(open_fds=40, limit=256, console_connections=0, pipeline_fds=100)
-    assert may_accept(open_fds=163, limit=256, console_connections=123, pipeline_fds=100)
-    assert not may_accept(open_fds=164, limit=256, console_connections=124, pipeline_fds=100)
+    assert may_accept(open_fds=40, limit=256, connections=0, pipeline_fds=100)
+    assert may_accept(open_fds=163, limit=256, connections=123, pipeline_fds=100)
+    assert not may_accept(open_fds=164, limit=256, connections=124, pipeline_fds=100)
     # once the pipeline holds what it needs, only the reserve is kept
-    assert may_accept(open_fds=222, limit=256, console_connections=100, pipeline_fds=100)
-    assert not may_accept(open_fds=224, limit=256, console_connections=100, pipeline_fds=100)
+    assert may_accept(open_fds=222, limit=256, connections=100, pipeline_fds=100)
+    assert not may_accept(open_fds=224, limit=256, connections=100, pipeline_fds=100)
 
 
 def get(url: str, host: str | None = None) -> tuple[int, str]:
@@ -435,8 +435,9 @@ def test_the_listener_is_not_polled_inside_the_fd_budget(make_config) -> None:
 
     usage = [(40, 256)]
     adj = Adjustments(host="127.0.0.1", port=0, connection_limit=100)
-    server = ConsoleServer(lambda environ, start: [], adj, pipeline_fds=100,
-                           usage=lambda: usage[0])
+    server = BoundedServer(lambda environ, start: [], adj, label="console",
+                           logger=logging.getLogger("ms1.console"), request_timeout=10,
+                           pipeline_fds=100, usage=lambda: usage[0])
     try:
         assert server.readable()
         usage[0] = (224, 256)  # one more would eat into the reserve (256 // 8)

@@ -10,21 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import io
 import logging
-import os
 import platform
 import re
-import resource
-import selectors
-import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from prometheus_client import (
@@ -41,6 +33,11 @@ from ms1 import __version__
 from ms1.errors import Ms1Error
 from ms1.markers import hookimpl
 from ms1.model import Batch, DeadLetter
+from ms1.ops import httpserver
+from ms1.ops.httpserver import fd_reserve as fd_reserve  # re-exported
+from ms1.ops.httpserver import fd_usage as fd_usage
+from ms1.ops.httpserver import parse_address as parse_address
+from ms1.ops.logs import escape_controls
 from ms1.pipeline.outbound import QueueStats
 from ms1.pipeline.sending.concurrency import Controller
 from ms1.pipeline.sending.pacer import Pacer
@@ -379,6 +376,12 @@ def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
     return family
 
 
+#: most connections served at once (Prometheus and a health checker need one or two)
+MAX_CONNECTIONS = 8
+#: seconds a client has to send its whole request (and may stay idle)
+REQUEST_TIMEOUT = 5.0
+
+
 class Exporter:
     """Metrics and health of one service: an observer plugin plus an HTTP endpoint."""
 
@@ -399,25 +402,25 @@ class Exporter:
             "ms1_send_latency_seconds", "Duration of accepted MS4 requests",
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self._server = MetricsServer(parse_address(address), _handler(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics",
-                                        daemon=True)
+        host, port = parse_address(address)
+        self._server = httpserver.Server(
+            _app(self), host, port, name="metrics", logger=log, threads=2,
+            max_connections=MAX_CONNECTIONS, idle_timeout=REQUEST_TIMEOUT,
+            request_timeout=REQUEST_TIMEOUT, always_one=True)
 
     @property
     def address(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"[{host!s}]:{port}" if ":" in str(host) else f"{host!s}:{port}"
+        return self._server.address
 
     def start(self) -> None:
         self.queue_watch.start()
-        self._thread.start()
+        self._server.start()
         log.info("metrics and health on http://%s/metrics, /healthz, /readyz", self.address)
 
     def close(self) -> None:
         if self._own_watch:
             self.queue_watch.close()
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.close()
 
     def health(self) -> str | None:
         """None when healthy, else why not (a thread died or shows no progress)."""
@@ -476,345 +479,38 @@ class Exporter:
             self._rejected[key] = self._rejected.get(key, 0) + 1
 
 
-def _handler(exporter: Exporter) -> type[BaseHTTPRequestHandler]:
-    class Handler(LimitedRequestHandler):
-        def do_GET(self) -> None:
-            self.answering()
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._answer(200, generate_latest(exporter.registry), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                why = exporter.health()
-                self._answer(200 if why is None else 503,
-                             b"ok\n" if why is None else f"unhealthy: {why}\n".encode())
-            elif path == "/readyz":
-                why = exporter.readiness()
-                self._answer(200 if why is None else 503,
-                             b"ready\n" if why is None else f"not ready: {why}\n".encode())
-            else:
-                self._answer(404, b"not found\n")
+def _app(exporter: Exporter) -> Callable[[dict[str, Any], Callable[..., Any]], list[bytes]]:
+    """The WSGI application: ``/metrics``, ``/healthz``, ``/readyz`` (GET or HEAD)."""
 
-        def _answer(self, status: int, body: bytes, kind: str = "text/plain") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    return Handler
-
-
-class LimitedRequestHandler(BaseHTTPRequestHandler):
-    """The handler base :class:`MetricsServer` needs: reads the request head against its
-    connection's deadline, logs through ``log`` at DEBUG. A ``do_GET`` calls
-    :meth:`answering` once it starts its work."""
-
-    _connection: _Connection
-
-    def setup(self) -> None:
-        super().setup()
-        server = self.server
-        assert isinstance(server, MetricsServer)
-        self._connection = server.connection(self.request)
-        self.rfile.close()  # the makefile() one: it would keep the socket open
-        self.rfile = io.BufferedReader(_HeadReader(self._connection))
-
-    def answering(self) -> None:
-        """The request head is in: the connection may no longer be evicted, and the
-        answer gets :data:`WRITE_TIMEOUT` seconds to be written."""
-        self._connection.answering = True
-        self.connection.settimeout(WRITE_TIMEOUT)
-
-    def send_response(self, code: int, message: str | None = None) -> None:
-        self.answering()  # error answers (400, 501, ...) too
-        super().send_response(code, message)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("metrics: client %s: " + format, self._connection.peer, *args)
-
-
-class _HeadReader(io.RawIOBase):
-    """The socket's input, each read bounded by the connection's deadline (so the whole
-    request head is, however slowly it trickles in)."""
-
-    def __init__(self, connection: _Connection) -> None:
-        super().__init__()
-        self._connection = connection
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        connection = self._connection
-        left = connection.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"request head not complete within {connection.timeout:g} s")
-        connection.sock.settimeout(left)
-        count = connection.sock.recv_into(buffer)
-        if count == 0 and connection.evicted:
-            raise ConnectionAbortedError("dropped for a newer connection, request incomplete")
-        return count
-
-
-# --- the HTTP server ---------------------------------------------------------------------
-
-#: most connections served at once (Prometheus and a health checker need one or two)
-MAX_CONNECTIONS = 8
-#: seconds a client has to send its whole request head
-REQUEST_TIMEOUT = 5.0
-#: seconds an answer may take to be written
-WRITE_TIMEOUT = 5.0
-#: seconds the accept loop waits before it looks again while no descriptor may be taken
-#: (connections wait in the listen backlog meanwhile, costing ms1 no descriptor)
-_FD_BACKOFF = 0.1
-#: seconds a new connection waits for the slot of the connection it evicted
-_EVICT_WAIT = 1.0
-#: seconds between two warnings that descriptors are short
-_WARNING_INTERVAL = 60.0
-_FD_DIR = "/proc/self/fd"
-_Selector: type[selectors.BaseSelector] = getattr(selectors, "PollSelector",
-                                                  selectors.SelectSelector)
-
-
-def fd_reserve(limit: int) -> int:
-    """File descriptors kept for Redis, MS4 and the rest of ms1 under a soft
-    ``RLIMIT_NOFILE`` of ``limit``: an eighth of it, at least 16."""
-    return max(16, limit // 8)
-
-
-def fd_usage() -> tuple[int, int] | None:
-    """``(open, limit)``: descriptors this process has open and its soft
-    ``RLIMIT_NOFILE``; None when there is no limit or no ``/proc`` to count them. When
-    even listing ``/proc/self/fd`` fails (EMFILE), open is the limit."""
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if limit == resource.RLIM_INFINITY:
-        return None
-    try:
-        used = len(os.listdir(_FD_DIR))  # counts the listing's own descriptor: one spare
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return limit, limit
-    return used, limit
-
-
-def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
-    """``(host, port)`` of ``host:port``, ``[v6]:port`` or ``:port`` (127.0.0.1), or of
-    a pair already parsed (``Config.get_address``); ValueError when it is neither."""
-    if isinstance(address, tuple):
-        host, port = address
-    else:
-        host, colon, port_text = address.strip().rpartition(":")
-        if not colon or not port_text.isdigit():
-            raise ValueError(f"expected host:port, got {address!r}")
-        port = int(port_text)
-    host = host.strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port out of range: {port}")
-    return host or "127.0.0.1", port
-
-
-def _peer(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = str(address[0])
-        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
-    return str(address)
-
-
-@dataclass(eq=False)
-class _Connection:
-    """One accepted connection, while it is served."""
-
-    sock: socket.socket
-    address: Any
-    timeout: float
-    started: float
-    #: the request head is in (it is being answered): not evicted any more
-    answering: bool = False
-    #: shut down to make room for a newer connection
-    evicted: bool = False
-    #: set once its socket is closed
-    closed: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-    @property
-    def deadline(self) -> float:
-        return self.started + self.timeout
-
-    @property
-    def peer(self) -> str:
-        return _peer(self.address)
-
-
-class MetricsServer(HTTPServer):
-    """An HTTP server that bounds its connections, their time and its file descriptors
-    (see the module documentation). ``serve_forever`` runs the accept loop; each
-    connection is served in a thread of its own, :data:`MAX_CONNECTIONS` at most."""
-
-    #: listen backlog: connections wait there (in the kernel) while none may be accepted
-    request_queue_size = 64
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *,
-                 max_connections: int = MAX_CONNECTIONS,
-                 request_timeout: float = REQUEST_TIMEOUT) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.max_connections = max_connections
-        self.request_timeout = request_timeout
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._lock = threading.Lock()
-        self._live: dict[socket.socket, _Connection] = {}
-        self._closing = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._starved = False  # no descriptor may be taken now
-        self._warned = False  # ... and it was logged
-        self._next_warning = 0.0
-        self._served = 0
-        super().__init__(address, handler)
-
-    def server_activate(self) -> None:
-        super().server_activate()
-        self.socket.setblocking(False)  # a connection reset while queued: no blocking accept
-
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        self._idle.clear()
-        try:
-            with _Selector() as selector:
-                selector.register(self.socket, selectors.EVENT_READ)
-                while not self._closing.is_set():
-                    if selector.select(poll_interval) and not self._closing.is_set():
-                        self._accept()
-        finally:
-            self._idle.set()
-
-    def shutdown(self) -> None:
-        """Stop the accept loop and wait until it has stopped."""
-        self._closing.set()
-        self._idle.wait()
-
-    def server_close(self) -> None:
-        """Close the listening socket and cut the connections still served."""
-        self._closing.set()
-        super().server_close()
-        with self._lock:
-            for connection in self._live.values():
-                _shut(connection.sock)
-
-    @property
-    def active(self) -> int:
-        """Connections being served now."""
-        with self._lock:
-            return len(self._live)
-
-    def connection(self, sock: socket.socket) -> _Connection:
-        with self._lock:
-            return self._live[sock]
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client's failure (reset, timeout, broken pipe) at DEBUG; anything else at
-        ERROR; both through ``log`` (one record in the log format, no raw traceback)."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError):
-            log.debug("metrics: client %s: %s: %s", _peer(client_address),
-                      type(exc).__name__, exc)
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        kind = "text/plain; charset=utf-8"
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            status, body = 405, b"method not allowed\n"
+        elif path == "/metrics":
+            status, body, kind = 200, generate_latest(exporter.registry), CONTENT_TYPE_LATEST
+        elif path == "/healthz":
+            why = exporter.health()
+            status = 200 if why is None else 503
+            body = b"ok\n" if why is None else _said("unhealthy", why)
+        elif path == "/readyz":
+            why = exporter.readiness()
+            status = 200 if why is None else 503
+            body = b"ready\n" if why is None else _said("not ready", why)
         else:
-            log.error("metrics: error answering %s", _peer(client_address), exc_info=True)
+            status, body = 404, b"not found\n"
+        start_response(f"{status} {_REASONS[status]}", [
+            ("Content-Type", kind), ("Content-Length", str(len(body)))])
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
-    # --- accept loop --------------------------------------------------------------------
-
-    def _accept(self) -> None:
-        if not self._descriptor_free():
-            return
-        try:
-            sock, address = self.socket.accept()
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            log.debug("metrics: accept failed: %s", exc)
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self._closing.wait(_FD_BACKOFF)
-            return
-        self._dispatch(sock, address)
-
-    def _descriptor_free(self) -> bool:
-        """Whether one more descriptor may be taken outside the reserve. When not, it
-        makes room by dropping the oldest connection still sending its request (the
-        newest client wins, as when all slots are taken), or else waits
-        :data:`_FD_BACKOFF` seconds; the new connection waits in the listen backlog."""
-        usage = fd_usage()
-        if usage is None or usage[0] + 1 <= usage[1] - fd_reserve(usage[1]):
-            if self._warned:
-                log.info("metrics: accepting connections again")
-            self._starved = self._warned = False
-            return True
-        evicted = self._evict_oldest()
-        if evicted is not None:
-            evicted.closed.wait(_EVICT_WAIT)
-            log.debug("metrics: dropped %s (request incomplete after %.1f s): file "
-                      "descriptors short", evicted.peer, time.monotonic() - evicted.started)
-            return False  # looks again: the new connection is still waiting
-        if not self._starved:
-            self._starved = True
-            now = time.monotonic()
-            if now >= self._next_warning:  # at most one a minute, however often it flaps
-                self._next_warning = now + _WARNING_INTERVAL
-                self._warned = True
-                log.warning("metrics: not accepting connections: %d of %d file descriptors "
-                            "are open, the last %d are kept for Redis and MS4", usage[0],
-                            usage[1], fd_reserve(usage[1]))
-        self._closing.wait(_FD_BACKOFF)
-        return False
-
-    def _dispatch(self, sock: socket.socket, address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            evicted = self._evict_oldest()
-            if evicted is None or not self._slots.acquire(timeout=_EVICT_WAIT):
-                log.debug("metrics: %d connections busy; closing the connection from %s",
-                          self.max_connections, _peer(address))
-                self.shutdown_request(sock)
-                return
-            log.debug("metrics: dropped %s (request incomplete after %.1f s) for %s",
-                      evicted.peer, time.monotonic() - evicted.started, _peer(address))
-        connection = _Connection(sock, address, self.request_timeout, time.monotonic())
-        with self._lock:
-            self._live[sock] = connection
-        self._served += 1
-        thread = threading.Thread(target=self._serve, args=(connection,), daemon=True,
-                                  name=f"metrics-{self._served}")
-        try:
-            thread.start()
-        except RuntimeError as exc:  # cannot start new thread
-            log.warning("metrics: cannot serve %s: %s", connection.peer, exc)
-            self._finish(connection)
-
-    def _evict_oldest(self) -> _Connection | None:
-        """Shut down the oldest connection still sending its request head, if any."""
-        with self._lock:
-            waiting = [c for c in self._live.values() if not c.answering and not c.evicted]
-            if not waiting:
-                return None
-            oldest = min(waiting, key=lambda c: c.started)
-            oldest.evicted = True
-            _shut(oldest.sock)  # its thread's read returns at once
-            return oldest
-
-    def _serve(self, connection: _Connection) -> None:
-        try:
-            self.finish_request(connection.sock, connection.address)
-        except Exception:
-            self.handle_error(connection.sock, connection.address)
-        finally:
-            self._finish(connection)
-
-    def _finish(self, connection: _Connection) -> None:
-        with self._lock:  # closed under the lock: an eviction never meets a closed socket
-            self._live.pop(connection.sock, None)
-            self.shutdown_request(connection.sock)
-        connection.closed.set()
-        self._slots.release()
+    return app
 
 
-def _shut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # already gone
-        sock.shutdown(socket.SHUT_RDWR)
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",
+            503: "Service Unavailable"}
+
+
+def _said(what: str, why: str) -> bytes:
+    """An unhealthy or unready answer's body: the reason (Redis's or MS4's words among
+    it) with its control characters escaped."""
+    return f"{what}: {escape_controls(why)}\n".encode()
