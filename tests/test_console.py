@@ -25,10 +25,10 @@ from ms1.config import Secret
 from ms1.console import Console, read_admin_token, trusted_hosts
 from ms1.console.app import ConsoleContext, OverviewCache, create_app
 from ms1.console.browse import FilterError, LetterFilter, find, matching_ids
-from ms1.ops.httpserver import BoundedServer, may_accept
 from ms1.errors import ConfigError
 from ms1.model import DeadLetter
 from ms1.ops.fleet import MemoryFleet
+from ms1.ops.httpserver import BoundedServer, may_accept
 from ms1.ops.overview import Ceiling, gather
 from ms1.pipeline import samples
 from ms1.pipeline.deadletters import MemoryDeadLetters
