@@ -578,6 +578,22 @@ def env_name(section: str, key: str) -> str:
     return ENV_PREFIX + f"{section}_{key}".upper().replace(".", "_").replace("-", "_")
 
 
+def fixed_concurrency(config: Config) -> int | None:
+    """``[send] threads`` when the config sets it (fixed concurrency, the manual
+    override), else None (adaptive)."""
+    if ("send", "threads") in config.explicit:
+        return config.get_int("send", "threads")
+    return None
+
+
+def sender_threads(config: Config) -> int:
+    """How many sender threads a service with this config runs (what pools sized for
+    "one per sender" must hold): ``[send] threads`` when it is set (fixed concurrency),
+    else ``max_concurrency`` (adaptive)."""
+    fixed = fixed_concurrency(config)
+    return fixed if fixed is not None else config.get_int("send", "max_concurrency")
+
+
 def render_defaults(options: Iterable[Option]) -> str:
     """Every option at its default as INI text that loads (``conf defaults``): each
     with its help and its environment variable (:func:`env_name`) in comments."""

@@ -197,7 +197,7 @@ def test_gate_resize_and_abort() -> None:
 
 
 def test_service_threads_set_means_fixed(make_config: Any) -> None:
-    from ms1.runtime.service import _concurrency_settings
+    from ms1.runtime.settings import concurrency as _concurrency_settings
 
     assert _concurrency_settings(make_config(""))["fixed"] is None
     assert _concurrency_settings(make_config("[send]\nthreads = 4\n"))["fixed"] == 4

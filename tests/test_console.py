@@ -22,9 +22,10 @@ from flask.testing import FlaskClient
 from support import run_in_process, wait_until
 
 from ms1.config import Secret
-from ms1.console import Console, read_admin_token, trusted_hosts
+from ms1.console import trusted_hosts
 from ms1.console.app import ConsoleContext, OverviewCache, create_app
 from ms1.console.browse import FilterError, LetterFilter, find, matching_ids
+from ms1.console.run import Console
 from ms1.errors import ConfigError
 from ms1.model import DeadLetter
 from ms1.ops.fleet import MemoryFleet
@@ -34,6 +35,8 @@ from ms1.pipeline import samples
 from ms1.pipeline.deadletters import MemoryDeadLetters
 from ms1.pipeline.outbound import MemoryQueue
 from ms1.runtime import pluginmanager
+from ms1.runtime import settings as from_config
+from ms1.runtime.settings import read_admin_token
 
 TOKEN = "console-token-0123456789"
 ORIGIN = "http://localhost"
@@ -400,7 +403,8 @@ def served(make_config, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Conso
     port = free_port()
     config = make_config(f"[console]\naddress = 127.0.0.1:{port}\nmax_connections = 3\n")
     world = World()
-    console = Console(config, fleet=world.fleet, source=None, queue=world.queue,
+    console = Console(from_config.console(config), fleet=world.fleet, source=None,
+                      queue=world.queue,
                       dead_letters=world.store)
     console.start()
     yield console, world
@@ -517,11 +521,11 @@ def test_every_interface_without_origins_is_refused_at_start(make_config: Any, h
     world = World()
     config = make_config(f"[console]\naddress = {host}:{free_port()}\n")
     with pytest.raises(ConfigError, match=r"\[console\] address: .* every interface.*origins"):
-        Console(config, fleet=world.fleet, source=None, queue=world.queue,
-                dead_letters=world.store)
+        from_config.console(config)
     config = make_config(f"[console]\naddress = {host}:{free_port()}\n"
                          "origins = https://ms1.example.com\n")
-    console = Console(config, fleet=world.fleet, source=None, queue=world.queue,
+    console = Console(from_config.console(config), fleet=world.fleet, source=None,
+                      queue=world.queue,
                       dead_letters=world.store)
     try:
         assert console.context.trusted_hosts is not None

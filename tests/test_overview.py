@@ -18,6 +18,7 @@ from ms1.ops.overview import Ceiling, collect, gather
 from ms1.pipeline.deadletters import MemoryDeadLetters
 from ms1.pipeline.outbound import MemoryQueue
 from ms1.pipeline.source import MemorySource
+from ms1.runtime import settings as from_config
 
 
 def snap(id: str, **over: Any) -> dict[str, Any]:
@@ -120,7 +121,7 @@ def test_the_drain_rule_is_the_one_status_prints(make_config) -> None:
     assert status == {"ceiling": "120 requests per 6 s", "ceiling_invoices_per_minute": 60000,
                       "backlog_batches": 30, "backlog_invoices": "at most 1500",
                       "drained_in_s": 1.5}
-    view = collect([], ceiling=Ceiling.from_config(config), outbound=queue, now=1.0)
+    view = collect([], ceiling=from_config.ceiling(config), outbound=queue, now=1.0)
     assert view["streams"][0]["drain_s"] == status["drained_in_s"]
     assert view["ceiling"]["text"] == status["ceiling"]
 

@@ -221,3 +221,31 @@ def test_module_docstrings_are_short() -> None:
         if len(doc.splitlines()) > 12:
             long.append(f"{path.relative_to(ROOT)}: {len(doc.splitlines())} lines")
     assert not long, long
+
+
+#: where the core reads a loaded configuration: the schema and the settings layer
+SETTINGS_LAYER = ("ms1/config.py", "ms1/runtime/settings.py")
+_GETTERS = {"get_int", "get_float", "get_str", "get_bool", "get_address"}
+
+
+def test_only_the_settings_layer_reads_the_configuration() -> None:
+    """Issue 23: stages get typed settings built in ms1/runtime/settings.py; no
+    ``config.get_*("section", ...)`` anywhere else in the core (plugins read their own
+    sections in their hooks), and no pipeline stage imports ``Config`` at all."""
+    found = []
+    for path in ROOT.glob("ms1/**/*.py"):
+        rel = str(path.relative_to(ROOT))
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if rel not in SETTINGS_LAYER and isinstance(node, ast.Call) \
+                    and isinstance(node.func, ast.Attribute) \
+                    and (node.func.attr in _GETTERS or (node.func.attr == "get"
+                         and ast.unparse(node.func.value).endswith("config"))) \
+                    and len(node.args) == 2 and isinstance(node.args[0], ast.Constant) \
+                    and isinstance(node.args[0].value, str):
+                found.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+            if rel.startswith("ms1/pipeline/") and isinstance(node, ast.ImportFrom) \
+                    and node.module == "ms1.config" \
+                    and any(alias.name == "Config" for alias in node.names):
+                found.append(f"{rel}:{node.lineno}: a stage imports Config")
+    assert not found, "\n".join(sorted(found))

@@ -34,6 +34,7 @@ from ms1.pipeline.sending.sender import Sender, SendSettings, SharedSettings
 from ms1.pipeline.stats import RunStats
 from ms1.pipeline.transport import MemoryTransport, Request, Response, Transport
 from ms1.runtime import pluginmanager
+from ms1.runtime import settings as from_config
 from ms1_tools.sim import Ms4Sim, SimConfig
 
 # --- helpers ---------------------------------------------------------------------------
@@ -108,7 +109,7 @@ class Rig:
         self.dead = MemoryDeadLetters()
         self.stats = RunStats()
         self.events = Events()
-        settings = SendSettings.from_config(config) if config is not None else SendSettings(
+        settings = from_config.send(config) if config is not None else SendSettings(
             retry_initial=0.001, retry_max=0.01)
         pm = pluginmanager.make_plugin_manager(entry_points=False, plugins=[self.events])
         pacer = Pacer(SlidingWindowLimiter(100_000, 60), Breaker(1000, 0.01),
@@ -428,7 +429,7 @@ def test_reader_distrusts_a_wrong_answer(text: str, problem: str) -> None:
 
 
 def reader(config: Config) -> RefusalReader:
-    return SendSettings.from_config(config).refusals
+    return from_config.send(config).refusals
 
 
 def test_reader_options(make_config: Callable[[str], Config]) -> None:

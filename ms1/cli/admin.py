@@ -22,11 +22,10 @@ from ms1.config import Config
 from ms1.errors import ConfigError, Ms1Error
 from ms1.ops import overview
 from ms1.ops.logs import escape_controls
-from ms1.ops.overview import Ceiling
 from ms1.pipeline.deadletters import letter_to_json
 from ms1.pipeline.replay import replay
 from ms1.pipeline.source import MAX_EMAIL_BYTES, OnSkip, read_inputs
-from ms1.runtime import pluginmanager
+from ms1.runtime import pluginmanager, settings
 from ms1.runtime.components import C
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -76,7 +75,7 @@ def _size(path: str) -> int:
 def _max_email_bytes(config: Config) -> int:
     """``[source.files] max_email_bytes``; its default when the files plugin is blocked."""
     try:
-        return config.get_int("source.files", "max_email_bytes")
+        return settings.max_email_bytes(config)
     except ConfigError:
         return MAX_EMAIL_BYTES
 
@@ -99,7 +98,7 @@ def enqueue(config: Config, pm: pluggy.PluginManager, files: list[str]) -> int:
 
     source = pluginmanager.build_source(pm, config)
     count = 0
-    display = progressbar.Display(progressbar.wanted(config.get_str("ms1", "log_format")))
+    display = progressbar.Display(progressbar.wanted(settings.service(config).log_format))
     try:
         with display:
             bar = display.row("enqueue", unit="e-mails", measures_bytes=True,
@@ -142,7 +141,7 @@ def _sending(config: Config, queue: dict[str, Any]) -> dict[str, Any]:
     requests each instance has in flight, its concurrency target and what holds its
     senders back are on its /metrics (``ms1_requests_in_flight``,
     ``ms1_concurrency_target``, ``ms1_held_back_seconds_total``) and in the console."""
-    return overview.sending(Ceiling.from_config(config), queue)
+    return overview.sending(settings.ceiling(config), queue)
 
 
 def _pace(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
@@ -150,7 +149,7 @@ def _pace(config: Config, pm: pluggy.PluginManager) -> dict[str, Any]:
     knows only its running process's, on its /metrics) and what MS4 last announced of its
     limit, as the running instances published it."""
     found: dict[str, Any] = {}
-    if config.get_str("send", "rate_limiter") != "memory":
+    if settings.component(config, "rate_limiter") != "memory":
         with contextlib.suppress(Ms1Error):
             limiter = pluginmanager.build_rate_limiter(pm, config)
             try:
@@ -240,7 +239,7 @@ def dlq_replay(config: Config, pm: pluggy.PluginManager, ids: list[str] | None) 
 
     store = pluginmanager.build_dead_letters(pm, config)
     queue = pluginmanager.build_queue(pm, config)
-    display = progressbar.Display(progressbar.wanted(config.get_str("ms1", "log_format")))
+    display = progressbar.Display(progressbar.wanted(settings.service(config).log_format))
     try:
         if not queue.durable:
             raise ConfigError(f"dlq replay needs a durable queue; [queue] backend = "
@@ -253,8 +252,8 @@ def dlq_replay(config: Config, pm: pluggy.PluginManager, ids: list[str] | None) 
                 bar.update(done=done, total=total)
 
             result = replay(store, queue, ids=ids,
-                            max_items=config.get_int("batch", "max_items"),
-                            max_bytes=config.get_int("batch", "max_bytes"),
+                            max_items=int(settings.service(config).batch_limits["max_items"]),
+                            max_bytes=int(settings.service(config).batch_limits["max_bytes"]),
                             on_progress=replayed)
             bar.finish()
     finally:

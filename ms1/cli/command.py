@@ -27,7 +27,7 @@ from ms1.ops.logs import add_secret, escape_controls, setup_logging
 from ms1.ops.notify import Notifier, Watchdog
 from ms1.pipeline import samples
 from ms1.redaction import redact
-from ms1.runtime import pluginmanager
+from ms1.runtime import pluginmanager, settings
 from ms1.runtime.components import Components
 from ms1.runtime.service import Service, Summary
 
@@ -196,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write("".join(escape_controls(line) + "\n"
                                  for line in config.render().splitlines()))
         return EXIT_OK
-    setup_logging(config.get_str("ms1", "log_level"), config.get_str("ms1", "log_format"),
+    service_settings = settings.service(config)
+    setup_logging(service_settings.log_level, service_settings.log_format,
                   secrets=[config.api_key.reveal()] if config.api_key else [])
     try:
         if args.command in ("enqueue", "status", "dlq"):
@@ -296,7 +297,7 @@ def _run(config: Config, pm: pluggy.PluginManager, files: Sequence[str], *, once
                     log.critical("a pipeline thread died; shutting down")
                     break
             notifier.stopping("draining")
-            summary = service.shutdown(service.config.get_float("ms1", "shutdown_timeout"))
+            summary = service.shutdown(service.settings.shutdown_timeout)
             log.info("stopped: %s", summary.render().replace("\n", "; "))
     finally:
         if watchdog is not None:
@@ -329,7 +330,7 @@ def _run_once(service: Service, stop: threading.Event) -> Summary:
     from ms1.cli import progressbar
 
     config = service.config
-    display = progressbar.Display(progressbar.wanted(config.get_str("ms1", "log_format")))
+    display = progressbar.Display(progressbar.wanted(settings.service(config).log_format))
     with display:
         read = display.row("read", unit="e-mails")
         settled = display.row("delivered", unit="invoices")
@@ -349,7 +350,7 @@ def _run_once(service: Service, stop: threading.Event) -> Summary:
 
         display.follow(poll)
         service.start()
-        summary = service.run_once(config.get_float("ms1", "once_timeout"), stop=stop)
+        summary = service.run_once(settings.service(config).once_timeout, stop=stop)
         poll()
         if summary.undelivered is not None and summary.undelivered.empty:
             settled.finish()

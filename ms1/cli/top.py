@@ -35,14 +35,13 @@ from ms1.ops.fleet import RATE_WINDOW, SNAPSHOT_TTL
 from ms1.ops.logs import escape_controls
 from ms1.ops.overview import (
     CAUSE_NAMES,
-    Ceiling,
     LetterCounts,
     format_rate,
     format_seconds,
     gather,
 )
 from ms1.redaction import redact
-from ms1.runtime import pluginmanager
+from ms1.runtime import pluginmanager, settings
 from ms1.runtime.components import C, Closable
 
 log = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ class Parts:
     letters."""
 
     def __init__(self, config: Config, pm: pluggy.PluginManager) -> None:
-        self.ceiling = Ceiling.from_config(config)
+        self.ceiling = settings.ceiling(config)
         self._built: list[Closable] = []
         try:
             self.queue = self._keep(pluginmanager.build_queue(pm, config))

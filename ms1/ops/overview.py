@@ -26,7 +26,6 @@ from ms1.pipeline.sending.pacer import HELD_CAUSES
 from ms1.redaction import redact
 
 if TYPE_CHECKING:
-    from ms1.config import Config
     from ms1.model import DeadLetter
     from ms1.ops.fleet import Fleet
     from ms1.pipeline.deadletters import DeadLetterStore
@@ -57,11 +56,6 @@ class Ceiling:
     requests_per_minute: int = 120
     rate_window: float = 60.0
     max_items: int = 50
-
-    @classmethod
-    def from_config(cls, config: Config) -> Ceiling:
-        return cls(config.get_int("send", "requests_per_minute"),
-                   config.get_float("send", "rate_window"), config.get_int("batch", "max_items"))
 
     @property
     def requests_per_s(self) -> float:

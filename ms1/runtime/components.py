@@ -22,10 +22,11 @@ from ms1.pipeline.deadletters import DeadLetterStore
 from ms1.pipeline.outbound import QueueBackend
 from ms1.pipeline.sending.breaker import Breaker
 from ms1.pipeline.sending.limiter import RateLimiter, SlidingWindowLimiter
-from ms1.pipeline.sending.pacer import Pacer, PacerSettings
+from ms1.pipeline.sending.pacer import Pacer
 from ms1.pipeline.source import Source
 from ms1.pipeline.transport import Transport
 from ms1.runtime import pluginmanager
+from ms1.runtime import settings as from_config
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,10 @@ class Components:
 
 def make_pacer(config: Config, limiter: RateLimiter | None = None) -> Pacer:
     """The shared pacer (rate limit, 429/401 pauses, breaker) the ``[send]`` options describe."""
-    settings = PacerSettings.from_config(config)
+    settings = from_config.pacer(config)
     if limiter is None:
         limiter = SlidingWindowLimiter(settings.limit, settings.window,
-                                       shaping=config.get_str("send", "rate_shape") == "learn")
+                                       shaping=from_config.service(config).shaping)
     pacer = Pacer(limiter, Breaker(settings.breaker_failures, settings.breaker_reset))
     pacer.configure(settings)
     return pacer

@@ -16,6 +16,7 @@ from ms1.config import Config
 from ms1.errors import ConfigError
 from ms1.errors import SubmitError as SubmitError  # re-exported: the ingestor imports it here
 from ms1.pipeline.source import Source
+from ms1.runtime import settings
 
 __all__ = ["Inbound", "SubmitError", "Submitter", "submit"]
 
@@ -43,10 +44,11 @@ class Inbound:
         pm = pm or pluginmanager.make_plugin_manager()
         if isinstance(config, str):
             config = pluginmanager.load(pm, config)
-        if config.get_str("source", "name") != "redis":
+        source = settings.source_name(config)
+        if source != "redis":
             raise config.error("source", "name", "ms1.runtime.ingest submits to the redis "
                                "source; "
-                               f"this config reads {config.get_str('source', 'name')!r}")
+                               f"this config reads {source!r}")
         self._source: Source = pluginmanager.build_source(pm, config)
         if not isinstance(self._source, Submitter):
             self._source.close()

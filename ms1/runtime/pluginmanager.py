@@ -40,6 +40,7 @@ from ms1.pipeline.outbound import QueueBackend
 from ms1.pipeline.sending.limiter import RateLimiter
 from ms1.pipeline.source import Source
 from ms1.pipeline.transport import Transport
+from ms1.runtime import settings
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def installed(pm: pluggy.PluginManager, kind: str) -> list[str]:
 
 def _check_installed(pm: pluggy.PluginManager, config: Config, kind: str) -> None:
     section, key = COMPONENT_KEYS[kind]
-    name = config.get_str(section, key)
+    name = settings.component(config, kind)
     names = installed(pm, kind)
     if name not in names:
         listed = ", ".join(names) if names else "none (is ms1 installed? pip install -e .)"
@@ -224,7 +225,7 @@ def _make(pm: pluggy.PluginManager, config: Config, kind: str, **extra: object) 
     """Call ``kind``'s factory hook for the configured name; check what it built."""
     _check_installed(pm, config, kind)
     section, key = COMPONENT_KEYS[kind]
-    name = config.get_str(section, key)
+    name = settings.component(config, kind)
     hook, cls = _FACTORIES[kind]
     caller = getattr(pm.hook, hook)
     component = caller(name=name, config=config, **extra)
@@ -257,7 +258,7 @@ def build_queue(pm: pluggy.PluginManager, config: Config) -> QueueBackend:
     """The outbound queue ``[queue] backend`` selects (``ms1_make_queue``); what it sets
     aside keeps at most ``[dead_letters] max_payload_bytes`` of a payload."""
     queue = cast(QueueBackend, _make(pm, config, "queue"))
-    queue.max_payload_bytes = config.get_int("dead_letters", "max_payload_bytes")
+    queue.max_payload_bytes = settings.service(config).max_payload_bytes
     return queue
 
 
@@ -265,7 +266,7 @@ def build_dead_letters(pm: pluggy.PluginManager, config: Config) -> DeadLetterSt
     """The dead-letter store ``[dead_letters] backend`` selects (``ms1_make_dead_letters``),
     keeping at most ``[dead_letters] max_payload_bytes`` of a payload."""
     store = cast(DeadLetterStore, _make(pm, config, "dead_letters"))
-    store.max_payload_bytes = config.get_int("dead_letters", "max_payload_bytes")
+    store.max_payload_bytes = settings.service(config).max_payload_bytes
     return store
 
 
@@ -285,7 +286,7 @@ FLEET_AUTO = "auto"
 
 def _check_fleet(pm: pluggy.PluginManager, config: Config) -> None:
     """``[fleet] backend`` names an installed fleet (or is ``auto``)."""
-    name = config.get_str("fleet", "backend")
+    name = settings.fleet_backend(config)
     names = installed(pm, "fleet")
     if name != FLEET_AUTO and name not in names:
         listed = ", ".join([FLEET_AUTO, *names])
@@ -301,10 +302,10 @@ def fleet_name(pm: pluggy.PluginManager, config: Config, queue_name: str | None 
     outbound queue is on Redis, else ``memory``. ``queue_name``: the name of the queue
     actually built (an ``auto`` queue that fell back to memory is ``memory``); without
     it, ``[queue] backend`` decides (``redis`` or ``auto``: Redis)."""
-    name = config.get_str("fleet", "backend")
+    name = settings.fleet_backend(config)
     if name != FLEET_AUTO:
         return name
-    queue = queue_name if queue_name is not None else config.get_str("queue", "backend")
+    queue = queue_name if queue_name is not None else settings.component(config, "queue")
     return "redis" if queue in ("redis", "auto") and "redis" in installed(pm, "fleet") \
         else "memory"
 

@@ -30,26 +30,24 @@ from ms1.observers import Observers
 from ms1.ops.fleet import Fleet, MemoryFleet
 from ms1.ops.logs import apply_log_settings
 from ms1.ops.metrics import Exporter, QueueWatch, ServiceView
-from ms1.ops.overview import Ceiling
 from ms1.ops.publisher import Publisher, Sampler
 from ms1.pipeline.intake import Intake, Work
 from ms1.pipeline.outbound import QueueStats
-from ms1.pipeline.sending.concurrency import Controller, fixed_concurrency
+from ms1.pipeline.sending.concurrency import Controller
 from ms1.pipeline.sending.fragments import Fragments, Limits
-from ms1.pipeline.sending.pacer import PacerSettings
 from ms1.pipeline.sending.sender import (
     IdlePoll,
     InFlight,
     Sender,
-    SendSettings,
     SharedSettings,
     WakingEvent,
 )
 from ms1.pipeline.stats import RunStats
+from ms1.runtime import settings
 from ms1.runtime.components import Components, make_pacer
 
 if TYPE_CHECKING:
-    from ms1.console import Console
+    from ms1.console.run import Console
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +74,6 @@ COMMIT_GROUP = 16
 
 
 #: the [batch] options a reload sets on the running batch policy
-_BATCH_LIMITS = ("max_items", "max_bytes", "max_wait")
 
 #: most skipped inputs the summary lists one by one (the log names every one)
 SUMMARY_SKIPPED_LISTED = 20
@@ -167,15 +164,6 @@ class Summary:
         return "\n".join(lines)
 
 
-def _concurrency_settings(config: Config) -> dict[str, Any]:
-    """The :class:`Controller`'s bounds: ``[send] threads`` set in the config fixes the
-    concurrency (the manual override); else it adapts between min and max_concurrency."""
-    top = config.get_int("send", "max_concurrency")
-    fixed = fixed_concurrency(config)
-    return {"min_concurrency": min(config.get_int("send", "min_concurrency"), top),
-            "max_concurrency": top, "fixed": fixed}
-
-
 class Service:
     """One ms1 process: ``start()``, then ``run_once()`` or ``wait()`` + ``shutdown()``."""
 
@@ -209,10 +197,13 @@ class Service:
         self._gave_up = ""  # why the committer stopped storing at the deadline
         self._source_drained = False  # the reader read the source to its end
         self._started = 0.0
-        self._read_chunk = config.get_int("source", "read_chunk")
+        #: what the service reads of the configuration (settings.service); a reload
+        #: builds it again
+        self.settings = settings.service(config)
+        self._read_chunk = self.settings.read_chunk
         #: each pipeline thread's last sign of progress: the watchdog and /healthz read it
         self.progress = Progress()
-        self.watchdog_timeout = config.get_float("ms1", "watchdog_timeout")
+        self.watchdog_timeout = self.settings.watchdog_timeout
         #: the queue's counts, read in a thread of its own: health checks, --once and the
         #: shutdown never wait on the queue backend longer than they choose
         self.queue_watch = QueueWatch(components.queue.stats, interval=QUEUE_READ_INTERVAL,
@@ -225,14 +216,14 @@ class Service:
         self._batcher_done = threading.Event()
         self.pacer = make_pacer(config, components.limiter)
         #: what every sender reads per delivery and per retry; a reload replaces it
-        self.send_settings = SharedSettings(SendSettings.from_config(config))
+        self.send_settings = SharedSettings(settings.send(config))
         #: requests to MS4 in flight now, over every sender (ms1_requests_in_flight)
         self.in_flight = InFlight()
         #: sizes the gate every sender takes a slot of around an attempt: fixed at
         #: ``[send] threads`` when the config sets it, else adaptive (ms1_concurrency_target)
         self.concurrency = Controller(
             rate=self._allowed_rate, held_back=self.pacer.holding,
-            **_concurrency_settings(config))
+            **settings.concurrency(config))
         #: active senders first, then retiring ones (leaving after their current batch)
         self._senders: list[tuple[Sender, threading.Thread]] = []
         self._sender_seq = 0
@@ -244,7 +235,7 @@ class Service:
             queue_watch=self.queue_watch, in_flight=lambda: self.in_flight.current,
             concurrency=self.concurrency, blocked=self.not_storing_or_sending)
         self.exporter: Exporter | None = None
-        address = config.get_str("metrics", "address")
+        address = self.settings.metrics_address
         if address:
             try:
                 self.exporter = Exporter(self.view, address)
@@ -257,21 +248,26 @@ class Service:
         sampler = Sampler(self.view, label=self.fleet.label,
                           consumer=getattr(components.queue, "consumer", None))
         self.publisher = Publisher(self.fleet, sampler.id, sampler.sample)
-        self.console = self._console(config, components) \
-            if config.get_str("console", "address") else None
+        self.console = self._console(config, components) if self.settings.console else None
 
     def _console(self, config: Config, parts: Components) -> Console:
         """The web console (``[console] address``): imported only when it is on."""
         try:
             try:
-                from ms1.console import Console  # Flask, waitress: only for a service with one
+                from ms1.console.run import Console  # Flask, waitress: only with a console
             except ImportError as exc:
                 raise config.error("console", "address", f"the console needs Flask and "
                                    f"waitress ({exc}): pip install flask waitress") from None
-            return Console(config, fleet=self.fleet, source=parts.source, queue=parts.queue,
-                           dead_letters=parts.dead_letters,
-                           ceiling=lambda: Ceiling.from_config(self.config),
-                           sender_threads=self.concurrency.pool)
+            console_settings = settings.console(config)
+            try:
+                return Console(console_settings, fleet=self.fleet, source=parts.source,
+                               queue=parts.queue, dead_letters=parts.dead_letters,
+                               ceiling=lambda: settings.ceiling(self.config),
+                               sender_threads=self.concurrency.pool)
+            except (OSError, ValueError) as exc:
+                raise config.error("console", "address", f"cannot listen on "
+                                   f"{console_settings.host}:{console_settings.port}: "
+                                   f"{exc}") from None
         except BaseException:
             if self.exporter is not None:  # bound already: let go of its port
                 self.exporter.close()
@@ -550,8 +546,7 @@ class Service:
         limit = self.watchdog_timeout
 
         def option(section: str, key: str) -> float:
-            known = (section, key) in self.config.options
-            return self.config.get_float(section, key) if known else 0.0
+            return settings.plugin_option(self.config, section, key, 0.0)
 
         request = option("transport.http", "request_timeout")
         redis_call = option("redis", "socket_timeout") + option("redis", "connect_timeout")
@@ -581,18 +576,19 @@ class Service:
         new = config.keeping(old, restart)
         changed = old.changed(new)
         # the log first: what the reload logs is in the new format already
-        apply_log_settings(new.get_str("ms1", "log_level"), new.get_str("ms1", "log_format"))
+        self.settings = settings.service(new)
+        apply_log_settings(self.settings.log_level, self.settings.log_format)
         self.config = new
         if new.api_key != old.api_key:
             self.set_api_key(new.api_key)
-        self.send_settings.replace(SendSettings.from_config(new))
-        self.pacer.configure(PacerSettings.from_config(new))
-        self._read_chunk = new.get_int("source", "read_chunk")
-        max_payload = new.get_int("dead_letters", "max_payload_bytes")
+        self.send_settings.replace(settings.send(new))
+        self.pacer.configure(settings.pacer(new))
+        self._read_chunk = self.settings.read_chunk
+        max_payload = self.settings.max_payload_bytes
         self.parts.dead_letters.max_payload_bytes = max_payload
         self.parts.queue.max_payload_bytes = max_payload
-        self._apply_batch_limits(new)
-        self.concurrency.configure(**_concurrency_settings(new))
+        self._apply_batch_limits(self.settings)
+        self.concurrency.configure(**settings.concurrency(new))
         self._set_sender_count(self.concurrency.pool)
         self.observers.config_reloaded(old, new, changed)
         return [f"[{sec}] {key}" for sec, key in sorted(set(restart))]
@@ -601,18 +597,16 @@ class Service:
         """False for a ``[batch]`` limit the running policy has no attribute for (a
         third-party policy): that change needs a restart."""
         section, name = key
-        return section != "batch" or name not in _BATCH_LIMITS \
+        return section != "batch" or name not in settings.BATCH_LIMITS \
             or hasattr(self.parts.policy, name)
 
-    def _apply_batch_limits(self, config: Config) -> None:
+    def _apply_batch_limits(self, service: settings.ServiceSettings) -> None:
         """Set the ``[batch]`` limits on the running policy, where it has them."""
         policy = self.parts.policy
-        for key in _BATCH_LIMITS:
+        for key, value in service.batch_limits.items():
             if key == "max_items" and policy.name == "unit":
                 continue  # one object per request, whatever max_items says
             if hasattr(policy, key):
-                value = config.get_float("batch", key) if key == "max_wait" \
-                    else config.get_int("batch", key)
                 setattr(policy, key, value)
 
     def run_once(self, timeout: float, stop: threading.Event | None = None) -> Summary:
@@ -635,7 +629,7 @@ class Service:
         if stop.is_set():
             log.warning("--once interrupted: stopping intake, delivering what is in flight "
                         "within shutdown_timeout")
-            return self.shutdown(self.config.get_float("ms1", "shutdown_timeout"),
+            return self.shutdown(self.settings.shutdown_timeout,
                                  interrupted=True)
         return self.shutdown(max(0.1, min(5.0, deadline - time.monotonic())))
 

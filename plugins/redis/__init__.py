@@ -11,12 +11,11 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from ms1.config import Config, Option
+from ms1.config import Config, Option, sender_threads
 from ms1.errors import Ms1Error
 from ms1.hookspecs import hookimpl
 from ms1.pipeline.deadletters import DeadLetterStore
 from ms1.pipeline.outbound import MemoryQueue, QueueBackend
-from ms1.pipeline.sending.concurrency import sender_threads
 from ms1.pipeline.sending.limiter import RateLimiter
 from ms1.pipeline.source import Source
 

@@ -34,9 +34,8 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from ms1.config import Config, Secret, split_address
+from ms1.config import Config, Secret, sender_threads, split_address
 from ms1.errors import Ms1Error
-from ms1.pipeline.sending.concurrency import sender_threads
 from ms1.redaction import redact
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from ms1.config import Config
 from ms1.pipeline.sending.answers import Answer, Kind
 from ms1.pipeline.sending.pacer import Aborted, Left
 
@@ -226,19 +225,3 @@ class Controller:
             target = max(self._min, min(self._max, int(self._cap), target))
         self._target = target
         self.gate.resize(target)
-
-
-def fixed_concurrency(config: Config) -> int | None:
-    """``[send] threads`` when the config sets it (fixed concurrency, the manual
-    override), else None (adaptive)."""
-    if ("send", "threads") in config.explicit:
-        return config.get_int("send", "threads")
-    return None
-
-
-def sender_threads(config: Config) -> int:
-    """How many sender threads a service with this config runs (what pools sized for
-    "one per sender" must hold): ``[send] threads`` when it is set (fixed concurrency),
-    else ``max_concurrency`` (adaptive)."""
-    fixed = fixed_concurrency(config)
-    return fixed if fixed is not None else config.get_int("send", "max_concurrency")

@@ -16,7 +16,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ms1.config import Config, Secret
+from ms1.config import Secret
 from ms1.errors import Ms1Error
 from ms1.heartbeat import Outage
 from ms1.pipeline.sending import shape as shapes
@@ -87,17 +87,6 @@ class PacerSettings:
     counts_at: str = "arrival"
     count_margin: float = 0.1
 
-    @classmethod
-    def from_config(cls, config: Config) -> PacerSettings:
-        return cls(limit=config.get_int("send", "requests_per_minute"),
-                   window=config.get_float("send", "rate_window"),
-                   retry_after_default=config.get_float("send", "retry_after_default"),
-                   retry_after_cap=config.get_float("send", "retry_after_max"),
-                   auth_probe_interval=config.get_float("send", "auth_probe_interval"),
-                   breaker_failures=config.get_int("send", "breaker_failures"),
-                   breaker_reset=config.get_float("send", "breaker_reset"),
-                   counts_at=config.get_str("send", "ms4_counts_at"),
-                   count_margin=config.get_float("send", "count_margin"))
 
 
 class Admission:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +19,6 @@ from types import TracebackType
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
-from ms1.config import Config
 from ms1.errors import Ms1Error, QueueError, TransportError
 from ms1.heartbeat import Outage, Progress
 from ms1.model import Batch, DeadLetter
@@ -51,25 +49,12 @@ class SendSettings:
     #: ``refusal_index_pattern``)
     refusals: RefusalReader = field(default_factory=RefusalReader)
 
-    @classmethod
-    def from_config(cls, config: Config) -> SendSettings:
-        return cls(retry_initial=config.get_float("send", "retry_initial"),
-                   retry_max=config.get_float("send", "retry_max"),
-                   max_deliveries=config.get_int("send", "max_deliveries"),
-                   refusals=_refusal_reader(config))
-
     def backoff(self, state: RetryCallState) -> float:
         """Seconds before the next retry: exponential from ``retry_initial``, with jitter,
         at most ``retry_max``."""
         wait = wait_exponential_jitter(multiplier=self.retry_initial * 2, max=self.retry_max,
                                        jitter=self.retry_initial)
         return float(wait(state))
-
-
-def _refusal_reader(config: Config) -> RefusalReader:
-    pattern = config.get_str("send", "refusal_index_pattern")
-    return RefusalReader(json_details=config.get_bool("send", "refusal_json_details"),
-                         index_pattern=re.compile(pattern) if pattern else None)
 
 
 class SharedSettings:
