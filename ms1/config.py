@@ -36,13 +36,7 @@ COMPONENT_KEYS: dict[str, tuple[str, str]] = {
 }
 
 #: sources that acknowledge what they hand over: once acked, an entry is gone from them
-ACKING_SOURCES = frozenset({"redis"})
-#: built-in backends holding what they are given in memory only (``auto`` may fall back to
-#: memory). Any other name - a third-party backend too - is taken as durable.
-VOLATILE_BACKENDS: dict[str, frozenset[str]] = {
-    "queue": frozenset({"memory", "auto"}),
-    "dead_letters": frozenset({"memory"}),
-}
+
 
 
 class Secret:
@@ -789,19 +783,19 @@ def read_api_key(
     return Secret(value, origin=f"${env_name}")
 
 
-def check_durability(config: Config) -> None:
-    """A source that acknowledges what it hands over (:data:`ACKING_SOURCES`) needs a
-    durable queue and durable dead letters, else an inbound entry is acked into memory;
-    ``[source] allow_volatile = yes`` accepts that. Decided by name
-    (:data:`VOLATILE_BACKENDS`), so nothing is built."""
+def check_durability(config: Config, traits: set[tuple[str, str, str]]) -> None:
+    """A source that acknowledges what it hands over (trait ``acks``) needs a durable
+    queue and durable dead letters (no trait ``volatile``), else an inbound entry is acked
+    into memory; ``[source] allow_volatile = yes`` accepts that. Decided by the plugins'
+    declarations (``ms1_component_traits``), so nothing is built."""
     source = config.get_str("source", "name")
-    if source not in ACKING_SOURCES or config.get_bool("source", "allow_volatile"):
+    if ("source", source, "acks") not in traits or config.get_bool("source", "allow_volatile"):
         return
     volatile = []
-    for kind, names in VOLATILE_BACKENDS.items():
+    for kind in ("queue", "dead_letters"):
         section, key = COMPONENT_KEYS[kind]
         name = config.get_str(section, key)
-        if name in names:
+        if (kind, name, "volatile") in traits:
             volatile.append(f"[{section}] {key} = {name}")
     if volatile:
         raise config.error(

@@ -64,6 +64,22 @@ def ms1_components() -> Sequence[tuple[str, str]]:
     """
 
 
+@hookspec
+def ms1_component_traits() -> Sequence[tuple[str, str, str]]:
+    """Declare what the core must know of a component before it is built, as
+    ``(kind, name, trait)`` triples, so that it names no plugin itself.
+
+    Traits: ``acks`` (a source that acknowledges what it hands over: it then needs a
+    durable queue and durable dead letters, unless ``[source] allow_volatile``);
+    ``volatile`` (a queue or dead-letter store that holds what it is given in memory only,
+    or may fall back to it); ``fleet:NAME`` (a queue whose instances share the fleet
+    ``NAME``: ``[fleet] backend = auto`` chooses it). Called from the main thread whenever
+    a config is read, like :func:`ms1_components`.
+
+    :return: the triples. All results are merged (not ``firstresult``).
+    """
+
+
 # --- factory hooks (firstresult) ---------------------------------------------
 
 

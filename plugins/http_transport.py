@@ -247,6 +247,7 @@ class HttpTransport(Transport):
         auth = httpx.BasicAuth(given.username, given.password) \
             if given.username or given.password else None
         self.request_timeout = request_timeout
+        self.longest_call = request_timeout
         self.max_answer_bytes = max_answer_bytes
         # the pool wait is no socket operation: request_timeout bounds it here
         pool_timeout = min(pool_timeout, request_timeout)

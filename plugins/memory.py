@@ -27,6 +27,11 @@ def ms1_components() -> Sequence[tuple[str, str]]:
 
 
 @hookimpl
+def ms1_component_traits() -> Sequence[tuple[str, str, str]]:
+    return [("queue", NAME, "volatile"), ("dead_letters", NAME, "volatile")]
+
+
+@hookimpl
 def ms1_make_source(name: str, config: Config, inputs: Sequence[str]) -> Source | None:
     return MemorySource(finite=True) if name == NAME else None
 

@@ -299,3 +299,30 @@ def test_reload_applies_limits_rate_and_senders_and_refuses_a_bad_file(
     finally:
         service.shutdown(5)
         parts.close()
+
+
+def test_a_call_that_may_outlast_the_watchdog_is_warned_of_by_the_part_not_its_name(
+        pm, write_config, caplog, monkeypatch) -> None:
+    """Issue 23: the watchdog cross-check asks each part how long one call may take
+    (``longest_call``: the http transport's request_timeout, a Redis part's socket +
+    connect timeouts) instead of reading [transport.http] and [redis] by name."""
+    import logging
+
+    from ms1.runtime import pluginmanager
+    from ms1.runtime.components import Components
+    from ms1.runtime.service import Service
+
+    monkeypatch.setenv("MS1_MS4_API_KEY", "k")
+    path = write_config("[ms1]\nwatchdog_timeout = 30\n[ms4]\ntransport = http\n"
+                        "[transport.http]\nrequest_timeout = 45\n")
+    config = pluginmanager.load(pm, str(path))
+    parts = Components.build(pm, config.with_values({("source", "name"): "memory"}))
+    assert parts.transport.longest_call == 45
+    service = Service(config, pm, parts)
+    try:
+        with caplog.at_level(logging.WARNING):
+            service._check_watchdog_timeout()
+        assert "[ms1] watchdog_timeout (30 s) is not above the longest call the transport " \
+            "'http' may make by design (45 s" in caplog.text
+    finally:
+        service.shutdown(1)

@@ -249,3 +249,28 @@ def test_only_the_settings_layer_reads_the_configuration() -> None:
                     and any(alias.name == "Config" for alias in node.names):
                 found.append(f"{rel}:{node.lineno}: a stage imports Config")
     assert not found, "\n".join(sorted(found))
+
+
+#: the built-in plugins the core must not single out (the in-memory twins ship in the core)
+_PLUGIN_NAMES = {"redis", "http", "files", "jsonl", "policies"}
+
+
+def test_the_core_names_no_plugin() -> None:
+    """Issue 23: the core decides nothing by a plugin's name (before: a source named
+    "redis" acked, a queue on "redis" chose the Redis fleet, the watchdog check read
+    [transport.http] and [redis] timeouts): plugins declare traits
+    (``ms1_component_traits``) and components say how long a call may take
+    (``longest_call``)."""
+    found = []
+    for path in ROOT.glob("ms1/**/*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare) or "scheme" in ast.unparse(node):
+                continue  # (a URL's scheme "http" is no plugin)
+            for operand in [node.left, *node.comparators]:
+                values = [operand] if isinstance(operand, ast.Constant) else \
+                    list(operand.elts) if isinstance(operand, (ast.Tuple, ast.Set, ast.List)) \
+                    else []
+                if any(isinstance(v, ast.Constant) and v.value in _PLUGIN_NAMES
+                       for v in values):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "\n".join(found)

@@ -57,6 +57,9 @@ class QueueBackend(ABC):
     """Contract of a queue backend plugin. Every method is called from many threads."""
 
     name: str = "?"
+    #: seconds one call may block by design (its own timeouts), None: not bounded here;
+    #: the service warns when ``[ms1] watchdog_timeout`` is not above it
+    longest_call: float | None = None
     #: whether batches survive the end of this process (decides what shutdown waits for)
     durable: bool = False
     #: whether :meth:`put_many` is all-or-nothing (atomic, or idempotent when retried

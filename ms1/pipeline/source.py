@@ -37,6 +37,9 @@ class Source(ABC):
     """Contract of a source plugin. ``read`` is called from one thread only."""
 
     name: str = "?"
+    #: seconds one call may block by design (its own timeouts), None: not bounded here;
+    #: the service warns when ``[ms1] watchdog_timeout`` is not above it
+    longest_call: float | None = None
 
     @abstractmethod
     def read(self, max_items: int, timeout: float) -> list[InboundMessage]:

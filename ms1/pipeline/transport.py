@@ -49,6 +49,9 @@ class Transport(ABC):
     """Contract of a transport plugin. ``send`` is called from every sender thread at once."""
 
     name: str = "?"
+    #: seconds one call may block by design (its own timeouts), None: not bounded here;
+    #: the service warns when ``[ms1] watchdog_timeout`` is not above it
+    longest_call: float | None = None
 
     @abstractmethod
     def send(self, request: Request) -> Response:

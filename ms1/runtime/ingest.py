@@ -13,7 +13,6 @@ from typing import Protocol, runtime_checkable
 import pluggy
 
 from ms1.config import Config
-from ms1.errors import ConfigError
 from ms1.errors import SubmitError as SubmitError  # re-exported: the ingestor imports it here
 from ms1.pipeline.source import Source
 from ms1.runtime import settings
@@ -44,15 +43,12 @@ class Inbound:
         pm = pm or pluginmanager.make_plugin_manager()
         if isinstance(config, str):
             config = pluginmanager.load(pm, config)
-        source = settings.source_name(config)
-        if source != "redis":
-            raise config.error("source", "name", "ms1.runtime.ingest submits to the redis "
-                               "source; "
-                               f"this config reads {source!r}")
         self._source: Source = pluginmanager.build_source(pm, config)
         if not isinstance(self._source, Submitter):
             self._source.close()
-            raise ConfigError(f"source {self._source.name!r} takes no e-mails with a key")
+            raise config.error("source", "name", f"source {settings.source_name(config)!r} "
+                               "takes no e-mails with a key (ms1.runtime.ingest submits to a "
+                               "source that does: the redis source)")
         self._submitter: Submitter = self._source
 
     def submit(self, emails: Sequence[bytes | str], *, key: str | None = None,

@@ -182,8 +182,14 @@ def load(pm: pluggy.PluginManager, path: str) -> Config:
     for kind in COMPONENT_KEYS:
         _check_installed(pm, config, kind)
     _check_fleet(pm, config)
-    check_durability(config)
+    check_durability(config, component_traits(pm))
     return config
+
+
+def component_traits(pm: pluggy.PluginManager) -> set[tuple[str, str, str]]:
+    """Every ``(kind, name, trait)`` the installed plugins declare."""
+    return {(str(kind), str(name), str(trait)) for triples in pm.hook.ms1_component_traits()
+            for kind, name, trait in triples}
 
 
 def installed(pm: pluggy.PluginManager, kind: str) -> list[str]:
@@ -298,16 +304,18 @@ def _check_fleet(pm: pluggy.PluginManager, config: Config) -> None:
 
 
 def fleet_name(pm: pluggy.PluginManager, config: Config, queue_name: str | None = None) -> str:
-    """The fleet ``[fleet] backend`` selects; ``auto``: ``redis`` (when installed) if the
-    outbound queue is on Redis, else ``memory``. ``queue_name``: the name of the queue
-    actually built (an ``auto`` queue that fell back to memory is ``memory``); without
-    it, ``[queue] backend`` decides (``redis`` or ``auto``: Redis)."""
+    """The fleet ``[fleet] backend`` selects; ``auto``: the fleet the outbound queue's
+    plugin declares its instances share (trait ``fleet:NAME``), when installed, else
+    ``memory``. ``queue_name``: the name of the queue actually built (an ``auto`` queue
+    that fell back to memory is ``memory``); without it, ``[queue] backend`` decides."""
     name = settings.fleet_backend(config)
     if name != FLEET_AUTO:
         return name
     queue = queue_name if queue_name is not None else settings.component(config, "queue")
-    return "redis" if queue in ("redis", "auto") and "redis" in installed(pm, "fleet") \
-        else "memory"
+    fleets = installed(pm, "fleet")
+    shared = sorted(trait.partition(":")[2] for kind, name, trait in component_traits(pm)
+                    if kind == "queue" and name == queue and trait.startswith("fleet:"))
+    return next((fleet for fleet in shared if fleet in fleets), "memory")
 
 
 def build_fleet(pm: pluggy.PluginManager, config: Config, queue_name: str | None = None

@@ -32,7 +32,7 @@ from ms1.ops.logs import apply_log_settings
 from ms1.ops.metrics import Exporter, QueueWatch, ServiceView
 from ms1.ops.publisher import Publisher, Sampler
 from ms1.pipeline.intake import Intake, Work
-from ms1.pipeline.outbound import QueueStats
+from ms1.pipeline.outbound import QueueBackend, QueueStats
 from ms1.pipeline.sending.concurrency import Controller
 from ms1.pipeline.sending.fragments import Fragments, Limits
 from ms1.pipeline.sending.sender import (
@@ -42,7 +42,9 @@ from ms1.pipeline.sending.sender import (
     SharedSettings,
     WakingEvent,
 )
+from ms1.pipeline.source import Source
 from ms1.pipeline.stats import RunStats
+from ms1.pipeline.transport import Transport
 from ms1.runtime import settings
 from ms1.runtime.components import Components, make_pacer
 
@@ -544,20 +546,16 @@ class Service:
         """WARNING when one call may by design last longer than ``watchdog_timeout``: it
         would count as a stall while it is still within its own deadline."""
         limit = self.watchdog_timeout
-
-        def option(section: str, key: str) -> float:
-            return settings.plugin_option(self.config, section, key, 0.0)
-
-        request = option("transport.http", "request_timeout")
-        redis_call = option("redis", "socket_timeout") + option("redis", "connect_timeout")
-        if self.parts.transport.name == "http" and request >= limit:
-            log.warning("[ms1] watchdog_timeout (%g s) is not above [transport.http] "
-                        "request_timeout (%g s): a request still within its deadline counts "
-                        "as a stall", limit, request)
-        if "redis" in (self.parts.queue.name, self.parts.source.name) and redis_call >= limit:
-            log.warning("[ms1] watchdog_timeout (%g s) is not above [redis] socket_timeout + "
-                        "connect_timeout (%g s): a Redis call still within its timeouts "
-                        "counts as a stall", limit, redis_call)
+        parts: dict[str, Transport | QueueBackend | Source] = {
+            "transport": self.parts.transport, "queue": self.parts.queue,
+            "source": self.parts.source}
+        for kind, part in parts.items():
+            longest = part.longest_call
+            if isinstance(longest, (int, float)) and longest >= limit:
+                log.warning("[ms1] watchdog_timeout (%g s) is not above the longest call the "
+                            "%s %r may make by design (%g s, its own timeouts): a call still "
+                            "within its deadline counts as a stall", limit, kind, part.name,
+                            longest)
 
     def reload(self, config: Config) -> list[str]:
         """Apply a new, already validated config without losing anything; return the

@@ -133,6 +133,14 @@ def ms1_components() -> Sequence[tuple[str, str]]:
             ("dead_letters", "redis"), ("rate_limiter", "redis")]
 
 
+@hookimpl
+def ms1_component_traits() -> Sequence[tuple[str, str, str]]:
+    """The Redis source acks what it hands over; the ``auto`` queue may fall back to
+    memory; Redis queues share the Redis fleet."""
+    return [("source", "redis", "acks"), ("queue", "auto", "volatile"),
+            ("queue", "redis", "fleet:redis"), ("queue", "auto", "fleet:redis")]
+
+
 def _check_linger(config: Config) -> None:
     visibility = config.get_float(SECTION, "visibility_timeout")
     if config.get_float("batch", "max_wait") * 2 + 5 > visibility:

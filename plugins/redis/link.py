@@ -219,6 +219,8 @@ class RedisLink:
         self._sentinel: Sentinel | None = None
         self._scripts: dict[str, Script] = {}
         self._build: Callable[[], Any]
+        #: the longest one Redis call may take by design (the parts' ``longest_call``)
+        self.longest_call = socket_timeout + connect_timeout
         self._make_client(url, password, socket_timeout, connect_timeout, max_connections)
         self._users = 0
         self.closed = False

@@ -155,6 +155,7 @@ class RedisQueue(QueueBackend):
                  dead_letter_stream: str = "ms1:dead-letters",
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
         self.link = link
+        self.longest_call = link.longest_call
         self.max_payload_bytes = max_payload_bytes
         self.stream, self.group, self.consumer = stream, group, consumer
         self.dead_letter_stream = dead_letter_stream

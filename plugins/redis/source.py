@@ -116,6 +116,7 @@ class RedisSource(Source):
         """``block_timeout``: the longest one XREADGROUP waits (``[redis] block_timeout``:
         below the socket timeout), whatever wait a read asks for."""
         self.link = link
+        self.longest_call = link.longest_call
         self.block_timeout = block_timeout
         self.max_email_bytes = max_email_bytes
         self.stream, self.group, self.consumer = stream, group, consumer
