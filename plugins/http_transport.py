@@ -288,7 +288,8 @@ class HttpTransport(Transport):
         if self._closed:
             raise TransportError(f"the transport to MS4 at {self.base_url} is closed")
         headers = {"Content-Type": "application/json",
-                   "Idempotency-Key": request.idempotency_key}
+                   "Idempotency-Key": request.idempotency_key,
+                   "traceparent": request.traceparent}
         if key is not None:
             headers["X-API-Key"] = key.reveal()
         url = self._urls.get(request.path)

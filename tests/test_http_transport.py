@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import socket
 import ssl
@@ -726,3 +727,19 @@ def test_a_timeout_after_the_request_was_out_says_when_and_a_refusal_says_none(s
             post(refused)
         assert never_out.value.sent is None  # never reached MS4: nothing it could count
         refused.close()
+
+
+def test_traceparent_is_the_batch_as_trace_and_the_attempt_as_span() -> None:
+    """Issue 24's fourth point: W3C Trace Context derived from the batch id."""
+    from ms1.pipeline.transport import Request, traceparent
+
+    batch_id = "0123456789abcdef0123456789abcdef"
+    first = Request("/batch-metadata", b"[]", batch_id, 0).traceparent
+    again = Request("/batch-metadata", b"[]", batch_id, 0, attempt=1).traceparent
+    second = Request("/batch-metadata", b"[]", batch_id, 0, attempt=2).traceparent
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", first)
+    assert first == again and first.split("-")[1] == batch_id
+    assert second.split("-")[1] == batch_id and second.split("-")[2] != first.split("-")[2]
+    other = traceparent("not-hex, a third-party key")  # hashed into a valid trace id
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", other)
+    assert traceparent("0" * 32).split("-")[1] != "0" * 32  # all zeros is invalid

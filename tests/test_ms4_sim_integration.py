@@ -85,6 +85,12 @@ def test_faults_lose_nothing_and_duplicates_come_only_from_drops(
     for request in sim.accepted_requests():
         by_key[request.idempotency_key].append(request)
     assert None not in by_key
+    # issue 24: W3C Trace Context: the trace is the batch (its Idempotency-Key), each
+    # attempt a span of its own, so MS4's log joins ms1's
+    for key, requests in by_key.items():
+        parents = [str(r.traceparent).split("-") for r in requests]
+        assert all(len(p) == 4 and (p[0], p[1], p[3]) == ("00", key, "01") for p in parents)
+        assert len({p[2] for p in parents}) == len(parents), "a re-send reused a span id"
     explained = 0
     for requests in by_key.values():
         for earlier in requests[:-1]:

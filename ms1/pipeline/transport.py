@@ -11,6 +11,8 @@ in-process MS4 that records every request and can be scripted, like httpx's
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -21,15 +23,40 @@ from dataclasses import dataclass, field
 from ms1.config import Secret
 from ms1.errors import TransportError
 
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def traceparent(batch_id: str, attempt: int = 1) -> str:
+    """``00-<trace id>-<span id>-01`` (W3C Trace Context, sampled): the trace id is the
+    batch id when it is 32 lower-case hex digits (ms1's are), else its hash; the span id
+    a hash of the batch id and the attempt. Never all zeros (invalid)."""
+    trace = batch_id if _HEX32.fullmatch(batch_id) and batch_id.strip("0") else \
+        hashlib.blake2b(batch_id.encode(), digest_size=16).hexdigest()
+    span = hashlib.blake2b(f"{batch_id}/{attempt}".encode(), digest_size=8).hexdigest()
+    if not trace.strip("0"):
+        trace = "1".rjust(32, "0")
+    if not span.strip("0"):
+        span = "1".rjust(16, "0")
+    return f"00-{trace}-{span}-01"
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One POST to MS4. ``body`` is sent as is; ``idempotency_key`` is the batch id."""
+    """One POST to MS4. ``body`` is sent as is; ``idempotency_key`` is the batch id;
+    ``attempt``: which attempt at the batch this is (1 first)."""
 
     path: str
     body: bytes
     idempotency_key: str
     count: int
+    attempt: int = 1
+
+    @property
+    def traceparent(self) -> str:
+        """The W3C Trace Context ``traceparent`` of this request: the trace is the batch
+        (its id, the ``Idempotency-Key``, is the trace id when it is 32 hex digits, else a
+        hash of it), the span this attempt, so MS4's logs join ms1's by batch."""
+        return traceparent(self.idempotency_key, self.attempt)
 
 
 @dataclass(frozen=True, slots=True)

@@ -291,6 +291,8 @@ class AcceptedRequest:
     dropped: bool
     at: float  # time.monotonic()
     reset: bool = False
+    #: the request's W3C ``traceparent`` header, as sent (None if absent)
+    traceparent: str | None = None
 
     @property
     def answer(self) -> str:
@@ -399,8 +401,8 @@ class _SimState:
                     return status
         return None
 
-    def accept(self, path: str, idempotency_key: str | None, invoice_ids: list[str]
-               ) -> str | None:
+    def accept(self, path: str, idempotency_key: str | None, invoice_ids: list[str],
+               traceparent: str | None = None) -> str | None:
         """Record an accepted request; returns how its answer is lost (``"dropped"``: close
         the connection unanswered, ``"reset"``: reset it mid-answer) or None (answer 202)."""
         drop_p, reset_p = self.config.drop, self.config.reset
@@ -432,6 +434,7 @@ class _SimState:
                     dropped=lost is not None,
                     at=time.monotonic(),
                     reset=lost == "reset",
+                    traceparent=traceparent,
                 )
             )
             return lost
@@ -439,7 +442,8 @@ class _SimState:
     def accepted_list(self) -> list[dict[str, Any]]:
         with self.lock:
             return [{"path": req.path, "idempotency_key": req.idempotency_key,
-                     "invoice_ids": list(req.invoice_ids), "answer": req.answer}
+                     "invoice_ids": list(req.invoice_ids), "answer": req.answer,
+                     "traceparent": req.traceparent}
                     for req in self.accepted]
 
     def settings(self) -> dict[str, Any]:
@@ -855,7 +859,8 @@ class _Handler(BaseHTTPRequestHandler):
             body_out = json.dumps({"error": "invalid object(s)", "details": details}).encode()
             return _Outcome(cfg.refuse_status, body_out)
         invoice_ids = [str(obj["invoice_id"]) for obj in objects]
-        lost = state.accept(path, self.headers.get("Idempotency-Key"), invoice_ids)
+        lost = state.accept(path, self.headers.get("Idempotency-Key"), invoice_ids,
+                            self.headers.get("traceparent"))
         return _Outcome(202, drop=lost == "dropped", reset=lost == "reset")
 
     def _finish_api(self, outcome: _Outcome) -> None:

@@ -461,7 +461,7 @@ class Sender:
 
     def _attempt_in_slot(self, delivery: Delivery, attempt: int) -> None:
         batch = delivery.batch
-        request = Request(batch.path, batch.body(), batch.id, len(batch))
+        request = Request(batch.path, batch.body(), batch.id, len(batch), attempt)
         admission = self._admit(delivery)
         # a request in flight is no bounded wait: past watchdog_timeout it is a stall
         self._progress.beat(self.name, f"sending batch {batch.id} to MS4 (attempt {attempt})")
