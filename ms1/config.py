@@ -390,6 +390,12 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "after it stops) for the web console and top: auto (redis when [queue] backend "
            "is redis or auto and a Redis queue was built, else memory), redis (every "
            "instance on the Redis), memory (this process only)"),
+    Option("ledger", "backend", "str", "auto",
+           "where the invoice ledger is kept (what became of every e-mail and invoice, for "
+           "ms1-service trace): auto (the store the outbound queue's plugin shares, redis "
+           "for a Redis queue, else memory), redis, memory (this process only), off"),
+    Option("ledger", "retention_days", "float", 30.0,
+           "days a ledger record is kept", min=0.01, max=3650),
     Option("console", "address", "address", "",
            "host:port of the web console (overview of every instance, dead-letter browser, "
            "replay); empty: off. Keep it on loopback (reach it through an SSH tunnel or a "

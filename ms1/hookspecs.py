@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ms1.ops.fleet import Fleet
     from ms1.pipeline.batching import BatchPolicy
     from ms1.pipeline.deadletters import DeadLetterStore
+    from ms1.pipeline.ledger import Ledger
     from ms1.pipeline.outbound import QueueBackend
     from ms1.pipeline.sending.limiter import RateLimiter
     from ms1.pipeline.source import Source
@@ -55,7 +56,8 @@ def ms1_components() -> Sequence[tuple[str, str]]:
     """Declare the components this plugin can build, as ``(kind, name)`` pairs.
 
     ``kind`` is one of ``source``, ``batch_policy``, ``queue``, ``dead_letters``,
-    ``transport``, ``rate_limiter``, ``fleet``; ``name`` is what the config selects it by.
+    ``transport``, ``rate_limiter``, ``fleet``, ``ledger``; ``name`` is what the config
+    selects it by.
     Called from the main thread whenever a config is read (start, reload) and
     before each factory call, to check the config's choices and to list the
     installed names when a choice is unknown.
@@ -73,7 +75,8 @@ def ms1_component_traits() -> Sequence[tuple[str, str, str]]:
     durable queue and durable dead letters, unless ``[source] allow_volatile``);
     ``volatile`` (a queue or dead-letter store that holds what it is given in memory only,
     or may fall back to it); ``fleet:NAME`` (a queue whose instances share the fleet
-    ``NAME``: ``[fleet] backend = auto`` chooses it). Called from the main thread whenever
+    ``NAME``: ``[fleet] backend = auto`` chooses it); ``ledger:NAME`` (the same for
+    ``[ledger] backend = auto``). Called from the main thread whenever
     a config is read, like :func:`ms1_components`.
 
     :return: the triples. All results are merged (not ``firstresult``).
@@ -184,6 +187,23 @@ def ms1_make_fleet(name: str, config: Config) -> Fleet | None:
     that beat.
 
     :return: a :class:`~ms1.ops.fleet.Fleet` if ``name`` is yours, else None.
+        ``firstresult``.
+    """
+
+
+@hookspec(firstresult=True)
+def ms1_make_ledger(name: str, config: Config) -> Ledger | None:
+    """Build the invoice ledger selected by ``[ledger] backend`` (issue 24: what became
+    of every e-mail and invoice, for ``ms1-service trace``).
+
+    Called once at start, from the main thread (and by ``trace``). ``auto`` and ``off``
+    never reach this hook: ``auto`` is resolved first (the store the outbound queue's
+    plugin declares with the trait ``ledger:NAME``, else ``memory``). ``record`` is called
+    from the committer and every sender thread: thread-safe; it raises
+    :class:`~ms1.errors.QueueError` when the store cannot be reached (the caller holds the
+    data and retries).
+
+    :return: a :class:`~ms1.pipeline.ledger.Ledger` if ``name`` is yours, else None.
         ``firstresult``.
     """
 

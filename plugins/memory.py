@@ -12,6 +12,7 @@ from ms1.config import Config
 from ms1.hookspecs import hookimpl
 from ms1.ops.fleet import Fleet, MemoryFleet
 from ms1.pipeline.deadletters import DeadLetterStore, MemoryDeadLetters
+from ms1.pipeline.ledger import Ledger, MemoryLedger
 from ms1.pipeline.outbound import MemoryQueue, QueueBackend
 from ms1.pipeline.sending.limiter import RateLimiter, SlidingWindowLimiter
 from ms1.pipeline.source import MemorySource, Source
@@ -23,12 +24,19 @@ NAME = "memory"
 @hookimpl
 def ms1_components() -> Sequence[tuple[str, str]]:
     return [("source", NAME), ("queue", NAME), ("dead_letters", NAME), ("transport", NAME),
-            ("rate_limiter", NAME), ("fleet", NAME)]
+            ("rate_limiter", NAME), ("fleet", NAME), ("ledger", NAME)]
 
 
 @hookimpl
 def ms1_component_traits() -> Sequence[tuple[str, str, str]]:
     return [("queue", NAME, "volatile"), ("dead_letters", NAME, "volatile")]
+
+
+@hookimpl
+def ms1_make_ledger(name: str, config: Config) -> Ledger | None:
+    if name != NAME:
+        return None
+    return MemoryLedger(config.get_float("ledger", "retention_days"))
 
 
 @hookimpl

@@ -739,7 +739,8 @@ def test_one_server_keeps_its_key_names_and_plain_xadds(redis_url: str, tmp_path
     assert key_names(config) == {"inbound_stream": "ms1:emails",
                                  "outbound_stream": "ms1:outbound",
                                  "dead_letter_stream": "ms1:dead-letters",
-                                 "rate_limit_key": "ms1:rate-limit"}
+                                 "rate_limit_key": "ms1:rate-limit",
+                                 "ledger_key": "ms1:ledger"}
     path = inbound_config(tmp_path / "cli.ini", {"url": redis_url})
     emails = tmp_path / "in.jsonl"
     emails.write_bytes(b"".join(s.data + b"\n" for s in samples.generate(20)))
@@ -760,7 +761,7 @@ def test_the_key_rule_gives_every_key_one_hash_tag(make_config: Any) -> None:
     names = key_names(make_config("[redis]\ncluster = yes\n"))
     assert names == {"inbound_stream": "{ms1}:emails", "outbound_stream": "{ms1}:outbound",
                      "dead_letter_stream": "{ms1}:dead-letters",
-                     "rate_limit_key": "{ms1}:rate-limit"}
+                     "rate_limit_key": "{ms1}:rate-limit", "ledger_key": "{ms1}:ledger"}
     assert key_names(make_config("[redis]\nkey_tag = eu\ninbound_stream = in\n"))[
         "inbound_stream"] == "{eu}:in"
     from redis_topologies import key_slot

@@ -439,9 +439,9 @@ def test_accepted_endpoint_lists_requests_with_keys_and_answers(
     listed = raw.get(f"{sim.url}/accepted").json()
     assert listed == sim.accepted_list() == [
         {"path": "/batch-metadata", "idempotency_key": "k", "invoice_ids": ["A1", "A2"],
-         "answer": "202"},
+         "answer": "202", "traceparent": None},
         {"path": "/metadata", "idempotency_key": None, "invoice_ids": ["A3"],
-         "answer": "dropped"}]
+         "answer": "dropped", "traceparent": None}]
 
 
 def test_seeded_faults_are_reproducible(make_sim: Callable[..., Ms4Sim]) -> None:

@@ -33,7 +33,7 @@ from ms1.runtime.service import Service, Summary
 
 log = logging.getLogger("ms1")
 
-COMMANDS = ("run", "check", "samples", "enqueue", "status", "dlq", "top", "conf")
+COMMANDS = ("run", "check", "samples", "enqueue", "status", "dlq", "top", "conf", "trace")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: a second SIGINT: exit at once, as a shell's Ctrl-C does (128 + SIGINT)
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     status = command("status", "queue lengths, pending, consumers, dead letters")
     status.add_argument("--json", action="store_true",
                         help="print the status as one JSON object (raw text, JSON-escaped)")
+    trace = command("trace", "what became of an invoice or e-mail (the ledger): batches, "
+                             "attempts, MS4's answers; exit 1 if unknown")
+    trace.add_argument("id", help="an invoice id or an e-mail's message id")
+    trace.add_argument("--json", action="store_true",
+                       help="print the timeline as one JSON object (raw text, JSON-escaped)")
     dlq = command("dlq", "the dead letters")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq_sub.add_parser("list", parents=[globals_after],
@@ -200,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(service_settings.log_level, service_settings.log_format,
                   secrets=[config.api_key.reveal()] if config.api_key else [])
     try:
-        if args.command in ("enqueue", "status", "dlq"):
+        if args.command in ("enqueue", "status", "dlq", "trace"):
             return admin.run(args, config, pm)
         if args.command == "top":
             from ms1.cli import top  # rich: only for the commands that draw

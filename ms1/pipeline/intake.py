@@ -25,6 +25,7 @@ from ms1.model import Batch, DeadLetter, InboundMessage, Item
 from ms1.observers import Observers
 from ms1.pipeline.batching import BatchPolicy
 from ms1.pipeline.deadletters import DeadLetterStore
+from ms1.pipeline.ledger import Ledger, LedgerEvent
 from ms1.pipeline.outbound import QueueBackend
 from ms1.pipeline.processor import Accepted, unified_email_processor
 from ms1.pipeline.source import Source
@@ -44,10 +45,13 @@ class Intake:
         dead_letters: DeadLetterStore, observers: Observers, stats: RunStats,
         abort: threading.Event, retry_delay: float = 1.0,
         handoff: Callable[[Work], None] | None = None, progress: Progress | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         """``progress``: where the committing thread beats before each store it tries and
         marks its retries while the store is unreachable (the service's)."""
         self._progress = progress if progress is not None else Progress()
+        #: where each stored batch and rejected e-mail is recorded first (None: nowhere)
+        self._ledger = ledger
         self._handoff = handoff or self.commit
         self._source = source
         self._policy = policy
@@ -134,6 +138,8 @@ class Intake:
             return
         what = (f"enqueue batch {batches[0].id}" if len(batches) == 1
                 else f"enqueue {len(batches)} batches ({batches[0].id} ...)")
+        self._record([LedgerEvent("batched", batch.id, batch.invoice_ids, batch.message_ids,
+                                  batch.refs) for batch in batches])
         acked = self._persist(lambda: self._queue.put_many(batches, self._source), what)
         if not acked:
             self._ack([ref for batch in batches for ref in batch.refs])
@@ -143,6 +149,12 @@ class Intake:
             self._observers.batch_enqueued(batch)
 
     def _dead_letter(self, letters: list[DeadLetter]) -> None:
+        self._record([LedgerEvent(
+            "rejected", f"e-{letter.source_ref or letter.message_id or letter.id}",
+            (letter.invoice_id,) if letter.invoice_id else (),
+            (letter.message_id,) if letter.message_id else (),
+            (letter.source_ref,) if letter.source_ref else (), detail=letter.reason[:1000])
+            for letter in letters])
         acked = self._persist(lambda: self._dead_letters.add(letters, self._source),
                               f"store {len(letters)} dead letters")
         if not acked:
@@ -153,6 +165,14 @@ class Intake:
             log.info("rejected %s (%s): %s", letter.message_id or "e-mail without message_id",
                      letter.source_ref, letter.reason)
             self._observers.payload_rejected(letter)
+
+    def _record(self, events: list[LedgerEvent]) -> None:
+        """Record ``events`` in the ledger before what they describe is stored (a stored
+        batch has its record; a crash between leaves a record of one batched again)."""
+        ledger = self._ledger
+        if ledger is not None and events:
+            self._persist(lambda: ledger.record(events),
+                          f"record {len(events)} {events[0].kind} events in the ledger")
 
     def _ack(self, refs: Sequence[str]) -> None:
         if refs:

@@ -19,6 +19,7 @@ from ms1.config import Config
 from ms1.ops.fleet import Fleet
 from ms1.pipeline.batching import BatchPolicy
 from ms1.pipeline.deadletters import DeadLetterStore
+from ms1.pipeline.ledger import Ledger
 from ms1.pipeline.outbound import QueueBackend
 from ms1.pipeline.sending.breaker import Breaker
 from ms1.pipeline.sending.limiter import RateLimiter, SlidingWindowLimiter
@@ -50,6 +51,8 @@ class Components:
     transport: Transport
     limiter: RateLimiter | None = None
     fleet: Fleet | None = None
+    #: the invoice ledger (None: ``[ledger] backend = off``)
+    ledger: Ledger | None = None
 
     @classmethod
     def build(cls, pm: pluggy.PluginManager, config: Config,
@@ -69,6 +72,9 @@ class Components:
             transport = keep(pluginmanager.build_transport(pm, config))
             limiter = keep(pluginmanager.build_rate_limiter(pm, config))
             fleet = keep(pluginmanager.build_fleet(pm, config, queue.name))
+            ledger = pluginmanager.build_ledger(pm, config, queue.name)
+            if ledger is not None:
+                keep(ledger)
             transport.set_api_key(config.api_key)
         except BaseException:
             for component in reversed(built):
@@ -77,11 +83,11 @@ class Components:
                 except Exception:
                     log.exception("closing %s failed", type(component).__name__)
             raise
-        return cls(source, policy, queue, dead_letters, transport, limiter, fleet)
+        return cls(source, policy, queue, dead_letters, transport, limiter, fleet, ledger)
 
     def close(self) -> None:
         parts = (self.source, self.transport, self.queue, self.dead_letters, self.policy,
-                 self.limiter, self.fleet)
+                 self.limiter, self.fleet, self.ledger)
         for part in parts:
             if part is None:
                 continue

@@ -36,6 +36,7 @@ from ms1.observers import OBSERVER_HOOKS, Observers, plugin_label
 from ms1.ops.fleet import Fleet
 from ms1.pipeline.batching import BatchPolicy
 from ms1.pipeline.deadletters import DeadLetterStore
+from ms1.pipeline.ledger import Ledger
 from ms1.pipeline.outbound import QueueBackend
 from ms1.pipeline.sending.limiter import RateLimiter
 from ms1.pipeline.source import Source
@@ -336,6 +337,41 @@ def build_fleet(pm: pluggy.PluginManager, config: Config, queue_name: str | None
                           key="backend")
     log.debug("fleet %r built by %s", name, type(fleet).__name__)
     return fleet
+
+
+LEDGER_AUTO, LEDGER_OFF = "auto", "off"
+
+
+def ledger_name(pm: pluggy.PluginManager, config: Config, queue_name: str | None = None
+                ) -> str:
+    """The ledger ``[ledger] backend`` selects; ``auto``: the store the outbound queue's
+    plugin declares (trait ``ledger:NAME``), when installed, else ``memory``."""
+    name = settings.ledger(config).backend
+    if name != LEDGER_AUTO:
+        return name
+    queue = queue_name if queue_name is not None else settings.component(config, "queue")
+    stores = installed(pm, "ledger")
+    shared = sorted(trait.partition(":")[2] for kind, name, trait in component_traits(pm)
+                    if kind == "queue" and name == queue and trait.startswith("ledger:"))
+    return next((store for store in shared if store in stores), "memory")
+
+
+def build_ledger(pm: pluggy.PluginManager, config: Config, queue_name: str | None = None
+                 ) -> Ledger | None:
+    """The ledger ``[ledger] backend`` selects (``ms1_make_ledger``), None when ``off``."""
+    name = ledger_name(pm, config, queue_name)
+    if name == LEDGER_OFF:
+        return None
+    if name not in installed(pm, "ledger"):
+        listed = ", ".join([LEDGER_AUTO, LEDGER_OFF, *installed(pm, "ledger")])
+        raise PluginNotFoundError(f"no installed plugin provides ledger {name!r}; installed: "
+                                  f"{listed}", path=config.path, section="ledger",
+                                  key="backend")
+    ledger = pm.hook.ms1_make_ledger(name=name, config=config)
+    if not isinstance(ledger, Ledger):
+        raise PluginError(f"ledger {name!r} was not built as a ms1.pipeline.ledger.Ledger",
+                          path=config.path, section="ledger", key="backend")
+    return ledger
 
 
 def build(pm: pluggy.PluginManager, config: Config, kind: str, **extra: Any) -> Any:

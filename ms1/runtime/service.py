@@ -214,7 +214,7 @@ class Service:
             source=components.source, policy=components.policy, queue=components.queue,
             dead_letters=components.dead_letters, observers=self.observers,
             stats=self.stats, abort=self.abort, handoff=self._to_committer,
-            progress=self.progress)
+            progress=self.progress, ledger=components.ledger)
         self._batcher_done = threading.Event()
         self.pacer = make_pacer(config, components.limiter)
         #: what every sender reads per delivery and per retry; a reload replaces it
@@ -305,7 +305,8 @@ class Service:
             observers=self.observers, stats=self.stats, pacer=self.pacer,
             stop=self.senders_stop, abort=self.abort, settings=self.send_settings,
             in_flight=self.in_flight, progress=self.progress, concurrency=self.concurrency,
-            idle=self.idle, outage=self.outage, fragments=self.fragments)
+            idle=self.idle, outage=self.outage, fragments=self.fragments,
+            ledger=self.parts.ledger)
 
     def _fragment_limits(self) -> Limits:
         """What a batch merged of fragments may hold: the running policy's limits."""

@@ -110,6 +110,19 @@ def component(config: Config, kind: str) -> str:
     return config.get_str(section, key)
 
 
+@dataclass(frozen=True)
+class LedgerSettings:
+    """``[ledger]``: where the ledger is kept and for how long."""
+
+    backend: str
+    retention_days: float
+
+
+def ledger(config: Config) -> LedgerSettings:
+    return LedgerSettings(config.get_str("ledger", "backend"),
+                          config.get_float("ledger", "retention_days"))
+
+
 def fleet_backend(config: Config) -> str:
     return config.get_str("fleet", "backend")
 

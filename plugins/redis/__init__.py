@@ -15,6 +15,7 @@ from ms1.config import Config, Option, sender_threads
 from ms1.errors import Ms1Error
 from ms1.hookspecs import hookimpl
 from ms1.pipeline.deadletters import DeadLetterStore
+from ms1.pipeline.ledger import Ledger
 from ms1.pipeline.outbound import MemoryQueue, QueueBackend
 from ms1.pipeline.sending.limiter import RateLimiter
 from ms1.pipeline.source import Source
@@ -22,6 +23,7 @@ from ms1.pipeline.source import Source
 from .deadletters import RedisDeadLetters
 from .fleet import fleet_components as fleet_components  # the fleet hooks: plugin "redis"
 from .fleet import ms1_make_fleet as ms1_make_fleet
+from .ledger import RedisLedger
 from .limiter import RedisRateLimiter
 from .link import (
     SECTION,
@@ -65,6 +67,9 @@ def ms1_config_options() -> Sequence[Option]:
                "is set aside)"),
         Option(SECTION, "rate_limit_key", "str", "ms1:rate-limit",
                "sorted set of the shared rate limiter"),
+        Option(SECTION, "ledger_key", "str", "ms1:ledger",
+               "prefix of the invoice ledger's keys ([ledger] backend = redis): one list "
+               "per batch, per-day index hashes"),
         Option(SECTION, "group", "str", "ms1", "consumer group on both streams"),
         Option(SECTION, "consumer", "str", "",
                "this instance's consumer name; empty: the host name. Give each instance on "
@@ -130,7 +135,7 @@ def ms1_config_options() -> Sequence[Option]:
 @hookimpl
 def ms1_components() -> Sequence[tuple[str, str]]:
     return [("source", "redis"), ("queue", "redis"), ("queue", "auto"),
-            ("dead_letters", "redis"), ("rate_limiter", "redis")]
+            ("dead_letters", "redis"), ("rate_limiter", "redis"), ("ledger", "redis")]
 
 
 @hookimpl
@@ -138,7 +143,8 @@ def ms1_component_traits() -> Sequence[tuple[str, str, str]]:
     """The Redis source acks what it hands over; the ``auto`` queue may fall back to
     memory; Redis queues share the Redis fleet."""
     return [("source", "redis", "acks"), ("queue", "auto", "volatile"),
-            ("queue", "redis", "fleet:redis"), ("queue", "auto", "fleet:redis")]
+            ("queue", "redis", "fleet:redis"), ("queue", "auto", "fleet:redis"),
+            ("queue", "redis", "ledger:redis"), ("queue", "auto", "ledger:redis")]
 
 
 def _check_linger(config: Config) -> None:
@@ -206,6 +212,14 @@ def ms1_make_dead_letters(name: str, config: Config) -> DeadLetterStore | None:
     if name != "redis":
         return None
     return RedisDeadLetters(link_for(config), stream=key_names(config)["dead_letter_stream"])
+
+
+@hookimpl
+def ms1_make_ledger(name: str, config: Config) -> Ledger | None:
+    if name != "redis":
+        return None
+    return RedisLedger(link_for(config), key=key_names(config)["ledger_key"],
+                       retention_days=config.get_float("ledger", "retention_days"))
 
 
 @hookimpl

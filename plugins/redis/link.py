@@ -41,8 +41,8 @@ from ms1.redaction import redact
 log = logging.getLogger(__name__)
 SECTION = "redis"
 #: the Lua scripts, ``scripts/<name>.lua``
-SCRIPTS = ("enqueue", "finish", "merge", "submit", "limiter_acquire", "limiter_finish",
-           "limiter_learn")
+SCRIPTS = ("enqueue", "finish", "ledger_record", "merge", "submit", "limiter_acquire",
+           "limiter_finish", "limiter_learn")
 #: a stream entry's fields as ms1 writes them
 Fields = dict[str, bytes | str]
 #: seconds ms1 leaves out the WAIT after its own scripts once one fell short
@@ -50,7 +50,8 @@ OWN_WAIT_PAUSE = 5.0
 #: the hash tag of every key when ``[redis] cluster = yes`` and ``key_tag`` is empty
 CLUSTER_KEY_TAG = "ms1"
 #: options naming a key, and the key they name (:func:`key_names`)
-KEY_OPTIONS = ("inbound_stream", "outbound_stream", "dead_letter_stream", "rate_limit_key")
+KEY_OPTIONS = ("inbound_stream", "outbound_stream", "dead_letter_stream", "rate_limit_key",
+               "ledger_key")
 #: errors that mean "Redis (or its primary) is not there right now", not "wrong command"
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,

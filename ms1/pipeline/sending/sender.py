@@ -24,6 +24,7 @@ from ms1.heartbeat import Outage, Progress
 from ms1.model import Batch, DeadLetter
 from ms1.observers import Observers
 from ms1.pipeline.deadletters import DeadLetterStore
+from ms1.pipeline.ledger import Attempt, Ledger, LedgerEvent
 from ms1.pipeline.outbound import Delivery, QueueBackend
 from ms1.pipeline.sending.answers import Answer, Kind
 from ms1.pipeline.sending.concurrency import Controller
@@ -185,11 +186,13 @@ class Sender:
         retry_initial: float = 0.5, retry_max: float = 30.0, poll: float = 0.2,
         idle: IdlePoll | None = None, outage: Outage | None = None,
         max_deliveries: int = 0, fragments: Fragments | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         """``settings``: the shared settings to read (the service's); without it, the
         sender has its own, from ``retry_initial``, ``retry_max`` and ``max_deliveries``.
         ``fragments``: where the service's senders park split halves during a refusal
-        storm, to merge them (None: never parked, sent as they are)."""
+        storm, to merge them (None: never parked, sent as they are). ``ledger``: where each
+        batch's outcome is recorded before the step that settles it (None: nowhere)."""
         self.name = name
         self._queue = queue
         self._transport = transport
@@ -212,6 +215,8 @@ class Sender:
         #: the gate an attempt takes a slot of, and is told its outcome (None: no gate)
         self._concurrency = concurrency
         self._fragments = fragments
+        self._ledger = ledger
+        self._attempts: list[Attempt] = []  # the current delivery's, for its ledger record
         self._unparked = ""  # the delivery parked once, to be sent as it is
         self._retire_lock = threading.Lock()
         self._retired = False
@@ -295,6 +300,7 @@ class Sender:
     def deliver(self, delivery: Delivery) -> None:
         """Send one delivery until it is settled (acked, split, dead-lettered) or released."""
         max_deliveries = self.settings.current.max_deliveries
+        self._attempts = []
         if max_deliveries and delivery.attempts > max_deliveries:
             self._give_up(delivery, max_deliveries)
             return
@@ -364,6 +370,7 @@ class Sender:
                    for payload, iid, mid in zip(batch.payloads, batch.invoice_ids,
                                                 batch.message_ids, strict=True)]
         try:
+            self._record(self._event("dead_lettered", batch, detail=reason))
             self._settle(lambda: self._dead_letters.add(letters), f"dead-letter batch {batch.id}")
             self._settle(lambda: self._queue.ack(delivery), f"ack batch {batch.id}")
         except Aborted:
@@ -438,6 +445,8 @@ class Sender:
             return
         if len(batch) < self._fragments.limits().max_items:  # it may take more yet
             self._pacer.split_for_refusal([batch.id])
+        self._record(self._event("merged", batch, parts=tuple(p.batch.id for p in group),
+                                 attempts=False))
         self._stats.add("batches_merged")
         log.info("%d fragments of batches split before the refusal storm was recognised "
                  "merged into batch %s (%d invoices)", len(group), batch.id, len(batch),
@@ -466,10 +475,13 @@ class Sender:
         # a request in flight is no bounded wait: past watchdog_timeout it is a stall
         self._progress.beat(self.name, f"sending batch {batch.id} to MS4 (attempt {attempt})")
         started = time.perf_counter()
+        sent_at = time.time()
         try:
             with self._in_flight:
                 response = self._transport.send(request)
         except TransportError as exc:
+            self._attempts.append(Attempt(sent_at, None, time.perf_counter() - started,
+                                          request.traceparent))
             self._observe(self._pacer.done(admission, None, sent=exc.sent,
                                            misconfigured=str(exc) if exc.misconfigured else ""),
                           time.perf_counter() - started)
@@ -479,6 +491,7 @@ class Sender:
             self._pacer.done(admission, None)
             raise
         latency = time.perf_counter() - started
+        self._attempts.append(Attempt(sent_at, response.status, latency, request.traceparent))
         location = response.headers.get("location")
         detail = f"Location: {location}" if location else response.text[:200].strip()
         answer = self._pacer.done(admission, response.status,
@@ -487,6 +500,7 @@ class Sender:
         self._observe(answer, latency)
         self._stats.add(f"responses_{response.status}")
         if answer.kind is Kind.ACCEPTED:
+            self._record(self._event("accepted", batch))
             self._settle(lambda: self._queue.ack(delivery), f"ack batch {batch.id}")
             self._stats.add("batches_delivered")
             self._stats.add("invoices_delivered", len(batch))
@@ -501,6 +515,24 @@ class Sender:
         error = f"MS4 answered {answer.name}: {detail}".rstrip(": ")
         self._failed(batch, response.status, error, attempt)
         raise _SendFailed(response.status, error, paced=answer.kind.paced)
+
+    def _event(self, kind: str, batch: Batch, *, detail: str = "",
+               parts: tuple[str, ...] = (), attempts: bool = True,
+               batch_id: str = "") -> LedgerEvent:
+        """A ledger event of ``batch`` (its invoices, e-mails and inbound refs; with this
+        delivery's attempts unless ``attempts`` is False)."""
+        return LedgerEvent(kind, batch_id or batch.id, batch.invoice_ids, batch.message_ids,
+                           batch.refs, detail=detail, parts=parts,
+                           attempts=tuple(self._attempts) if attempts else ())
+
+    def _record(self, *events: LedgerEvent) -> None:
+        """Record ``events`` in the ledger before the step they describe is settled (a
+        settled step has its record; a crash between leaves a record of a step that
+        happens again). Held and retried like a queue step while the store is down."""
+        ledger = self._ledger
+        if ledger is not None and events:
+            self._settle(lambda: ledger.record(events),
+                         f"record {events[0].kind} of batch {events[0].batch_id} in the ledger")
 
     def _failed(self, batch: Batch, status: int | None, error: str, attempt: int) -> None:
         log.warning("batch failed: %s", error,
@@ -537,6 +569,10 @@ class Sender:
                          "trusted (%s): splitting it in halves", batch.id, len(batch),
                          response.status, reading.problem)
             parts = batch.split()
+            self._record(self._event("split", batch, detail=answer[:500],
+                                     parts=tuple(part.id for part in parts)),
+                         *(self._event("batched", part, detail=f"a half of {batch.id}",
+                                       attempts=False) for part in parts))
             self._pacer.split_for_refusal([part.id for part in parts], parent=batch.id)
             self._settle(lambda: self._queue.replace(delivery, parts),
                          f"replace batch {batch.id} by its halves")
@@ -550,6 +586,7 @@ class Sender:
             reason=f"MS4 rejected the object: {response.text[:1000] or response.status}",
             stage="ms4", payload=batch.payloads[0], message_id=batch.message_ids[0],
             invoice_id=batch.invoice_ids[0], ms4_answer=answer[:4000])
+        self._record(self._event("dead_lettered", batch, detail=answer[:1000]))
         self._settle(lambda: self._dead_letters.add([letter]),
                      f"dead-letter invoice {letter.invoice_id}")
         self._settle(lambda: self._queue.ack(delivery), f"ack batch {batch.id}")
@@ -567,6 +604,13 @@ class Sender:
                               invoice_id=batch.invoice_ids[i], ms4_answer=answer[:4000])
                    for i, what in named.items()]
         rest = batch.select(i for i in range(len(batch)) if i not in named)
+        refused = batch.select(sorted(named))
+        events = [self._event("dead_lettered", refused, detail=answer[:1000],
+                              batch_id=batch.id)]
+        if len(rest):
+            events.append(self._event("batched", rest, detail=f"the rest of {batch.id}",
+                                      attempts=False))
+        self._record(*events)
         self._settle(lambda: self._dead_letters.add(letters),
                      f"dead-letter {len(letters)} invoices of batch {batch.id}")
         if len(rest):

@@ -1,0 +1,134 @@
+"""The invoice ledger (issue 24): what became of every e-mail and invoice, shared by all
+instances. Written at the steps that happen anyway — a batch stored, an e-mail rejected,
+a batch accepted, split, merged or dead-lettered — one write per batch outcome, before
+the step that acks it (so a batch acked has its record: a crash between the two leaves
+a record of an outcome that happens again, never an ack without one). Read by
+``ms1-service trace`` and the console. Contract, in-memory twin; the Redis one is the
+``redis`` plugin's."""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+#: what an event says happened to a batch (or, ``rejected``, to one e-mail)
+KINDS = ("batched", "rejected", "accepted", "split", "merged", "dead_lettered", "replayed")
+#: the default of ``[ledger] retention_days``
+RETENTION_DAYS = 30.0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One request for a batch: when it left (``time.time()``), MS4's answer (None: none
+    came) and how long it took, and the ``traceparent`` it carried."""
+
+    at: float
+    status: int | None
+    latency: float
+    traceparent: str = ""
+
+
+@dataclass(frozen=True)
+class LedgerEvent:
+    """One step in the life of a batch (its id is the ``Idempotency-Key``): ``batched``
+    (stored in the outbound queue), ``accepted`` (MS4's 202), ``split`` (into ``parts``),
+    ``merged`` (``parts`` joined into this batch), ``dead_lettered`` (``invoice_ids``
+    with MS4's ``detail``), ``replayed`` (dead letters back as this batch); or
+    ``rejected``: one e-mail the processor refused (``detail``: why). Every event names
+    its invoices and e-mails, so it stands on its own."""
+
+    kind: str
+    batch_id: str
+    invoice_ids: tuple[str, ...] = ()
+    message_ids: tuple[str, ...] = ()
+    refs: tuple[str, ...] = ()
+    at: float = field(default_factory=time.time)
+    detail: str = ""
+    parts: tuple[str, ...] = ()
+    attempts: tuple[Attempt, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown ledger event kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What the ledger knows of one invoice or e-mail: its events, oldest first."""
+
+    id: str
+    events: tuple[LedgerEvent, ...]
+
+    @property
+    def outcome(self) -> str:
+        """``accepted``, ``dead_lettered``, ``rejected`` or ``pending`` (none of them yet)."""
+        kinds = {event.kind for event in self.events}
+        for kind in ("accepted", "dead_lettered", "rejected"):
+            if kind in kinds:
+                return kind
+        return "pending"
+
+
+class Ledger(ABC):
+    """Contract of a ledger store. Every method is called from many threads."""
+
+    name: str = "?"
+    #: days a record is kept
+    retention_days: float = RETENTION_DAYS
+
+    @abstractmethod
+    def record(self, events: Sequence[LedgerEvent]) -> None:
+        """Keep ``events`` (one round trip for all of them); raise
+        :class:`~ms1.errors.QueueError` when the store cannot be reached."""
+
+    @abstractmethod
+    def trace(self, id: str) -> Trace | None:
+        """The events of the invoice or e-mail ``id`` (an invoice id or a message id),
+        and of every batch it was in; None when the ledger holds nothing of it."""
+
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
+        """Release connections; may be called twice."""
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class MemoryLedger(Ledger):
+    """The ledger in this process (tests, a service without Redis): nothing survives it."""
+
+    name = "memory"
+
+    def __init__(self, retention_days: float = RETENTION_DAYS) -> None:
+        self.retention_days = retention_days
+        self._lock = threading.Lock()
+        self._events: list[LedgerEvent] = []
+        self._by_id: dict[str, list[int]] = {}
+        self._by_batch: dict[str, list[int]] = {}
+
+    def record(self, events: Sequence[LedgerEvent]) -> None:
+        with self._lock:
+            for event in events:
+                n = len(self._events)
+                self._events.append(event)
+                self._by_batch.setdefault(event.batch_id, []).append(n)
+                for key in {*event.invoice_ids, *event.message_ids}:
+                    if key:
+                        self._by_id.setdefault(key, []).append(n)
+
+    def trace(self, id: str) -> Trace | None:
+        cutoff = time.time() - self.retention_days * 86400
+        with self._lock:
+            direct = self._by_id.get(id, [])
+            batches = {self._events[n].batch_id for n in direct}
+            found = sorted({*direct, *(n for batch in batches
+                                       for n in self._by_batch.get(batch, []))})
+            events = [self._events[n] for n in found if self._events[n].at >= cutoff]
+        return Trace(id, tuple(events)) if events else None

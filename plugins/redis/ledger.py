@@ -1,0 +1,133 @@
+"""The invoice ledger in Redis (``[redis] ledger_key``, the same hash tag as every key):
+one list per batch (``<key>:b:<batch id>``: its events as JSON) and per-day index hashes
+(``<key>:i:<day>:<bucket>``: invoice id or message id -> the batch ids it was in), every
+key with the retention as its time to live, so retention never touches pending work
+(that lives in the outbound stream). One script call per event
+(``scripts/ledger_record.lua``)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from ms1.errors import QueueError
+from ms1.pipeline.ledger import Attempt, Ledger, LedgerEvent, Trace
+
+from .link import RedisLink, translated
+
+#: index buckets per day: keeps each hash small (a listpack below ~128 fields at
+#: 100,000 ids a day)
+BUCKETS = 1024
+#: keys per script call at most (a batch of 1,000 invoices indexes 2,000 ids; the script
+#: loops over its keys, no unpack)
+IDS_PER_CALL = 4000
+
+
+def day_of(at: float) -> int:
+    """The UTC day number of ``at`` (``time.time()``)."""
+    return int(at // 86400)
+
+
+def bucket_of(id: str) -> int:
+    return zlib.crc32(id.encode("utf-8", "surrogatepass")) % BUCKETS
+
+
+def event_json(event: LedgerEvent) -> str:
+    return json.dumps({
+        "kind": event.kind, "batch": event.batch_id, "at": event.at,
+        "invoices": list(event.invoice_ids), "messages": list(event.message_ids),
+        "refs": list(event.refs), "detail": event.detail, "parts": list(event.parts),
+        "attempts": [[a.at, a.status, a.latency, a.traceparent] for a in event.attempts]},
+        separators=(",", ":"))
+
+
+def event_from_json(text: bytes | str) -> LedgerEvent | None:
+    """The event a stored record holds; None for one that is not (hostile or a newer
+    version's): the ledger reads defensively, as every reader of a stored record does."""
+    try:
+        data: Any = json.loads(text)
+        attempts = tuple(Attempt(float(a[0]), None if a[1] is None else int(a[1]),
+                                 float(a[2]), str(a[3]) if len(a) > 3 else "")
+                         for a in data.get("attempts", []))
+        return LedgerEvent(
+            kind=str(data["kind"]), batch_id=str(data["batch"]), at=float(data["at"]),
+            invoice_ids=tuple(map(str, data.get("invoices", []))),
+            message_ids=tuple(map(str, data.get("messages", []))),
+            refs=tuple(map(str, data.get("refs", []))), detail=str(data.get("detail", "")),
+            parts=tuple(map(str, data.get("parts", []))), attempts=attempts)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+        return None
+
+
+class RedisLedger(Ledger):
+    """The ledger on the Redis of the queue: shared by every instance."""
+
+    name = "redis"
+
+    def __init__(self, link: RedisLink, *, key: str, retention_days: float) -> None:
+        self.link = link
+        self.key = key
+        self.retention_days = retention_days
+
+    @property
+    def _ttl(self) -> int:
+        return max(1, int(self.retention_days * 86400) + 86400)  # + the day being written
+
+    def _index_key(self, day: int, id: str) -> str:
+        return f"{self.key}:i:{day}:{bucket_of(id)}"
+
+    def record(self, events: Sequence[LedgerEvent]) -> None:
+        if not events:
+            return
+        calls: list[tuple[list[str], list[str | int]]] = []
+        keys: list[str] = []
+        args: list[str | int] = []
+        count = 0
+        for event in events:
+            ids = sorted({i for i in (*event.invoice_ids, *event.message_ids) if i})
+            if count and len(keys) + 1 + len(ids) > IDS_PER_CALL:
+                calls.append((keys, [self._ttl, count, *args]))
+                keys, args, count = [], [], 0
+            day = day_of(event.at)
+            keys += [f"{self.key}:b:{event.batch_id}", *(self._index_key(day, i) for i in ids)]
+            args += [event_json(event), event.batch_id, len(ids), *ids]
+            count += 1
+        calls.append((keys, [self._ttl, count, *args]))
+        with translated(QueueError, f"record {len(events)} ledger events", self.link):
+            for call_keys, call_args in calls:
+                self.link.script("ledger_record", call_keys, call_args)
+
+    def trace(self, id: str) -> Trace | None:
+        now = time.time()
+        days = range(day_of(now - self.retention_days * 86400), day_of(now) + 1)
+        with translated(QueueError, f"trace {id[:80]!r}", self.link):
+            client = self.link.client
+            pipe = client.pipeline(transaction=False)
+            for day in days:
+                pipe.hget(self._index_key(day, id), id)
+            found = pipe.execute()
+            batches: list[str] = []
+            for value in found:
+                for batch in (value or b"").decode("utf-8", "replace").split():
+                    if batch not in batches:
+                        batches.append(batch)
+            if not batches:
+                return None
+            pipe = client.pipeline(transaction=False)
+            for batch in batches:
+                pipe.lrange(f"{self.key}:b:{batch}", 0, -1)
+            lists = pipe.execute()
+        events: builtins.list[LedgerEvent] = []
+        for records in lists:
+            for record in records or []:
+                if not record:
+                    continue
+                event = event_from_json(record)
+                if event is not None:
+                    events.append(event)
+        events.sort(key=lambda event: event.at)
+        return Trace(id, tuple(events)) if events else None
