@@ -310,13 +310,19 @@ def fleet_name(pm: pluggy.PluginManager, config: Config, queue_name: str | None 
     ``memory``. ``queue_name``: the name of the queue actually built (an ``auto`` queue
     that fell back to memory is ``memory``); without it, ``[queue] backend`` decides."""
     name = settings.fleet_backend(config)
-    if name != FLEET_AUTO:
-        return name
+    return name if name != FLEET_AUTO else _shared_with_queue(pm, config, queue_name, "fleet")
+
+
+def _shared_with_queue(pm: pluggy.PluginManager, config: Config, queue_name: str | None,
+                       kind: str) -> str:
+    """What ``auto`` means for a ``kind`` (fleet, ledger): the one the outbound queue's
+    plugin declares (trait ``<kind>:NAME``), when installed, else ``memory``.
+    ``queue_name``: the queue actually built; without it, ``[queue] backend``."""
     queue = queue_name if queue_name is not None else settings.component(config, "queue")
-    fleets = installed(pm, "fleet")
-    shared = sorted(trait.partition(":")[2] for kind, name, trait in component_traits(pm)
-                    if kind == "queue" and name == queue and trait.startswith("fleet:"))
-    return next((fleet for fleet in shared if fleet in fleets), "memory")
+    present = installed(pm, kind)
+    shared = sorted(trait.partition(":")[2] for what, name, trait in component_traits(pm)
+                    if what == "queue" and name == queue and trait.startswith(f"{kind}:"))
+    return next((found for found in shared if found in present), "memory")
 
 
 def build_fleet(pm: pluggy.PluginManager, config: Config, queue_name: str | None = None
@@ -347,13 +353,8 @@ def ledger_name(pm: pluggy.PluginManager, config: Config, queue_name: str | None
     """The ledger ``[ledger] backend`` selects; ``auto``: the store the outbound queue's
     plugin declares (trait ``ledger:NAME``), when installed, else ``memory``."""
     name = settings.ledger(config).backend
-    if name != LEDGER_AUTO:
-        return name
-    queue = queue_name if queue_name is not None else settings.component(config, "queue")
-    stores = installed(pm, "ledger")
-    shared = sorted(trait.partition(":")[2] for kind, name, trait in component_traits(pm)
-                    if kind == "queue" and name == queue and trait.startswith("ledger:"))
-    return next((store for store in shared if store in stores), "memory")
+    return name if name != LEDGER_AUTO else _shared_with_queue(pm, config, queue_name,
+                                                                "ledger")
 
 
 def build_ledger(pm: pluggy.PluginManager, config: Config, queue_name: str | None = None
