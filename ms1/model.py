@@ -124,6 +124,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.payloads)
 
+    @property
+    def body_size(self) -> int:
+        """Bytes of :meth:`body`, without building it."""
+        if not self.array:
+            return len(self.payloads[0])
+        return sum(map(len, self.payloads)) + max(1, len(self.payloads)) + 1
+
     def body(self) -> bytes:
         if not self.array:
             return self.payloads[0]

@@ -243,7 +243,8 @@ def dlq_replay(config: Config, pm: pluggy.PluginManager, ids: list[str] | None) 
 
     store = pluginmanager.build_dead_letters(pm, config)
     queue = pluginmanager.build_queue(pm, config)
-    display = progressbar.Display(progressbar.wanted(settings.service(config).log_format))
+    service = settings.service(config)
+    display = progressbar.Display(progressbar.wanted(service.log_format))
     try:
         if not queue.durable:
             raise ConfigError(f"dlq replay needs a durable queue; [queue] backend = "
@@ -256,8 +257,8 @@ def dlq_replay(config: Config, pm: pluggy.PluginManager, ids: list[str] | None) 
                 bar.update(done=done, total=total)
 
             result = replay(store, queue, ids=ids,
-                            max_items=int(settings.service(config).batch_limits["max_items"]),
-                            max_bytes=int(settings.service(config).batch_limits["max_bytes"]),
+                            max_items=int(service.batch_limits["max_items"]),
+                            max_bytes=int(service.batch_limits["max_bytes"]),
                             on_progress=replayed)
             bar.finish()
     finally:

@@ -160,9 +160,9 @@ class BoundedServer(TcpWSGIServer):  # type: ignore[misc]  # untyped base
         request, or idle between requests), so a newer client gets its place: a flood of
         slow clients cannot keep a health check out. One at a time."""
         idle = [channel for channel in self.active_channels.values()
-                if not channel.will_close and not getattr(channel, "answering", True)]
+                if not channel.will_close and not channel.answering]
         if idle:
-            oldest = min(idle, key=lambda channel: getattr(channel, "opened", 0.0))
+            oldest = min(idle, key=lambda channel: channel.opened)
             self.log.debug("%s: a newer connection waits: the oldest idle one is closed",
                            self.label)
             oldest.will_close = True
@@ -171,7 +171,7 @@ class BoundedServer(TcpWSGIServer):  # type: ignore[misc]  # untyped base
         super().maintenance(now)  # idle connections (channel_timeout)
         cutoff = time.monotonic() - self.request_timeout
         for channel in list(self.active_channels.values()):
-            started = getattr(channel, "request_started", 0.0)
+            started = channel.request_started
             if started and started < cutoff:  # a request trickling in: cut it
                 self.log.debug("%s: request not complete within %g s: connection closed",
                                self.label, self.request_timeout)

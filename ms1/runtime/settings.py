@@ -21,7 +21,6 @@ from ms1.config import (
     parse_origins,
 )
 from ms1.console import MIN_TOKEN_LENGTH, ConsoleSettings, trusted_hosts
-from ms1.errors import ConfigError
 from ms1.ops.overview import Ceiling
 from ms1.pipeline.sending.pacer import PacerSettings
 from ms1.pipeline.sending.refusals import RefusalReader
@@ -203,6 +202,6 @@ def console(config: Config, environ: Mapping[str, str] | None = None) -> Console
         max_bytes=config.get_int("batch", "max_bytes"))
 
 
-__all__ = ["BATCH_LIMITS", "ConfigError", "ServiceSettings", "ceiling", "component",
+__all__ = ["BATCH_LIMITS", "ServiceSettings", "ceiling", "component",
            "concurrency", "console", "fleet_backend", "max_email_bytes", "pacer",
            "plugin_option", "read_admin_token", "send", "service", "source_name"]

@@ -7,7 +7,6 @@ key with the retention as its time to live, so retention never touches pending w
 
 from __future__ import annotations
 
-import builtins
 import json
 import time
 import zlib
@@ -121,7 +120,7 @@ class RedisLedger(Ledger):
             for batch in batches:
                 pipe.lrange(f"{self.key}:b:{batch}", 0, -1)
             lists = pipe.execute()
-        events: builtins.list[LedgerEvent] = []
+        events: list[LedgerEvent] = []
         for records in lists:
             for record in records or []:
                 if not record:

@@ -72,25 +72,14 @@ class Fragments:
         """``delivery`` and the parked fragments of its path that fit one batch with it,
         oldest first."""
         limits = self.limits()
-        group, items, size = [delivery], len(delivery.batch), _body_size(delivery)
+        group, items, size = [delivery], len(delivery.batch), delivery.batch.body_size
         for parked in self._parked:
             if parked.batch.path != delivery.batch.path:
                 continue
             grown_items = items + len(parked.batch)
-            grown_size = size + _body_size(parked) - 1  # one "[" "]" pair less, one ","
+            grown_size = size + parked.batch.body_size - 1  # one "[" "]" pair less, one ","
             if grown_items > limits.max_items or grown_size > limits.max_bytes:
                 continue
             group.append(parked)
             items, size = grown_items, grown_size
         return group
-
-    @property
-    def parked(self) -> int:
-        """Fragments parked now."""
-        with self._cond:
-            return len(self._parked)
-
-
-def _body_size(delivery: Delivery) -> int:
-    batch = delivery.batch
-    return sum(len(payload) for payload in batch.payloads) + len(batch) + 1
