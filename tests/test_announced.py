@@ -171,3 +171,26 @@ def test_senders_checking_the_last_of_the_budget_at_once_send_only_what_is_left(
     for sender in senders:
         sender.join(2.0)
     assert len(admitted) == 2
+
+
+def test_an_answer_overtaken_on_the_way_in_counts_the_request_that_overtook_it() -> None:
+    """Reproduces the announced-limit test's 1 x 429 under load: A and B go together, B
+    reaches MS4 first (MS4 counts B, then A), A's answer is handled first (1 left), then
+    B's (2 left: A not counted in it). B's answer is the newest by admission, so it sets
+    the budget — and A, no longer in flight, was not taken off it: 2 sent where 1 was
+    left. Every request in flight when B was admitted may have reached MS4 after B."""
+    pacer = Pacer(SlidingWindowLimiter(1_000, 60.0), Breaker(5, 30))
+    abort = threading.Event()
+    first = pacer.admit(abort)
+    second = pacer.admit(abort)
+    pacer.done(first, 202, headers={"x-ratelimit-remaining": "1",
+                                    "x-ratelimit-reset": "30"})
+    pacer.done(second, 202, headers={"x-ratelimit-remaining": "2",
+                                     "x-ratelimit-reset": "30"})
+    admitted = [pacer.admit(abort)]
+    held = threading.Thread(target=lambda: admitted.append(pacer.admit(abort)))
+    held.start()
+    held.join(0.6)  # held by the spent budget (or admitted at once: the defect)
+    abort.set()
+    held.join(2.0)
+    assert len(admitted) == 1

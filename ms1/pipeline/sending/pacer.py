@@ -93,7 +93,7 @@ class Admission:
     """Permission for one request; hand it back to :meth:`Pacer.done`."""
 
     __slots__ = ("auth_probe", "grant", "granted", "key_generation", "margin_generation",
-                 "seq", "token")
+                 "overtaken", "seq", "token")
 
     def __init__(self, token: str, auth_probe: bool, key_generation: int = 0,
                  grant: Grant | None = None, margin_generation: int = 0) -> None:
@@ -109,6 +109,8 @@ class Admission:
         self.granted = time.monotonic()
         #: its place among the pacer's admissions (an announced budget is the newest's)
         self.seq = 0
+        #: requests still in flight when it was admitted: any may reach MS4 after it
+        self.overtaken = 0
 
 
 @dataclass(frozen=True)
@@ -320,11 +322,11 @@ class Pacer:
             with self._lock:
                 generation, margins = self._key_generation, self._margin_generation
                 self._seq += 1
+                admission = Admission(token, probe, generation, grant, margins)
+                admission.seq, admission.overtaken = self._seq, len(self._in_flight)
                 self._in_flight.add(self._seq)
                 if self._budget is not None and budget != self._budget_generation:
                     self._budget -= 1  # announced since the take, without this request
-                admission = Admission(token, probe, generation, grant, margins)
-                admission.seq = self._seq
             return admission
 
     def _hold(self, abort: threading.Event, wait: float, cause: str) -> None:
@@ -478,9 +480,9 @@ class Pacer:
             if announced.remaining is not None and admission.seq >= self._budget_seq:
                 self._budget_seq = admission.seq
                 # not counted in it yet, at most: every request admitted after this one,
-                # and those admitted before it still in flight (one may arrive after it)
-                uncounted = self._seq - admission.seq + sum(
-                    1 for seq in self._in_flight if seq < admission.seq)
+                # and those in flight when it was admitted (one may have reached MS4 after
+                # it, and be answered already: still not counted in this answer)
+                uncounted = self._seq - admission.seq + admission.overtaken
                 self._budget = announced.remaining - uncounted
                 self._budget_generation += 1
                 reset = announced.reset if announced.reset is not None else \
