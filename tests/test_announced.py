@@ -81,11 +81,8 @@ def test_the_pacer_holds_while_the_announced_budget_is_spent_until_it_resets(
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("measure")
-# alone: 1 x 429 in 2 of ~10 busy CI runs, never alone (12 runs here, 6 of them beside
-# three busy loops). The suspect: before the first answer announces a budget the pace
-# alone governs, and a first answer handled late under load lets the cold-start burst
-# outrun MS4's stricter limit; the fix (hold the others until the first answer) is open.
-@pytest.mark.alone
+# not alone again: its 1 x 429 in 2 of ~10 busy CI runs was an answer overtaken on the
+# way in (test_an_answer_overtaken_on_the_way_in_counts_the_request_that_overtook_it)
 @pytest.mark.parametrize("form", ["draft", "x-ratelimit"])
 def test_an_ms4_announcing_a_stricter_limit_draws_no_429(
         form: str, make_config: Any, pm: pluggy.PluginManager,
