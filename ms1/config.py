@@ -396,6 +396,11 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "for a Redis queue, else memory), redis, memory (this process only), off"),
     Option("ledger", "retention_days", "float", 30.0,
            "days a ledger record is kept", min=0.01, max=3650),
+    Option("ledger", "reconcile_interval", "float", 300.0,
+           "seconds between the service's reconciliations of the last reconcile_window "
+           "(ms1_ledger_unreconciled_emails); 0: none", min=0, max=86400),
+    Option("ledger", "reconcile_window", "float", 86400.0,
+           "seconds of reading the service reconciles each time", min=60, max=86400 * 31),
     Option("console", "address", "address", "",
            "host:port of the web console (overview of every instance, dead-letter browser, "
            "replay); empty: off. Keep it on loopback (reach it through an SSH tunnel or a "

@@ -1,7 +1,7 @@
 """The web console (ms1/console/): pages through Flask's test client, the admin token and
 same-origin rules for replay (403, nothing changed), the dead-letter filter and pages, the
-token's sources, the trusted hosts, the file-descriptor budget, and the console served by
-waitress inside a running service."""
+search and timeline over the invoice ledger, the token's sources, the trusted hosts, the
+file-descriptor budget, and the console served by waitress inside a running service."""
 
 from __future__ import annotations
 
@@ -26,16 +26,21 @@ from ms1.console import trusted_hosts
 from ms1.console.app import ConsoleContext, OverviewCache, create_app
 from ms1.console.browse import FilterError, LetterFilter, find, matching_ids
 from ms1.console.run import Console
-from ms1.errors import ConfigError
+from ms1.console.timeline import iso
+from ms1.errors import ConfigError, QueueError
 from ms1.model import DeadLetter
 from ms1.ops.fleet import MemoryFleet
 from ms1.ops.httpserver import BoundedServer, may_accept
 from ms1.ops.overview import Ceiling, gather
 from ms1.pipeline import samples
 from ms1.pipeline.deadletters import MemoryDeadLetters
+from ms1.pipeline.ledger import Attempt, Ledger, LedgerEvent, MemoryLedger, Trace
 from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.source import MemorySource
 from ms1.runtime import pluginmanager
 from ms1.runtime import settings as from_config
+from ms1.runtime.components import Components
+from ms1.runtime.service import Service
 from ms1.runtime.settings import read_admin_token
 
 TOKEN = "console-token-0123456789"
@@ -64,7 +69,7 @@ def some_letters() -> list[DeadLetter]:
 
 
 class World:
-    def __init__(self, token: str | None = TOKEN) -> None:
+    def __init__(self, token: str | None = TOKEN, ledger: Ledger | None = None) -> None:
         self.store = MemoryDeadLetters()
         self.store.add(some_letters())
         self.queue = MemoryQueue()
@@ -74,7 +79,7 @@ class World:
                                     dead_letters=self.store),
             store=self.store, queue=self.queue, max_items=50, max_bytes=1 << 20,
             token=Secret(token) if token else None, trusted_hosts=trusted_hosts(
-                "127.0.0.1", ()))
+                "127.0.0.1", ()), ledger=ledger)
         self.app = create_app(self.ctx)
         self.client: FlaskClient = self.app.test_client()
 
@@ -148,10 +153,10 @@ def test_dead_letter_pages(world: World) -> None:
     world.store.add([DeadLetter(reason="r", stage="ms4", payload=b"{}", invoice_id=f"P-{n}")
                      for n in range(60)])
     html = world.client.get("/dead-letters").get_data(as_text=True)
-    assert html.count('name="id"') == 50
+    assert html.count('type="checkbox" name="id"') == 50
     link = html.split('id="next-page" href="', 1)[1].split('"', 1)[0].replace("&amp;", "&")
     rest = world.client.get(link).get_data(as_text=True)
-    assert rest.count('name="id"') == 17 and 'id="next-page"' not in rest
+    assert rest.count('type="checkbox" name="id"') == 17 and 'id="next-page"' not in rest
 
 
 def test_letter_detail_shows_object_reference_and_answer(world: World) -> None:
@@ -533,3 +538,256 @@ def test_every_interface_without_origins_is_refused_at_start(make_config: Any, h
         assert "attacker.example" not in console.context.trusted_hosts
     finally:
         console.close()
+
+
+# --- search and timeline (issue 24) -------------------------------------------------------
+
+#: MS4's text and ids are hostile: markup, a terminal escape, a bell
+HOSTILE = '400 {"error": "<script>alert(1)</script>"} \x1b[31mred\x07 bell'
+HOSTILE_ID = "INV-<img src=x onerror=alert(1)>\x1b[2J"
+TP = "00-{:032x}-{:016x}-01"
+
+
+def record_history(ledger: Ledger) -> float:
+    """INV-A and INV-B batched together (b-1), refused together (split into b-2, b-3);
+    INV-A accepted at its second attempt (the first got no answer), INV-B and HOSTILE_ID
+    dead-lettered with HOSTILE; an e-mail refused by the processor. Returns the start."""
+    t0 = time.time() - 3600
+    pair = dict(invoice_ids=("INV-A", "INV-B"), message_ids=("<a@mail>", "<b@mail>"),
+                refs=("1-0", "1-1"))
+    ledger.record([LedgerEvent("batched", "b-1", **pair, at=t0)])
+    ledger.record([
+        LedgerEvent("split", "b-1", **pair, at=t0 + 1, detail="400 refused, naming nothing",
+                    parts=("b-2", "b-3"),
+                    attempts=(Attempt(t0 + 0.5, 400, 0.25, TP.format(1, 1)),)),
+        LedgerEvent("batched", "b-2", ("INV-A",), ("<a@mail>",), ("1-0",), at=t0 + 1.1,
+                    detail="a half of b-1"),
+        LedgerEvent("batched", "b-3", ("INV-B", HOSTILE_ID), ("<b@mail>", "<h@mail>"),
+                    ("1-1", "1-2"), at=t0 + 1.2, detail="a half of b-1")])
+    ledger.record([LedgerEvent(
+        "accepted", "b-2", ("INV-A",), ("<a@mail>",), ("1-0",), at=t0 + 5,
+        attempts=(Attempt(t0 + 2, None, 3.0, TP.format(2, 2)),
+                  Attempt(t0 + 4.9, 202, 0.0456, TP.format(2, 3))))])
+    ledger.record([LedgerEvent(
+        "dead_lettered", "b-3", ("INV-B", HOSTILE_ID), ("<b@mail>", "<h@mail>"),
+        ("1-1", "1-2"), at=t0 + 6, detail=HOSTILE,
+        attempts=(Attempt(t0 + 5.9, 400, 0.1, TP.format(3, 3)),))])
+    ledger.record([LedgerEvent("rejected", "e-1-9", (), ("<bad@mail>",), ("1-9",), at=t0 + 7,
+                               detail="raw_json.currency: not an ISO 4217 currency: 'XXX'")])
+    return t0
+
+
+@pytest.fixture
+def traced() -> World:
+    ledger = MemoryLedger(retention_days=7)
+    record_history(ledger)
+    return World(ledger=ledger)
+
+
+def page(world: World, id: str, status: int) -> str:
+    answer = world.client.get("/trace", query_string={"id": id})
+    html = answer.get_data(as_text=True)
+    assert answer.status_code == status, html
+    return html
+
+
+def kinds(html: str) -> list[str]:
+    return [part.split('"', 1)[0] for part in html.split('data-kind="')[1:]]
+
+
+def test_every_page_has_the_search_box(traced: World) -> None:
+    for path in ("/", "/dead-letters", f"/dead-letters/{traced.ids()[0]}", "/trace"):
+        html = traced.client.get(path).get_data(as_text=True)
+        form = html.split('id="search"', 1)[1].split("</form>", 1)[0]
+        assert 'action="/trace"' in html.split('id="search"', 1)[0].rsplit("<form", 1)[1]
+        assert 'method="get"' in html.split('id="search"', 1)[0].rsplit("<form", 1)[1]
+        assert 'name="id"' in form and 'maxlength="512"' in form, path
+
+
+def test_the_search_box_leads_to_the_timeline(traced: World) -> None:
+    html = traced.client.get("/").get_data(as_text=True)
+    action = html.split('id="search"', 1)[0].rsplit('action="', 1)[1].split('"', 1)[0]
+    answer = traced.client.get(action, query_string={"id": "INV-A"})
+    assert answer.status_code == 200 and 'id="trace-outcome"' in answer.get_data(as_text=True)
+
+
+def test_an_invoice_id_shows_its_outcome_and_timeline(traced: World) -> None:
+    assert traced.ctx.ledger is not None
+    found = traced.ctx.ledger.trace("INV-A")
+    assert found is not None
+    t0 = found.events[0].at
+    html = page(traced, "INV-A", 200)
+    outcome = html.split('id="trace-outcome"', 1)[1].split("</div>", 1)[0]
+    assert "<strong>accepted</strong>" in outcome and "MS4 accepted it" in outcome
+    # oldest first: b-1's events, then b-2's; nothing of b-3 (INV-A was never in it)
+    assert kinds(html) == ["batched", "split", "batched", "accepted"]
+    assert 'id="trace-id">INV-A<' in html
+    assert "Idempotency-Key" in html and "<code>b-2</code>" in html and "b-1" in html
+    assert "split into" in html and "<code>b-3</code>" in html  # a part, named
+    assert "dead lettered" not in html and "&lt;script&gt;" not in html
+    accepted = html.split('data-kind="accepted"', 1)[1]
+    rows = accepted.split("</table>", 2)[1].split("<tr>")[2:]
+    assert "no answer" in rows[0] and "3000.0" in rows[0] and TP.format(2, 2) in rows[0]
+    assert ">202<" in rows[1] and "45.6" in rows[1] and TP.format(2, 3) in rows[1]
+    assert iso(t0 + 4.9) in rows[1] and iso(t0 + 4.9).endswith("Z") and "T" in iso(t0)
+    assert html.index(iso(t0)) < html.index(iso(t0 + 5))  # the times shown, in order
+    assert 'href="/trace?id=INV-B"' in html  # every id of a batch leads to its own trace
+
+
+def test_a_message_id_shows_the_same_history_and_ms4s_text_escaped(traced: World) -> None:
+    html = page(traced, "<b@mail>", 200)
+    assert 'id="trace-id">&lt;b@mail&gt;<' in html
+    assert "<strong>dead lettered</strong>" in html
+    assert kinds(html) == ["batched", "split", "batched", "dead_lettered"]
+    assert "A message id" in html and 'id="trace-letters"' not in html
+    text = html.split('data-kind="dead_lettered"', 1)[1].split('class="detail">', 1)[1]
+    text = text.split("</pre>", 1)[0]
+    assert text == ('400 {&#34;error&#34;: &#34;&lt;script&gt;alert(1)&lt;/script&gt;&#34;}'
+                    " \\u001b[31mred\\u0007 bell")
+    assert "<script>alert" not in html and "<img src=x" not in html
+    assert "\x1b" not in html and "\x07" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;\\u001b[2J" in html  # the hostile id, shown
+
+
+def test_a_hostile_id_is_searched_and_shown_escaped(traced: World) -> None:
+    html = page(traced, HOSTILE_ID, 200)
+    assert 'id="trace-id">INV-&lt;img src=x onerror=alert(1)&gt;\\u001b[2J<' in html
+    assert "\x1b" not in html and "<img" not in html
+    assert 'id="trace-letters" href="/dead-letters?invoice=INV-%3Cimg' in html
+    json_link = html.split('id="trace-json" href="', 1)[1].split('"', 1)[0]
+    assert json_link.startswith("/api/trace?id=INV-%3Cimg") and "%1B" in json_link
+    assert traced.client.get(json_link.replace("&amp;", "&")).get_json()["id"] == HOSTILE_ID
+
+
+def test_a_rejected_email_shows_why(traced: World) -> None:
+    html = page(traced, "<bad@mail>", 200)
+    assert "<strong>rejected</strong>" in html and kinds(html) == ["rejected"]
+    assert "not an ISO 4217 currency: &#39;XXX&#39;" in html and "<code>1-9</code>" in html
+    assert "Idempotency-Key" not in html.split('id="timeline"', 1)[1]
+
+
+def test_an_unknown_id_is_404_naming_the_retention(traced: World) -> None:
+    html = page(traced, "INV-NOPE", 404)
+    assert "INV-NOPE: not found (retention 7 days)" in html
+    assert 'id="timeline"' not in html
+    answer = traced.client.get("/api/trace?id=INV-NOPE")
+    assert answer.status_code == 404
+    assert answer.get_json() == {"id": "INV-NOPE", "found": False, "retention_days": 7,
+                                 "error": "INV-NOPE: not found (retention 7 days)"}
+    half = World(ledger=MemoryLedger(retention_days=0.5))
+    assert "not found (retention 0.5 days)" in page(half, "INV-A", 404)
+
+
+def test_no_id_gives_the_search_page(traced: World) -> None:
+    for html in (page(traced, "", 200), page(traced, "   ", 200),
+                 traced.client.get("/trace").get_data(as_text=True)):
+        assert 'id="trace-help"' in html and "It keeps 7 days" in html
+        assert 'id="trace-error"' not in html and 'id="timeline"' not in html
+    answer = traced.client.get("/api/trace")
+    assert answer.status_code == 400 and "give an invoice id" in answer.get_json()["error"]
+
+
+def test_ids_are_stripped_and_capped(traced: World) -> None:
+    assert kinds(page(traced, "  INV-A\n", 200)) == ["batched", "split", "batched", "accepted"]
+    html = page(traced, "x" * 513, 400)
+    assert "id longer than 512 characters" in html and "x" * 513 not in html
+    assert traced.client.get("/api/trace", query_string={"id": "x" * 5000}).status_code == 400
+    assert "not found" in page(traced, "x" * 512, 404)
+
+
+def test_with_the_ledger_off_the_search_says_so(world: World) -> None:
+    assert world.ctx.ledger is None
+    for id in ("INV-A", ""):
+        html = page(world, id, 404)
+        assert "the ledger is off ([ledger] backend = off)" in html
+        assert 'id="search"' in html and 'id="timeline"' not in html
+    answer = world.client.get("/api/trace?id=INV-A")
+    assert answer.status_code == 404 and "the ledger is off" in answer.get_json()["error"]
+
+
+class BrokenLedger(MemoryLedger):
+    """A ledger whose store is gone."""
+
+    def trace(self, id: str) -> Trace | None:
+        raise QueueError(f"trace {id[:80]!r}: ConnectionError: Error 111 connecting to "
+                         "127.0.0.1:1. Connection refused. (Redis at redis://127.0.0.1:1/0)")
+
+
+def test_a_failing_ledger_is_503_said_and_logged_without_the_id(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ms1.console")
+    world = World(ledger=BrokenLedger())
+    html = page(world, "INV-SECRET-42", 503)
+    error = html.split('id="trace-error">', 1)[1].split("</div>", 1)[0]
+    assert error.startswith("the ledger cannot be read: trace &#39;INV-SECRET-42&#39;: "
+                            "ConnectionError")
+    assert "Traceback" not in html and 'id="timeline"' not in html
+    answer = world.client.get("/api/trace?id=INV-SECRET-42")
+    assert answer.status_code == 503 and "Connection refused" in answer.get_json()["error"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ms1.console"]
+    assert any("reading the ledger failed: trace (the id): ConnectionError" in line
+               for line in lines), lines
+    assert any("GET /trace 503" in line for line in lines), lines
+    assert "INV-SECRET-42" not in "\n".join(lines)
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_the_api_gives_what_trace_json_gives(traced: World) -> None:
+    data = traced.client.get("/api/trace", query_string={"id": "INV-B"}).get_json()
+    assert data["id"] == "INV-B" and data["found"] is True and data["retention_days"] == 7
+    assert data["outcome"] == "dead_lettered"
+    assert [e["kind"] for e in data["events"]] == ["batched", "split", "batched",
+                                                   "dead_lettered"]
+    last = data["events"][-1]
+    assert last["idempotency_key"] == "b-3" and last["detail"] == HOSTILE  # raw in JSON
+    assert last["invoices"] == 2 and last["attempts"][0]["status"] == 400
+    assert data["events"][1]["parts"] == ["b-2", "b-3"]
+    rejected = traced.client.get("/api/trace?id=%3Cbad@mail%3E").get_json()["events"][0]
+    assert rejected["idempotency_key"] is None
+
+
+def test_a_redis_ledger_is_searched(redis_url: str) -> None:
+    from ms1_plugins.redis import RedisLink
+    from ms1_plugins.redis.ledger import RedisLedger
+
+    ledger = RedisLedger(RedisLink(redis_url).use(), key="t:ledger", retention_days=30)
+    try:
+        record_history(ledger)
+        world = World(ledger=ledger)
+        html = page(world, "INV-A", 200)
+        assert "<strong>accepted</strong>" in html
+        assert kinds(html) == ["batched", "split", "batched", "accepted"]
+        html = page(world, "<h@mail>", 200)
+        assert "<strong>dead lettered</strong>" in html and "\\u001b[31mred" in html
+        assert "\x1b" not in html and "<script>alert" not in html
+        assert "not found (retention 30 days)" in page(world, "INV-NOPE", 404)
+    finally:
+        ledger.close()
+
+
+def test_a_service_passes_its_ledger_to_the_console(make_config: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real pipeline writes the ledger; the service's console reads it."""
+    monkeypatch.setenv("MS1_CONSOLE_TOKEN", TOKEN)
+    pm = pluginmanager.make_plugin_manager()
+    config = make_config(f"[console]\naddress = 127.0.0.1:{free_port()}\n"
+                         "[batch]\nmax_wait = 0.05\n")
+    emails = list(samples.generate(20, invalid_every=10))
+    transport = pluginmanager.build_transport(pm, config)
+    transport.set_api_key(config.api_key)
+    ledger = MemoryLedger()
+    parts = Components(source=MemorySource([e.data for e in emails], finite=True),
+                       policy=pluginmanager.build_batch_policy(pm, config),
+                       queue=MemoryQueue(), dead_letters=MemoryDeadLetters(),
+                       transport=transport, ledger=ledger)
+    service = Service(config, pm, parts, once=True)
+    service.start()
+    assert service.run_once(60).ok
+    transport.close()
+    assert service.console is not None and service.console.context.ledger is ledger
+    client = service.console.app.test_client()
+    good, bad = emails[0], next(e for e in emails if not e.valid)
+    html = client.get("/trace", query_string={"id": good.invoice_id}).get_data(as_text=True)
+    assert "<strong>accepted</strong>" in html and ">202<" in html
+    html = client.get("/trace", query_string={"id": bad.message_id}).get_data(as_text=True)
+    assert "<strong>rejected</strong>" in html

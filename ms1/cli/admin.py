@@ -13,18 +13,17 @@ import json
 import os
 import stat
 import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pluggy
 
+from ms1.cli import ledger
 from ms1.config import Config
 from ms1.errors import ConfigError, Ms1Error
 from ms1.ops import overview
 from ms1.ops.logs import escape_controls
 from ms1.pipeline.deadletters import letter_to_json
-from ms1.pipeline.ledger import LedgerEvent
 from ms1.pipeline.replay import replay
 from ms1.pipeline.source import MAX_EMAIL_BYTES, OnSkip, read_inputs
 from ms1.runtime import pluginmanager, settings
@@ -41,7 +40,11 @@ def run(args: argparse.Namespace, config: Config, pm: pluggy.PluginManager) -> i
     if args.command == "status":
         return status(config, pm, as_json=args.json)
     if args.command == "trace":
-        return trace(config, pm, args.id, as_json=args.json)
+        return ledger.trace(config, pm, args.id, as_json=args.json)
+    if args.command == "reconcile":
+        return ledger.reconcile_command(config, pm, since=args.since, until=args.until,
+                                        form="json" if args.json else
+                                        "csv" if args.csv else "text")
     if args.dlq_command == "list":
         return dlq_list(config, pm, limit=args.limit, as_json=args.json)
     if not args.all and not args.ids:
@@ -243,6 +246,7 @@ def dlq_replay(config: Config, pm: pluggy.PluginManager, ids: list[str] | None) 
 
     store = pluginmanager.build_dead_letters(pm, config)
     queue = pluginmanager.build_queue(pm, config)
+    ledger = pluginmanager.build_ledger(pm, config, queue.name)
     service = settings.service(config)
     display = progressbar.Display(progressbar.wanted(service.log_format))
     try:
@@ -259,67 +263,14 @@ def dlq_replay(config: Config, pm: pluggy.PluginManager, ids: list[str] | None) 
             result = replay(store, queue, ids=ids,
                             max_items=int(service.batch_limits["max_items"]),
                             max_bytes=int(service.batch_limits["max_bytes"]),
-                            on_progress=replayed)
+                            on_progress=replayed, ledger=ledger)
             bar.finish()
     finally:
         queue.close()
         store.close()
+        if ledger is not None:
+            ledger.close()
     print(f"replayed {result.replayed} dead letters in {result.batches} batches")
     for letter_id, reason in result.still_invalid:
         print(escape_controls(f"kept {letter_id}: still invalid: {reason}"))
     return EXIT_OK if not result.still_invalid else EXIT_FAILED
-
-
-def trace(config: Config, pm: pluggy.PluginManager, id: str, *, as_json: bool) -> int:
-    """``trace ID``: what the ledger knows of an invoice or e-mail (exit 1: nothing)."""
-    ledger = pluginmanager.build_ledger(pm, config)
-    if ledger is None:
-        raise ConfigError("the ledger is off ([ledger] backend = off): nothing to trace")
-    try:
-        found = ledger.trace(id)
-    finally:
-        ledger.close()
-    days = ledger.retention_days
-    if found is None:
-        if as_json:
-            print(json.dumps({"id": id, "found": False, "retention_days": days}))
-        else:
-            print(escape_controls(f"{id}: not found (retention {days:g} days)"))
-        return EXIT_FAILED
-    if as_json:
-        print(json.dumps({"id": id, "found": True, "outcome": found.outcome,
-                          "events": [_event_record(e) for e in found.events]}))
-        return EXIT_OK
-    print(escape_controls(f"{id}: {found.outcome}"))
-    for event in found.events:
-        print(escape_controls(_event_line(event)))
-    return EXIT_OK
-
-
-def _when(at: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z"
-
-
-def _event_record(event: LedgerEvent) -> dict[str, Any]:
-    return {"kind": event.kind, "at": event.at, "batch": event.batch_id,
-            "idempotency_key": None if event.kind == "rejected" else event.batch_id,
-            "invoices": len(event.invoice_ids), "detail": event.detail,
-            "parts": list(event.parts), "refs": list(event.refs[:50]),
-            "attempts": [{"at": a.at, "status": a.status, "latency_s": round(a.latency, 4),
-                          "traceparent": a.traceparent} for a in event.attempts]}
-
-
-def _event_line(event: LedgerEvent) -> str:
-    head = f"  {_when(event.at)}  {event.kind:<13}"
-    if event.kind == "rejected":
-        return f"{head} e-mail {', '.join(event.refs) or '-'}: {event.detail[:300]}"
-    line = f"{head} batch {event.batch_id} (Idempotency-Key), {len(event.invoice_ids)} invoices"
-    if event.parts:
-        line += f"; {'into' if event.kind == 'split' else 'of'} {', '.join(event.parts)}"
-    for n, attempt in enumerate(event.attempts, 1):
-        answer = "no answer" if attempt.status is None else str(attempt.status)
-        line += (f"\n      attempt {n} at {_when(attempt.at)}: {answer} in "
-                 f"{attempt.latency:.3f} s ({attempt.traceparent})")
-    if event.detail:
-        line += f"\n      {event.detail[:300]}"
-    return line

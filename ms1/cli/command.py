@@ -33,7 +33,8 @@ from ms1.runtime.service import Service, Summary
 
 log = logging.getLogger("ms1")
 
-COMMANDS = ("run", "check", "samples", "enqueue", "status", "dlq", "top", "conf", "trace")
+COMMANDS = ("run", "check", "samples", "enqueue", "status", "dlq", "top", "conf", "trace",
+            "reconcile")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: a second SIGINT: exit at once, as a shell's Ctrl-C does (128 + SIGINT)
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -86,6 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("id", help="an invoice id or an e-mail's message id")
     trace.add_argument("--json", action="store_true",
                        help="print the timeline as one JSON object (raw text, JSON-escaped)")
+    recon = command("reconcile", "account for every e-mail read in a period (the ledger): "
+                                 "rejected, accepted, dead-lettered, pending; exit 1 if one "
+                                 "is unexplained")
+    recon.add_argument("--since", required=True, metavar="T",
+                       help="from T: now, a span ago (90s, 30m, 24h, 7d) or ISO 8601 "
+                            "(2026-12-06, 2026-12-06T08:00Z; no zone: UTC)")
+    recon.add_argument("--until", metavar="T", help="until T (default now), as --since")
+    form = recon.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true",
+                      help="print the counts and unexplained e-mails as one JSON object")
+    form.add_argument("--csv", action="store_true",
+                      help="print one CSV row per e-mail read: what became of it")
     dlq = command("dlq", "the dead letters")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq_sub.add_parser("list", parents=[globals_after],
@@ -205,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(service_settings.log_level, service_settings.log_format,
                   secrets=[config.api_key.reveal()] if config.api_key else [])
     try:
-        if args.command in ("enqueue", "status", "dlq", "trace"):
+        if args.command in ("enqueue", "status", "dlq", "trace", "reconcile"):
             return admin.run(args, config, pm)
         if args.command == "top":
             from ms1.cli import top  # rich: only for the commands that draw

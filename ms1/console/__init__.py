@@ -1,8 +1,9 @@
 """The web console (``[console] address``): a live overview of every instance on the same
-Redis, and a dead-letter browser with replay.
+Redis, a dead-letter browser with replay, and a search over the invoice ledger.
 
 * :mod:`.app` — the Flask application: pages, the admin token and same-origin checks;
 * :mod:`.browse` — the dead-letter filter and its pages;
+* :mod:`.timeline` — the search: one invoice's or e-mail's timeline from the ledger;
 * :mod:`.server` — waitress, bounded by connections, idle time and file descriptors;
 * :mod:`.run` — :class:`~.run.Console`, which the service starts in a thread of its own
   when ``[console] address`` is set;

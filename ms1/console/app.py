@@ -27,10 +27,13 @@ from ms1.errors import Ms1Error
 from ms1.model import DeadLetter
 from ms1.ops import overview as ov
 from ms1.ops.fleet import RATE_WINDOW, SNAPSHOT_TTL
+from ms1.ops.logs import escape_controls
 from ms1.pipeline.deadletters import DeadLetterStore
+from ms1.pipeline.ledger import Ledger
 from ms1.pipeline.outbound import QueueBackend
 from ms1.pipeline.replay import ReplayResult, replay
 
+from . import timeline
 from .browse import PAGE, FilterError, LetterFilter, find, matching_ids
 
 log = logging.getLogger("ms1.console")
@@ -94,8 +97,8 @@ class OverviewCache:
 @dataclass
 class ConsoleContext:
     """What the console reads and changes: the overview, the dead letters, the queue a
-    replay puts batches on, the batch limits, the admin token (None: read-only), and the
-    hosts and origins it answers for."""
+    replay puts batches on, the batch limits, the admin token (None: read-only), the
+    hosts and origins it answers for, and the invoice ledger (None: off)."""
 
     overview: Callable[[], dict[str, Any]]
     store: DeadLetterStore
@@ -107,6 +110,7 @@ class ConsoleContext:
     origins: Sequence[str] = ()
     refresh_s: float = 2.0
     replays: list[ReplayResult] = field(default_factory=list)
+    ledger: Ledger | None = None
 
 
 def _fmt_time(at: float | None) -> str:
@@ -156,9 +160,12 @@ def create_app(ctx: ConsoleContext) -> Flask:
                       JSON_SORT_KEYS=False)
     app.jinja_env.filters.update(
         seconds=ov.format_seconds, rate=ov.format_rate, when=_fmt_time,
-        cause=lambda cause: ov.CAUSE_NAMES.get(cause, cause))
+        cause=lambda cause: ov.CAUSE_NAMES.get(cause, cause), controls=escape_controls,
+        iso=timeline.iso, days=timeline.days)
     app.jinja_env.globals.update(STAGES=ov.STAGES, CAUSE_NAMES=ov.CAUSE_NAMES,
-                                 RATE_WINDOW=RATE_WINDOW, SNAPSHOT_TTL=SNAPSHOT_TTL)
+                                 RATE_WINDOW=RATE_WINDOW, SNAPSHOT_TTL=SNAPSHOT_TTL,
+                                 MAX_ID=timeline.MAX_ID, SHOWN_IDS=timeline.SHOWN_IDS,
+                                 OUTCOME_TEXT=timeline.OUTCOME_TEXT)
     origins = {origin.lower() for origin in ctx.origins}
     throttle = Throttle()
 
@@ -292,7 +299,8 @@ def create_app(ctx: ConsoleContext) -> Flask:
                 ids = list(dict.fromkeys(request.form.getlist("id")))
             for start in range(0, len(ids), REPLAY_CHUNK):
                 result = replay(ctx.store, ctx.queue, ids=ids[start:start + REPLAY_CHUNK],
-                                max_items=ctx.max_items, max_bytes=ctx.max_bytes)
+                                max_items=ctx.max_items, max_bytes=ctx.max_bytes,
+                                ledger=ctx.ledger)
                 replayed += result.replayed
                 batches += result.batches
                 kept.extend(result.still_invalid)
@@ -309,6 +317,18 @@ def create_app(ctx: ConsoleContext) -> Flask:
                     request.remote_addr or "-", replayed, batches, len(ids), len(kept))
         return render_template("result.html", error=None, asked=len(ids), replayed=replayed,
                                batches=batches, kept=kept, flt=flt), 200
+
+    @app.get("/trace")
+    def trace_page() -> tuple[str, int]:
+        found = timeline.look_up(ctx.ledger, request.args.get("id", ""))
+        return render_template("trace.html", found=found), found.status
+
+    @app.get("/api/trace")
+    def trace_json() -> tuple[Response, int]:
+        found = timeline.look_up(ctx.ledger, request.args.get("id", ""))
+        if found.status == 200 and found.trace is None:
+            return jsonify(error="give an invoice id or a message id: /api/trace?id=..."), 400
+        return jsonify(timeline.as_json(found)), found.status
 
     @app.errorhandler(404)
     def not_found(_: Exception) -> tuple[str, int]:

@@ -10,6 +10,7 @@ from ms1.console import FDS_BASE, FDS_PER_SENDER, ConsoleSettings
 from ms1.ops.fleet import Fleet
 from ms1.ops.overview import Ceiling, LetterCounts, gather
 from ms1.pipeline.deadletters import DeadLetterStore
+from ms1.pipeline.ledger import Ledger
 from ms1.pipeline.outbound import QueueBackend
 from ms1.pipeline.source import Source
 
@@ -22,11 +23,12 @@ log = logging.getLogger("ms1.console")
 class Console:
     """The console of one service: its app and its server (started by :meth:`start`).
     The socket is bound at construction, so a wrong address fails the start
-    (``OSError``)."""
+    (``OSError``). ``ledger`` (None: ``[ledger] backend = off``) backs the search."""
 
     def __init__(self, settings: ConsoleSettings, *, fleet: Fleet | None,
                  source: Source | None, queue: QueueBackend, dead_letters: DeadLetterStore,
-                 ceiling: Callable[[], Ceiling] = Ceiling, sender_threads: int = 4) -> None:
+                 ceiling: Callable[[], Ceiling] = Ceiling, sender_threads: int = 4,
+                 ledger: Ledger | None = None) -> None:
         self.settings = settings
         self.token = settings.token
         letter_counts = LetterCounts(dead_letters)
@@ -38,7 +40,7 @@ class Console:
         self.context = ConsoleContext(
             overview=OverviewCache(build).get, store=dead_letters, queue=queue,
             max_items=settings.max_items, max_bytes=settings.max_bytes, token=self.token,
-            trusted_hosts=settings.trusted_hosts, origins=settings.origins)
+            trusted_hosts=settings.trusted_hosts, origins=settings.origins, ledger=ledger)
         self.app = create_app(self.context)
         self.server = Server(self.app, settings.host, settings.port,
                              max_connections=settings.max_connections,

@@ -89,6 +89,8 @@ class ServiceView:
     concurrency: Controller | None = None
     #: why the pipeline cannot read, store, take or send now (``/readyz``), or None
     blocked: Callable[[], str | None] | None = None
+    #: e-mails the last reconciliation could not account for (None: none ran)
+    unreconciled: Callable[[], int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -317,6 +319,12 @@ class _State(Collector):
         yield _gauge("ms1_ms4_ceiling_requests_per_second",
                      "Requests per second MS4's limit allows, every instance together "
                      "([send] requests_per_minute / rate_window)", ceiling)
+        unreconciled = service.unreconciled() if service.unreconciled is not None else None
+        if unreconciled is not None:
+            yield _gauge("ms1_ledger_unreconciled_emails",
+                         "E-mails read in the last [ledger] reconcile_window that the ledger "
+                         "calls pending but no queue holds (last reconciliation): lost",
+                         unreconciled)
         watch = self._exporter.queue_watch
         if watch.running:
             with contextlib.suppress(Ms1Error):  # fresh counts if the backend answers at once

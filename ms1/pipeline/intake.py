@@ -139,7 +139,8 @@ class Intake:
         what = (f"enqueue batch {batches[0].id}" if len(batches) == 1
                 else f"enqueue {len(batches)} batches ({batches[0].id} ...)")
         self._record([LedgerEvent("batched", batch.id, batch.invoice_ids, batch.message_ids,
-                                  batch.refs) for batch in batches])
+                                  batch.refs, read_after=batch.created_at)
+                      for batch in batches])
         acked = self._persist(lambda: self._queue.put_many(batches, self._source), what)
         if not acked:
             self._ack([ref for batch in batches for ref in batch.refs])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -19,6 +19,26 @@ from types import TracebackType
 KINDS = ("batched", "rejected", "accepted", "split", "merged", "dead_lettered", "replayed")
 #: the default of ``[ledger] retention_days``
 RETENTION_DAYS = 30.0
+#: what became of an e-mail so far, by the one letter a store keeps of it
+OUTCOMES = {"p": "pending", "r": "rejected", "a": "accepted", "d": "dead_lettered"}
+LETTERS = {outcome: letter for letter, outcome in OUTCOMES.items()}
+
+
+def next_outcome(current: str | None, kind: str) -> str:
+    """The outcome letter (:data:`OUTCOMES`) of an e-mail after an event of ``kind``
+    named it, from ``current`` (None: the ledger knows nothing of it yet). An e-mail MS4
+    accepted stays accepted (a duplicate's fate changes nothing); a dead letter or a
+    refused e-mail replayed is pending again; a batch stored again (a crash re-read it, a
+    split, a merge) changes nothing. ``scripts/ledger_record.lua`` says the same."""
+    if kind == "accepted":
+        return "a"
+    if kind == "dead_lettered":
+        return current if current == "a" else "d"
+    if kind == "replayed":
+        return current if current == "a" else "p"
+    if current is not None:
+        return current
+    return "r" if kind == "rejected" else "p"
 
 
 @dataclass(frozen=True)
@@ -50,10 +70,35 @@ class LedgerEvent:
     detail: str = ""
     parts: tuple[str, ...] = ()
     attempts: tuple[Attempt, ...] = ()
+    #: its e-mails were first read no earlier than this (a batch's ``created_at``; 0: at
+    #: any time the retention covers — a replay of old dead letters; None: at ``at``)
+    read_after: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown ledger event kind {self.kind!r}")
+
+    def emails(self) -> list[tuple[str, str]]:
+        """The e-mails it names, as ``(e-mail key, invoice id)``: the message id (a
+        rejected e-mail without one: its batch id, ``e-<inbound ref>``)."""
+        if self.kind == "rejected":
+            key = self.message_ids[0] if self.message_ids and self.message_ids[0] \
+                else self.batch_id
+            return [(key, self.invoice_ids[0] if self.invoice_ids else "")]
+        invoices = self.invoice_ids if len(self.invoice_ids) == len(self.message_ids) \
+            else ("",) * len(self.message_ids)
+        return [(m, i) for m, i in zip(self.message_ids, invoices, strict=True) if m]
+
+
+@dataclass(frozen=True)
+class EmailState:
+    """What became of one e-mail so far: ``outcome`` (a value of :data:`OUTCOMES`), read
+    (its first event) at ``read_at`` (``time.time()``)."""
+
+    email: str
+    invoice_id: str
+    outcome: str
+    read_at: float
 
 
 @dataclass(frozen=True)
@@ -90,6 +135,16 @@ class Ledger(ABC):
         """The events of the invoice or e-mail ``id`` (an invoice id or a message id),
         and of every batch it was in; None when the ledger holds nothing of it."""
 
+    @abstractmethod
+    def emails(self, since: float, until: float) -> Iterator[EmailState]:
+        """Every e-mail first read in ``[since, until)`` (``time.time()``), with what became
+        of it so far (``reconcile``). Raise :class:`~ms1.errors.QueueError` when the store
+        cannot be reached."""
+
+    @abstractmethod
+    def outcomes(self, emails: Iterable[str]) -> dict[str, EmailState]:
+        """The newest state the ledger holds of each of ``emails`` (absent: none)."""
+
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release connections; may be called twice."""
 
@@ -112,10 +167,18 @@ class MemoryLedger(Ledger):
         self._events: list[LedgerEvent] = []
         self._by_id: dict[str, list[int]] = {}
         self._by_batch: dict[str, list[int]] = {}
+        self._emails: dict[str, EmailState] = {}
 
     def record(self, events: Sequence[LedgerEvent]) -> None:
         with self._lock:
             for event in events:
+                for email, invoice in event.emails():
+                    known = self._emails.get(email)
+                    letter = next_outcome(LETTERS[known.outcome] if known else None,
+                                          event.kind)
+                    self._emails[email] = EmailState(
+                        email, invoice or (known.invoice_id if known else ""),
+                        OUTCOMES[letter], known.read_at if known else event.at)
                 n = len(self._events)
                 self._events.append(event)
                 self._by_batch.setdefault(event.batch_id, []).append(n)
@@ -132,3 +195,12 @@ class MemoryLedger(Ledger):
                                        for n in self._by_batch.get(batch, []))})
             events = [self._events[n] for n in found if self._events[n].at >= cutoff]
         return Trace(id, tuple(events)) if events else None
+
+    def emails(self, since: float, until: float) -> Iterator[EmailState]:
+        with self._lock:
+            found = [state for state in self._emails.values() if since <= state.read_at < until]
+        return iter(sorted(found, key=lambda state: state.read_at))
+
+    def outcomes(self, emails: Iterable[str]) -> dict[str, EmailState]:
+        with self._lock:
+            return {email: self._emails[email] for email in emails if email in self._emails}

@@ -110,6 +110,11 @@ class QueueBackend(ABC):
         the merge did not happen they are handed out again after their lease."""
         return False
 
+    def held_messages(self) -> set[str] | None:
+        """The message ids of every batch the queue holds (waiting or in flight), for
+        ``reconcile``; None when this backend cannot list them."""
+        return None
+
     @abstractmethod
     def release(self, delivery: Delivery) -> None:
         """Give the batch back undelivered; it will be handed out again."""
@@ -186,6 +191,11 @@ class MemoryQueue(QueueBackend):
             self._ready.appendleft((batch, 0))
             self._cond.notify_all()
             return True
+
+    def held_messages(self) -> set[str] | None:
+        with self._cond:
+            held = [*(b for b, _ in self._ready), *(b for b, _ in self._in_flight.values())]
+        return {message for batch in held for message in batch.message_ids}
 
     def release(self, delivery: Delivery) -> None:
         with self._cond:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ms1.model import Item
 from ms1.pipeline.batching import SizeBatchPolicy
 from ms1.pipeline.deadletters import DeadLetterStore
+from ms1.pipeline.ledger import Ledger, LedgerEvent
 from ms1.pipeline.outbound import QueueBackend
 from ms1.pipeline.processor import Accepted, unified_email_processor
 
@@ -27,7 +28,8 @@ class ReplayResult:
 
 def replay(store: DeadLetterStore, queue: QueueBackend, *, ids: Sequence[str] | None,
            max_items: int, max_bytes: int,
-           on_progress: Callable[[int, int], None] | None = None) -> ReplayResult:
+           on_progress: Callable[[int, int], None] | None = None,
+           ledger: Ledger | None = None) -> ReplayResult:
     """Put dead letters back on the outbound path, then remove them from ``store``.
 
     MS4 objects (stages ``ms4`` and ``batching``) are batched as they are; raw e-mails
@@ -37,6 +39,7 @@ def replay(store: DeadLetterStore, queue: QueueBackend, *, ids: Sequence[str] | 
     fields) are never replayed: they are kept and reported. A crash between enqueueing
     and removing leaves a letter both queued and dead-lettered (a duplicate, never a loss).
     ``on_progress(replayed, to_replay)`` is called before the first batch and after each.
+    Each batch is recorded in ``ledger`` (``replayed``) before it is queued.
     """
     letters = store.list(limit=2**31, ids=ids)
     policy = SizeBatchPolicy(max_items=max_items, max_bytes=max_bytes, max_wait=0)
@@ -73,6 +76,9 @@ def replay(store: DeadLetterStore, queue: QueueBackend, *, ids: Sequence[str] | 
     if on_progress is not None:
         on_progress(0, to_replay)
     for batch in batches:
+        if ledger is not None:  # read on any day the retention covers: read_after 0
+            ledger.record([LedgerEvent("replayed", batch.id, batch.invoice_ids,
+                                       batch.message_ids, batch.refs, read_after=0.0)])
         queue.put(batch)
         replayed += store.remove(batch.refs)
         if on_progress is not None:

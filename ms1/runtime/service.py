@@ -33,6 +33,7 @@ from ms1.ops.metrics import Exporter, QueueWatch, ServiceView
 from ms1.ops.publisher import Publisher, Sampler
 from ms1.pipeline.intake import Intake, Work
 from ms1.pipeline.outbound import QueueBackend, QueueStats
+from ms1.pipeline.reconcile import Reconciler
 from ms1.pipeline.sending.concurrency import Controller
 from ms1.pipeline.sending.fragments import Fragments, Limits
 from ms1.pipeline.sending.sender import (
@@ -235,7 +236,16 @@ class Service:
             queue_stats=components.queue.stats,
             dead_letter_count=components.dead_letters.count, health=self.health,
             queue_watch=self.queue_watch, in_flight=lambda: self.in_flight.current,
-            concurrency=self.concurrency, blocked=self.not_storing_or_sending)
+            concurrency=self.concurrency, blocked=self.not_storing_or_sending,
+            unreconciled=self._unreconciled)
+        #: reconciles the ledger's last day now and then (ms1_ledger_unreconciled_emails)
+        self.reconciler: Reconciler | None = None
+        ledger_settings = settings.ledger(config)
+        if components.ledger is not None and ledger_settings.reconcile_interval > 0 \
+                and components.queue.durable:
+            self.reconciler = Reconciler(components.ledger, components.queue,
+                                         interval=ledger_settings.reconcile_interval,
+                                         window=ledger_settings.reconcile_window)
         self.exporter: Exporter | None = None
         address = self.settings.metrics_address
         if address:
@@ -265,7 +275,7 @@ class Service:
                 return Console(console_settings, fleet=self.fleet, source=parts.source,
                                queue=parts.queue, dead_letters=parts.dead_letters,
                                ceiling=lambda: settings.ceiling(self.config),
-                               sender_threads=self.concurrency.pool)
+                               sender_threads=self.concurrency.pool, ledger=parts.ledger)
             except (OSError, ValueError) as exc:
                 raise config.error("console", "address", f"cannot listen on "
                                    f"{console_settings.host}:{console_settings.port}: "
@@ -275,6 +285,11 @@ class Service:
                 self.exporter.close()
                 self.pm.unregister(self.exporter)
             raise
+
+    def _unreconciled(self) -> int | None:
+        """E-mails of the last reconcile_window pending by the ledger but in no queue, at
+        the last reconciliation; None: none ran (or it failed)."""
+        return self.reconciler.unreconciled if self.reconciler is not None else None
 
     # --- threads ---------------------------------------------------------------
 
@@ -293,6 +308,8 @@ class Service:
         if self.exporter is not None:
             self.exporter.start()
         self.publisher.start()
+        if self.reconciler is not None:
+            self.reconciler.start()
         if self.console is not None:
             self.console.start()
         self.observers.service_started(self.config)
@@ -718,6 +735,8 @@ class Service:
 
         if self.console is not None:
             self.console.close(remaining(self.console.close_timeout))
+        if self.reconciler is not None:
+            self.reconciler.close(remaining(1.0))
         self.publisher.close(remaining(self.publisher.close_timeout))
         if self.exporter is not None:
             self.exporter.close()

@@ -115,11 +115,16 @@ class LedgerSettings:
 
     backend: str
     retention_days: float
+    #: seconds between the service's reconciliations (0: none), and what each covers
+    reconcile_interval: float
+    reconcile_window: float
 
 
 def ledger(config: Config) -> LedgerSettings:
     return LedgerSettings(config.get_str("ledger", "backend"),
-                          config.get_float("ledger", "retention_days"))
+                          config.get_float("ledger", "retention_days"),
+                          config.get_float("ledger", "reconcile_interval"),
+                          config.get_float("ledger", "reconcile_window"))
 
 
 def fleet_backend(config: Config) -> str:

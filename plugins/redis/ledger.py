@@ -1,20 +1,21 @@
 """The invoice ledger in Redis (``[redis] ledger_key``, the same hash tag as every key):
-one list per batch (``<key>:b:<batch id>``: its events as JSON) and per-day index hashes
-(``<key>:i:<day>:<bucket>``: invoice id or message id -> the batch ids it was in), every
-key with the retention as its time to live, so retention never touches pending work
-(that lives in the outbound stream). One script call per event
-(``scripts/ledger_record.lua``)."""
+one list per batch (``<key>:b:<batch id>``: its events as JSON), per-day index hashes
+(``<key>:i:<day>:<bucket>``: invoice id or message id -> the batch ids it was in) and
+per-read-day e-mail hashes (``<key>:e:<day>:<bucket>``: e-mail -> its outcome letter,
+when it was read, its invoice id), every key with the retention as its time to live, so
+retention never touches pending work (that lives in the outbound stream). One script
+call per step (``scripts/ledger_record.lua``)."""
 
 from __future__ import annotations
 
 import json
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ms1.errors import QueueError
-from ms1.pipeline.ledger import Attempt, Ledger, LedgerEvent, Trace
+from ms1.pipeline.ledger import OUTCOMES, Attempt, EmailState, Ledger, LedgerEvent, Trace
 
 from .link import RedisLink, translated
 
@@ -24,6 +25,8 @@ BUCKETS = 1024
 #: keys per script call at most (a batch of 1,000 invoices indexes 2,000 ids; the script
 #: loops over its keys, no unpack)
 IDS_PER_CALL = 4000
+#: commands per pipeline when reading many keys
+READS_PER_PIPELINE = 256
 
 
 def day_of(at: float) -> int:
@@ -33,6 +36,21 @@ def day_of(at: float) -> int:
 
 def bucket_of(id: str) -> int:
     return zlib.crc32(id.encode("utf-8", "surrogatepass")) % BUCKETS
+
+
+def email_state(email: str, value: bytes | None) -> EmailState | None:
+    """An e-mail hash's value as a state; None for one that is not (hostile)."""
+    if not value:
+        return None
+    letter, _, rest = value.decode("utf-8", "replace").partition(" ")
+    read, _, invoice = rest.partition(" ")
+    try:
+        read_at = float(read)
+    except ValueError:
+        return None
+    if letter not in OUTCOMES or read_at != read_at:  # NaN
+        return None
+    return EmailState(email, invoice, OUTCOMES[letter], read_at)
 
 
 def event_json(event: LedgerEvent) -> str:
@@ -79,6 +97,16 @@ class RedisLedger(Ledger):
     def _index_key(self, day: int, id: str) -> str:
         return f"{self.key}:i:{day}:{bucket_of(id)}"
 
+    def _email_key(self, day: int, email: str) -> str:
+        return f"{self.key}:e:{day}:{bucket_of(email)}"
+
+    def _days(self, since: float | None, until: float) -> list[int]:
+        """The days from ``since`` (None: the oldest the retention keeps) to ``until``,
+        newest first."""
+        oldest = time.time() - self.retention_days * 86400 - 86400
+        first = day_of(oldest if since is None else max(since, oldest))
+        return list(range(day_of(until), first - 1, -1)) or [day_of(until)]
+
     def record(self, events: Sequence[LedgerEvent]) -> None:
         if not events:
             return
@@ -88,12 +116,19 @@ class RedisLedger(Ledger):
         count = 0
         for event in events:
             ids = sorted({i for i in (*event.invoice_ids, *event.message_ids) if i})
-            if count and len(keys) + 1 + len(ids) > IDS_PER_CALL:
+            emails = event.emails()
+            days = self._days(event.at if event.read_after is None else event.read_after,
+                              event.at)
+            if count and len(keys) + 1 + len(ids) + len(emails) * len(days) > IDS_PER_CALL:
                 calls.append((keys, [self._ttl, count, *args]))
                 keys, args, count = [], [], 0
             day = day_of(event.at)
             keys += [f"{self.key}:b:{event.batch_id}", *(self._index_key(day, i) for i in ids)]
-            args += [event_json(event), event.batch_id, len(ids), *ids]
+            args += [event_json(event), event.batch_id, len(ids), *ids,
+                     event.kind, f"{event.at:.3f}", len(emails), len(days)]
+            for email, invoice in emails:
+                keys += [self._email_key(d, email) for d in days]
+                args += [email, invoice]
             count += 1
         calls.append((keys, [self._ttl, count, *args]))
         with translated(QueueError, f"record {len(events)} ledger events", self.link):
@@ -130,3 +165,41 @@ class RedisLedger(Ledger):
                     events.append(event)
         events.sort(key=lambda event: event.at)
         return Trace(id, tuple(events)) if events else None
+
+    def emails(self, since: float, until: float) -> Iterator[EmailState]:
+        days = self._days(since, until)[::-1]
+        for day in days:
+            keys = [f"{self.key}:e:{day}:{bucket}" for bucket in range(BUCKETS)]
+            for start in range(0, len(keys), READS_PER_PIPELINE):
+                with translated(QueueError, f"read the ledger's e-mails of day {day}",
+                                self.link):
+                    pipe = self.link.client.pipeline(transaction=False)
+                    for key in keys[start:start + READS_PER_PIPELINE]:
+                        pipe.hgetall(key)
+                    found = pipe.execute()
+                for fields in found:
+                    for email, value in (fields or {}).items():
+                        state = email_state(email.decode("utf-8", "replace"), value)
+                        if state is not None and since <= state.read_at < until:
+                            yield state
+
+    def outcomes(self, emails: Iterable[str]) -> dict[str, EmailState]:
+        days = self._days(None, time.time())
+        wanted = list(dict.fromkeys(emails))
+        found: dict[str, EmailState] = {}
+        step = max(1, READS_PER_PIPELINE // len(days))
+        for start in range(0, len(wanted), step):
+            chunk = wanted[start:start + step]
+            with translated(QueueError, f"read {len(chunk)} e-mails' outcomes", self.link):
+                pipe = self.link.client.pipeline(transaction=False)
+                for email in chunk:
+                    for day in days:
+                        pipe.hget(self._email_key(day, email), email)
+                values = pipe.execute()
+            for n, email in enumerate(chunk):
+                for value in values[n * len(days):(n + 1) * len(days)]:  # newest day first
+                    state = email_state(email, value)
+                    if state is not None:
+                        found[email] = state
+                        break
+        return found

@@ -41,8 +41,8 @@ from ms1.redaction import redact
 log = logging.getLogger(__name__)
 SECTION = "redis"
 #: the Lua scripts, ``scripts/<name>.lua``
-SCRIPTS = ("enqueue", "finish", "ledger_record", "merge", "submit", "limiter_acquire",
-           "limiter_finish", "limiter_learn")
+SCRIPTS = ("enqueue", "finish", "held_messages", "ledger_record", "merge", "submit",
+           "limiter_acquire", "limiter_finish", "limiter_learn")
 #: a stream entry's fields as ms1 writes them
 Fields = dict[str, bytes | str]
 #: seconds ms1 leaves out the WAIT after its own scripts once one fell short

@@ -345,6 +345,26 @@ class RedisQueue(QueueBackend):
 
     # --- report ------------------------------------------------------------------------
 
+    #: entries read per script call by :meth:`held_messages`
+    HELD_PER_CALL = 500
+
+    def held_messages(self) -> set[str] | None:
+        held: set[str] = set()
+        start = "-"
+        while True:
+            with translated(QueueError, f"list the message ids {self.stream} holds",
+                            self.link):
+                last, *lists = self.link.script("held_messages", [self.stream],
+                                                [start, self.HELD_PER_CALL])
+            for text in lists:
+                with contextlib.suppress(ValueError, TypeError):
+                    ids = json.loads(text)
+                    if isinstance(ids, list):
+                        held.update(str(m) for m in ids)
+            if not last:  # no entry after start
+                return held
+            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+
     def stats(self) -> QueueStats:
         with translated(QueueError, "read queue length", self.link):
             self._ensure()

@@ -95,7 +95,7 @@ def _full_view() -> tuple[ServiceView, Pacer]:
     view = ServiceView(
         counters=lambda: {"responses_202": 1}, alive=lambda: True, pacer=pacer,
         queue_stats=lambda: QueueStats(1, 0, 50), dead_letter_count=lambda: 0,
-        in_flight=lambda: 0,
+        in_flight=lambda: 0, unreconciled=lambda: 0,
         concurrency=Controller(rate=lambda: 2.0, held_back=lambda: False))
     view.concurrency.observe(Answer(202, Kind.ACCEPTED), 0.05)  # type: ignore[union-attr]
     return view, pacer

@@ -523,7 +523,8 @@ class Sender:
         delivery's attempts unless ``attempts`` is False)."""
         return LedgerEvent(kind, batch_id or batch.id, batch.invoice_ids, batch.message_ids,
                            batch.refs, detail=detail, parts=parts,
-                           attempts=tuple(self._attempts) if attempts else ())
+                           attempts=tuple(self._attempts) if attempts else (),
+                           read_after=batch.created_at)
 
     def _record(self, *events: LedgerEvent) -> None:
         """Record ``events`` in the ledger before the step they describe is settled (a

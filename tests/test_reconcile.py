@@ -1,0 +1,167 @@
+"""Issue 24, point 3: every e-mail read in a period accounted for. The ledger keeps what
+became of each e-mail (the same rule over memory and a real redis-server); ``reconcile``
+checks each pending one against the queue that should hold it and lists any that breaks
+read = rejected + accepted + dead-lettered + pending."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ms1.model import Batch
+from ms1.pipeline.ledger import Ledger, LedgerEvent, MemoryLedger, next_outcome
+from ms1.pipeline.outbound import MemoryQueue, QueueBackend
+from ms1.pipeline.reconcile import reconcile
+from ms1_plugins.redis import RedisLink
+from ms1_plugins.redis.ledger import RedisLedger
+from ms1_plugins.redis.outbound import RedisQueue
+
+DAY = 86400.0
+
+
+@pytest.fixture(params=["memory", "redis"])
+def ledger(request: pytest.FixtureRequest) -> Iterator[Ledger]:
+    if request.param == "memory":
+        store: Ledger = MemoryLedger()
+    else:
+        link = RedisLink(request.getfixturevalue("redis_url")).use()
+        store = RedisLedger(link, key="t:ledger", retention_days=30)
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def queue(request: pytest.FixtureRequest) -> Iterator[QueueBackend]:
+    if request.param == "memory":
+        store: QueueBackend = MemoryQueue()
+    else:
+        link = RedisLink(request.getfixturevalue("redis_url")).use()
+        store = RedisQueue(link, stream="t:out", group="g", consumer="c",
+                           visibility_timeout=30, block_timeout=0.1)
+    yield store
+    store.close()
+
+
+def batch(*n: int, at: float | None = None) -> Batch:
+    return Batch("/batch-metadata", tuple(b"{}" for _ in n), tuple(f"INV-{i}" for i in n),
+                 tuple(f"<{i}@x>" for i in n), created_at=time.time() if at is None else at)
+
+
+def event(kind: str, b: Batch, at: float, **extra: object) -> LedgerEvent:
+    return LedgerEvent(kind, b.id, b.invoice_ids, b.message_ids, at=at,
+                       read_after=b.created_at, **extra)  # type: ignore[arg-type]
+
+
+def outcomes(ledger: Ledger, since: float, until: float) -> dict[str, str]:
+    return {s.email: s.outcome for s in ledger.emails(since, until)}
+
+
+@pytest.mark.parametrize(("kinds", "expected"), [
+    (["batched"], "p"), (["rejected"], "r"), (["batched", "accepted"], "a"),
+    (["batched", "dead_lettered"], "d"), (["batched", "dead_lettered", "replayed"], "p"),
+    (["batched", "accepted", "dead_lettered"], "a"),  # a duplicate refused: it got there
+    (["batched", "accepted", "batched"], "a"),  # re-read after a crash: still delivered
+    (["batched", "split", "batched", "merged"], "p"),
+    (["rejected", "replayed", "accepted"], "a"),
+])
+def test_what_became_of_an_email_follows_one_rule(
+        kinds: list[str], expected: str) -> None:
+    current: str | None = None
+    for kind in kinds:
+        current = next_outcome(current, kind)
+    assert current == expected
+
+
+def test_each_store_keeps_every_emails_outcome_by_the_same_rule(ledger: Ledger) -> None:
+    now = time.time()
+    b = batch(1, 2, 3, 4, at=now - 5)
+    ledger.record([event("batched", b, now - 5)])
+    ledger.record([LedgerEvent("rejected", "e-9-0", (), ("<9@x>",), ("9-0",), at=now - 5,
+                               detail="no invoice number")])
+    first, rest = b.split()
+    ledger.record([event("split", b, now - 4, parts=(first.id, rest.id)),
+                   event("batched", first, now - 4), event("batched", rest, now - 4)])
+    ledger.record([event("accepted", first, now - 3)])
+    ledger.record([event("dead_lettered", rest.select([0]), now - 3)])
+    assert outcomes(ledger, now - 10, now) == {
+        "<1@x>": "accepted", "<2@x>": "accepted", "<3@x>": "dead_lettered",
+        "<4@x>": "pending", "<9@x>": "rejected"}
+    replayed = rest.select([0])
+    ledger.record([LedgerEvent("replayed", "r1", replayed.invoice_ids, replayed.message_ids,
+                               at=now - 2, read_after=0.0)])
+    states = {s.email: s for s in ledger.emails(now - 10, now)}
+    assert states["<3@x>"].outcome == "pending"
+    assert states["<3@x>"].read_at == pytest.approx(now - 5, abs=0.01)  # read when first read
+    assert states["<3@x>"].invoice_id == "INV-3"
+    assert outcomes(ledger, now - 4.5, now) == {}  # read before the period
+    assert {e: s.outcome for e, s in ledger.outcomes(["<1@x>", "<4@x>", "<0@x>"]).items()} \
+        == {"<1@x>": "accepted", "<4@x>": "pending"}
+
+
+def test_an_outcome_days_later_is_kept_under_the_day_the_email_was_read(
+        ledger: Ledger) -> None:
+    """An e-mail read yesterday, accepted today: yesterday's reconciliation shows it
+    accepted (the store looks from the batch's creation day on), today's shows nothing."""
+    now = time.time()
+    old = batch(1, at=now - DAY - 60)
+    ledger.record([event("batched", old, now - DAY - 60)])
+    ledger.record([event("accepted", old, now)])
+    assert outcomes(ledger, now - DAY - 120, now - DAY) == {"<1@x>": "accepted"}
+    assert outcomes(ledger, now - DAY, now + 1) == {}
+
+
+def test_a_pending_email_no_queue_holds_is_unexplained(
+        ledger: Ledger, queue: QueueBackend) -> None:
+    now = time.time()
+    held, lost, fresh = batch(1, 2, at=now - 600), batch(3, at=now - 600), batch(4, at=now)
+    for b, at in ((held, now - 600), (lost, now - 600), (fresh, now - 1)):
+        ledger.record([event("batched", b, at)])
+    queue.put(held)  # `lost`: recorded, but its batch is in no queue
+    done = batch(5, at=now - 600)
+    ledger.record([event("batched", done, now - 600), event("accepted", done, now - 500)])
+    result = reconcile(ledger, queue, now - 3600, now + 1, now=now)
+    assert not result.balanced
+    assert [s.email for s in result.unexplained] == ["<3@x>"]
+    summary = result.summary()
+    assert summary == {**summary, "read": 5, "accepted": 1, "pending": 3, "unexplained": 1,
+                       "rejected": 0, "dead_lettered": 0, "balanced": False}
+    assert summary["read"] == sum(summary[k] for k in (  # type: ignore[misc]
+        "rejected", "accepted", "dead_lettered", "pending", "unexplained"))
+    ledger.record([event("accepted", lost, now)])  # settled after all: balanced
+    assert reconcile(ledger, queue, now - 3600, now + 1, now=now).balanced
+
+
+def test_an_email_settled_between_the_two_looks_is_not_unexplained(
+        ledger: Ledger, queue: QueueBackend) -> None:
+    """The ledger is read first, the queue second: a batch acked between the two is in
+    neither as pending — the second look at the ledger finds it accepted."""
+    now = time.time()
+    b = batch(1, 2, at=now - 600)
+    ledger.record([event("batched", b, now - 600)])
+
+    class Settling(MemoryQueue):
+        def held_messages(self) -> set[str] | None:
+            ledger.record([event("accepted", b, time.time())])
+            return set()
+
+    result = reconcile(ledger, Settling(), now - 3600, now + 1, now=now)
+    assert result.balanced and result.count("accepted") == 2
+
+
+def test_the_redis_queue_lists_the_emails_it_holds_without_their_payloads(
+        redis_url: str) -> None:
+    link = RedisLink(redis_url).use()
+    queue = RedisQueue(link, stream="t:held", group="g", consumer="c",
+                       visibility_timeout=30, block_timeout=0.1)
+    queue.HELD_PER_CALL = 3  # type: ignore[misc]  # several calls
+    batches = [batch(*range(n * 10, n * 10 + 4)) for n in range(5)]
+    queue.put_many(batches)
+    delivery = queue.get("c", 1.0)
+    assert delivery is not None  # in flight: still held
+    link.client.xadd("t:held", {"message_ids": b"\xff not json"})  # hostile: skipped
+    assert queue.held_messages() == {m for b in batches for m in b.message_ids}
+    queue.ack(delivery)
+    assert queue.held_messages() == {m for b in batches[1:] for m in b.message_ids}
+    queue.close()
