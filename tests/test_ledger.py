@@ -6,6 +6,7 @@ poison objects: ``trace`` shows each invoice's history under the key the sim saw
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -151,3 +152,87 @@ def test_trace_shows_what_ms4_sim_saw_for_every_invoice(
     unknown = trace(config, "INV-NOT-THERE")
     assert unknown.returncode == 1
     assert "INV-NOT-THERE: not found (retention 30 days)" in unknown.stdout
+
+
+@pytest.mark.slow
+def test_after_poison_a_401_spell_dropped_answers_and_two_kills_the_ledger_is_ms4s_log(
+        own_redis: Any, tmp_path: Path, procs: list[Any]) -> None:
+    """Issue 24's acceptance run: 3,000 e-mails (1 in 100 not an invoice) through the real
+    service on Redis to ms4-sim, which refuses 1 object in 50, drops 5 % of its 202s and
+    answers 401 for a spell; the service is killed -9 twice. Then, for every invoice, the
+    ledger says what the sim's own log says — accepted under a key the sim accepted it
+    under, or dead-lettered with the sim's text — and ``reconcile`` balances exactly."""
+    from support import sim_control
+    from test_redis_durability import DEAD_LETTERS, cli, streams_drained, write_config
+
+    sim = start_sim(procs, tmp_path, "--reject-every", "50", "--drop", "0.05",
+                    "--latency", "0.03")
+    config = write_config(tmp_path / "ms1.ini", sim_url=sim.url, redis_url=own_redis.url)
+    with config.open("a") as ini:  # a probe a second ends the 401 spell quickly
+        ini.write("\n[ledger]\nreconcile_interval = 0\n")
+    text = config.read_text().replace("[send]\n", "[send]\nauth_probe_interval = 1\n", 1)
+    config.write_text(text)
+    path, emails = make_emails(tmp_path, 3_000, invalid_every=100)
+    valid = [e for e in emails if e.valid]
+    refused = {e.invoice_id for e in valid if zlib.crc32(e.invoice_id.encode()) % 50 == 0}
+    assert refused and len(valid) < len(emails)
+    started = time.time()
+    enqueue(config, path, len(emails))
+    client = own_redis.client()
+    log = tmp_path / "service-0.log"
+    service = start_service(procs, config, log)
+    for n, share in enumerate((0.25, 0.5, 0.75), start=1):
+        assert wait_until(lambda s=share: sim.accepted() >= s * len(valid), 90,
+                          interval=0.01), tail(log)
+        if n == 1:  # a 401 spell: every sender stops; it lasts until 3 probes were refused
+            sim_control(sim.url, fail_401=1.0)
+            assert wait_until(lambda: sim.stats()["requests_by_status"].get("401", 0) >= 3,
+                              30), tail(log)
+            sim_control(sim.url, fail_401=0.0)
+            continue
+        service.send_signal(signal.SIGKILL)
+        service.wait(10)
+        log = tmp_path / f"service-{n}.log"
+        service = start_service(procs, config, log)
+    invalid = len(emails) - len(valid)
+    assert wait_until(lambda: sim.accepted() >= len(valid) - len(refused)
+                      and streams_drained(client)
+                      and client.xlen(DEAD_LETTERS) >= invalid + len(refused), 120), tail(log)
+    assert wait_until(lambda: b"ready" in log.read_bytes(), 30), tail(log)
+    assert stop_service(service, log) == 0
+    stats = sim.stats()
+    assert stats["requests_by_status"].get("401", 0) > 0, stats
+    requests = json.loads(urllib.request.urlopen(f"{sim.url}/accepted", timeout=5).read())
+    assert any(request["answer"] == "dropped" for request in requests)
+    keys: dict[str, set[str]] = {}  # every key MS4 accepted an invoice under
+    for request in requests:
+        for invoice in request["invoice_ids"]:
+            keys.setdefault(invoice, set()).add(request["idempotency_key"])
+    ledger = RedisLedger(RedisLink(own_redis.url).use(), key="ms1:ledger", retention_days=30)
+    try:
+        for email in valid:
+            found = ledger.trace(email.invoice_id)
+            assert found is not None, email.invoice_id
+            if email.invoice_id in refused:
+                assert found.outcome == "dead_lettered", found
+                assert "rejected by sim" in found.events[-1].detail, found
+                assert email.invoice_id not in keys
+                continue
+            assert found.outcome == "accepted", found
+            accepted = [e for e in found.events if e.kind == "accepted"]
+            assert {e.batch_id for e in accepted} <= keys[email.invoice_id], found
+            assert accepted[-1].attempts[-1].status == 202
+            assert accepted[-1].attempts[-1].traceparent.split("-")[1] in keys[email.invoice_id]
+    finally:
+        ledger.close()
+    shown = cli(config, "reconcile", "--since", f"{time.time() - started + 60:.0f}s", "--json")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    summary = json.loads(shown.stdout)
+    print(f"\nms4-sim {stats['requests_by_status']}; reconcile {summary}")
+    assert summary == {**summary, "read": len(emails), "rejected": invalid,
+                       "accepted": len(valid) - len(refused), "dead_lettered": len(refused),
+                       "pending": 0, "unexplained": 0, "balanced": True}
+    shown = cli(config, "reconcile", "--since", "1h", "--csv")
+    rows = shown.stdout.splitlines()
+    assert shown.returncode == 0 and rows[0] == "email,invoice_id,read_at,outcome"
+    assert len(rows) == len(emails) + 1

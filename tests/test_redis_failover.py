@@ -353,7 +353,31 @@ def failover_run(topo: Topo, tmp_path: Path, procs: list[subprocess.Popen[bytes]
     changes = re.findall(r"the primary is now (\S+)", text)
     assert changes == [new.address], f"primary changes logged: {changes}\n{tail(log)}"
     assert "Traceback" not in text, tail(log, 80)
+    _ledger_is_as_complete_as_the_queue(config, emails, sim.accepted(), figures.elapsed_s)
     return figures
+
+
+def _ledger_is_as_complete_as_the_queue(config: Path, emails: list[samples.Sample],
+                                        accepted: list[dict[str, Any]], elapsed: float) -> None:
+    """Issue 24: the ledger survives the failover as the queue does — every e-mail read
+    once, every one accepted (``reconcile`` balances with nothing pending), and ``trace``
+    names a key MS4 accepted the invoice under."""
+    shown = cli(config, "reconcile", "--since", f"{elapsed + 120:.0f}s", "--csv")
+    assert shown.returncode == 0, shown.stdout[-2000:] + shown.stderr
+    rows = [line.split(",") for line in shown.stdout.splitlines()[1:]]
+    assert sorted(row[1] for row in rows) == sorted(s.invoice_id for s in emails)
+    assert {row[3] for row in rows} == {"accepted"}, [r for r in rows if r[3] != "accepted"][:5]
+    keys: dict[str, set[str]] = {}
+    for request in accepted:
+        for invoice in request["invoice_ids"]:
+            keys.setdefault(invoice, set()).add(str(request["idempotency_key"]))
+    for sample in emails[::250]:
+        traced = cli(config, "trace", sample.invoice_id, "--json")
+        assert traced.returncode == 0, traced.stderr
+        record = json.loads(traced.stdout)
+        assert record["outcome"] == "accepted", record
+        assert {e["batch"] for e in record["events"] if e["kind"] == "accepted"} <= \
+            keys[sample.invoice_id], record
 
 
 def _drain(sim: Sim, primary: Node, count: int, service: subprocess.Popen[bytes],
