@@ -42,15 +42,15 @@ def email_state(email: str, value: bytes | None) -> EmailState | None:
     """An e-mail hash's value as a state; None for one that is not (hostile)."""
     if not value:
         return None
-    letter, _, rest = value.decode("utf-8", "replace").partition(" ")
-    read, _, invoice = rest.partition(" ")
+    parts = value.decode("utf-8", "replace").split(" ", 2)
     try:
-        read_at = float(read)
-    except ValueError:
+        read_at = float(parts[1])
+        outcome = OUTCOMES[parts[0]]
+    except (IndexError, KeyError, ValueError):
         return None
-    if letter not in OUTCOMES or read_at != read_at:  # NaN
+    if read_at != read_at:  # NaN
         return None
-    return EmailState(email, invoice, OUTCOMES[letter], read_at)
+    return EmailState(email, parts[2] if len(parts) > 2 else "", outcome, read_at)
 
 
 def event_json(event: LedgerEvent) -> str:
