@@ -350,3 +350,20 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return self.group_of.get(nodeid, nodeid)
 
     return GroupsFromWorkers(config, log)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def ledger(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A ledger: the in-memory one, and the Redis one on a real redis-server (the same
+    contract tests run over both)."""
+    from ms1.pipeline.ledger import Ledger, MemoryLedger
+    from ms1_plugins.redis import RedisLink
+    from ms1_plugins.redis.ledger import RedisLedger
+
+    if request.param == "memory":
+        store: Ledger = MemoryLedger()
+    else:
+        link = RedisLink(request.getfixturevalue("redis_url")).use()
+        store = RedisLedger(link, key="t:ledger", retention_days=30)
+    yield store
+    store.close()

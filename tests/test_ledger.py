@@ -12,7 +12,6 @@ import sys
 import time
 import urllib.request
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +31,6 @@ from ms1_plugins.redis import RedisLink
 from ms1_plugins.redis.ledger import RedisLedger
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(params=["memory", "redis"])
-def ledger(request: pytest.FixtureRequest) -> Iterator[Ledger]:
-    if request.param == "memory":
-        store: Ledger = MemoryLedger()
-    else:
-        link = RedisLink(request.getfixturevalue("redis_url")).use()
-        store = RedisLedger(link, key="t:ledger", retention_days=30)
-    yield store
-    store.close()
 
 
 def test_a_batchs_history_is_traced_by_invoice_and_by_message(ledger: Ledger) -> None:

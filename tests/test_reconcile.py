@@ -13,25 +13,13 @@ import pytest
 from ms1.cli.ledger import when
 from ms1.errors import ConfigError
 from ms1.model import Batch
-from ms1.pipeline.ledger import Ledger, LedgerEvent, MemoryLedger, next_outcome
+from ms1.pipeline.ledger import Ledger, LedgerEvent, next_outcome
 from ms1.pipeline.outbound import MemoryQueue, QueueBackend
 from ms1.pipeline.reconcile import reconcile
 from ms1_plugins.redis import RedisLink
-from ms1_plugins.redis.ledger import RedisLedger
 from ms1_plugins.redis.outbound import RedisQueue
 
 DAY = 86400.0
-
-
-@pytest.fixture(params=["memory", "redis"])
-def ledger(request: pytest.FixtureRequest) -> Iterator[Ledger]:
-    if request.param == "memory":
-        store: Ledger = MemoryLedger()
-    else:
-        link = RedisLink(request.getfixturevalue("redis_url")).use()
-        store = RedisLedger(link, key="t:ledger", retention_days=30)
-    yield store
-    store.close()
 
 
 @pytest.fixture(params=["memory", "redis"])

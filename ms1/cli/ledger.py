@@ -9,7 +9,6 @@ import json
 import re
 import sys
 import time
-from typing import Any
 
 import pluggy
 
@@ -69,7 +68,7 @@ def trace(config: Config, pm: pluggy.PluginManager, id: str, *, as_json: bool) -
         return EXIT_FAILED
     if as_json:
         print(json.dumps({"id": id, "found": True, "outcome": found.outcome,
-                          "events": [_event_record(e) for e in found.events]}))
+                          "events": [e.as_dict() for e in found.events]}))
         return EXIT_OK
     print(escape_controls(f"{id}: {found.outcome}"))
     for event in found.events:
@@ -79,15 +78,6 @@ def trace(config: Config, pm: pluggy.PluginManager, id: str, *, as_json: bool) -
 
 def _when(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z"
-
-
-def _event_record(event: LedgerEvent) -> dict[str, Any]:
-    return {"kind": event.kind, "at": event.at, "batch": event.batch_id,
-            "idempotency_key": None if event.kind == "rejected" else event.batch_id,
-            "invoices": len(event.invoice_ids), "detail": event.detail,
-            "parts": list(event.parts), "refs": list(event.refs[:50]),
-            "attempts": [{"at": a.at, "status": a.status, "latency_s": round(a.latency, 4),
-                          "traceparent": a.traceparent} for a in event.attempts]}
 
 
 def _event_line(event: LedgerEvent) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ms1.errors import Ms1Error
-from ms1.pipeline.ledger import Ledger, LedgerEvent, Trace
+from ms1.pipeline.ledger import Ledger, Trace
 
 log = logging.getLogger("ms1.console")
 
@@ -82,23 +82,13 @@ def iso(at: float) -> str:
         .replace("+00:00", "Z")
 
 
-def event_record(event: LedgerEvent) -> dict[str, Any]:
-    """``event`` as ``ms1-service trace --json`` gives it."""
-    return {"kind": event.kind, "at": event.at, "batch": event.batch_id,
-            "idempotency_key": None if event.kind == "rejected" else event.batch_id,
-            "invoices": len(event.invoice_ids), "detail": event.detail,
-            "parts": list(event.parts), "refs": list(event.refs[:50]),
-            "attempts": [{"at": a.at, "status": a.status, "latency_s": round(a.latency, 4),
-                          "traceparent": a.traceparent} for a in event.attempts]}
-
-
 def as_json(found: Lookup) -> dict[str, Any]:
     """The body of ``/api/trace``: ``trace --json``'s, with ``retention_days``, and
     ``error`` when there is one."""
     body: dict[str, Any] = {"id": found.id}
     if found.trace is not None:
         body.update(found=True, outcome=found.trace.outcome,
-                    events=[event_record(e) for e in found.trace.events])
+                    events=[e.as_dict() for e in found.trace.events])
     elif found.status == 404 and found.retention_days is not None:
         body["found"] = False
     if found.retention_days is not None:
@@ -109,4 +99,4 @@ def as_json(found: Lookup) -> dict[str, Any]:
 
 
 __all__ = ["LEDGER_OFF", "MAX_ID", "OUTCOME_TEXT", "SHOWN_IDS", "Lookup", "as_json", "days",
-           "event_record", "iso", "look_up"]
+           "iso", "look_up"]

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 #: what an event says happened to a batch (or, ``rejected``, to one e-mail)
 KINDS = ("batched", "rejected", "accepted", "split", "merged", "dead_lettered", "replayed")
@@ -78,6 +78,16 @@ class LedgerEvent:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown ledger event kind {self.kind!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event as ``ms1-service trace --json`` and the console's ``/api/trace`` give
+        it (the batch id is the ``Idempotency-Key``; at most 50 inbound refs)."""
+        return {"kind": self.kind, "at": self.at, "batch": self.batch_id,
+                "idempotency_key": None if self.kind == "rejected" else self.batch_id,
+                "invoices": len(self.invoice_ids), "detail": self.detail,
+                "parts": list(self.parts), "refs": list(self.refs[:50]),
+                "attempts": [{"at": a.at, "status": a.status, "latency_s": round(a.latency, 4),
+                              "traceparent": a.traceparent} for a in self.attempts]}
 
     def emails(self) -> list[tuple[str, str]]:
         """The e-mails it names, as ``(e-mail key, invoice id)``: the message id (a
