@@ -224,3 +224,10 @@ def test_after_poison_a_401_spell_dropped_answers_and_two_kills_the_ledger_is_ms
     rows = shown.stdout.splitlines()
     assert shown.returncode == 0 and rows[0] == "email,invoice_id,read_at,outcome"
     assert len(rows) == len(emails) + 1
+    # retention is each ledger key's time to live; nothing else ms1 keeps has one
+    for key in client.scan_iter("ms1:*"):
+        ttl = client.ttl(key)
+        if key.startswith(b"ms1:ledger:"):
+            assert 0 < ttl <= 31 * 86400, key
+        elif client.type(key) == b"stream":
+            assert ttl == -1, key
