@@ -17,6 +17,7 @@ from ms1.pipeline.ledger import Ledger, LedgerEvent, next_outcome
 from ms1.pipeline.outbound import MemoryQueue, QueueBackend
 from ms1.pipeline.reconcile import reconcile
 from ms1_plugins.redis import RedisLink
+from ms1_plugins.redis.ledger import RedisLedger
 from ms1_plugins.redis.outbound import RedisQueue
 
 DAY = 86400.0
@@ -185,3 +186,17 @@ def test_the_ledger_bench_prints_its_figures_within_the_targets() -> None:
     assert 100 < figures["bytes_per_invoice"] < 2_000
     assert figures["trace_p99_ms"] <= 50
     assert figures["reconcile_day_s"] <= 5
+
+
+def test_a_hostile_email_state_is_skipped_not_an_error(redis_url: str) -> None:
+    link = RedisLink(redis_url).use()
+    ledger = RedisLedger(link, key="t:ledger", retention_days=30)
+    now = time.time()
+    b = batch(1, at=now)
+    ledger.record([event("batched", b, now)])
+    day = int(now // DAY)
+    for n, value in enumerate([b"x 1 INV", b"p nan INV", b"p", b"", b"\xff\xfe", b"a inf"]):
+        link.client.hset(f"t:ledger:e:{day}:{n}", f"<h{n}>", value)
+    assert outcomes(ledger, now - 10, now + 10) == {"<1@x>": "pending"}
+    assert set(ledger.outcomes(["<1@x>", "<h0>", "<h1>", "<h4>"])) == {"<1@x>"}
+    ledger.close()
