@@ -114,6 +114,7 @@ def running_metrics(redis_server: RedisServer, tmp_path_factory: pytest.TempPath
         def settled() -> bool:
             text = scrape(address)[1]
             return "ms1_ms4_latency_seconds " in text and "ms1_dead_letters " in text \
+                and "ms1_ledger_unreconciled_emails 0" in text \
                 and re.search(r"^ms1_emails_read_total 300", text, re.M) is not None \
                 and re.search(r"^ms1_queue_ready_batches 0", text, re.M) is not None \
                 and re.search(r"^ms1_queue_in_flight_batches 0", text, re.M) is not None

@@ -120,7 +120,9 @@ class Reconciler:
         return result
 
     def _run(self) -> None:
-        # instances started together do not all read the ledger at once
+        # once at start (the gauge is there from then on), then every interval: instances
+        # started together drift apart, so they do not all read the ledger at once
+        self.run_once()
         while not self._stop.wait(self.interval * random.uniform(0.5, 1.0)):
             self.run_once()
 

@@ -18,15 +18,14 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import redis
 
 from ms1.model import Batch
-from ms1.pipeline.ledger import Attempt, LedgerEvent
+from ms1.pipeline.ledger import Attempt, Ledger, LedgerEvent
 from ms1.pipeline.reconcile import reconcile
-from ms1_plugins.redis import RedisLink
-from ms1_plugins.redis.ledger import RedisLedger
-from ms1_plugins.redis.outbound import RedisQueue
+from ms1.runtime import pluginmanager
 
 BATCH = 50
 DAY = 86400.0
@@ -48,7 +47,7 @@ def _batch(n: int, at: float) -> Batch:
                  refs=tuple(f"{int(at * 1000)}-{i}" for i in range(BATCH)))
 
 
-def _record(ledger: RedisLedger, n: int, at: float, pending: bool) -> Batch:
+def _record(ledger: Ledger, n: int, at: float, pending: bool) -> Batch:
     batch = _batch(n, at)
     ledger.record([LedgerEvent("batched", batch.id, batch.invoice_ids, batch.message_ids,
                                batch.refs, at=at, read_after=at)])
@@ -79,10 +78,14 @@ def run(count: int, traces: int, threads: int) -> dict[str, float]:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.05)
-            link = RedisLink(url).use()
-            ledger = RedisLedger(link, key="ms1:ledger", retention_days=30)
-            queue = RedisQueue(link, stream="ms1:outbound", group="ms1-senders",
-                               consumer="bench", visibility_timeout=60, block_timeout=0.1)
+            ini = Path(tmp) / "bench.ini"  # the parts as the service builds them
+            ini.write_text(f"[queue]\nbackend = redis\n[ledger]\nbackend = redis\n"
+                           f"[redis]\nurl = {url}\nconsumer = bench\n")
+            pm = pluginmanager.make_plugin_manager()
+            config = pluginmanager.load(pm, str(ini))
+            queue = pluginmanager.build_queue(pm, config)
+            ledger = pluginmanager.build_ledger(pm, config, queue.name)
+            assert ledger is not None
             before = int(client.info("memory")["used_memory"])
             now = time.time()
             start = now - DAY + 60
@@ -98,7 +101,8 @@ def run(count: int, traces: int, threads: int) -> dict[str, float]:
             queue.put_many(made[pending_from:])
             ledger_bytes = int(client.info("memory")["used_memory"]) - before
             queue_bytes = sum(int(client.memory_usage(key) or 0)
-                              for key in client.scan_iter("ms1:outbound*"))
+                              for key in client.scan_iter("ms1:*")
+                              if not key.startswith(b"ms1:ledger"))
             ledger_bytes -= queue_bytes
             rng = random.Random(7)
             latencies = []
