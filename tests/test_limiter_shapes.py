@@ -66,6 +66,17 @@ def test_a_refusal_at_the_steady_pace_widens_the_spacing() -> None:
     assert widest.spacing == shapes.MAX_SPACING
 
 
+def test_a_refused_probe_of_a_grown_allowance_cuts_it_and_leaves_the_spacing() -> None:
+    """Reproduces nginx without burst at 93.6 % (bound 95 %): the allowance grown from 1
+    to 2 lets one request go a third of an interval early; nginx refuses it. It left
+    ahead of the pace, so the allowance is cut — before, any level up to 1.5 counted as
+    the steady pace, and the spacing widened for good (2 % of the ceiling each time)."""
+    shape = dataclasses.replace(Shape.initial(60), burst=2.0, ceiling=2.0, cuts=1)
+    cut = shapes.refused(shape, level=1.35, epoch=0)
+    assert cut is not None and cut.burst == 1.0
+    assert cut.spacing == shape.spacing
+
+
 def test_after_a_cut_growth_waits_a_hold_that_doubles_with_every_cut() -> None:
     shape = dataclasses.replace(Shape.initial(10), burst=1.0, ceiling=1.0, cuts=1,
                                 spacing=0.06)
@@ -210,13 +221,14 @@ needs_fronts = pytest.mark.skipif(
     reason="needs nginx, haproxy and redis-server (Debian packages)")
 
 
-def check(results: list[dict[str, float]], names: list[str]) -> None:
+def check(results: list[dict[str, float]], names: list[str], most_429: float = 0.01
+          ) -> None:
     for name, r in zip(names, results, strict=True):
         print(f"{name}: steady {r['steady']:.1%}, 429s {r['answers_429']:.0f} of "
               f"{r['answers']:.0f}, burst {r['burst']:.0f}, spacing {r['spacing']:.1%}")
     for name, r in zip(names, results, strict=True):
         assert r["lost"] == 0 and r["duplicates"] == 0, (name, r)
-        assert r["answers_429"] <= 0.01 * r["answers"], (name, r)
+        assert r["answers_429"] <= most_429 * r["answers"], (name, r)
         assert r["steady"] >= 0.95, (name, r)
 
 
@@ -251,17 +263,20 @@ def test_every_limiter_shape_is_met_at_the_ceiling_with_few_429s(
 def test_limiters_without_burst_are_met_at_the_ceiling_with_few_429s(
         capsys: pytest.CaptureFixture[str]) -> None:
     """nginx limit_req without burst (with MS1_LIMITERS_FULL=1 also ms4-sim's leaky bucket:
-    one request per interval, none earlier): 60 per 6 s (10 a second: at 20 a second this
-    machine's scheduling jitter, a few ms, is a share of the 50 ms interval that costs
-    more than 5 %; MS4's real 2 a second leaves 500 ms), latency 0.1 s, 300 requests.
-    Alone: the suite around it is that jitter (94.5 % once beside it)."""
+    one request per interval, none earlier): 30 per 6 s, latency 0.1 s. Five a second:
+    at ten this machine's scheduling jitter (the senders' grant-to-wire spread, 2-3 ms)
+    is 2-3 % of the 100 ms interval and the share came out 94-96 %; MS4's real two a
+    second leave 500 ms. 300 requests in the acceptance run, where at most 1 % may be
+    429s (the cold start's burst of two and one probe of a grown allowance are two);
+    150 in CI (62 s alone is too long), where that is 2 %. Alone: the suite around it is
+    jitter too."""
     names = ["nginx:0"] + (["sim:leaky-bucket:0"] if FULL else [])
     args = bench.parse_args(["--sweep", "0.1", "--limiters", ",".join(names),
-                             "--sweep-limit", "60", "--sweep-window", "6",
-                             "--count", "15000", "--timeout", "80"])
+                             "--sweep-limit", "30", "--sweep-window", "6",
+                             "--count", "15000" if FULL else "7500", "--timeout", "120"])
     results = bench.sweep(args, args.sweep)
     with capsys.disabled():
-        check(results, names)
+        check(results, names, most_429=0.01 if FULL else 0.02)
 
 
 @pytest.mark.slow
@@ -271,10 +286,10 @@ def test_limiters_without_burst_are_met_at_the_ceiling_with_few_429s(
 def test_three_instances_on_the_redis_limiter_behind_nginx_without_burst(
         own_redis: Any, tmp_path: Path, procs: list[Any]) -> None:
     """Three ms1-service processes sharing the Redis limiter (and its learned shape)
-    behind nginx limit_req without burst at 10 a second: the same figures as one."""
+    behind nginx limit_req without burst at 5 a second: the same figures as one."""
     from support import fleet_configs, start_instances, wait_until
 
-    limit, window, invoices = 60, 6.0, 15_000  # 300 requests
+    limit, window, invoices = 30, 6.0, 15_000  # 300 requests
     sim = Ms4Sim(SimConfig(api_key="k", rate_limit=0, latency=0.1)).start()
     front = fronts.start("nginx", tmp_path / "nginx", free_port(), sim.port, limit, window)
     try:
@@ -283,7 +298,7 @@ def test_three_instances_on_the_redis_limiter_behind_nginx_without_burst(
         logs = start_instances(procs, tmp_path, configs, invoices,
                                {**os.environ, "MS1_MS4_API_KEY": "k"})
         delivered = wait_until(
-            lambda: sim.stats()["unique_invoices_accepted"] >= invoices, timeout=90,
+            lambda: sim.stats()["unique_invoices_accepted"] >= invoices, timeout=150,
             interval=0.2)
         accepted = sim.accepted_requests()
         statuses = front.statuses()

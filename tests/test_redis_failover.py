@@ -371,7 +371,7 @@ def _ledger_is_as_complete_as_the_queue(config: Path, emails: list[samples.Sampl
     for request in accepted:
         for invoice in request["invoice_ids"]:
             keys.setdefault(invoice, set()).add(str(request["idempotency_key"]))
-    for sample in emails[::250]:
+    for sample in emails[::1000]:
         traced = cli(config, "trace", sample.invoice_id, "--json")
         assert traced.returncode == 0, traced.stderr
         record = json.loads(traced.stdout)
