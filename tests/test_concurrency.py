@@ -243,7 +243,7 @@ def test_share_of_the_ceiling_with_default_settings_at_any_latency() -> None:
     arrive; ms1 in-process with its default settings; 250 requests per latency (the
     window's budget at once, then 130 as it slides)."""
     latencies = "0.05,0.25,0.5,1.0" if os.environ.get("MS1_MEASURE_FULL") == "1" \
-        else "0.05,0.5,1.0"  # CI: both ends and the middle (16 s each, alone)
+        else "0.05,1.0"  # CI: both ends (16 s each, alone)
     args = bench.parse_args(["--sweep", latencies, "--count", "12500", "--timeout", "60"])
     results = bench.sweep(args, args.sweep)
     for r in results:
