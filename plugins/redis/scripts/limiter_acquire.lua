@@ -35,7 +35,9 @@ if #KEYS > 1 then
   if burst ~= burst or burst < 1 then burst = 1 end          -- NaN or hostile: no burst
   if burst > limit then burst = limit end                     -- learned under a larger limit
   if spacing ~= spacing or spacing < 0 then spacing = 0 end
-  spacing = math.max(spacing, tonumber(ARGV[8] or '0') or 0)    -- the senders' jitter
+  if burst < 2 then  -- the senders' jitter: no allowance to absorb it (effective_spacing)
+    spacing = math.max(spacing, tonumber(ARGV[8] or '0') or 0)
+  end
   local step = window / limit * (1 + spacing)
   local early = tat - now - (burst - 1) * step
   if early > 0 then
