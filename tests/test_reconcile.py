@@ -5,15 +5,18 @@ read = rejected + accepted + dead-lettered + pending."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import pluggy
 import pytest
 
 from ms1.cli.ledger import when
 from ms1.errors import ConfigError
 from ms1.model import Batch
-from ms1.pipeline.ledger import Ledger, LedgerEvent, next_outcome
+from ms1.pipeline.ledger import Ledger, LedgerEvent, MemoryLedger, next_outcome
 from ms1.pipeline.outbound import MemoryQueue, QueueBackend
 from ms1.pipeline.reconcile import reconcile
 from ms1_plugins.redis import RedisLink
@@ -152,6 +155,7 @@ def test_the_redis_queue_lists_the_emails_it_holds_without_their_payloads(
     delivery = queue.get("c", 1.0)
     assert delivery is not None  # in flight: still held
     link.client.xadd("t:held", {"message_ids": b"\xff not json"})  # hostile: skipped
+    link.client.xadd("t:held", {"message_ids": b"[" * 100_000})  # json.loads: RecursionError
     assert queue.held_messages() == {m for b in batches for m in b.message_ids}
     queue.ack(delivery)
     assert queue.held_messages() == {m for b in batches[1:] for m in b.message_ids}
@@ -200,3 +204,70 @@ def test_a_hostile_email_state_is_skipped_not_an_error(redis_url: str) -> None:
     assert outcomes(ledger, now - 10, now + 10) == {"<1@x>": "pending"}
     assert set(ledger.outcomes(["<1@x>", "<h0>", "<h1>", "<h4>"])) == {"<1@x>"}
     ledger.close()
+
+
+def test_the_reconciler_outlives_any_failure_and_says_so_in_its_gauge() -> None:
+    """Whatever a reconciliation raises (a hostile entry, a bug), the thread goes on:
+    the gauge is dropped while it fails (an alert on it cannot be stuck at a stale 0)."""
+    from ms1.pipeline.reconcile import Reconciler
+
+    class Failing(MemoryLedger):
+        failures = 2
+
+        def emails(self, since: float, until: float) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise RecursionError("maximum recursion depth exceeded")
+            return super().emails(since, until)
+
+    reconciler = Reconciler(Failing(), MemoryQueue(), interval=0.05, window=3600)
+    reconciler.unreconciled = 0  # as if an earlier reconciliation had found nothing
+    failed = threading.Event()
+    reconciler.start()
+    try:
+        deadline = time.monotonic() + 10
+        while reconciler.unreconciled != 0 or not failed.is_set():
+            if reconciler.unreconciled is None and "RecursionError" in reconciler.error:
+                failed.set()  # the failure was seen: the gauge dropped, the error said
+            assert time.monotonic() < deadline, (reconciler.unreconciled, reconciler.error)
+            time.sleep(0.002)
+        assert reconciler.error == ""  # then it recovered, in the same thread
+        assert reconciler._thread is not None and reconciler._thread.is_alive()
+    finally:
+        reconciler.close()
+
+
+def test_reconcile_refuses_a_ledger_of_one_process(make_config: Any,
+                                                   pm: pluggy.PluginManager) -> None:
+    from ms1.cli.ledger import reconcile_command
+
+    config = make_config("[ledger]\nbackend = memory\n")
+    with pytest.raises(ConfigError, match="reconcile needs a ledger every instance writes"):
+        reconcile_command(config, pm, since="1h", until=None, form="text")
+
+
+def test_a_replay_that_cannot_queue_leaves_the_letters_dead_lettered_in_the_ledger(
+        ) -> None:
+    from ms1.errors import QueueError
+    from ms1.model import DeadLetter
+    from ms1.pipeline.deadletters import MemoryDeadLetters
+    from ms1.pipeline.replay import replay
+
+    class Down(MemoryQueue):
+        def put(self, batch: Batch, source: object = None) -> bool:
+            raise QueueError("Redis is down")
+
+    store = MemoryDeadLetters()
+    store.add([DeadLetter(reason="400", stage="ms4", payload=b'{"invoice_id":"I-1"}',
+                          invoice_id="I-1", message_id="<m1>")])
+    ledger = MemoryLedger()
+    with pytest.raises(QueueError):
+        replay(store, Down(), ids=None, max_items=50, max_bytes=1 << 20, ledger=ledger)
+    assert ledger.outcomes(["<m1>"])["<m1>"].outcome == "dead_lettered"
+    assert store.count() == 1
+
+
+@pytest.mark.parametrize("text", ["9" * 400 + "d", "99999999999999d"])
+def test_a_time_out_of_range_is_refused_not_a_crash(text: str) -> None:
+    with pytest.raises(ConfigError, match="is not a time"):
+        when(text, now=1_000_000.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import math
 import re
 import sys
 import time
@@ -31,17 +32,23 @@ def when(text: str, now: float) -> float:
     text = text.strip()
     if text == "now":
         return now
+    refused = ConfigError(f"{text[:60]!r} is not a time: give now, a span ago (90s, 30m, "
+                          "24h, 7d) or ISO 8601 (2026-12-06, 2026-12-06T08:00Z)")
     ago = _AGO.match(text)
-    if ago:
-        return now - float(ago.group(1)) * _UNITS[ago.group(2)]
     try:
-        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ConfigError(f"{text[:60]!r} is not a time: give now, a span ago (90s, 30m, "
-                          "24h, 7d) or ISO 8601 (2026-12-06, 2026-12-06T08:00Z)") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.timestamp()
+        if ago:
+            at = now - float(ago.group(1)) * _UNITS[ago.group(2)]
+        else:
+            parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=dt.UTC)
+            at = parsed.timestamp()
+        time.gmtime(at)  # one the timeline can show
+    except (ValueError, OverflowError, OSError):
+        raise refused from None
+    if not math.isfinite(at):
+        raise refused
+    return at
 
 
 def _ledger(pm: pluggy.PluginManager, config: Config, what: str) -> Ledger:
@@ -106,6 +113,12 @@ def reconcile_command(config: Config, pm: pluggy.PluginManager, *, since: str,
         raise ConfigError(f"reconcile: --until ({_when(end)}) is not after --since "
                           f"({_when(start)})")
     ledger = _ledger(pm, config, "reconcile")
+    if not ledger.shared:
+        ledger.close()
+        raise ConfigError(f"reconcile needs a ledger every instance writes to; [ledger] "
+                          f"backend {ledger.name!r} lives in one process (this command's "
+                          f"would be empty)", path=config.path, section="ledger",
+                          key="backend")
     queue = pluginmanager.build_queue(pm, config)
     try:
         result = reconcile(ledger, queue if queue.durable else None, start, end, now=now)

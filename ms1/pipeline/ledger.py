@@ -135,6 +135,9 @@ class Ledger(ABC):
     name: str = "?"
     #: days a record is kept
     retention_days: float = RETENTION_DAYS
+    #: True when every instance (and every command) reads the same records: only such a
+    #: ledger can be reconciled against a shared queue
+    shared: bool = True
 
     @abstractmethod
     def record(self, events: Sequence[LedgerEvent]) -> None:
@@ -171,6 +174,7 @@ class MemoryLedger(Ledger):
     """The ledger in this process (tests, a service without Redis): nothing survives it."""
 
     name = "memory"
+    shared = False
 
     def __init__(self, retention_days: float = RETENTION_DAYS) -> None:
         self.retention_days = retention_days

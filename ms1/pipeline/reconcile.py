@@ -76,8 +76,10 @@ def reconcile(ledger: Ledger, queue: QueueBackend | None, since: float, until: f
                                            newer[email].outcome, states[email].read_at)
         suspects = [email for email in suspects if states[email].outcome == "pending"]
         if suspects and queue is not None:  # stored since the first look
-            held = queue.held_messages() or set()
-            suspects = [email for email in suspects if email not in held]
+            held = queue.held_messages()
+            if held is None:
+                result.checked, suspects = False, []
+            suspects = [email for email in suspects if held is not None and email not in held]
     result.emails = sorted(states.values(), key=lambda state: state.read_at)
     result.unexplained = [states[email] for email in suspects]
     return result
@@ -120,11 +122,16 @@ class Reconciler:
         return result
 
     def _run(self) -> None:
-        # once at start (the gauge is there from then on), then every interval: instances
-        # started together drift apart, so they do not all read the ledger at once
-        self.run_once()
-        while not self._stop.wait(self.interval * random.uniform(0.5, 1.0)):
-            self.run_once()
+        # soon after start (the gauge is there from then on), then every interval, at
+        # random within it: instances started together do not read the ledger at once
+        wait = random.uniform(0.0, min(self.interval, 5.0))
+        while not self._stop.wait(wait):
+            try:
+                self.run_once()
+            except Exception as exc:
+                self.unreconciled, self.error = None, f"{type(exc).__name__}: {exc}"
+                log.exception("could not reconcile the ledger")
+            wait = self.interval * random.uniform(0.5, 1.0)
 
     def close(self, timeout: float = 1.0) -> None:
         """Stop; a reconciliation under way is left to end on its own (a daemon thread)."""

@@ -3,9 +3,11 @@ objects batched as they are, raw e-mails through the processor again."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ms1.errors import Ms1Error
 from ms1.model import Item
 from ms1.pipeline.batching import SizeBatchPolicy
 from ms1.pipeline.deadletters import DeadLetterStore
@@ -79,7 +81,15 @@ def replay(store: DeadLetterStore, queue: QueueBackend, *, ids: Sequence[str] | 
         if ledger is not None:  # read on any day the retention covers: read_after 0
             ledger.record([LedgerEvent("replayed", batch.id, batch.invoice_ids,
                                        batch.message_ids, batch.refs, read_after=0.0)])
-        queue.put(batch)
+        try:
+            queue.put(batch)
+        except Ms1Error as exc:  # not queued: still dead letters, as the ledger must say
+            if ledger is not None:
+                with contextlib.suppress(Ms1Error):
+                    ledger.record([LedgerEvent(
+                        "dead_lettered", batch.id, batch.invoice_ids, batch.message_ids,
+                        batch.refs, detail=f"replay failed: {exc}"[:1000], read_after=0.0)])
+            raise
         replayed += store.remove(batch.refs)
         if on_progress is not None:
             on_progress(replayed, to_replay)

@@ -242,7 +242,7 @@ class Service:
         self.reconciler: Reconciler | None = None
         ledger_settings = settings.ledger(config)
         if components.ledger is not None and ledger_settings.reconcile_interval > 0 \
-                and components.queue.durable:
+                and components.queue.durable and components.ledger.shared:
             self.reconciler = Reconciler(components.ledger, components.queue,
                                          interval=ledger_settings.reconcile_interval,
                                          window=ledger_settings.reconcile_window)

@@ -121,8 +121,8 @@ class RedisLedger(Ledger):
         for event in events:
             ids = sorted({i for i in (*event.invoice_ids, *event.message_ids) if i})
             emails = event.emails()
-            days = self._days(event.at if event.read_after is None else event.read_after,
-                              event.at)
+            read = event.at if event.read_after is None else event.read_after
+            days = self._days(min(read, event.at), max(read, event.at))  # clocks differ
             if count and len(keys) + 1 + len(ids) + len(emails) * len(days) > IDS_PER_CALL:
                 calls.append((keys, [self._ttl, count, *args]))
                 keys, args, count = [], [], 0

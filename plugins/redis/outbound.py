@@ -346,7 +346,7 @@ class RedisQueue(QueueBackend):
     # --- report ------------------------------------------------------------------------
 
     #: entries read per script call by :meth:`held_messages`
-    HELD_PER_CALL = 500
+    HELD_PER_CALL = 50  # XRANGE brings whole entries (payloads too) into the script
 
     def held_messages(self) -> set[str] | None:
         held: set[str] = set()
@@ -357,7 +357,7 @@ class RedisQueue(QueueBackend):
                 last, *lists = self.link.script("held_messages", [self.stream],
                                                 [start, self.HELD_PER_CALL])
             for text in lists:
-                with contextlib.suppress(ValueError, TypeError):
+                with contextlib.suppress(ValueError, TypeError, RecursionError):
                     ids = json.loads(text)
                     if isinstance(ids, list):
                         held.update(str(m) for m in ids)
