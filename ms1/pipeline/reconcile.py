@@ -122,9 +122,10 @@ class Reconciler:
         return result
 
     def _run(self) -> None:
-        # soon after start (the gauge is there from then on), then every interval, at
-        # random within it: instances started together do not read the ledger at once
-        wait = random.uniform(0.0, min(self.interval, 5.0))
+        # at once (the gauge is there from then on: an idle service's later minutes stay
+        # quiet), then every interval, at random within it: instances started together
+        # drift apart and do not read the ledger at once
+        wait = 0.0
         while not self._stop.wait(wait):
             try:
                 self.run_once()
