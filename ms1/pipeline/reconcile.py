@@ -61,25 +61,27 @@ def reconcile(ledger: Ledger, queue: QueueBackend | None, since: float, until: f
     a later day after a crash): still pending and held nowhere, it is unexplained."""
     states = {state.email: state for state in ledger.emails(since, until)}
     result = Reconciliation(since, until)
-    suspects = [state.email for state in states.values() if state.outcome == "pending"
-                and state.read_at < now - grace]
-    held = queue.held_messages() if queue is not None and suspects else None
-    if suspects and held is None:
-        result.checked = False
-        suspects = []
-    suspects = [email for email in suspects if held is not None and email not in held]
+
+    def held_nowhere(emails: list[str]) -> list[str]:
+        """Those of ``emails`` the queue does not hold (none when it cannot tell)."""
+        if not emails:
+            return []
+        held = queue.held_messages() if queue is not None else None
+        if held is None:
+            result.checked = False
+            return []
+        return [email for email in emails if email not in held]
+
+    suspects = held_nowhere([state.email for state in states.values()
+                             if state.outcome == "pending" and state.read_at < now - grace])
     if suspects:  # settled meanwhile, or newer on a later day: the newest state counts
         newer = ledger.outcomes(suspects)
         for email in suspects:
             if email in newer:
-                states[email] = EmailState(email, states[email].invoice_id,
-                                           newer[email].outcome, states[email].read_at)
-        suspects = [email for email in suspects if states[email].outcome == "pending"]
-        if suspects and queue is not None:  # stored since the first look
-            held = queue.held_messages()
-            if held is None:
-                result.checked, suspects = False, []
-            suspects = [email for email in suspects if held is not None and email not in held]
+                states[email] = states[email]._replace(outcome=newer[email].outcome)
+        # still pending: perhaps stored since the first look
+        suspects = held_nowhere([email for email in suspects
+                                 if states[email].outcome == "pending"])
     result.emails = sorted(states.values(), key=lambda state: state.read_at)
     result.unexplained = [states[email] for email in suspects]
     return result
