@@ -25,6 +25,11 @@ BUCKETS = 1024
 #: keys per script call at most (a batch of 1,000 invoices indexes 2,000 ids; the script
 #: loops over its keys, no unpack)
 IDS_PER_CALL = 4000
+#: an event whose e-mails may have been read on more days than this (a replay: any day
+#: the retention keeps) has their read days looked up first, by pipelined reads; the
+#: script then looks on those days only (it looked on every day, for every e-mail: 1,000
+#: e-mails and a year's retention made one call of 367,000 keys, holding Redis)
+LOOK_DAYS = 3
 #: commands per pipeline when reading many keys
 READS_PER_PIPELINE = 256
 
@@ -123,6 +128,10 @@ class RedisLedger(Ledger):
             emails = event.emails()
             read = event.at if event.read_after is None else event.read_after
             days = self._days(min(read, event.at), max(read, event.at))  # clocks differ
+            if len(days) > LOOK_DAYS and emails:  # (a replay) where each was read, first
+                held = self._find((email for email, _ in emails), days)
+                days = [days[0], *sorted({day for day, _ in held.values()} - {days[0]},
+                                         reverse=True)]
             if count and len(keys) + 1 + len(ids) + len(emails) * len(days) > IDS_PER_CALL:
                 calls.append((keys, [self._ttl, count, *args]))
                 keys, args, count = [], [], 0
@@ -196,10 +205,19 @@ class RedisLedger(Ledger):
                                         if len(parts) > 2 else "", outcome, read_at))
 
     def outcomes(self, emails: Iterable[str]) -> dict[str, EmailState]:
-        days = self._days(None, time.time())
-        wanted = list(dict.fromkeys(emails))
         found: dict[str, EmailState] = {}
-        step = max(1, READS_PER_PIPELINE // len(days))
+        for email, (_, value) in self._find(emails, self._days(None, time.time())).items():
+            state = email_state(email, value)
+            if state is not None:
+                found[email] = state
+        return found
+
+    def _find(self, emails: Iterable[str], days: Sequence[int]) -> dict[str, tuple[int, bytes]]:
+        """Where each e-mail's state is kept: its day (the newest of ``days`` that holds
+        one) and the stored value. Pipelined reads, which never hold Redis for long."""
+        wanted = list(dict.fromkeys(emails))
+        found: dict[str, tuple[int, bytes]] = {}
+        step = max(1, READS_PER_PIPELINE // max(1, len(days)))
         for start in range(0, len(wanted), step):
             chunk = wanted[start:start + step]
             with translated(QueueError, f"read {len(chunk)} e-mails' outcomes", self.link):
@@ -209,9 +227,9 @@ class RedisLedger(Ledger):
                         pipe.hget(self._email_key(day, email), email)
                 values = pipe.execute()
             for n, email in enumerate(chunk):
-                for value in values[n * len(days):(n + 1) * len(days)]:  # newest day first
-                    state = email_state(email, value)
-                    if state is not None:
-                        found[email] = state
+                row = values[n * len(days):(n + 1) * len(days)]
+                for day, value in zip(days, row, strict=True):  # newest day first
+                    if value and email_state(email, value) is not None:
+                        found[email] = (day, value)
                         break
         return found
