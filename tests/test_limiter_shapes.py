@@ -297,20 +297,22 @@ def test_every_limiter_shape_is_met_at_the_ceiling_with_few_429s(
 def test_limiters_without_burst_are_met_at_the_ceiling_with_few_429s(
         capsys: pytest.CaptureFixture[str]) -> None:
     """nginx limit_req without burst (with MS1_LIMITERS_FULL=1 also ms4-sim's leaky bucket:
-    one request per interval, none earlier): 30 per 6 s, latency 0.1 s. Five a second:
-    at ten this machine's scheduling jitter (the senders' grant-to-wire spread, 2-3 ms)
-    is 2-3 % of the 100 ms interval and the share came out 94-96 %; MS4's real two a
-    second leave 500 ms. 300 requests in the acceptance run, where at most 1 % may be
-    429s (the cold start's burst of two and one probe of a grown allowance are two);
-    150 in CI (62 s alone is too long), where that is 2 %. Alone: the suite around it is
-    jitter too."""
+    one request per interval, none earlier), latency 0.1 s. The acceptance run: 30 per
+    6 s, 300 requests, >= 95 % with <= 1 % 429s (the cold start's burst of two and one
+    probe of a grown allowance are two). Five a second: at ten this machine's scheduling
+    jitter (the senders' grant-to-wire spread, 2-3 ms) is 2-3 % of the 100 ms interval
+    and the share came out 94-96 %; MS4's real two a second leave 500 ms. CI: 60 per 6 s
+    and 150 requests (15 s; at five a second 35 s of the alone phase), >= 90 % with
+    <= 2 % — a regression (before issue 20: 8 % of the ceiling, 1,176 429s) fails it.
+    Alone: the suite around it is jitter too."""
     names = ["nginx:0"] + (["sim:leaky-bucket:0"] if FULL else [])
     args = bench.parse_args(["--sweep", "0.1", "--limiters", ",".join(names),
-                             "--sweep-limit", "30", "--sweep-window", "6",
+                             "--sweep-limit", "30" if FULL else "60", "--sweep-window", "6",
                              "--count", "15000" if FULL else "7500", "--timeout", "120"])
     results = bench.sweep(args, args.sweep)
     with capsys.disabled():
-        check(results, names, most_429=0.01 if FULL else 0.02)
+        check(results, names, most_429=0.01 if FULL else 0.02,
+              least_share=0.95 if FULL else 0.90)
 
 
 @pytest.mark.slow
