@@ -128,6 +128,12 @@ class Stop:
     def status(self) -> int | None:
         return self.answer.status
 
+    @property
+    def needs_restart(self) -> bool:
+        """Only a configuration change and a restart end it (TLS, a base_url MS4 is not
+        at): not a key MS4 refuses (fixed at MS4 or by a reload), nor a storm (MS4's)."""
+        return self.answer.kind is Kind.MISCONFIGURED and not self.storm
+
 
 def _stop_texts(answer: Answer, detail: str, interval: float) -> tuple[str, str]:
     """(the CRITICAL line, the readiness reason) of a stop by ``answer``."""
