@@ -121,7 +121,8 @@ def reconcile_command(config: Config, pm: pluggy.PluginManager, *, since: str,
                           key="backend")
     queue = pluginmanager.build_queue(pm, config)
     try:
-        result = reconcile(ledger, queue if queue.durable else None, start, end, now=now)
+        result = reconcile(ledger, queue if queue.durable else None, start, end, now=now,
+                           listed=form == "csv")  # only --csv prints each e-mail
     finally:
         queue.close()
         ledger.close()

@@ -152,8 +152,9 @@ class Ledger(ABC):
     @abstractmethod
     def emails(self, since: float, until: float) -> Iterator[EmailState]:
         """Every e-mail first read in ``[since, until)`` (``time.time()``), with what became
-        of it so far (``reconcile``). Raise :class:`~ms1.errors.QueueError` when the store
-        cannot be reached."""
+        of it so far (``reconcile``): each once (read again on a later day after a crash:
+        its newest state), in no particular order, streamed (a busy day is a million).
+        Raise :class:`~ms1.errors.QueueError` when the store cannot be reached."""
 
     @abstractmethod
     def outcomes(self, emails: Iterable[str]) -> dict[str, EmailState]:

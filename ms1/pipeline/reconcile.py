@@ -22,22 +22,25 @@ GRACE = 60.0
 
 @dataclass
 class Reconciliation:
-    """What became of the e-mails read in ``[since, until)``. ``unexplained``: pending
-    by the ledger, held by no queue; ``checked``: False when the queue cannot list what it
-    holds (pending e-mails then go unchecked)."""
+    """What became of the e-mails read in ``[since, until)``: how many ended each way
+    (``counts``, by outcome); ``emails``, each e-mail's state, oldest read first, only when
+    asked for (``ms1-service reconcile --csv``; the service counts, it does not list a
+    million); ``unexplained``: pending by the ledger, held by no queue; ``checked``: False
+    when the queue cannot list what it holds (pending e-mails then go unchecked)."""
 
     since: float
     until: float
+    counts: dict[str, int] = field(default_factory=dict)
     emails: list[EmailState] = field(default_factory=list)
     unexplained: list[EmailState] = field(default_factory=list)
     checked: bool = True
 
     def count(self, outcome: str) -> int:
-        return sum(1 for state in self.emails if state.outcome == outcome)
+        return self.counts.get(outcome, 0)
 
     @property
     def read(self) -> int:
-        return len(self.emails)
+        return sum(self.counts.values())
 
     @property
     def balanced(self) -> bool:
@@ -54,13 +57,23 @@ class Reconciliation:
 
 
 def reconcile(ledger: Ledger, queue: QueueBackend | None, since: float, until: float,
-              *, now: float, grace: float = GRACE) -> Reconciliation:
+              *, now: float, grace: float = GRACE, listed: bool = True) -> Reconciliation:
     """Account for every e-mail read in ``[since, until)``. A pending one is explained
     while the queue holds its batch, or when read within ``grace`` s of ``now``. One
     found in no queue is read again (it may have been settled meanwhile, or read again on
-    a later day after a crash): still pending and held nowhere, it is unexplained."""
-    states = {state.email: state for state in ledger.emails(since, until)}
+    a later day after a crash): still pending and held nowhere, it is unexplained.
+    ``listed``: keep every e-mail's state in :attr:`Reconciliation.emails`; else only the
+    pending ones are held while counting (the service's reconciler)."""
     result = Reconciliation(since, until)
+    counts: dict[str, int] = {}
+    pending: dict[str, EmailState] = {}
+    kept: list[EmailState] = []
+    for state in ledger.emails(since, until):  # each e-mail once
+        counts[state.outcome] = counts.get(state.outcome, 0) + 1
+        if state.outcome == "pending" and state.read_at < now - grace:
+            pending[state.email] = state
+        if listed:
+            kept.append(state)
 
     def held_nowhere(emails: list[str]) -> list[str]:
         """Those of ``emails`` the queue does not hold (none when it cannot tell)."""
@@ -72,18 +85,23 @@ def reconcile(ledger: Ledger, queue: QueueBackend | None, since: float, until: f
             return []
         return [email for email in emails if email not in held]
 
-    suspects = held_nowhere([state.email for state in states.values()
-                             if state.outcome == "pending" and state.read_at < now - grace])
+    suspects = held_nowhere(list(pending))
     if suspects:  # settled meanwhile, or newer on a later day: the newest state counts
         newer = ledger.outcomes(suspects)
         for email in suspects:
-            if email in newer:
-                states[email] = states[email]._replace(outcome=newer[email].outcome)
+            if email in newer and newer[email].outcome != "pending":
+                counts["pending"] -= 1
+                outcome = newer[email].outcome
+                counts[outcome] = counts.get(outcome, 0) + 1
+                pending[email] = pending[email]._replace(outcome=outcome)
         # still pending: perhaps stored since the first look
         suspects = held_nowhere([email for email in suspects
-                                 if states[email].outcome == "pending"])
-    result.emails = sorted(states.values(), key=lambda state: state.read_at)
-    result.unexplained = [states[email] for email in suspects]
+                                 if pending[email].outcome == "pending"])
+    result.counts = counts
+    if listed:
+        result.emails = sorted((pending.get(state.email, state) for state in kept),
+                               key=lambda state: state.read_at)
+    result.unexplained = [pending[email] for email in suspects]
     return result
 
 
@@ -110,7 +128,8 @@ class Reconciler:
     def run_once(self) -> Reconciliation | None:
         now = time.time()
         try:
-            result = reconcile(self.ledger, self.queue, now - self.window, now, now=now)
+            result = reconcile(self.ledger, self.queue, now - self.window, now, now=now,
+                               listed=False)
         except Ms1Error as exc:
             self.unreconciled, self.error = None, str(exc)
             log.warning("could not reconcile the ledger: %s", exc)
