@@ -265,8 +265,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
            min=0.1, max=3600, reloadable=True),
     Option("ms1", "once_timeout", "float", 300.0,
            "with --once: seconds to wait for every batch to be delivered or dead-lettered "
-           "(a stop of every sender only a restart ends, a TLS or base_url error, ends the "
-           "run at once)",
+           "(a stop of every sender only a restart ends, a TLS error on ms1's side, ends "
+           "the run at once)",
            min=0.1, max=86400),
     Option("ms1", "watchdog_timeout", "float", 120.0,
            "seconds a pipeline thread may go without progress (a loop turn, a finished call) "

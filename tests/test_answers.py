@@ -31,6 +31,8 @@ from ms1.pipeline import samples
 from ms1.pipeline.batching import SizeBatchPolicy
 from ms1.pipeline.deadletters import MemoryDeadLetters
 from ms1.pipeline.outbound import MemoryQueue
+from ms1.pipeline.sending.answers import Answer, Kind, classify
+from ms1.pipeline.sending.pacer import Stop
 from ms1.pipeline.source import MemorySource
 from ms1.runtime import pluginmanager
 from ms1.runtime.components import Components
@@ -232,3 +234,15 @@ def test_requests_in_flight_gauge(make_config: Callable[[str], Config],
         summary = run.finish()
     assert summary.ok
     assert max(seen) <= THREADS
+
+
+@pytest.mark.parametrize(("answer", "restart"), [
+    (Answer(None, Kind.MISCONFIGURED), True),  # TLS on ms1's side: "fix and restart"
+    (classify(404), False), (classify(302), False), (classify(405), False),  # a redeploy
+    (classify(401), False), (classify(403), False)])  # fixed at MS4, or by a reload
+def test_only_a_stop_on_ms1s_side_ends_a_once_run_early(answer: Answer, restart: bool) -> None:
+    """``--once`` ends at once on a stop only a restart ends; a 404 or a redirect from a
+    front while MS4 is redeployed ends with a probe, and the run waits for it (it gave up
+    on those at first: a review found it)."""
+    assert Stop(answer, "why").needs_restart is restart
+    assert not Stop(answer, "why", storm=True).needs_restart

@@ -627,7 +627,8 @@ class Service:
 
     def run_once(self, timeout: float, stop: threading.Event | None = None) -> Summary:
         """Process what the source holds, wait until all is delivered (or ``timeout``, or
-        a stop of every sender that only a restart ends: a TLS or ``base_url`` error).
+        a stop of every sender that only a restart ends:
+        :attr:`ms1.pipeline.sending.pacer.Stop.needs_restart`).
 
         When ``stop`` is set (SIGTERM, SIGINT) the run ends as a running service's does:
         intake stops at once, in-flight sends finish (an in-memory queue is drained)
@@ -638,9 +639,10 @@ class Service:
         while (left := deadline - time.monotonic()) > 0 and not self.abort.is_set() \
                 and not stop.is_set():
             if (stopped := self.pacer.stop) is not None and stopped.needs_restart:
-                # nothing goes out before a restart: the rest of once_timeout is no use
+                # nothing goes out before a restart: the rest of once_timeout is no use,
+                # nor is waiting for the stopped senders to drain the queue
                 log.error("--once ends now: %s", stopped.reason)
-                break
+                return self.shutdown(0.1)
             if self._batcher_done.is_set():
                 if self._queue_empty(min(1.0, left)):
                     break

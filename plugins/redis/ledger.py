@@ -26,9 +26,10 @@ BUCKETS = 1024
 #: loops over its keys, no unpack)
 IDS_PER_CALL = 4000
 #: an event whose e-mails may have been read on more days than this (a replay: any day
-#: the retention keeps) has their read days looked up first, by pipelined reads; the
-#: script then looks on those days only (it looked on every day, for every e-mail: 1,000
-#: e-mails and a year's retention made one call of 367,000 keys, holding Redis)
+#: the retention keeps) has each e-mail's read day looked up first, by pipelined reads;
+#: the script then looks on that day only, and the event's (it looked on every day, for
+#: every e-mail: 1,000 e-mails and a year's retention made one call of 369,001 keys,
+#: holding Redis)
 LOOK_DAYS = 3
 #: commands per pipeline when reading many keys
 READS_PER_PIPELINE = 256
@@ -131,20 +132,22 @@ class RedisLedger(Ledger):
             emails = event.emails()
             read = event.at if event.read_after is None else event.read_after
             days = self._days(min(read, event.at), max(read, event.at))  # clocks differ
+            looks = [days] * len(emails)  # the days to look on, per e-mail
             if len(days) > LOOK_DAYS and emails:  # (a replay) where each was read, first
                 held = self._find((email for email, _ in emails), days)
-                days = [days[0], *sorted({day for day, _ in held.values()} - {days[0]},
-                                         reverse=True)]
-            if count and len(keys) + 1 + len(ids) + len(emails) * len(days) > IDS_PER_CALL:
+                looks = [[days[0]] if email not in held or held[email][0] == days[0]
+                         else [days[0], held[email][0]] for email, _ in emails]
+            size = 1 + len(ids) + sum(len(look) for look in looks)
+            if count and len(keys) + size > IDS_PER_CALL:
                 calls.append((keys, [self._ttl, count, *args]))
                 keys, args, count = [], [], 0
             day = day_of(event.at)
             keys += [f"{self.key}:b:{event.batch_id}", *(self._index_key(day, i) for i in ids)]
             args += [event_json(event), event.batch_id, len(ids), *ids,
-                     event.kind, f"{event.at:.3f}", len(emails), len(days)]
-            for email, invoice in emails:
-                keys += [self._email_key(d, email) for d in days]
-                args += [email, invoice]
+                     event.kind, f"{event.at:.3f}", len(emails)]
+            for (email, invoice), look in zip(emails, looks, strict=True):
+                keys += [self._email_key(d, email) for d in look]
+                args += [email, invoice, len(look)]
             count += 1
         calls.append((keys, [self._ttl, count, *args]))
         with translated(QueueError, f"record {len(events)} ledger events", self.link):

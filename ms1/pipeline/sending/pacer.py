@@ -130,9 +130,12 @@ class Stop:
 
     @property
     def needs_restart(self) -> bool:
-        """Only a configuration change and a restart end it (TLS, a base_url MS4 is not
-        at): not a key MS4 refuses (fixed at MS4 or by a reload), nor a storm (MS4's)."""
-        return self.answer.kind is Kind.MISCONFIGURED and not self.storm
+        """No answer for a reason on ms1's side that only a configuration change and a
+        restart end (TLS: MS4's certificate not trusted by ``ca_file``, the handshake
+        refused). Not an answer MS4 or a front gave (a 404 or a redirect while MS4 is
+        redeployed, a refused key, a storm): a probe may end those."""
+        return self.answer.status is None and self.answer.kind is Kind.MISCONFIGURED \
+            and not self.storm
 
 
 def _stop_texts(answer: Answer, detail: str, interval: float) -> tuple[str, str]:

@@ -6,8 +6,8 @@
 --
 -- ARGV: the time to live (s), the number of events, then per event: its JSON, its batch
 -- id, the number n of ids it indexes, those n ids, its kind, its time, the number m of
--- e-mails it names, the number d of days one may have been read on, then m pairs of
--- e-mail and invoice id.
+-- e-mails it names, then per e-mail: the e-mail, its invoice id, and the number d of days
+-- it may have been read on.
 -- KEYS: per event: its batch's list, one bucket hash per id (in the ids' order), then per
 -- e-mail its d state bucket hashes, the event's day first, older days after.
 local ttl = tonumber(ARGV[1])
@@ -43,10 +43,10 @@ for e = 1, tonumber(ARGV[2]) do
     redis.call('EXPIRE', bucket, ttl)
   end
   a, k = a + 3 + n, k + 1 + n
-  local kind, at, m, d = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  a = a + 4
+  local kind, at, m = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
   for j = 1, m do
-    local email, invoice = ARGV[a], ARGV[a + 1]
+    local email, invoice, d = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
     local where, value = nil, nil
     for day = 1, d do
       value = redis.call('HGET', KEYS[k + day - 1], email)
@@ -66,7 +66,7 @@ for e = 1, tonumber(ARGV[2]) do
         redis.call('HSET', where, email, outcome .. ' ' .. read .. ' ' .. known)
       end
     end
-    a, k = a + 2, k + d
+    a, k = a + 3, k + d
   end
 end
 return 1
