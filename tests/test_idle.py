@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,27 +54,27 @@ threading.Thread(target=wake).start()
 """
 
 
-def cpu_ns(pid: int) -> int:
-    """CPU time of every thread of ``pid`` so far, in nanoseconds."""
+def _over_threads(pid: int, read: Callable[[Path], int]) -> int:
+    """``read`` of every thread of ``pid``, summed (a thread that ended meanwhile: 0)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            total += int((task / "schedstat").read_text().split()[0])
+            total += read(task)
         except (OSError, ValueError, IndexError):
-            continue  # a thread that ended meanwhile
+            continue
     return total
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far, in nanoseconds."""
+    return _over_threads(pid, lambda task: int((task / "schedstat").read_text().split()[0]))
 
 
 def switches(pid: int) -> int:
     """Context switches of every thread of ``pid`` so far (each wake-up is at least one)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += sum(int(line.split()[1]) for line in
-                         (task / "status").read_text().splitlines() if "ctxt_switches" in line)
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
+    return _over_threads(pid, lambda task: sum(
+        int(line.split()[1]) for line in (task / "status").read_text().splitlines()
+        if "ctxt_switches" in line))
 
 
 def threads(pid: int) -> int:

@@ -105,8 +105,6 @@ def reconcile(ledger: Ledger, queue: QueueBackend | None, since: float, until: f
     return result
 
 
-
-
 class Reconciler:
     """Reconciles the last ``window`` seconds every ``interval`` seconds in a thread of its
     own, for ``ms1_ledger_unreconciled_emails``: :attr:`unreconciled` is the last count

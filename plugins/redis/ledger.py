@@ -219,18 +219,15 @@ class RedisLedger(Ledger):
                 yield from states.values()
 
     def outcomes(self, emails: Iterable[str]) -> dict[str, EmailState]:
-        found: dict[str, EmailState] = {}
-        for email, (_, value) in self._find(emails, self._days(None, time.time())).items():
-            state = email_state(email, value)
-            if state is not None:
-                found[email] = state
-        return found
+        return {email: state for email, (_, state)
+                in self._find(emails, self._days(None, time.time())).items()}
 
-    def _find(self, emails: Iterable[str], days: Sequence[int]) -> dict[str, tuple[int, bytes]]:
-        """Where each e-mail's state is kept: its day (the newest of ``days`` that holds
-        one) and the stored value. Pipelined reads, which never hold Redis for long."""
+    def _find(self, emails: Iterable[str],
+              days: Sequence[int]) -> dict[str, tuple[int, EmailState]]:
+        """Where each e-mail's state is kept, and the state: its day (the newest of
+        ``days`` that holds one). Pipelined reads, which never hold Redis for long."""
         wanted = list(dict.fromkeys(emails))
-        found: dict[str, tuple[int, bytes]] = {}
+        found: dict[str, tuple[int, EmailState]] = {}
         step = max(1, READS_PER_PIPELINE // max(1, len(days)))
         for start in range(0, len(wanted), step):
             chunk = wanted[start:start + step]
@@ -243,7 +240,8 @@ class RedisLedger(Ledger):
             for n, email in enumerate(chunk):
                 row = values[n * len(days):(n + 1) * len(days)]
                 for day, value in zip(days, row, strict=True):  # newest day first
-                    if value and email_state(email, value) is not None:
-                        found[email] = (day, value)
+                    state = email_state(email, value)
+                    if state is not None:
+                        found[email] = (day, state)
                         break
         return found
